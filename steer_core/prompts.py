@@ -1,0 +1,123 @@
+"""The one prompt formatter and the one answer-distribution reader.
+
+Every method, metric and endpoint formats multiple-choice prompts with `format_prompt` and reads the
+model's answer distribution with `answer_distributions`: the softmax over the option letters' logits at
+the first assistant position, renormalized over the item's valid options.
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+from transformers import BatchEncoding, PreTrainedTokenizerBase
+
+from steer_core.data import OpinionItem
+from steer_core.models import LanguageModel
+from steer_core.steering import RowSteering, apply
+
+LETTERS = string.ascii_uppercase
+SYSTEM_INSTRUCTION = "Answer the question with the letter of one option only."
+
+
+def format_question(item: OpinionItem) -> str:
+    lines = [item.question, ""]
+    lines += [f"{LETTERS[k]}. {option}" for k, option in enumerate(item.options)]
+    return "\n".join(lines)
+
+
+def format_prompt(tokenizer: PreTrainedTokenizerBase, item: OpinionItem) -> str:
+    """The model's chat template when it has one; a plain `Question/Answer:` layout otherwise."""
+    if tokenizer.chat_template:
+        messages = [{"role": "system", "content": SYSTEM_INSTRUCTION},
+                    {"role": "user", "content": format_question(item)}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return f"{SYSTEM_INSTRUCTION}\n\nQuestion: {format_question(item)}\nAnswer:"
+
+
+def option_token_ids(tokenizer: PreTrainedTokenizerBase, n: int) -> list[int]:
+    """Token id of each option letter as the model would write it first after the prompt."""
+    prefix = "" if tokenizer.chat_template else " "
+    ids = []
+    for letter in LETTERS[:n]:
+        tokens = tokenizer.encode(prefix + letter, add_special_tokens=False)
+        ids.append(tokens[-1])
+    return ids
+
+
+def encode(lm: LanguageModel, texts: Sequence[str]) -> BatchEncoding:
+    """Tokenize with left padding (so the last position is every row's last token) onto the model's device."""
+    tok = lm.tokenizer
+    tok.padding_side = "left"
+    batch = tok(list(texts), return_tensors="pt", padding=True, add_special_tokens=not tok.chat_template)
+    return batch.to(lm.device)
+
+
+def encode_items(lm: LanguageModel, items: Sequence[OpinionItem]) -> BatchEncoding:
+    return encode(lm, [format_prompt(lm.tokenizer, it) for it in items])
+
+
+def option_logits(lm: LanguageModel, last_logits: Tensor, items: Sequence[OpinionItem]) -> Tensor:
+    """(B, K) letter logits at the answer position, -inf past each item's last option (K = most options)."""
+    k_max = max(len(it.options) for it in items)
+    ids = torch.tensor(option_token_ids(lm.tokenizer, k_max), device=last_logits.device)
+    letters = last_logits[:, ids].float()
+    counts = torch.tensor([len(it.options) for it in items], device=last_logits.device)
+    valid = torch.arange(k_max, device=last_logits.device).unsqueeze(0) < counts.unsqueeze(1)
+    return letters.masked_fill(~valid, float("-inf"))
+
+
+def option_log_probs(lm: LanguageModel, last_logits: Tensor, items: Sequence[OpinionItem]) -> Tensor:
+    """(B, K) log-probabilities over each item's options (renormalized over the valid letters)."""
+    return torch.log_softmax(option_logits(lm, last_logits, items), dim=-1)
+
+
+@dataclass
+class AnswerDistribution:
+    item: OpinionItem
+    probs: np.ndarray  # one probability per option
+
+
+Steering = RowSteering | Sequence[RowSteering | None] | None
+
+
+@torch.no_grad()
+def answer_distributions(lm: LanguageModel, items: Sequence[OpinionItem], steering: Steering = None,
+                         batch_size: int = 16,
+                         progress: Callable[[int, int], None] | None = None) -> list[np.ndarray]:
+    """The model's answer distribution over each item's options, optionally steered.
+
+    `steering` is one `RowSteering` for every item, or a list with one entry per item.
+    """
+    per_item = _per_item_steering(steering, len(items))
+    out: list[np.ndarray] = []
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        batch = encode_items(lm, chunk)
+        rows = per_item[start:start + batch_size] if per_item is not None else None
+        if rows is not None and any(rows):
+            with apply(lm, rows):
+                logits = lm.model(**batch, use_cache=False).logits[:, -1, :]
+        else:
+            logits = lm.model(**batch, use_cache=False).logits[:, -1, :]
+        probs = option_log_probs(lm, logits, chunk).exp().cpu().numpy()
+        out.extend(probs[i, :len(it.options)].astype(np.float64) for i, it in enumerate(chunk))
+        if progress is not None:
+            progress(min(start + batch_size, len(items)), len(items))
+    return out
+
+
+def _per_item_steering(steering: Steering, n: int) -> list[RowSteering | None] | None:
+    if steering is None:
+        return None
+    if len(steering) == 0:
+        return None
+    if isinstance(steering[0], list) or steering[0] is None:
+        if len(steering) != n:
+            raise ValueError(f"steering has {len(steering)} rows for {n} items")
+        return list(steering)  # type: ignore[arg-type]
+    return [list(steering)] * n  # type: ignore[list-item]

@@ -1,0 +1,288 @@
+"""Steering mechanics: add a displacement to the output of decoder block `L` at chosen positions.
+
+An `Intervention` is one (already weighted) effect at one layer: given the block's output for some rows
+of the batch, it returns the displacement to add. A row's steering is a list of interventions
+(`compose` blends weighted profiles into it); a batch carries one such list per row, so every row can
+be steered differently. `apply(lm, rows)` registers the hooks for the duration of a `with` block and
+removes them in `finally`; `SteeringHooks` is the lower-level handle a generation engine keeps open and
+re-plans between batches.
+
+Positions (per intervention):
+- ``prompt``: every non-padding prompt position, no generated position (generated tokens feel it
+  through the KV cache);
+- ``last``: the last position of every forward call (the last prompt token at prefill, then each new
+  token);
+- ``all``: every non-padding position, prompt and generated.
+They are defined on absolute positions, so generation with and without the KV cache steers the same
+tokens.
+
+Note: transformers' `output_hidden_states` records block outputs before forward hooks change them; to
+see the steered residual stream, read the input of block `L + 1`.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+from steer_core.errors import SteerError
+from steer_core.models import LanguageModel
+
+Positions = Literal["prompt", "last", "all"]
+POSITIONS: tuple[str, ...] = ("prompt", "last", "all")
+
+
+@dataclass
+class ForwardContext:
+    """What the hooks know about the forward call being run (filled by a pre-hook on the model)."""
+
+    past_length: int = 0  # tokens already in the KV cache
+    prompt_length: int = 0  # padded prompt length of the batch
+    seq_length: int = 0  # tokens in this call
+    input_ids: Tensor | None = None  # (B, T) this call's tokens
+    attention_mask: Tensor | None = None  # (B, past + T)
+    model_kwargs: dict[str, Any] = field(default_factory=dict)  # the model call's other arguments
+    block0_args: tuple[Any, ...] = ()  # what block 0 was called with, for methods that re-run blocks 0..L
+    block0_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def position_mask(self, positions: str, rows: Tensor | None = None) -> Tensor:
+        """(n, T) boolean mask of the positions of this call that `positions` steers."""
+        absolute = torch.arange(self.past_length, self.past_length + self.seq_length)
+        if positions == "prompt":
+            wanted = absolute < self.prompt_length
+        elif positions == "last":
+            wanted = absolute >= self.prompt_length - 1
+        elif positions == "all":
+            wanted = torch.ones_like(absolute, dtype=torch.bool)
+        else:
+            raise SteerError(f"unknown positions {positions!r}; choose one of {', '.join(POSITIONS)}",
+                             "positions")
+        mask = wanted.unsqueeze(0)
+        if self.attention_mask is not None:
+            real = self.attention_mask[:, self.past_length:self.past_length + self.seq_length].bool().cpu()
+            if rows is not None:
+                real = real[rows.cpu()]
+            mask = mask & real
+        elif rows is not None:
+            mask = mask.expand(len(rows), -1)
+        return mask
+
+
+@runtime_checkable
+class Intervention(Protocol):
+    """One weighted effect at one layer. Implementations are small frozen dataclasses."""
+
+    layer: int
+    positions: str
+
+    def displacement(self, hidden: Tensor, ctx: ForwardContext, rows: Tensor) -> Tensor:
+        """Displacement for `hidden` (n, T, D): the block-`layer` output of batch rows `rows`.
+
+        Returns a tensor broadcastable to (n, T, D); the caller masks it to the steered positions.
+        """
+        ...
+
+    @classmethod
+    def blend(cls, weighted: Sequence[tuple[Any, float]]) -> Intervention:
+        """One intervention equal to the weighted combination of several of this class (same layer
+        and positions)."""
+        ...
+
+
+@dataclass(frozen=True, eq=False)
+class ConstantShift:
+    """A constant vector added at every steered position (DiffMean, COLD-Kernel unit kernel)."""
+
+    layer: int
+    positions: str
+    vector: Tensor  # (D,)
+
+    def displacement(self, hidden: Tensor, ctx: ForwardContext, rows: Tensor) -> Tensor:
+        return self.vector.to(device=hidden.device, dtype=hidden.dtype).view(1, 1, -1)
+
+    @classmethod
+    def blend(cls, weighted: Sequence[tuple[ConstantShift, float]]) -> ConstantShift:
+        first = weighted[0][0]
+        vector = sum((w * iv.vector.float() for iv, w in weighted), torch.zeros_like(first.vector, dtype=torch.float))
+        return cls(layer=first.layer, positions=first.positions, vector=vector)
+
+
+@dataclass(frozen=True, eq=False)
+class Scaled:
+    """A weighted sum of interventions whose displacements simply add (the default blend)."""
+
+    layer: int
+    positions: str
+    parts: tuple[tuple[Any, float], ...]
+
+    def displacement(self, hidden: Tensor, ctx: ForwardContext, rows: Tensor) -> Tensor:
+        return sum(w * iv.displacement(hidden, ctx, rows) for iv, w in self.parts)  # type: ignore[return-value]
+
+    @classmethod
+    def blend(cls, weighted: Sequence[tuple[Any, float]]) -> Scaled:
+        first = weighted[0][0]
+        return cls(layer=first.layer, positions=first.positions, parts=tuple(weighted))
+
+
+RowSteering = list[Intervention]
+
+
+def compose(weighted: Sequence[tuple[Intervention, float]]) -> RowSteering:
+    """Blend weighted interventions into one row's steering.
+
+    Interventions of one class, layer and positions are merged by that class's `blend` (constant
+    vectors add, COLD-FD gradients add, ODESteer barriers add); the rest stay separate and their
+    displacements add.
+    """
+    groups: dict[tuple[type, int, str], list[tuple[Intervention, float]]] = {}
+    for iv, w in weighted:
+        w = float(w)
+        if not torch.isfinite(torch.tensor(w)):
+            raise SteerError(f"weight {w} is not finite", "weight")
+        groups.setdefault((type(iv), iv.layer, iv.positions), []).append((iv, w))
+    out: RowSteering = []
+    for (cls, _, _), members in groups.items():
+        blend = getattr(cls, "blend", None)
+        out.append(blend(members) if blend is not None else Scaled.blend(members))
+    return out
+
+
+class SteeringHooks:
+    """Forward hooks on one model that steer each row of each batch by its own plan.
+
+    Only one `SteeringHooks` may be attached to a model at a time: a second one (another thread
+    steering the same model) raises instead of silently mixing displacements.
+    """
+
+    _attached: dict[int, SteeringHooks] = {}
+    _attach_lock = threading.Lock()
+
+    def __init__(self, lm: LanguageModel) -> None:
+        self.lm = lm
+        self.ctx = ForwardContext()
+        self._rows: list[RowSteering] = []
+        self._every_row: RowSteering | None = None
+        self._prompt_length: int | None = None
+        self._plans: dict[int, list[tuple[Intervention, Tensor]]] = {}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._owner = threading.get_ident()
+        with self._attach_lock:
+            if id(lm.model) in self._attached:
+                raise RuntimeError("this model is already being steered by another SteeringHooks; "
+                                   "one engine thread must own the model")
+            self._attached[id(lm.model)] = self
+        try:
+            self._handles.append(lm.model.register_forward_pre_hook(self._capture_call, with_kwargs=True))
+            self._handles.append(lm.blocks[0].register_forward_pre_hook(self._capture_block0, with_kwargs=True))
+            for layer, block in enumerate(lm.blocks):
+                self._handles.append(block.register_forward_hook(self._make_hook(layer)))
+        except BaseException:
+            self.remove()
+            raise
+
+    def plan(self, rows: Sequence[RowSteering | None], prompt_length: int | None = None) -> None:
+        """Set the steering of each batch row for the following forward calls.
+
+        `prompt_length` is the padded prompt length; leave it None when every forward call starts a new
+        prompt (scoring) or runs with a KV cache (generation: the first call's length is taken).
+        """
+        for layer in {iv.layer for row in rows if row for iv in row}:
+            self.lm.check_layer(layer)
+        self._every_row: RowSteering | None = None
+        self._rows = [list(r) if r else [] for r in rows]
+        self._prompt_length = prompt_length
+        plans: dict[int, dict[int, tuple[Intervention, list[int]]]] = {}
+        for i, row in enumerate(self._rows):
+            for iv in row:
+                by_id = plans.setdefault(iv.layer, {})
+                by_id.setdefault(id(iv), (iv, []))[1].append(i)
+        self._plans = {layer: [(iv, torch.tensor(idx)) for iv, idx in ivs.values()] for layer, ivs in plans.items()}
+
+    def plan_every_row(self, row: RowSteering, prompt_length: int | None = None) -> None:
+        """Steer every row of whatever batch comes next with the same `row`."""
+        self.plan([], prompt_length)
+        for layer in {iv.layer for iv in row}:
+            self.lm.check_layer(layer)
+        self._every_row = list(row)
+
+    def _check_thread(self) -> None:
+        if threading.get_ident() != self._owner:
+            raise RuntimeError("a steered model was run from a second thread; one engine thread must own it")
+
+    def _capture_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._check_thread()
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        embeds = kwargs.get("inputs_embeds")
+        seq = int(input_ids.shape[1] if input_ids is not None else embeds.shape[1])
+        cache = kwargs.get("past_key_values")
+        past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
+        if cache is not None and not hasattr(cache, "get_seq_length") and len(cache) > 0:  # legacy tuples
+            past = int(cache[0][0].shape[-2])
+        if self._prompt_length is not None:
+            prompt = self._prompt_length
+        elif past == 0:
+            prompt = seq
+        else:
+            prompt = self.ctx.prompt_length
+        batch = int(input_ids.shape[0] if input_ids is not None else embeds.shape[0])
+        if self._every_row is not None and len(self._rows) != batch:
+            every_row = self._every_row
+            self.plan([every_row] * batch, self._prompt_length)
+            self._every_row = every_row
+        if self._rows and len(self._rows) != batch:
+            raise RuntimeError(f"steering planned for {len(self._rows)} rows, batch has {batch}")
+        self.ctx = ForwardContext(past_length=past, prompt_length=prompt, seq_length=seq, input_ids=input_ids,
+                                  attention_mask=kwargs.get("attention_mask"),
+                                  model_kwargs={k: v for k, v in kwargs.items() if k != "input_ids"})
+
+    def _capture_block0(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.ctx.block0_args = args
+        self.ctx.block0_kwargs = kwargs
+
+    def _make_hook(self, layer: int):  # noqa: ANN202 - a torch hook
+        def hook(module: nn.Module, args: tuple, output: Any) -> Any:
+            plan = self._plans.get(layer)
+            if not plan:
+                return None
+            hidden = output[0] if isinstance(output, tuple) else output
+            steered = hidden.clone()
+            for iv, rows in plan:
+                rows = rows.to(hidden.device)
+                mask = self.ctx.position_mask(iv.positions, rows).to(hidden.device)
+                if not mask.any():
+                    continue
+                delta = iv.displacement(hidden[rows], self.ctx, rows)
+                delta = delta.to(hidden.dtype) * mask.unsqueeze(-1).to(hidden.dtype)
+                steered.index_add_(0, rows, delta.expand(len(rows), hidden.shape[1], -1))
+            return (steered, *output[1:]) if isinstance(output, tuple) else steered
+
+        return hook
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        with self._attach_lock:
+            if self._attached.get(id(self.lm.model)) is self:
+                del self._attached[id(self.lm.model)]
+
+
+@contextmanager
+def apply(lm: LanguageModel, rows: Sequence[RowSteering | None] | RowSteering,
+          prompt_length: int | None = None) -> Iterator[SteeringHooks]:
+    """Steer `lm` inside a `with` block: one `RowSteering` per batch row, or one for every row."""
+    hooks = SteeringHooks(lm)
+    try:
+        if rows and not isinstance(rows[0], list | type(None)):
+            hooks.plan_every_row(rows, prompt_length)  # type: ignore[arg-type]
+        else:
+            hooks.plan(rows, prompt_length)  # type: ignore[arg-type]
+        yield hooks
+    finally:
+        hooks.remove()

@@ -1,0 +1,164 @@
+"""Steering mechanics on a tiny random model: exact displacements, per-row independence, KV cache."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from conftest import make_tiny
+
+from steer_core.prompts import encode
+from steer_core.steering import ConstantShift, SteeringHooks, apply, compose
+
+PROMPTS = ["The weather today is", "A much longer prompt that needs no padding at all, it says"]
+LAYER = 2
+
+
+def _hidden(lm, batch, rows=None, layer=LAYER):
+    """The residual stream after block `layer` as the next block receives it (transformers'
+    `output_hidden_states` records block outputs before forward hooks change them)."""
+    seen = []
+
+    def capture(module, args, kwargs):
+        seen.append((args[0] if args else kwargs["hidden_states"]).detach().clone())
+
+    handle = lm.blocks[layer + 1].register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            if rows is None:
+                lm.model(**batch)
+            else:
+                with apply(lm, rows):
+                    lm.model(**batch)
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+def _vector(lm, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(lm.hidden_size, generator=g)
+
+
+@pytest.mark.parametrize("positions", ["prompt", "last", "all"])
+def test_adds_exactly_the_displacement_at_the_steered_positions(tiny_lm, positions):
+    batch = encode(tiny_lm, PROMPTS)
+    v = _vector(tiny_lm, 1)
+    base = _hidden(tiny_lm, batch)
+    steered = _hidden(tiny_lm, batch, [[ConstantShift(LAYER, positions, v)]] * 2)
+    delta = steered - base
+    real = batch["attention_mask"].bool()
+    expected = real.clone()
+    if positions == "last":  # one forward call over the prompt: only its last position
+        expected[:, :-1] = False
+    for row in range(2):
+        for pos in range(real.shape[1]):
+            if expected[row, pos]:
+                torch.testing.assert_close(delta[row, pos], v, atol=1e-5, rtol=0)
+            else:
+                assert torch.equal(delta[row, pos], torch.zeros_like(v)), (row, pos)
+
+
+def test_rows_of_a_batch_are_independent(tiny_lm):
+    batch = encode(tiny_lm, PROMPTS)
+    a = ConstantShift(LAYER, "prompt", _vector(tiny_lm, 1))
+    b = ConstantShift(LAYER, "prompt", _vector(tiny_lm, 2))
+    with torch.no_grad():
+        with apply(tiny_lm, [[a], [b]]):
+            mixed = tiny_lm.model(**batch).logits
+        with apply(tiny_lm, [[a], None]):
+            only_a = tiny_lm.model(**batch).logits
+        with apply(tiny_lm, [None, [b]]):
+            only_b = tiny_lm.model(**batch).logits
+    assert torch.equal(mixed[0], only_a[0])
+    assert torch.equal(mixed[1], only_b[1])
+    assert not torch.allclose(mixed[0], mixed[1])
+
+
+def test_zero_weight_blend_reproduces_unsteered_logits_exactly(tiny_lm):
+    batch = encode(tiny_lm, PROMPTS)
+    blend = compose([(ConstantShift(LAYER, "prompt", _vector(tiny_lm, 1)), 0.0),
+                     (ConstantShift(1, "all", _vector(tiny_lm, 2)), 0.0)])
+    with torch.no_grad():
+        base = tiny_lm.model(**batch).logits
+        with apply(tiny_lm, blend):
+            steered = tiny_lm.model(**batch).logits
+    assert torch.equal(base, steered)
+
+
+def test_blend_is_the_weighted_sum_of_displacements(tiny_lm):
+    batch = encode(tiny_lm, PROMPTS)
+    va, vb = _vector(tiny_lm, 1), _vector(tiny_lm, 2)
+    blend = compose([(ConstantShift(LAYER, "prompt", va), 0.25), (ConstantShift(LAYER, "prompt", vb), -1.5)])
+    assert len(blend) == 1
+    single = [ConstantShift(LAYER, "prompt", 0.25 * va - 1.5 * vb)]
+    torch.testing.assert_close(_hidden(tiny_lm, batch, [blend] * 2), _hidden(tiny_lm, batch, [single] * 2))
+
+
+@pytest.mark.parametrize("positions", ["prompt", "last", "all"])
+def test_generate_with_and_without_kv_cache_gives_the_same_tokens(positions):
+    lm = make_tiny("llama", seed=3)
+    batch = encode(lm, PROMPTS)
+    iv = ConstantShift(LAYER, positions, 4.0 * _vector(lm, 5))
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=lm.tokenizer.pad_token_id)
+    prompt_length = batch["input_ids"].shape[1]
+    with torch.no_grad():
+        plain = lm.model.generate(**batch, **kwargs)
+        with apply(lm, [iv], prompt_length=prompt_length):
+            cached = lm.model.generate(**batch, use_cache=True, **kwargs)
+        with apply(lm, [iv], prompt_length=prompt_length):
+            uncached = lm.model.generate(**batch, use_cache=False, **kwargs)
+    assert torch.equal(cached, uncached)
+    assert not torch.equal(cached, plain), "the steering should change the greedy tokens"
+
+
+def test_hooks_are_removed_when_the_forward_raises(tiny_lm):
+    iv = ConstantShift(LAYER, "prompt", _vector(tiny_lm, 1))
+    with pytest.raises(RuntimeError, match="planned for 3 rows"), apply(tiny_lm, [[iv]] * 3):
+        tiny_lm.model(**encode(tiny_lm, PROMPTS))
+    assert all(not block._forward_hooks for block in tiny_lm.blocks)
+    assert not tiny_lm.model._forward_pre_hooks
+    with apply(tiny_lm, [iv]):  # and the model can be steered again
+        pass
+
+
+def test_two_steerers_on_one_model_are_refused(tiny_lm):
+    with apply(tiny_lm, []), pytest.raises(RuntimeError, match="already being steered"):
+        SteeringHooks(tiny_lm)
+
+
+def test_a_second_thread_running_the_steered_model_is_caught(tiny_lm):
+    batch = encode(tiny_lm, PROMPTS)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            with torch.no_grad():
+                tiny_lm.model(**batch)
+        except RuntimeError as exc:
+            errors.append(exc)
+
+    with apply(tiny_lm, [ConstantShift(LAYER, "prompt", _vector(tiny_lm, 1))]):
+        thread = threading.Thread(target=run)
+        thread.start()
+        thread.join()
+    assert errors and "second thread" in str(errors[0])
+
+
+def test_layer_out_of_range_is_rejected(tiny_lm):
+    from steer_core.errors import SteerError
+
+    with pytest.raises(SteerError, match="out of range") as info, \
+            apply(tiny_lm, [ConstantShift(tiny_lm.num_layers, "prompt", _vector(tiny_lm, 1))]):
+        pass
+    assert info.value.field == "layer"
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "gemma", "gpt2", "gpt_neox"])
+def test_every_family_is_steerable(family):
+    lm = make_tiny(family)
+    batch = encode(lm, PROMPTS)
+    v = _vector(lm, 1)
+    delta = _hidden(lm, batch, [ConstantShift(1, "all", v)], layer=1) - _hidden(lm, batch, layer=1)
+    torch.testing.assert_close(delta[1, -1], v, atol=1e-4, rtol=0)
