@@ -1,6 +1,11 @@
 """steer_core: steering profiles for causal LMs (DiffMean, COLD-Steer, ODESteer), as a plain library."""
 
-from steer_core import diffmean  # noqa: F401  (registers the method)
+from steer_core import (  # noqa: F401  (register the COLD-Steer methods)
+    cold_fd,
+    cold_kernel,
+    diffmean,  # noqa: F401  (registers the method)
+    odesteer,  # noqa: F401  (registers the method)
+)
 from steer_core.build import build_profile, split_sample
 from steer_core.data import OpinionItem, item_from_json, items_from_json, load_items, make_item, sample_hash
 from steer_core.errors import ModelLoadError, ProfileError, SteerError

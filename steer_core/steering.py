@@ -23,7 +23,7 @@ see the steered residual stream, read the input of block `L + 1`.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -50,6 +50,9 @@ class ForwardContext:
     model_kwargs: dict[str, Any] = field(default_factory=dict)  # the model call's other arguments
     block0_args: tuple[Any, ...] = ()  # what block 0 was called with, for methods that re-run blocks 0..L
     block0_kwargs: dict[str, Any] = field(default_factory=dict)
+    # layer -> batch rows whose block output the hooks changed in this call (a method that re-runs
+    # blocks 0..L from block 0's inputs needs to know when Z_L is no longer the unsteered one).
+    steered: dict[int, Tensor] = field(default_factory=dict)
 
     def position_mask(self, positions: str, rows: Tensor | None = None) -> Tensor:
         """(n, T) boolean mask of the positions of this call that `positions` steers."""
@@ -158,18 +161,30 @@ class SteeringHooks:
 
     Only one `SteeringHooks` may be attached to a model at a time: a second one (another thread
     steering the same model) raises instead of silently mixing displacements.
+
+    Plain `ConstantShift`s are summed per (layer, positions) into one (batch, hidden) table when a plan
+    is set, so a batch whose rows each carry a different constant vector costs one add per steered
+    layer. With `on_error`, an intervention whose displacement raises is reported as
+    `on_error(rows, exc)` (the batch rows it steers) and skipped, so a serving engine can fail those
+    rows' requests alone; without it the exception propagates.
     """
 
     _attached: dict[int, SteeringHooks] = {}
     _attach_lock = threading.Lock()
 
-    def __init__(self, lm: LanguageModel) -> None:
+    def __init__(self, lm: LanguageModel,
+                 on_error: Callable[[Tensor, Exception], None] | None = None) -> None:
         self.lm = lm
         self.ctx = ForwardContext()
+        self.on_error = on_error
         self._rows: list[RowSteering] = []
         self._every_row: RowSteering | None = None
         self._prompt_length: int | None = None
         self._plans: dict[int, list[tuple[Intervention, Tensor]]] = {}
+        # layer -> [(positions, (B, D) summed constant vectors of each row)]
+        self._constants: dict[int, list[tuple[str, Tensor]]] = {}
+        # positions -> this forward call's (B, T) steered-position mask, None when it steers nothing
+        self._masks: dict[str, Tensor | None] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._owner = threading.get_ident()
         with self._attach_lock:
@@ -198,11 +213,22 @@ class SteeringHooks:
         self._rows = [list(r) if r else [] for r in rows]
         self._prompt_length = prompt_length
         plans: dict[int, dict[int, tuple[Intervention, list[int]]]] = {}
+        constants: dict[tuple[int, str], Tensor] = {}
         for i, row in enumerate(self._rows):
             for iv in row:
+                if type(iv) is ConstantShift:  # exact type: a subclass may override displacement
+                    table = constants.get((iv.layer, iv.positions))
+                    if table is None:
+                        table = torch.zeros(len(self._rows), iv.vector.shape[-1])
+                        constants[(iv.layer, iv.positions)] = table
+                    table[i] += iv.vector.detach().float().cpu()
+                    continue
                 by_id = plans.setdefault(iv.layer, {})
                 by_id.setdefault(id(iv), (iv, []))[1].append(i)
         self._plans = {layer: [(iv, torch.tensor(idx)) for iv, idx in ivs.values()] for layer, ivs in plans.items()}
+        self._constants = {}
+        for (layer, positions), table in constants.items():
+            self._constants.setdefault(layer, []).append((positions, table.to(self.lm.device)))
 
     def plan_every_row(self, row: RowSteering, prompt_length: int | None = None) -> None:
         """Steer every row of whatever batch comes next with the same `row`."""
@@ -240,29 +266,64 @@ class SteeringHooks:
         self.ctx = ForwardContext(past_length=past, prompt_length=prompt, seq_length=seq, input_ids=input_ids,
                                   attention_mask=kwargs.get("attention_mask"),
                                   model_kwargs={k: v for k, v in kwargs.items() if k != "input_ids"})
+        self._masks = {}
 
     def _capture_block0(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self.ctx.block0_args = args
         self.ctx.block0_kwargs = kwargs
 
+    def _mask(self, positions: str, batch: int, device: torch.device) -> Tensor | None:
+        """This call's (B, T) mask of the positions `positions` steers, computed once per call."""
+        if positions not in self._masks:
+            mask = self.ctx.position_mask(positions).expand(batch, -1)
+            self._masks[positions] = mask.to(device) if bool(mask.any()) else None
+        return self._masks[positions]
+
     def _make_hook(self, layer: int):  # noqa: ANN202 - a torch hook
         def hook(module: nn.Module, args: tuple, output: Any) -> Any:
             plan = self._plans.get(layer)
-            if not plan:
+            constants = self._constants.get(layer)
+            if not plan and not constants:
                 return None
             hidden = output[0] if isinstance(output, tuple) else output
-            steered = hidden.clone()
-            for iv, rows in plan:
+            steered = hidden
+            for positions, table in constants or ():
+                mask = self._mask(positions, hidden.shape[0], hidden.device)
+                if mask is not None:
+                    shift = table.to(hidden.dtype).unsqueeze(1) * mask.unsqueeze(-1).to(hidden.dtype)
+                    steered = steered + shift
+                    self._mark(layer, table.abs().sum(dim=-1).nonzero().flatten())
+            for iv, rows in plan or ():
                 rows = rows.to(hidden.device)
-                mask = self.ctx.position_mask(iv.positions, rows).to(hidden.device)
+                full = self._mask(iv.positions, hidden.shape[0], hidden.device)
+                if full is None:
+                    continue
+                mask = full[rows]
                 if not mask.any():
                     continue
-                delta = iv.displacement(hidden[rows], self.ctx, rows)
-                delta = delta.to(hidden.dtype) * mask.unsqueeze(-1).to(hidden.dtype)
-                steered.index_add_(0, rows, delta.expand(len(rows), hidden.shape[1], -1))
+                try:
+                    delta = iv.displacement(hidden[rows], self.ctx, rows)
+                    delta = delta.to(hidden.dtype) * mask.unsqueeze(-1).to(hidden.dtype)
+                    delta = delta.expand(len(rows), hidden.shape[1], -1)
+                except Exception as exc:
+                    if self.on_error is None:
+                        raise
+                    self.on_error(rows.cpu(), exc)
+                    continue
+                if steered is hidden:
+                    steered = hidden.clone()
+                steered.index_add_(0, rows, delta)
+                self._mark(layer, rows)
+            if steered is hidden:
+                return None
             return (steered, *output[1:]) if isinstance(output, tuple) else steered
 
         return hook
+
+    def _mark(self, layer: int, rows: Tensor) -> None:
+        done = self.ctx.steered.get(layer)
+        rows = rows.cpu()
+        self.ctx.steered[layer] = rows if done is None else torch.cat([done, rows])
 
     def remove(self) -> None:
         for handle in self._handles:

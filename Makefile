@@ -1,0 +1,42 @@
+# Two commands for a newcomer: `make demo` (set up, then run the service end to end on embedded
+# defaults) and `make test` (set up, then run the whole test suite). Everything else is a helper.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+DEMO_DIR := .pluristeer
+
+.PHONY: setup demo eval-demo test lint bench clean
+
+# torch first, pinned to the CPU build this machine has on disk, so pip never pulls a multi-GB CUDA
+# build; pyproject.toml keeps a range so GPU hosts can install their own.
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+setup: $(BIN)/.installed
+	$(BIN)/pluristeer model fetch
+
+# The offline path: build a DiffMean profile from a bundled sample and compare it with the unsteered model.
+eval-demo: setup
+	$(BIN)/pluristeer build --method diffmean --data tests/fixtures/opinions_group_rural.jsonl --limit 20 \
+		--out $(DEMO_DIR)/rural-diffmean.safetensors
+	$(BIN)/pluristeer eval --profile $(DEMO_DIR)/rural-diffmean.safetensors \
+		--data tests/fixtures/opinions_group_rural.jsonl --offset 20
+
+demo: eval-demo
+
+test: setup
+	$(BIN)/ruff check .
+	$(BIN)/pytest -q
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check .
+
+bench: setup
+	for script in bench/*.py; do $(BIN)/python $$script || exit 1; done
+
+clean:
+	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache .ruff_cache

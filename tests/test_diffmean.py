@@ -1,0 +1,68 @@
+"""DiffMean on the tiny model (shapes, math) and on the real default model (behaviour)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import FIXTURES
+
+from steer_core import build_profile, diffmean, intervention, load_items, summarize
+from steer_core.activations import answer_activations
+from steer_core.data import make_item
+from steer_core.errors import SteerError
+from steer_core.prompts import answer_distributions
+
+ITEMS = [make_item(f"Question number {i}?", ["Yes", "No", "Maybe"], answer=i % 3) for i in range(8)]
+
+
+def test_vector_is_chosen_minus_other_answers(tiny_lm):
+    acts = answer_activations(tiny_lm, ITEMS, [1])
+    z = acts.by_layer[1]
+    expected = torch.stack([z[n, it.answer] - (z[n].sum(0) - z[n, it.answer]) / 2 for n, it in enumerate(ITEMS)])
+    profile = diffmean.fit(tiny_lm, ITEMS, [1], {}, "prompt")[1]
+    torch.testing.assert_close(profile.tensors["vector"], expected.mean(0))
+
+
+def test_build_records_its_choice_and_scores(tiny_lm):
+    profile = build_profile(tiny_lm, ITEMS, "diffmean")
+    m = profile.metrics
+    assert m["evaluation"] == "held-out" and m["train_items"] + m["heldout_items"] == len(ITEMS)
+    assert {"layer", "strength", "alignment"} <= set(m["search"][0])
+    assert profile.layer == m["choice"]["layer"]
+    if not m["improved"]:
+        assert profile.strength == 0 and "no setting beat" in m["note"]
+
+
+def test_bad_build_input_names_the_field(tiny_lm):
+    with pytest.raises(SteerError, match="too few") as info:
+        build_profile(tiny_lm, ITEMS[:3], "diffmean")
+    assert info.value.field == "items"
+    with pytest.raises(SteerError) as info:
+        build_profile(tiny_lm, ITEMS, "diffmean", {"layer": 99})
+    assert info.value.field == "params.layer"
+    with pytest.raises(SteerError) as info:
+        build_profile(tiny_lm, ITEMS, "no-such-method")
+    assert info.value.field == "method"
+    with pytest.raises(SteerError) as info:
+        build_profile(tiny_lm, ITEMS, "diffmean", {"alpha": 2})
+    assert info.value.field == "params.alpha"
+    with pytest.raises(SteerError):
+        build_profile(tiny_lm, [], "diffmean")
+
+
+@pytest.mark.model
+def test_diffmean_raises_persona_matching_on_other_statements(default_lm):
+    """20 statements an environmentalist rejects build the profile; 50 other such statements judge it.
+
+    (The default 135M model answers "Yes" to nearly every statement, whatever its content, so the
+    persona's rejections are where it has room to move.)"""
+    path = FIXTURES / "persona_environmentalist_rejects.jsonl"
+    statements = load_items(path)
+    train, judge = statements[:20], statements[20:70]
+    assert len(judge) == 50
+    profile = build_profile(default_lm, train, "diffmean")
+    assert profile.strength > 0, profile.metrics
+    before = summarize(judge, answer_distributions(default_lm, judge))
+    after = summarize(judge, answer_distributions(default_lm, judge, [intervention(profile, default_lm)]))
+    assert after["matching_rate"] > before["matching_rate"]
+    assert after["alignment"] > before["alignment"]
