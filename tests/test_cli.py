@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from conftest import FIXTURES, make_tiny
+from support import FIXTURES, make_tiny
 
 from service.cli import main
 

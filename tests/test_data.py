@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import FIXTURES
+from support import FIXTURES
 
 from steer_core.data import (
     item_from_json,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FIXTURES
+from support import FIXTURES
 
 from steer_core import build_profile, diffmean, intervention, load_items, summarize
 from steer_core.activations import answer_activations

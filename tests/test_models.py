@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import make_tiny
+from support import make_tiny
 
 from steer_core.errors import ModelLoadError
 from steer_core.models import load_model

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_tiny
+from support import make_tiny
 
 from steer_core.errors import ProfileError
 from steer_core.profile import Profile

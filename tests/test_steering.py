@@ -6,7 +6,7 @@ import threading
 
 import pytest
 import torch
-from conftest import make_tiny
+from support import make_tiny
 
 from steer_core.prompts import encode
 from steer_core.steering import ConstantShift, SteeringHooks, apply, compose

@@ -1,0 +1,70 @@
+"""Test support shared by every test module: tiny random models, fixture and data paths.
+
+Imported as `from support import ...` (a plain module, so nested conftest.py files cannot shadow it)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# No model hub is reachable from CI: fail fast instead of retrying downloads.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+from transformers import (
+    AutoTokenizer,
+    GemmaConfig,
+    GemmaForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from steer_core.models import LanguageModel, default_model_dir, wrap
+
+REPO = Path(__file__).resolve().parent.parent
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def tiny_tokenizer():
+    """The default model's tokenizer (it has a chat template); the `default_model_path` fixture fetches it."""
+    return AutoTokenizer.from_pretrained(str(default_model_dir()))
+
+
+_TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=512)
+
+
+def make_tiny(family: str = "llama", seed: int = 0) -> LanguageModel:
+    """A tiny randomly initialized causal LM of `family` sharing the default model's tokenizer."""
+    tok = tiny_tokenizer()
+    vocab = len(tok)
+    torch.manual_seed(seed)
+    if family == "llama":
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, **_TINY))
+    elif family == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(vocab_size=vocab, **_TINY))
+    elif family == "mistral":
+        model = MistralForCausalLM(MistralConfig(vocab_size=vocab, **_TINY))
+    elif family == "gemma":
+        model = GemmaForCausalLM(GemmaConfig(vocab_size=vocab, head_dim=16, **_TINY))
+    elif family == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=64, n_layer=4, n_head=4, n_positions=512,
+                                                   bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
+    elif family == "gpt_neox":
+        model = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128,
+                                                 num_hidden_layers=4, num_attention_heads=4,
+                                                 max_position_embeddings=512))
+    else:
+        raise ValueError(family)
+    return wrap(model.float().eval(), tok, f"tiny-{family}-{seed}")
