@@ -26,7 +26,9 @@ eval-demo: setup
 	$(BIN)/pluristeer eval --profile $(DEMO_DIR)/rural-diffmean.safetensors \
 		--data tests/fixtures/opinions_group_rural.jsonl --offset 20
 
-demo: eval-demo
+# The main path: the service end to end (up, a group, its opinions, a profile build, its metrics, A/B).
+demo: setup
+	bash scripts/demo.sh
 
 test: setup
 	$(BIN)/ruff check .

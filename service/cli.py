@@ -213,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--port", type=int, default=8000)
     up.add_argument("--workers", type=int, default=1, help="API worker processes")
+    up.add_argument("--build-workers", type=int, default=1, help="concurrency of the build worker")
+    up.add_argument("--queues", help="queues the build worker listens on (default: gpu,cpu on a GPU host, else cpu)")
     up.set_defaults(func=_lazy("service.stack:run_up"))
 
     serve = sub.add_parser("serve", help="run the API under a production WSGI server")
@@ -222,22 +224,28 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=_lazy("service.stack:serve"))
 
     worker = sub.add_parser("worker", help="run a Celery worker for profile builds")
-    worker.add_argument("--queues", default="cpu", help="comma-separated queues (cpu, gpu)")
+    worker.add_argument("--queues", help="comma-separated queues (default: gpu,cpu on a GPU host, else cpu)")
     worker.add_argument("--concurrency", type=int, default=1)
+    worker.add_argument("--loglevel", default="INFO")
+    worker.add_argument("--hostname", help="Celery node name")
     worker.set_defaults(func=_lazy("worker.app:run_worker"))
 
     db = sub.add_parser("db", help="database").add_subparsers(dest="action", required=True)
     upgrade = db.add_parser("upgrade", help="apply migrations up to the newest")
+    upgrade.add_argument("--database-url", help="default: DATABASE_URL or the embedded SQLite file")
     upgrade.set_defaults(func=_lazy("service.db:upgrade_cli"))
 
     keys = sub.add_parser("keys", help="API keys").add_subparsers(dest="action", required=True)
     create = keys.add_parser("create", help="create a key for a tenant (printed once)")
     create.add_argument("--tenant", required=True)
+    create.add_argument("--database-url", help="default: DATABASE_URL or the embedded SQLite file")
     create.set_defaults(func=_lazy("service.auth:create_key_cli"))
 
     demo = sub.add_parser("demo", help="walk through the service against a running server")
-    demo.add_argument("--url", default="http://127.0.0.1:8000")
+    demo.add_argument("--url", help="server URL (default: the one `pluristeer up` wrote)")
     demo.add_argument("--key", help="API key (default: the one `pluristeer up` wrote)")
+    demo.add_argument("--items", type=int, default=16, help="opinion items to post for the demo group")
+    demo.add_argument("--timeout", type=float, default=1800, help="seconds to wait for the build")
     demo.set_defaults(func=_lazy("service.demo:main"))
 
     bench = sub.add_parser("bench", help="run a benchmark script from bench/")

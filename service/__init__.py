@@ -1,0 +1,33 @@
+"""The pluristeer HTTP service: `create_app()` builds the Flask app; nothing starts until a request
+needs it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Flask
+
+from service.settings import Settings
+
+
+def create_app(test_config: dict[str, Any] | None = None) -> Flask:
+    """The API app. `test_config` may hold `SETTINGS` (a `Settings`) and any Flask config keys;
+    without `SETTINGS` the settings come from the environment."""
+    from service import context, errors, observability, openapi
+    from service.api import chat, experiments, groups, health, opinions, profiles, users
+
+    app = Flask(__name__)
+    config = dict(test_config or {})
+    settings = config.pop("SETTINGS", None) or Settings.from_env()
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes  # werkzeug answers 413 past it
+    app.config.update(config)
+    app.config["SETTINGS"] = settings
+
+    context.init_app(app, settings)
+    errors.register_error_handlers(app)
+    observability.init_app(app)
+    for bp in (health.bp, observability.bp, openapi.bp, users.bp, groups.bp, opinions.bp, profiles.bp):
+        app.register_blueprint(bp)
+    app.register_blueprint(experiments.bp)  # A/B tests (issue 7)
+    chat.init_app(app)  # chat completions and scores; the generation engine starts with the first request
+    return app

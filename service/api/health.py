@@ -1,0 +1,80 @@
+"""Liveness and readiness: `/healthz` says the process answers; `/readyz` checks what a request needs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from flask import Blueprint
+from sqlalchemy import text
+
+from service import context, db
+from service.openapi import api_route
+from service.protocol import Health, Ready, ReadyCheck
+
+bp = Blueprint("health", __name__)
+
+
+@api_route(bp, "/healthz", "GET", summary="the process is alive", auth=False, responses={200: Health})
+def healthz() -> Health:
+    return Health(status="ok")
+
+
+@api_route(bp, "/readyz", "GET", summary="database, Redis and the model are usable", auth=False,
+           responses={200: Ready, 503: Ready})
+def readyz() -> tuple[Ready, int]:
+    checks = {"database": _check_database(), "redis": _check_redis(), "model": _check_model()}
+    ready = all(c.ok for c in checks.values())
+    return Ready(status="ready" if ready else "not_ready", checks=checks,
+                 model=context.settings().model), 200 if ready else 503
+
+
+def _check_database() -> ReadyCheck:
+    try:
+        with db.session_scope(context.settings()) as session:
+            session.execute(text("SELECT 1"))
+        url = context.settings().database_url
+        if not db.is_current(url):
+            return ReadyCheck(ok=False, detail="reachable, but not migrated to the newest revision")
+        return ReadyCheck(ok=True, detail="reachable and migrated")
+    except Exception as exc:
+        return ReadyCheck(ok=False, detail=f"unreachable: {type(exc).__name__}")
+
+
+def _check_redis() -> ReadyCheck:
+    try:
+        context.redis_client().ping()
+        return ReadyCheck(ok=True, detail="reachable")
+    except Exception as exc:
+        return ReadyCheck(ok=False, detail=f"unreachable: {type(exc).__name__}")
+
+
+def model_status(name: str) -> dict[str, Any]:
+    """Where the configured model stands without loading it: cached on disk, a local path, or neither."""
+    from steer_core.models import DEFAULT_MODEL, default_model_dir
+
+    if name == DEFAULT_MODEL:
+        path = default_model_dir()
+        return {"available": (path / "model.safetensors").exists() or (path / "config.json").exists(),
+                "where": str(path)}
+    path = Path(name).expanduser()
+    if path.exists():
+        return {"available": True, "where": str(path)}
+    return {"available": False, "where": "not on this disk (a hub id is fetched when first loaded)"}
+
+
+def _check_model() -> ReadyCheck:
+    state = context.state()
+    if state.model_probe is not None:
+        try:
+            probe = state.model_probe()
+        except Exception as exc:
+            return ReadyCheck(ok=False, detail=f"the generation engine failed: {type(exc).__name__}: {exc}")
+        if probe.get("loaded"):
+            return ReadyCheck(ok=True, detail="loaded in this process")
+        if probe.get("error"):
+            return ReadyCheck(ok=False, detail=str(probe["error"]))
+    status = model_status(state.settings.model)
+    if status["available"]:
+        return ReadyCheck(ok=True, detail=f"not loaded in this process; available at {status['where']}")
+    return ReadyCheck(ok=False, detail=f"{state.settings.model}: {status['where']}")

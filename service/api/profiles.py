@@ -1,0 +1,208 @@
+"""Profiles: `POST /v1/profiles` (202, idempotent), `GET` one or a page, `DELETE`, `GET .../artifact`."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+from flask import Blueprint, Response, current_app, url_for
+from sqlalchemy import func, select
+
+from service import context, db
+from service.api.subjects import find_subject
+from service.auth import tenant_id
+from service.errors import ApiError, not_found
+from service.openapi import api_route
+from service.protocol import (
+    ArtifactQuery,
+    ArtifactRef,
+    ProfileCreate,
+    ProfileList,
+    ProfileListQuery,
+    ProfileOut,
+    SubjectRef,
+)
+from service.settings import Settings
+from steer_core.build import split_sample
+from steer_core.errors import SteerError
+from steer_core.methods import check_positions, get_method
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("profiles", __name__)
+
+SEARCHED = ("layer", "strength")  # fixed by the caller, or chosen on held-out items
+
+
+def allowed_models(settings: Settings) -> list[str]:
+    """The models this deployment builds and serves (a name `load_model` accepts is not enough)."""
+    return [settings.model]
+
+
+def check_params(method: str, params: dict[str, Any]) -> dict[str, Any]:
+    """The request's params, validated the way `steer_core.build_profile` will read them, with the
+    method's defaults filled in (so `{}` and the defaults spelled out are the same profile)."""
+    spec = get_method(method)
+    params = dict(params)
+    fixed: dict[str, Any] = {}
+    if "layer" in params:
+        layer = params.pop("layer")
+        if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+            raise SteerError("must be a layer index (an integer >= 0)", "params.layer")
+        fixed["layer"] = layer
+    if "strength" in params:
+        strength = params.pop("strength")
+        if isinstance(strength, bool) or not isinstance(strength, int | float) \
+                or not math.isfinite(strength) or strength < 0:
+            raise SteerError("must be a finite number >= 0", "params.strength")
+        fixed["strength"] = strength
+    if "positions" in params:
+        try:
+            fixed["positions"] = check_positions(params.pop("positions"))
+        except SteerError as exc:
+            raise SteerError(exc.message, "params.positions") from None
+    try:
+        own = spec.check_params(params)
+    except SteerError as exc:
+        field = exc.field or "params"
+        raise SteerError(exc.message, field if field.startswith("params") else f"params.{field}") from None
+    return {**own, **fixed}
+
+
+def profile_views(session: db.Session, rows: list[db.ProfileRow]) -> list[ProfileOut]:
+    """Rows as responses, with subject names and attempt counts fetched in two queries, not 2N."""
+    if not rows:
+        return []
+    tenant = rows[0].tenant_id
+    names: dict[tuple[str, int], str] = {}
+    for kind, model, column in (("user", db.User, db.User.uid), ("group", db.Group, db.Group.gid)):
+        ids = {r.subject_id for r in rows if r.subject_kind == kind}
+        if ids:
+            for sid, name in session.execute(select(model.id, column).where(model.tenant_id == tenant,
+                                                                           model.id.in_(ids))):
+                names[(kind, sid)] = name
+    attempts = dict(session.execute(
+        select(db.BuildAttempt.profile_id, func.count())
+        .where(db.BuildAttempt.profile_id.in_([r.id for r in rows]))
+        .group_by(db.BuildAttempt.profile_id)).all())
+    out = []
+    for r in rows:
+        artifact = None
+        if r.artifact_sha256:
+            artifact = ArtifactRef(sha256=r.artifact_sha256, size=r.artifact_size or 0)
+        subject = SubjectRef(kind=r.subject_kind, id=names.get((r.subject_kind, r.subject_id), ""))
+        out.append(ProfileOut(
+            id=r.id, subject=subject, method=r.method, model=r.model, params=r.params, status=r.status,
+            progress=r.progress, error=r.error, chosen=r.chosen, metrics=r.metrics, artifact=artifact,
+            sample_hash=r.sample_hash, version=r.version, attempts=int(attempts.get(r.id, 0)),
+            created_at=r.created_at, updated_at=r.updated_at,
+            started_at=r.started_at, finished_at=r.finished_at))
+    return out
+
+
+def _get(profile_id: str) -> db.ProfileRow:
+    row = db.get_profile(context.session(), tenant_id(), profile_id)
+    if row is None:
+        raise not_found(f"profile {profile_id!r}", "id")
+    return row
+
+
+@api_route(bp, "/v1/profiles", "POST", summary="build a profile (202; the same request on the same sample is "
+           "one profile)", body=ProfileCreate, responses={202: ProfileOut, 200: ProfileOut}, errors=(404,))
+def create_profile(body: ProfileCreate) -> tuple[ProfileOut, int, dict[str, str]]:
+    tenant = tenant_id()
+    settings = context.settings()
+    session = context.session()
+    model = body.model or settings.model
+    if model not in allowed_models(settings):
+        raise ApiError(422, "validation_error", f"model {model!r} is not served here; choose one of "
+                       f"{', '.join(allowed_models(settings))}", "model")
+    params = check_params(body.method, body.params)
+    subject = find_subject(session, tenant, body.subject.kind, body.subject.id, "subject.id")
+    items = db.subject_items(session, tenant, body.subject.kind, subject.id)
+    if not items:
+        raise ApiError(422, "validation_error", f"{body.subject.kind} {body.subject.id!r} has no opinion "
+                       "items; POST them to .../opinions first", "subject")
+    if not all(k in params for k in SEARCHED):
+        try:
+            split_sample(items)  # the same rule the build applies, refused now instead of failing later
+        except SteerError as exc:
+            raise ApiError(422, "validation_error", exc.message, "subject") from None
+    from steer_core.data import sample_hash
+
+    row, enqueue = db.request_profile(session, tenant, body.subject.kind, subject.id, body.method, model,
+                                      params, sample_hash(items))
+    session.commit()  # the worker must see the row before the message arrives
+    if enqueue:
+        from service.builds import enqueue_build
+
+        try:
+            enqueue_build(row.id, row.method, settings)
+        except Exception as exc:
+            # The row stays `queued`; the worker's sweeper re-sends lost queued builds.
+            log.warning("profile %s queued but not sent: %s", row.id, exc)
+    view = profile_views(session, [row])[0]
+    location = url_for("profiles.get_profile", profile_id=row.id)
+    return view, 202 if enqueue else 200, {"Location": location}
+
+
+@api_route(bp, "/v1/profiles/<profile_id>", "GET", summary="a profile: status, progress, chosen "
+           "hyperparameters, held-out metrics", responses={200: ProfileOut}, errors=(404,))
+def get_profile(profile_id: str) -> ProfileOut:
+    return profile_views(context.session(), [_get(profile_id)])[0]
+
+
+@api_route(bp, "/v1/profiles", "GET", summary="the tenant's profiles, newest first", query=ProfileListQuery,
+           responses={200: ProfileList})
+def list_profiles(query: ProfileListQuery) -> ProfileList:
+    tenant = tenant_id()
+    session = context.session()
+    subject_id = None
+    if query.subject_id is not None:
+        if query.subject_kind is None:
+            raise ApiError(422, "validation_error", "give subject_kind with subject_id", "subject_kind")
+        subject = db.get_subject(session, tenant, query.subject_kind, query.subject_id)
+        if subject is None:
+            return ProfileList(profiles=[], next_after=None)
+        subject_id = subject.id
+    if query.after is not None and db.get_profile(session, tenant, query.after) is None:
+        raise ApiError(422, "validation_error", f"no profile {query.after!r}", "after")
+    rows = db.list_profiles(session, tenant, kind=query.subject_kind, subject_id=subject_id,
+                            status=query.status, method=query.method, limit=query.limit + 1,
+                            after=query.after)
+    more = len(rows) > query.limit
+    rows = rows[:query.limit]
+    return ProfileList(profiles=profile_views(session, rows), next_after=rows[-1].id if more else None)
+
+
+@api_route(bp, "/v1/profiles/<profile_id>", "DELETE", summary="delete a profile, its cache entries and (when "
+           "no other profile shares it) its artifact", responses={204: None}, errors=(404,))
+def delete_profile(profile_id: str) -> tuple[None, int]:
+    session = context.session()
+    row = _get(profile_id)
+    sha = row.artifact_sha256
+    session.delete(row)
+    session.commit()  # the row goes first: a file without a row is garbage, a row without a file is an error
+    if sha is not None and db.profiles_sharing_artifact(session, sha) == 0:
+        try:
+            context.profile_cache().forget(sha)
+        except Exception as exc:  # Redis down: its copy expires by TTL
+            log.warning("profile %s deleted; cache entry not dropped: %s", profile_id, exc)
+        context.artifact_store().delete(sha)
+    return None, 204
+
+
+@api_route(bp, "/v1/profiles/<profile_id>/artifact", "GET", summary="download the profile (safetensors)",
+           query=ArtifactQuery, responses={200: "application/octet-stream"}, errors=(404, 409))
+def get_artifact(profile_id: str, query: ArtifactQuery) -> Response:
+    row = _get(profile_id)
+    if row.status != "ready" or row.artifact_sha256 is None:
+        raise ApiError(409, "profile_not_ready", f"profile {profile_id} is {row.status}; its artifact "
+                       "exists once it is ready", "id")
+    data = context.artifact_store().get(row.artifact_sha256)  # verifies the sha256; errors -> 409 unavailable
+    response = current_app.response_class(data, mimetype="application/octet-stream")
+    response.headers["Content-Disposition"] = f'attachment; filename="{row.id}.safetensors"'
+    response.headers["ETag"] = f'"{row.artifact_sha256}"'
+    response.headers["X-Artifact-SHA256"] = row.artifact_sha256
+    return response

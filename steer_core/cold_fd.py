@@ -1,0 +1,364 @@
+"""COLD-FD: one SGD step on ``theta_<=L`` seen through the Jacobian, ``dZ(x) = -eta J(x) g``.
+
+`g` is the mean gradient of the sample's loss over ``theta_<=L`` (input embedding rows and blocks
+``0..L``). A profile stores the descent direction ``-g`` compressed: the embedding part row-sparse
+(only the tokens the sample uses), every weight matrix as rank-`r` factors ``U V^T``, the small vectors
+(norm gains, biases) dense. At request time ``J(x) (-g)`` costs one extra pass through blocks ``0..L``
+with low-rank side paths ``(x V) U^T`` added to each perturbed Linear (nothing materialized):
+
+- ``fd`` (the paper's): ``(Z_L(theta + tau d) - Z_L(theta)) / tau`` with the perturbed pass in fp32
+  whatever the serving dtype; the unperturbed term is the served ``Z_L`` itself when the model runs in
+  fp32 and nothing below ``L`` steered the row, otherwise a second fp32 pass;
+- ``jvp``: forward-mode autodiff of the same pass (exact, no epsilon), in the served dtype. SDPA's CPU
+  kernel has no forward-mode rule, so attention and Linear layers get hand-written rules for that pass.
+
+Units: a profile's direction is calibrated at build time so that strength 1 moves ``Z_L`` by the median
+activation norm at layer ``L`` (on the sample's prompts); the strength is then a fraction of the
+activation norm and means the same for the train-split and the refit profile, and across models. `eps`
+is in the same units: the fd step moves ``Z_L`` by about ``eps`` of its norm.
+
+Positions: ``prompt`` only. The displacement is computed at prefill from the whole prompt; steering
+``last``/``all`` would need a perturbed KV cache for every generated token, so those are rejected.
+
+Blends: ``J(x)`` is linear, so a weighted mix of COLD-FD profiles at one layer is one perturbation (low-rank
+factors concatenated, embedding rows and vectors added) and costs one extra pass. Mixes at different
+layers cost one pass per layer; constant vectors and other methods add through `compose`.
+
+Params: ``mode`` (``fd`` | ``jvp``, default fd), ``eps`` (> 0, default 1e-3 in the units above; the
+paper's 1e-6 was in raw parameter units), ``rank`` (a positive integer no larger than any weight matrix
+of blocks 0..L allows; null stores the uncompressed gradient), ``storage`` (dtype of the stored factors
+and embedding rows, default bfloat16), ``loss`` (``ce`` | ``dpo`` | ``sft``). A profile records its rank,
+its size against the uncompressed fp32 gradient, and the fidelity of its ``dZ`` in ``params.compression``.
+
+The side paths are our own forward hooks rather than peft LoRA layers: peft would wrap the served
+model's modules in place (the engine owns that model, and the steering hooks and other methods address
+its blocks), its adapters run in the module's dtype (the fd path needs fp32 whatever the served dtype),
+and it has no form for the row-sparse embedding part or the norm gains; the extra pass here touches only
+blocks 0..L and leaves the served model unchanged. Known limit: the extra pass gives every block the
+inputs block 0 received (attention mask, rotary embeddings), which holds for the supported families but
+not for models whose layers use different masks (Gemma 2/3 alternating sliding windows).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import weakref
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
+
+from steer_core.cold import sample_gradients
+from steer_core.cold_pass import block0_inputs, prepare_inputs, run_blocks, tangents
+from steer_core.data import OpinionItem
+from steer_core.errors import SteerError
+from steer_core.losses import check_loss
+from steer_core.lowrank import check_rank
+from steer_core.methods import Method, register
+from steer_core.models import LanguageModel
+from steer_core.perturbation import Perturbation, nbytes, uncompressed_bytes, within_blocks
+from steer_core.profile import Profile
+from steer_core.prompts import encode_items
+from steer_core.steering import ForwardContext
+
+MODES: tuple[str, ...] = ("fd", "jvp")
+DEFAULT_MODE = "fd"
+# The fd step, in units of the activation norm (see the module docstring): far above fp32 rounding
+# (~1e-7 relative) and small enough that the second-order error stays near 1e-3.
+DEFAULT_EPS = 1e-3
+DEFAULT_RANK = 8
+STORAGE = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DEFAULT_STORAGE = "bfloat16"
+# Held-out search grid: the displacement's median norm as a fraction of the median activation norm.
+STRENGTHS = [0.025, 0.05, 0.1]
+# Candidate layers, as fractions of the depth: middle-early layers steer well, and the extra pass
+# through blocks 0..L costs (L+1)/n_layers of a forward.
+LAYER_FRACTIONS = (0.35, 0.5)
+# Prompts of the sample used to calibrate the units and measure the compression's fidelity.
+CALIBRATION_PROMPTS = 4
+
+
+# ---------------------------------------------------------------------------------------------- the intervention
+
+def _steered_below(ctx: ForwardContext, layer: int, rows: Tensor) -> bool:
+    steered: dict[int, Tensor] = getattr(ctx, "steered", {}) or {}
+    wanted = set(rows.tolist())
+    return any(other < layer and wanted & set(r.tolist()) for other, r in steered.items())
+
+
+class _UnitCache:
+    """The last few unit displacements ``J(x) d`` by (direction, input). The held-out search scores one
+    profile at several strengths on the same prompts; ``dZ`` is linear in the strength, so one extra pass
+    serves them all. Global and small (it holds a few (n, T, D) tensors), so serving pays nothing."""
+
+    size = 4
+
+    def __init__(self) -> None:
+        self.entries: OrderedDict[tuple, Tensor] = OrderedDict()
+        self.lock = threading.Lock()  # a build thread and a serving thread may share the process
+
+    def get(self, key: tuple) -> Tensor | None:
+        with self.lock:
+            hit = self.entries.get(key)
+            if hit is not None:
+                self.entries.move_to_end(key)
+            return hit
+
+    def put(self, key: tuple, value: Tensor) -> None:
+        with self.lock:
+            self.entries[key] = value
+            while len(self.entries) > self.size:
+                self.entries.popitem(last=False)
+
+    def forget(self, direction: int) -> None:
+        with self.lock:
+            for key in [k for k in self.entries if k[0] == direction]:
+                del self.entries[key]
+
+
+_UNIT_CACHE = _UnitCache()
+
+
+def _input_key(ctx: ForwardContext, rows: Tensor) -> tuple | None:
+    if ctx.input_ids is None:
+        return None
+    ids = ctx.input_ids[rows.to(ctx.input_ids.device)].cpu()
+    mask = ctx.attention_mask[rows.to(ctx.attention_mask.device)].cpu() if ctx.attention_mask is not None else None
+    return (tuple(ids.shape), hash(ids.numpy().tobytes()), None if mask is None else hash(mask.numpy().tobytes()))
+
+
+@dataclass(frozen=True, eq=False)
+class ColdFDShift:
+    """``coef * J(x) d`` added at the prompt positions of layer `layer`.
+
+    ``d`` is a direction in ``theta_<=L`` (a profile's calibrated unit direction, or a blend's weighted
+    sum); `scale` is its size in those units (1 for one profile, the sum of |weight x strength| for a
+    blend), so the fd step ``eps / scale`` moves ``Z_L`` by about `eps` of its norm. `direction`, when
+    set, names the stored direction so unit displacements can be reused across strengths.
+    """
+
+    layer: int
+    positions: str
+    lm: LanguageModel
+    perturbation: Perturbation
+    coef: float = 1.0
+    scale: float = 1.0
+    mode: str = DEFAULT_MODE
+    eps: float = DEFAULT_EPS
+    direction: int | None = None
+    _cast: dict[Any, Perturbation] = field(default_factory=dict, repr=False)
+
+    def _on(self, device: torch.device, dtype: torch.dtype) -> Perturbation:
+        key = (str(device), dtype)
+        if key not in self._cast:
+            self._cast[key] = self.perturbation.map(lambda t: t.to(device=device, dtype=dtype))
+        return self._cast[key]
+
+    def displacement(self, hidden: Tensor, ctx: ForwardContext, rows: Tensor) -> Tensor:
+        if self.coef == 0 or self.scale == 0:
+            return torch.zeros_like(hidden)
+        if ctx.past_length > 0:
+            raise SteerError("COLD-FD steers prompt positions and needs the whole prompt in one forward call "
+                             "(prefill in chunks is not supported)", "positions")
+        if not ctx.block0_args and "hidden_states" not in ctx.block0_kwargs:
+            raise RuntimeError("the steering hooks did not capture block 0's inputs")
+        key = None
+        if self.direction is not None:
+            inputs = _input_key(ctx, rows)
+            key = None if inputs is None else (self.direction, id(self.lm.model), self.layer, self.mode, self.eps,
+                                               hidden.dtype, inputs)
+        unit = _UNIT_CACHE.get(key) if key is not None else None
+        if unit is None:
+            unit = self._unit(hidden, ctx, rows)
+            if key is not None:
+                _UNIT_CACHE.put(key, unit)
+        return self.coef * unit
+
+    def _unit(self, hidden: Tensor, ctx: ForwardContext, rows: Tensor) -> Tensor:
+        """``J(x) d`` for the batch rows `rows` (one extra pass through blocks 0..L)."""
+        batch = int((ctx.block0_args[0] if ctx.block0_args else ctx.block0_kwargs["hidden_states"]).shape[0])
+        select = None if len(rows) == batch and bool((rows.cpu() == torch.arange(batch)).all()) else rows
+        ids = ctx.input_ids[rows.to(ctx.input_ids.device)] if ctx.input_ids is not None else None
+        # The jvp runs in the served dtype; the fd difference needs fp32 (a step of eps rounds away in bf16).
+        dtype = self.lm.dtype if self.mode == "jvp" else torch.float32
+        cast = None if self.mode == "jvp" else dtype
+        args = prepare_inputs(ctx.block0_args, select, batch, cast)
+        kwargs = prepare_inputs(ctx.block0_kwargs, select, batch, cast)
+        if self.mode == "jvp":
+            _, tan = tangents(self.lm, args, kwargs, ids, self._on(hidden.device, dtype), self.layer, dtype)
+            return tan[self.layer]
+        tau = self.eps / self.scale
+        pert = self._on(hidden.device, dtype)
+        moved = run_blocks(self.lm, args, kwargs, ids, pert, tau, self.layer, dtype)[self.layer]
+        served_fp32 = hidden.dtype == torch.float32 and self.lm.dtype == torch.float32
+        if served_fp32 and not _steered_below(ctx, self.layer, rows):
+            base = hidden  # the served pass is this very fp32 computation
+        else:
+            base = run_blocks(self.lm, args, kwargs, ids, None, 0.0, self.layer, dtype)[self.layer]
+        return (moved - base) / tau
+
+    @classmethod
+    def blend(cls, weighted: Sequence[tuple[ColdFDShift, float]]) -> ColdFDShift:
+        """One shift for a weighted mix at one layer: ``J`` is linear, so the directions add (low-rank
+        factors concatenate) and the mix costs one extra pass."""
+        first = weighted[0][0]
+        for iv, _ in weighted:
+            if iv.lm is not first.lm or iv.layer != first.layer or iv.positions != first.positions:
+                raise SteerError("COLD-FD profiles blend only for one model, layer and positions", "profiles")
+        pert = Perturbation.combine([(iv.perturbation, w * iv.coef) for iv, w in weighted])
+        scale = sum(abs(w * iv.coef) * iv.scale for iv, w in weighted)
+        # A mix is exact with jvp; fd stays when every part asked for it.
+        mode = "fd" if all(iv.mode == "fd" for iv, _ in weighted) else "jvp"
+        return cls(layer=first.layer, positions=first.positions, lm=first.lm, perturbation=pert, coef=1.0,
+                   scale=scale, mode=mode, eps=min(iv.eps for iv, _ in weighted))
+
+
+# ---------------------------------------------------------------------------------------------- the method
+
+def check_params(params: dict[str, Any]) -> dict[str, Any]:
+    params = dict(params)
+    out: dict[str, Any] = {}
+    mode = params.pop("mode", DEFAULT_MODE)
+    if mode not in MODES:
+        raise SteerError(f"must be one of {', '.join(MODES)}", "params.mode")
+    out["mode"] = mode
+    eps = params.pop("eps", DEFAULT_EPS)
+    if isinstance(eps, bool) or not isinstance(eps, int | float) or not math.isfinite(eps) or eps <= 0:
+        raise SteerError("must be a finite number > 0", "params.eps")
+    out["eps"] = float(eps)
+    rank = params.pop("rank", DEFAULT_RANK)
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise SteerError("must be a positive integer (or null for an uncompressed profile)", "params.rank")
+    out["rank"] = rank
+    storage = params.pop("storage", DEFAULT_STORAGE)
+    if storage not in STORAGE:
+        raise SteerError(f"must be one of {', '.join(STORAGE)}", "params.storage")
+    out["storage"] = storage
+    out["loss"] = check_loss(params.pop("loss", "ce"))
+    if params:
+        name = next(iter(params))
+        raise SteerError(f"unknown parameter {name!r}", f"params.{name}")
+    return out
+
+
+def _check_fit_args(lm: LanguageModel, layers: Sequence[int], params: dict[str, Any], positions: str) -> None:
+    if positions != "prompt":
+        raise SteerError("cold_fd steers prompt positions only: its displacement is computed at prefill from "
+                         "the whole prompt, and steering generated tokens would need a perturbed KV cache",
+                         "params.positions")
+    for layer in layers:
+        lm.check_layer(layer, "params.layer")
+    if params["rank"] is not None:
+        top = max(layers)
+        for path, module in lm.model.named_modules():
+            if isinstance(module, nn.Linear | Conv1D) and within_blocks(lm, path, top):
+                check_rank(params["rank"], tuple(module.weight.shape), path)
+
+
+def _cosines(a: Tensor, b: Tensor, mask: Tensor) -> Tensor:
+    """Per-prompt cosine between two (n, T, D) displacements over the real positions."""
+    m = mask.unsqueeze(-1).to(a.dtype)
+    a, b = (a * m).flatten(1), (b * m).flatten(1)
+    return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp(min=1e-30)
+
+
+def _median_norm(z: Tensor, mask: Tensor) -> float:
+    return float(z.float().norm(dim=-1)[mask].median())
+
+
+def fit(lm: LanguageModel, items: Sequence[OpinionItem], layers: Sequence[int], params: dict[str, Any],
+        positions: str) -> dict[int, Profile]:
+    """One backward for all `layers` (the loss is the same; ``g`` restricted to ``theta_<=L``), then
+    compression, unit calibration and fidelity from one forward-mode pass each on the sample's prompts."""
+    _check_fit_args(lm, layers, params, positions)
+    top = max(layers)
+    grads = sample_gradients(lm, items, params["loss"], param_layer=top)
+    grads.check_finite()
+    full = Perturbation.descent(lm, grads)
+    storage = STORAGE[params["storage"]]
+    stored = full.compress(params["rank"]).to_tensors(storage)
+    compressed = Perturbation.from_tensors(stored, full.embedding_scale)
+
+    batch = encode_items(lm, items[:CALIBRATION_PROMPTS])
+    mask = batch["attention_mask"].bool()
+    args, kwargs = block0_inputs(lm, batch)
+    dtype = lm.dtype
+    z, dz = tangents(lm, args, kwargs, batch["input_ids"], compressed.map(lambda t: t.to(lm.device, dtype)),
+                     top, dtype, capture=layers)
+    if params["rank"] is not None:
+        _, dz_full = tangents(lm, args, kwargs, batch["input_ids"], full.map(lambda t: t.to(lm.device, dtype)),
+                              top, dtype, capture=layers)
+    else:
+        dz_full = dz
+    out = {}
+    for layer in layers:
+        moved = _median_norm(dz[layer], mask)
+        if not math.isfinite(moved) or moved <= 0:
+            raise SteerError(f"the sample's gradient does not move layer {layer} (zero or non-finite "
+                             "displacement); no profile was built", "items")
+        unit = _median_norm(z[layer], mask) / moved
+        cos = _cosines(dz[layer].float(), dz_full[layer].float(), mask.to(dz[layer].device))
+        tensors = {k: v for k, v in stored.items() if not k.startswith(("side:", "param:"))
+                   or within_blocks(lm, k.split(":")[1], layer)}
+        compression = {"rank": params["rank"], "storage": params["storage"], "bytes": nbytes(tensors),
+                       "uncompressed_bytes": uncompressed_bytes(lm, layer),
+                       "fidelity": float(cos.mean()), "fidelity_min": float(cos.min()),
+                       "fidelity_prompts": int(mask.shape[0]), "embedding_rows": int(len(full.embedding_index))}
+        out[layer] = Profile(method="cold_fd", model_name=lm.name, model_fingerprint=lm.fingerprint, layer=layer,
+                             positions=positions, strength=1.0, tensors=tensors,
+                             params={**params, "unit_scale": unit, "embedding_scale": full.embedding_scale,
+                                     "train_loss": grads.mean_loss, "compression": compression})
+    return out
+
+
+# id(profile tensor) -> (a weak reference to it, its scales, its unit direction, that direction's copies
+# per device and dtype): one per stored profile, shared by every intervention made from it (the search
+# makes one per strength; a server one per request).
+_DIRECTIONS: dict[int, tuple[weakref.ref, tuple[float, float], Perturbation, dict]] = {}
+
+
+def _unit_direction(profile: Profile) -> tuple[int, Perturbation, dict]:
+    """The profile's calibrated unit direction (and its cache of device copies), built once per stored
+    tensor set and forgotten when the profile's tensors are."""
+    rows = profile.tensors["embedding:rows"]
+    p = profile.params
+    scales = (float(p["unit_scale"]), float(p["embedding_scale"]))
+    key = id(rows)
+    known = _DIRECTIONS.get(key)
+    if known is not None and known[0]() is rows and known[1] == scales:
+        return key, known[2], known[3]
+    unit = Perturbation.from_tensors(profile.tensors, scales[1]).scaled(scales[0])
+    _UNIT_CACHE.forget(key)
+    if known is None or known[0]() is not rows:
+        weakref.finalize(rows, _forget_direction, key)
+    casts: dict = {}
+    _DIRECTIONS[key] = (weakref.ref(rows), scales, unit, casts)
+    return key, unit, casts
+
+
+def _forget_direction(key: int) -> None:
+    _DIRECTIONS.pop(key, None)
+    _UNIT_CACHE.forget(key)
+
+
+def intervention(profile: Profile, lm: LanguageModel) -> ColdFDShift:
+    p = profile.params
+    direction, unit, casts = _unit_direction(profile)
+    return ColdFDShift(layer=profile.layer, positions=profile.positions, lm=lm, perturbation=unit,
+                       coef=float(profile.strength), mode=p.get("mode", DEFAULT_MODE),
+                       eps=float(p.get("eps", DEFAULT_EPS)), direction=direction, _cast=casts)
+
+
+def candidate_layers(lm: LanguageModel) -> list[int]:
+    n = lm.num_layers
+    return sorted({min(n - 1, max(0, round(f * (n - 1)))) for f in LAYER_FRACTIONS})
+
+
+METHOD = register(Method(name="cold_fd", fit=fit, intervention=intervention,
+                         strengths=lambda profile, lm: list(STRENGTHS), check_params=check_params,
+                         layers=candidate_layers))

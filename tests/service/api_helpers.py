@@ -1,0 +1,66 @@
+"""Small helpers shared by the API tests (not fixtures)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+
+
+def fixture_items(name: str, n: int | None = None) -> list[dict[str, Any]]:
+    lines = (FIXTURES / name).read_text().splitlines()
+    items = [json.loads(line) for line in lines if line.strip()]
+    return items[:n] if n is not None else items
+
+
+def make_group(client, auth, gid: str = "urban", n: int = 10, members: list[str] | None = None) -> None:
+    """A group with `n` of the urban fixture's distributions."""
+    for uid in members or []:
+        assert client.put(f"/v1/users/{uid}", json={}, headers=auth).status_code in (200, 201)
+    r = client.put(f"/v1/groups/{gid}", json={"members": members or []}, headers=auth)
+    assert r.status_code in (200, 201), r.json
+    r = client.post(f"/v1/groups/{gid}/opinions", json={"items": fixture_items("opinions_group_urban.jsonl", n)},
+                    headers=auth)
+    assert r.status_code == 201, r.json
+
+
+def request_profile(client, auth, gid: str = "urban", method: str = "diffmean", **extra: Any):
+    body = {"subject": {"kind": "group", "id": gid}, "method": method, **extra}
+    return client.post("/v1/profiles", json=body, headers=auth)
+
+
+def profile_bytes(seed: float = 1.0) -> bytes:
+    """A real (tiny) profile file, as a worker would store it."""
+    import torch
+
+    from steer_core.profile import Profile
+
+    profile = Profile(method="diffmean", model_name="smollm2-135m-instruct", model_fingerprint="test",
+                      layer=3, positions="prompt", strength=2.0, tensors={"vector": torch.full((8,), seed)})
+    return profile.to_bytes()
+
+
+def mark_ready(settings, profile_id: str, data: bytes | None = None) -> str:
+    """Do what a worker does when a build finishes: store the artifact and mark the row ready."""
+    from service import db
+    from service.artifacts import ArtifactStore
+
+    sha, size = ArtifactStore(settings.artifact_dir).put(data if data is not None else profile_bytes())
+    with db.session_scope(settings) as session:
+        row = db.profile_by_id(session, profile_id)
+        row.status, row.artifact_sha256, row.artifact_size = "ready", sha, size
+        row.chosen = {"layer": 3, "strength": 2.0, "positions": "prompt"}
+        row.metrics = {"unsteered": {"alignment": 0.7}, "steered": {"alignment": 0.8}}
+        row.progress = {"done": 5, "total": 5, "stage": "done"}
+        row.finished_at = db.utcnow()
+    return sha
+
+
+def mark_failed(settings, profile_id: str, error: str = "boom") -> None:
+    from service import db
+
+    with db.session_scope(settings) as session:
+        row = db.profile_by_id(session, profile_id)
+        row.status, row.error = "failed", error

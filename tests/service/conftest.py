@@ -1,0 +1,212 @@
+"""Fixtures for the service tests: settings on a temporary home, a fresh database per test (SQLite, and
+PostgreSQL where 127.0.0.1:5432 answers), the Flask app and client, and one API key per tenant.
+
+Redis and the Celery worker come from `runtime.py` (helper WORKER's fixtures `redis_url`, `celery_worker`).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from service import db
+
+try:
+    from runtime import *  # noqa: F403  (redis_url, celery_worker, ...)
+except ModuleNotFoundError as exc:  # pragma: no cover - only until tests/service/runtime.py exists
+    if exc.name != "runtime":
+        raise
+
+    @pytest.fixture(scope="session")
+    def redis_url() -> Iterator[str]:
+        from service.redis_server import ensure_redis, stop_embedded_redis
+
+        yield ensure_redis(os.environ.get("REDIS_URL"))
+        stop_embedded_redis()
+
+
+_ROOT_CONFTEST = Path(__file__).resolve().parent.parent / "conftest.py"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # pytest imports every conftest.py as the top-level module `conftest` and the last one imported wins;
+    # tests in tests/ do `from conftest import ...` meaning tests/conftest.py: point the name back at it.
+    for plugin in config.pluginmanager.get_plugins():
+        path = getattr(plugin, "__file__", None)
+        if path and Path(path).resolve() == _ROOT_CONFTEST:
+            sys.modules["conftest"] = plugin
+
+
+# Any database on the server: tests create and drop their own databases next to it.
+PG_URL = os.environ.get("PLURISTEER_TEST_POSTGRES", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
+
+
+def postgres_reachable() -> bool:
+    from sqlalchemy.engine import make_url
+
+    url = make_url(PG_URL)
+    try:
+        with socket.create_connection((url.host or "127.0.0.1", url.port or 5432), timeout=0.5):
+            pass
+    except OSError:
+        return False
+    try:
+        engine = db.make_engine(PG_URL)
+        with engine.connect():
+            pass
+        engine.dispose()
+        return True
+    except Exception:
+        return False
+
+
+def pg_database_url(name: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(PG_URL).set(database=name).render_as_string(hide_password=False)
+
+
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A SQLite file migrated once with Alembic; each test gets a copy."""
+    path = tmp_path_factory.mktemp("dbtemplate") / "template.db"
+    url = f"sqlite:///{path}"
+    db.upgrade(url)
+    db.dispose_engines(url)
+    return path
+
+
+@pytest.fixture(scope="session")
+def postgres_template() -> Iterator[tuple[object, str] | None]:
+    """A PostgreSQL database migrated once with Alembic (None when no server answers); each test gets
+    a copy (`CREATE DATABASE ... TEMPLATE`, about 0.1 s)."""
+    if not postgres_reachable():
+        yield None
+        return
+    from sqlalchemy import create_engine, text
+
+    admin = create_engine(PG_URL, isolation_level="AUTOCOMMIT")
+    name = f"pluristeer_tmpl_{uuid.uuid4().hex[:12]}"
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        url = pg_database_url(name)
+        db.upgrade(url)
+        db.dispose_engines(url)
+        yield admin, name
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path, sqlite_template: Path,
+                 postgres_template) -> Iterator[str]:
+    """A fresh database migrated to the newest revision, for one test: a copy of a template migrated
+    once per session (a file copy for SQLite, a template database for PostgreSQL)."""
+    if request.param == "sqlite":
+        path = tmp_path / "pluristeer.db"
+        shutil.copy(sqlite_template, path)
+        url = f"sqlite:///{path}"
+        yield url
+        db.dispose_engines(url)
+        return
+    if postgres_template is None:
+        pytest.skip("PostgreSQL is not reachable at 127.0.0.1:5432")
+    from sqlalchemy import text
+
+    admin, template = postgres_template
+    name = f"pluristeer_t_{uuid.uuid4().hex[:16]}"
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}" TEMPLATE "{template}"'))
+    url = pg_database_url(name)
+    try:
+        yield url
+    finally:
+        db.dispose_engines(url)
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def empty_database(request: pytest.FixtureRequest, tmp_path: Path, postgres_template) -> Iterator[str]:
+    """A new database with no tables at all (for migration tests)."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'fresh.db'}"
+        yield url
+        db.dispose_engines(url)
+        return
+    if postgres_template is None:
+        pytest.skip("PostgreSQL is not reachable at 127.0.0.1:5432")
+    from sqlalchemy import text
+
+    admin, _ = postgres_template
+    name = f"pluristeer_m_{uuid.uuid4().hex[:12]}"
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = pg_database_url(name)
+    try:
+        yield url
+    finally:
+        db.dispose_engines(url)
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture
+def settings(tmp_path: Path, database_url: str, redis_url: str):
+    from service.settings import Settings
+
+    home = tmp_path / "home"
+    home.mkdir()
+    return Settings.from_env(home=home, database_url=database_url, redis_url=redis_url,
+                             artifact_dir=home / "artifacts")
+
+
+@pytest.fixture
+def app(settings):
+    from service import create_app
+
+    return create_app({"SETTINGS": settings, "TESTING": True})
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+def _key(settings, tenant: str) -> str:
+    from service.auth import create_key
+
+    with db.session_scope(settings) as session:
+        return create_key(session, tenant)
+
+
+@pytest.fixture
+def tenant_key(settings) -> str:
+    return _key(settings, "tenant-a")
+
+
+@pytest.fixture
+def other_tenant_key(settings) -> str:
+    return _key(settings, "tenant-b")
+
+
+@pytest.fixture
+def auth(tenant_key) -> dict[str, str]:
+    """Headers of tenant A's key."""
+    return {"Authorization": f"Bearer {tenant_key}"}
+
+
+@pytest.fixture
+def other_auth(other_tenant_key) -> dict[str, str]:
+    """Headers of tenant B's key."""
+    return {"Authorization": f"Bearer {other_tenant_key}"}

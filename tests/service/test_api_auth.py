@@ -1,0 +1,109 @@
+"""Bearer keys (hashed at rest, revocable, created by the CLI) and per-key rate limits in Redis."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+
+import pytest
+from sqlalchemy import select
+
+from service import create_app, db
+from service.auth import create_key_cli, revoke_key
+from service.ratelimit import hit
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("header", [None, "", "Basic dXNlcjpwdw==", "Bearer", "Bearer wrong-key"])
+def test_requests_without_a_valid_key_are_401(client, tenant_key, header):
+    headers = {} if header is None else {"Authorization": header}
+    r = client.get("/v1/profiles", headers=headers)
+    assert r.status_code == 401
+    assert r.json["error"]["type"] == "unauthorized" and r.json["error"]["field"] == "Authorization"
+    assert r.headers["WWW-Authenticate"].startswith("Bearer")
+
+
+def test_keys_are_stored_hashed_and_can_be_revoked(client, settings, tenant_key, auth):
+    with db.session_scope(settings) as session:
+        rows = session.scalars(select(db.ApiKey)).all()
+        assert len(rows) == 1
+        stored = [str(getattr(rows[0], c.key)) for c in db.ApiKey.__table__.columns]
+        assert not any(tenant_key in value for value in stored)
+        assert rows[0].key_sha256 == hashlib.sha256(tenant_key.encode()).hexdigest()
+        assert tenant_key.startswith(rows[0].prefix) and len(rows[0].prefix) < len(tenant_key) // 2
+    assert client.get("/v1/profiles", headers=auth).status_code == 200
+    with db.session_scope(settings) as session:
+        assert revoke_key(session, tenant_key)
+    r = client.get("/v1/profiles", headers=auth)
+    assert r.status_code == 401 and "revoked" in r.json["error"]["message"]
+
+
+def test_keys_create_cli_prints_a_working_key(client, settings, monkeypatch, capsys):
+    monkeypatch.setenv("DATABASE_URL", settings.database_url)
+    assert create_key_cli(argparse.Namespace(tenant="acme")) == 0
+    key = capsys.readouterr().out.strip()
+    headers = {"Authorization": f"Bearer {key}"}
+    assert client.put("/v1/users/x", json={}, headers=headers).status_code == 201
+    assert create_key_cli(argparse.Namespace(tenant="acme")) == 0  # a second key, same tenant
+    second = capsys.readouterr().out.strip()
+    assert second != key
+    assert client.get("/v1/users/x", headers={"Authorization": f"Bearer {second}"}).status_code == 200
+    assert create_key_cli(argparse.Namespace(tenant="  ")) == 2
+
+
+def test_keys_create_cli_refuses_an_unmigrated_database(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{tmp_path / 'empty.db'}")
+    assert create_key_cli(argparse.Namespace(tenant="acme")) == 1
+    assert "db upgrade" in capsys.readouterr().err
+
+
+def test_rate_limit_window_counts_per_key(redis_url):
+    import uuid
+
+    from service.redis_server import client_for
+
+    client = client_for(redis_url)
+    key_a, key_b = uuid.uuid4().hex, uuid.uuid4().hex
+    now = 1_000_000 * 60 + 15.0  # 15 s into a window
+    results = [hit(client, key_a, 3, now) for _ in range(4)]
+    assert [allowed for allowed, _, _ in results] == [True, True, True, False]
+    assert [remaining for _, remaining, _ in results] == [2, 1, 0, 0]
+    assert results[-1][2] == 45  # seconds until the window ends
+    assert hit(client, key_b, 3, now)[0]  # another key has its own budget
+    assert hit(client, key_a, 3, now + 45)[0]  # the next window starts afresh
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_over_the_limit_is_429_with_retry_after(settings, tenant_key, other_tenant_key):
+    limit = 3
+    app = create_app({"SETTINGS": dataclasses.replace(settings, rate_limit_per_minute=limit), "TESTING": True})
+    client = app.test_client()
+    headers = {"Authorization": f"Bearer {tenant_key}"}
+    statuses = []
+    # A window boundary may fall inside the loop: then at most 2 * limit requests pass.
+    for _ in range(2 * limit + 1):
+        r = client.get("/v1/profiles", headers=headers)
+        statuses.append(r.status_code)
+        if r.status_code == 429:
+            break
+    assert statuses[-1] == 429 and statuses.count(200) >= limit
+    assert r.json["error"]["type"] == "rate_limited"
+    assert 1 <= int(r.headers["Retry-After"]) <= 60
+    assert client.get("/v1/profiles", headers={"Authorization": f"Bearer {other_tenant_key}"}).status_code == 200
+    assert client.get("/healthz").status_code == 200  # unauthenticated routes are not limited
+    text = client.get("/metrics").data.decode()
+    assert 'pluristeer_rate_limit_decisions_total{outcome="limited"}' in text
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_redis_down_still_serves_and_readyz_says_so(settings, tenant_key):
+    down = dataclasses.replace(settings, redis_url="redis://127.0.0.1:1/0")
+    client = create_app({"SETTINGS": down, "TESTING": True}).test_client()
+    headers = {"Authorization": f"Bearer {tenant_key}"}
+    assert client.put("/v1/users/u", json={}, headers=headers).status_code == 201
+    assert client.get("/v1/users/u", headers=headers).status_code == 200
+    r = client.get("/readyz")
+    assert r.status_code == 503 and not r.json["checks"]["redis"]["ok"] and r.json["checks"]["database"]["ok"]
+    text = client.get("/metrics").data.decode()
+    assert 'pluristeer_dependency_up{dependency="redis"} 0.0' in text

@@ -1,0 +1,87 @@
+"""`pluristeer up`: one command starts Redis, the database, a worker and the API; Ctrl-C stops them all."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+
+from service.redis_server import _free_port
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = [pytest.mark.service]
+
+
+def http_get(url: str, key: str | None = None) -> tuple[int, dict]:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    request = urllib.request.Request(url, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+def test_up_runs_the_stack_and_sigint_stops_everything(tmp_path, default_model_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    # The stack's files go under this home; the model comes from the existing cache, not a download.
+    (home / "models").symlink_to(default_model_path.parent, target_is_directory=True)
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL", "ARTIFACT_DIR")}
+    env["PLURISTEER_HOME"] = str(home)
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "up", "--port", str(port)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
+    reader.start()
+    started: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 240
+        while not any("pluristeer is up" in line for line in lines):
+            assert proc.poll() is None, "".join(lines)[-4000:]
+            assert time.monotonic() < deadline, "".join(lines)[-4000:]
+            time.sleep(0.2)
+        url = f"http://127.0.0.1:{port}"
+        saved = json.loads((home / "up.json").read_text())
+        assert saved["url"] == url and any(saved["key"] in line for line in lines)  # printed once, kept
+        assert (home / "pluristeer.db").exists()  # embedded default: SQLite under the home
+
+        assert http_get(f"{url}/healthz")[0] == 200
+        status, ready = http_get(f"{url}/readyz")
+        assert status == 200, ready
+        assert http_get(f"{url}/v1/profiles", saved["key"]) == (200, {"profiles": [], "next_after": None})
+        assert http_get(f"{url}/v1/profiles", "psk_wrong")[0] == 401
+
+        # A second `up` on the same port refuses at once instead of reporting someone else's server.
+        second = subprocess.run([sys.executable, "-m", "service.cli", "up", "--port", str(port)], cwd=REPO,
+                                env=env, capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2 and "--port" in second.stderr, second.stderr
+
+        started = psutil.Process(proc.pid).children(recursive=True)
+        names = " ".join(" ".join(p.cmdline()) for p in started)
+        assert "redis-server" in names and "gunicorn" in names and "worker" in names, names
+
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
+        assert proc.wait(timeout=90) == 0, "".join(lines)[-3000:]
+        gone, alive = psutil.wait_procs(started, timeout=30)
+        assert not alive, [p.cmdline() for p in alive]
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+        for p in started:
+            if p.is_running():
+                p.kill()

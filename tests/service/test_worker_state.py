@@ -1,0 +1,162 @@
+"""Build bookkeeping without a worker process: claiming a build, redelivery, the sweeper, queue routing.
+
+Runs on SQLite and PostgreSQL (the `database_url` param of conftest.py) with a real Redis as broker.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import timedelta
+
+import pytest
+import redis
+from runtime import redis_db_url
+
+from service import db
+from service.builds import choose_queue, queue_depths
+from steer_core.data import make_item, sample_hash
+from worker import build_state
+from worker.app import QUEUE_ALIVE_KEY
+from worker.build_state import MAX_LOST_ATTEMPTS, Claim
+from worker.sweeper import sweep
+
+
+@pytest.fixture
+def state_settings(settings, redis_url):
+    """The test's database, with its own Redis database as broker (emptied before and after)."""
+    s = replace(settings, redis_url=redis_db_url(redis_url, 6), build_stale_after=60)
+    client = redis.Redis.from_url(s.redis_url)
+    client.flushdb()
+    yield s
+    client.flushdb()
+    client.close()
+
+
+def new_profile(settings, params=None) -> str:
+    items = [make_item(f"Question {i}?", ["Yes", "No"], target=[0.3 + 0.05 * i, 0.7 - 0.05 * i], id=f"q{i}")
+             for i in range(6)]
+    with db.session_scope(settings) as session:
+        tenant = db.get_or_create_tenant(session, "tenant-w")
+        group = db.Group(tenant_id=tenant.id, gid="g1", attributes={})
+        session.add(group)
+        session.flush()
+        db.put_opinions(session, tenant.id, group, items)
+        row, created = db.request_profile(session, tenant.id, "group", group.id, "diffmean", settings.model,
+                                          params or {"layer": 1, "strength": 1.0},
+                                          sample_hash(db.subject_items(session, tenant.id, "group", group.id)))
+        assert created
+        return row.id
+
+
+def row_of(settings, profile_id):
+    with db.session_scope(settings) as session:
+        row = db.profile_by_id(session, profile_id)
+        attempts = [(a.attempt, a.status) for a in row.attempts] if row else []
+        return row, attempts
+
+
+def test_one_claim_at_a_time_and_redelivery_takes_over(state_settings):
+    pid = new_profile(state_settings)
+    first = build_state.claim(state_settings, pid, "task-1", build_state.worker_label("h", 1, "task-1"))
+    assert isinstance(first, Claim) and first.attempt == 1 and len(first.items) == 6
+    assert first.sample_hash == sample_hash(first.items)
+    row, attempts = row_of(state_settings, pid)
+    assert row.status == "building" and attempts == [(1, "running")]
+    # Another message for the same profile (a duplicate send) while the build is alive: refused.
+    assert build_state.claim(state_settings, pid, "task-2", build_state.worker_label("h", 2, "task-2")) == "busy"
+    # The same message again means its worker died (acks late): the redelivery takes over.
+    again = build_state.claim(state_settings, pid, "task-1", build_state.worker_label("h", 3, "task-1"))
+    assert isinstance(again, Claim) and again.attempt == 2
+    assert row_of(state_settings, pid)[1] == [(1, "lost"), (2, "running")]
+
+
+def test_a_stale_build_can_be_claimed_by_another_message(state_settings):
+    pid = new_profile(state_settings)
+    assert isinstance(build_state.claim(state_settings, pid, "a", "h pid 1 task a"), Claim)
+    later = db.utcnow() + timedelta(seconds=state_settings.build_stale_after + 1)
+    taken = build_state.claim(state_settings, pid, "b", "h pid 2 task b", now=later)
+    assert isinstance(taken, Claim) and taken.attempt == 2
+
+
+def test_progress_finish_and_final_states(state_settings):
+    pid = new_profile(state_settings)
+    claim = build_state.claim(state_settings, pid, "t", "h pid 1 task t")
+    before = row_of(state_settings, pid)[0].updated_at
+    build_state.report_progress(state_settings, pid, 2, 5, "search layer 1")
+    row = row_of(state_settings, pid)[0]
+    assert row.progress == {"done": 2, "total": 5, "stage": "search layer 1"} and row.updated_at >= before
+    assert build_state.finish(state_settings, claim, "ab" * 32, 123, {"improved": True}, {"layer": 1}) is True
+    row, attempts = row_of(state_settings, pid)
+    assert (row.status, row.artifact_sha256, row.artifact_size) == ("ready", "ab" * 32, 123)
+    assert row.progress == {"done": 5, "total": 5, "stage": "done"} and row.chosen == {"layer": 1}
+    assert attempts == [(1, "succeeded")] and row.finished_at is not None
+    assert build_state.claim(state_settings, pid, "t2", "h pid 1 task t2") == "ready"
+    assert build_state.claim(state_settings, "no-such-id", "t3", "x") == "missing"
+
+
+def test_fail_records_the_reason_and_a_deleted_row_is_reported(state_settings):
+    pid = new_profile(state_settings)
+    claim = build_state.claim(state_settings, pid, "t", "h pid 1 task t")
+    build_state.fail(state_settings, pid, claim.attempt, "params.layer: out of range")
+    row, attempts = row_of(state_settings, pid)
+    assert (row.status, row.error) == ("failed", "params.layer: out of range")
+    assert attempts == [(1, "failed")]
+    assert build_state.claim(state_settings, pid, "t2", "x") == "failed"
+    with db.session_scope(state_settings) as session:
+        session.delete(db.profile_by_id(session, pid))
+    assert build_state.finish(state_settings, claim, "cd" * 32, 1, {}, {}) is False
+
+
+def test_sweeper_requeues_a_stale_build_once_and_sends_it(state_settings):
+    pid = new_profile(state_settings)
+    build_state.claim(state_settings, pid, "t", "h pid 1 task t")
+    assert sweep(state_settings).requeued == []  # alive: nothing to do
+    later = db.utcnow() + timedelta(seconds=state_settings.build_stale_after + 1)
+    report = sweep(state_settings, now=later)
+    assert report.requeued == [pid] and not report.send_errors
+    row, attempts = row_of(state_settings, pid)
+    assert row.status == "queued" and attempts == [(1, "lost")]
+    assert queue_depths(state_settings)["cpu"] == 1  # the build message, on the real broker
+    assert sweep(state_settings, now=later).requeued == []  # taken once: the second sweep finds it fresh
+    # The re-sent build is claimed normally as attempt 2.
+    assert build_state.claim(state_settings, pid, "t-new", "h pid 2 task t-new").attempt == 2
+
+
+def test_sweeper_fails_a_build_lost_too_often(state_settings):
+    pid = new_profile(state_settings)
+    now = db.utcnow()
+    for k in range(MAX_LOST_ATTEMPTS):
+        at = now + timedelta(seconds=k * 2 * (state_settings.build_stale_after + 1))
+        assert isinstance(build_state.claim(state_settings, pid, f"t{k}", f"h pid 1 task t{k}", now=at), Claim)
+        report = sweep(state_settings, now=at + timedelta(seconds=state_settings.build_stale_after + 1))
+    assert report.failed == [pid]
+    row, attempts = row_of(state_settings, pid)
+    assert row.status == "failed" and f"interrupted {MAX_LOST_ATTEMPTS} times" in row.error
+    assert [s for _, s in attempts] == ["lost"] * MAX_LOST_ATTEMPTS
+
+
+def test_sweeper_resends_a_queued_build_whose_message_was_lost(state_settings):
+    pid = new_profile(state_settings)
+    assert queue_depths(state_settings)["cpu"] == 0  # created without a message (as if Redis lost it)
+    later = db.utcnow() + timedelta(seconds=state_settings.build_stale_after + 1)
+    report = sweep(state_settings, now=later)
+    assert report.resent == [pid] and queue_depths(state_settings)["cpu"] == 1
+    assert row_of(state_settings, pid)[0].status == "queued"
+
+
+def test_gpu_methods_go_to_the_gpu_queue_only_while_a_gpu_worker_listens(state_settings):
+    from steer_core.diffmean import METHOD
+    from steer_core.methods import METHODS, register
+
+    gpu_method = replace(METHOD, name="test-gpu-method", needs_gpu=True)
+    register(gpu_method)
+    client = redis.Redis.from_url(state_settings.redis_url)
+    try:
+        assert choose_queue("diffmean", state_settings) == "cpu"
+        assert choose_queue("test-gpu-method", state_settings) == "cpu"  # no GPU worker: CPU runs it
+        client.set(QUEUE_ALIVE_KEY.format(queue="gpu"), "host", ex=5)
+        assert choose_queue("test-gpu-method", state_settings) == "gpu"
+        assert choose_queue("diffmean", state_settings) == "cpu"
+    finally:
+        METHODS.pop("test-gpu-method", None)
+        client.close()

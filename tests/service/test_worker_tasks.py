@@ -1,0 +1,93 @@
+"""The build task's code path in this process (Celery's eager mode), on the tiny model: what it stores
+and records when the build succeeds, when the disk keeps failing (retries, then `failed`), and when the
+row does not exist. The same task through a real worker process is in test_worker.py."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import redis
+from runtime import redis_db_url
+
+from service import db
+from service.artifacts import REDIS_PREFIX, ArtifactStore
+from steer_core.data import make_item, sample_hash
+from worker import tasks
+from worker.app import BUILD_TASK, create_celery
+
+
+@pytest.fixture
+def task_settings(settings, redis_url, tiny_lm, monkeypatch):
+    s = replace(settings, redis_url=redis_db_url(redis_url, 7), build_stale_after=60)
+    client = redis.Redis.from_url(s.redis_url)
+    client.flushdb()
+    monkeypatch.setitem(tasks._models, s.model, tiny_lm)  # the process's model: the tiny one
+    yield s
+    client.flushdb()
+    client.close()
+
+
+def queued_profile(settings) -> str:
+    items = [make_item(f"Do you agree with statement {i}?", ["Yes", "No"], target=[0.8, 0.2], id=f"s{i}")
+             for i in range(3)]
+    with db.session_scope(settings) as session:
+        tenant = db.get_or_create_tenant(session, "tenant-t")
+        group = db.Group(tenant_id=tenant.id, gid="g", attributes={})
+        session.add(group)
+        session.flush()
+        db.put_opinions(session, tenant.id, group, items)
+        row, _ = db.request_profile(session, tenant.id, "group", group.id, "diffmean", settings.model,
+                                    {"layer": 1, "strength": 2.0}, sample_hash(items))
+        return row.id
+
+
+def run_task(settings, profile_id: str):  # noqa: ANN201
+    return create_celery(settings).tasks[BUILD_TASK].apply(args=[profile_id])
+
+
+def test_the_task_builds_stores_caches_and_records(task_settings):
+    pid = queued_profile(task_settings)
+    result = run_task(task_settings, pid)
+    assert result.successful(), result.traceback
+    out = result.get()
+    assert out["status"] == "ready"
+    with db.session_scope(task_settings) as session:
+        row = db.profile_by_id(session, pid)
+        assert (row.status, row.artifact_sha256, row.artifact_size) == ("ready", out["artifact_sha256"],
+                                                                        out["artifact_size"])
+        assert row.chosen["layer"] == 1 and row.chosen["strength"] == 2.0
+        assert row.metrics["evaluation"] == "in-sample"
+        assert row.progress["done"] == row.progress["total"] > 0
+        assert [(a.attempt, a.status) for a in row.attempts] == [(1, "succeeded")]
+        assert f"task {result.id}" in row.attempts[0].worker
+    data = ArtifactStore(task_settings.artifact_dir).get(out["artifact_sha256"])
+    assert len(data) == out["artifact_size"]
+    assert redis.Redis.from_url(task_settings.redis_url).get(REDIS_PREFIX + out["artifact_sha256"]) == data
+    # A second delivery of the same build does nothing.
+    assert run_task(task_settings, pid).get()["skipped"] is True
+
+
+def test_a_disk_that_keeps_failing_is_retried_then_failed_with_the_reason(task_settings, tmp_path):
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    broken = replace(task_settings, artifact_dir=blocker / "artifacts")  # every write: NotADirectoryError
+    pid = queued_profile(broken)
+    result = run_task(broken, pid)
+    assert result.failed()
+    with db.session_scope(broken) as session:
+        row = db.profile_by_id(session, pid)
+        assert row.status == "failed"
+        assert f"gave up after {tasks.MAX_RETRIES} retries" in row.error and "NotADirectoryError" in row.error
+        statuses = [a.status for a in row.attempts]
+    assert statuses == ["retrying"] * tasks.MAX_RETRIES + ["failed"]
+
+
+def test_a_missing_row_is_retried_briefly_then_skipped(task_settings):
+    out = run_task(task_settings, "00000000-0000-0000-0000-000000000000").get()
+    assert out == {"profile_id": "00000000-0000-0000-0000-000000000000", "status": "missing", "skipped": True}
+
+
+def test_backoff_grows_and_is_capped():
+    waits = [tasks.backoff(k) for k in range(10)]
+    assert waits == sorted(waits) and waits[0] == tasks.BACKOFF_BASE_S and waits[-1] == tasks.BACKOFF_MAX_S
