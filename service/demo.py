@@ -78,8 +78,14 @@ def main(args: Any) -> int:
     """`pluristeer demo [--url URL] [--key KEY] [--items N] [--timeout S]`."""
     try:
         url, key = default_connection(getattr(args, "url", None), getattr(args, "key", None))
-        return run(Client(url, key), items=int(getattr(args, "items", None) or 16),
+        code = run(Client(url, key), items=int(getattr(args, "items", None) or 16),
                    timeout=float(getattr(args, "timeout", None) or 1800))
+        if code != 0 or getattr(args, "skip_ab", False):
+            return code
+        from service.demo_ab import run_ab_demo
+
+        print("\nA/B test: two group profiles, a simulated population that prefers one of them")
+        return run_ab_demo(url, key)
     except DemoError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

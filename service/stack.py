@@ -34,9 +34,11 @@ def up_file(settings: Settings) -> Path:
 
 
 def gunicorn_command(host: str, port: int, workers: int) -> list[str]:
-    # gthread: request threads hand work to the process's generation engine, which batches them.
+    # gthread: request threads hand work to the process's generation engine, which batches them; at least
+    # as many threads as the engine's batch so a full batch can be in flight (plus some for other routes).
+    threads = Settings.from_env().max_batch_size + 4
     command = [sys.executable, "-m", "gunicorn", "--bind", f"{host}:{port}", "--workers", str(max(1, workers)),
-               "--worker-class", "gthread", "--threads", "8", "--timeout", "300", "--graceful-timeout", "15",
+               "--worker-class", "gthread", "--threads", str(threads), "--timeout", "300", "--graceful-timeout", "15",
                "--access-logfile", "-"]
     if _gunicorn_has("control_socket_disable"):
         # Newer gunicorn opens a control socket at one fixed path in $HOME: two stacks would collide.

@@ -8,7 +8,9 @@ same held-out items and blends."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import threading
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -145,3 +147,17 @@ def test_the_preferred_variant_wins_through_the_live_server(live, client, auth, 
 
     png = client.get(f"/v1/experiments/{exp['id']}/results.png", headers=auth)
     assert png.status_code == 200 and png.data[:4] == b"\x89PNG"
+
+    # A streamed completion records its exposure too, and its id takes feedback.
+    body = {"model": settings.model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2,
+            "stream": True, "user": population[0], "steering": {"experiment": exp["id"]}}
+    req = urllib.request.Request(f"{url}/v1/chat/completions", data=json.dumps(body).encode(), method="POST",
+                                 headers={"Authorization": f"Bearer {tenant_key}", "Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as resp:
+        events = [line[6:] for line in resp.read().decode().splitlines() if line.startswith("data: ")]
+    first = json.loads(events[0])
+    assert events[-1] == "[DONE]" and first["steering"]["variant"] == served[population[0]]
+    fb = api.call("POST", f"/v1/experiments/{exp['id']}/feedback", {"response_id": first["id"], "thumbs": "up"})
+    assert fb["created"] and fb["variant"] == served[population[0]] and fb["user"] == population[0]
+    with db.session_scope(settings) as session:
+        assert session.scalar(select(func.count()).select_from(db.Exposure)) == POPULATION + 1
