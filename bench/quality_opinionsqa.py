@@ -69,19 +69,25 @@ def main() -> int:
           f"other questions judge (seed {args.seed}); methods {methods}")
 
     table: dict[str, dict[str, float]] = {}
+    # cross[method][(built for, judged against)]: does a group's profile move answers toward that group
+    # rather than toward whatever any group would prefer?
+    cross: dict[str, dict[tuple[str, str], float]] = {m: {} for m in methods}
+    judges = {g: [items[i] for i in judge_idx] for g, items in data.items()}
+    base = answer_distributions(lm, next(iter(judges.values())))
+    unsteered = {g: base for g in data}  # the same questions (prompts) for every group; only targets differ
     for group, items in data.items():
         train = [items[i] for i in train_idx]
-        judge = [items[i] for i in judge_idx]
-        row = {"unsteered": summarize(judge, answer_distributions(lm, judge))["alignment"]}
+        judge = judges[group]
+        row = {"unsteered": summarize(judge, unsteered[group])["alignment"]}
         for method in methods:
             start = time.perf_counter()
             profile = build_profile(lm, train, method, seed=args.seed)
             built = time.perf_counter() - start
-            if profile.strength:
-                dists = answer_distributions(lm, judge, [intervention(profile, lm)])
-                row[method] = summarize(judge, dists)["alignment"]
-            else:
-                row[method] = row["unsteered"]
+            dists = answer_distributions(lm, judge, [intervention(profile, lm)]) if profile.strength \
+                else unsteered[group]
+            row[method] = summarize(judge, dists)["alignment"]
+            for other in data:
+                cross[method][(group, other)] = summarize(judges[other], dists)["alignment"]
             m = profile.metrics
             print(f"  {group:<13} {method:<12} layer {profile.layer:>2} strength {profile.strength:<6g} "
                   f"held-out {m['unsteered']['alignment']:.4f} -> {m['steered']['alignment']:.4f}; "
@@ -94,6 +100,13 @@ def main() -> int:
     for group, row in table.items():
         cells = [f"{row['unsteered']:.4f}"] + [f"{row[m]:.4f} ({row[m] - row['unsteered']:+.4f})" for m in methods]
         print(f"{group:<14}" + "".join(f"{c:>22}" for c in cells))
+    print("\nprofiles judged against each group's answers (rows: built for; columns: judged against)")
+    for method in methods:
+        print(f"  {method}")
+        for built_for in data:
+            cells = "".join(f"{g[:12]:>14} {cross[method][(built_for, g)]:.4f} "
+                            f"({cross[method][(built_for, g)] - table[g]['unsteered']:+.4f})" for g in data)
+            print(f"    {built_for:<14}{cells}")
     if "cold_fd" in methods:
         for group, row in table.items():
             checks = [f"beats unsteered: {row['cold_fd'] > row['unsteered']}"]

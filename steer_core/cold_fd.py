@@ -221,6 +221,7 @@ class ColdFDShift:
 # ---------------------------------------------------------------------------------------------- the method
 
 def check_params(params: dict[str, Any]) -> dict[str, Any]:
+    """Validate COLD-FD's own params (see the module docstring) and fill in the defaults."""
     params = dict(params)
     out: dict[str, Any] = {}
     mode = params.pop("mode", DEFAULT_MODE)
@@ -347,6 +348,8 @@ def _forget_direction(key: int) -> None:
 
 
 def intervention(profile: Profile, lm: LanguageModel) -> ColdFDShift:
+    """The profile as a `ColdFDShift` at its own strength (its unit direction is shared with every other
+    intervention made from the same stored tensors)."""
     p = profile.params
     direction, unit, casts = _unit_direction(profile)
     return ColdFDShift(layer=profile.layer, positions=profile.positions, lm=lm, perturbation=unit,
@@ -355,6 +358,7 @@ def intervention(profile: Profile, lm: LanguageModel) -> ColdFDShift:
 
 
 def candidate_layers(lm: LanguageModel) -> list[int]:
+    """Layers the held-out search tries when the caller fixes none (`LAYER_FRACTIONS` of the depth)."""
     n = lm.num_layers
     return sorted({min(n - 1, max(0, round(f * (n - 1)))) for f in LAYER_FRACTIONS})
 

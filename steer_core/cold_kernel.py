@@ -62,6 +62,8 @@ class KernelShift:
 
 
 def check_params(params: dict[str, Any]) -> dict[str, Any]:
+    """Validate COLD-Kernel's params: ``kernel`` (``unit`` | ``linear``) and ``loss`` (``ce`` | ``dpo`` |
+    ``sft``)."""
     params = dict(params)
     kernel = params.pop("kernel", "unit")
     if kernel not in KERNELS:
@@ -79,6 +81,7 @@ def _median_norm(rows: Tensor) -> float:
 
 def fit(lm: LanguageModel, items: Sequence[OpinionItem], layers: Sequence[int], params: dict[str, Any],
         positions: str) -> dict[int, Profile]:
+    """One batched backward gives every layer's answer-position gradients; one profile per layer."""
     grads = sample_gradients(lm, items, params["loss"], act_layers=layers)
     grads.check_finite()
     n = len(items)
@@ -101,6 +104,7 @@ def fit(lm: LanguageModel, items: Sequence[OpinionItem], layers: Sequence[int], 
 
 
 def intervention(profile: Profile, lm: LanguageModel) -> ConstantShift | KernelShift:
+    """The unit kernel as a constant vector, the linear kernel as a `KernelShift`, at the profile's strength."""
     coef = profile.strength * float(profile.params["unit_scale"])
     if profile.params.get("kernel", "unit") == "unit":
         return ConstantShift(layer=profile.layer, positions=profile.positions,

@@ -1,10 +1,14 @@
 """The extra pass of COLD-FD: blocks ``0..L`` run again at ``theta + t d`` from block 0's inputs.
 
 `run_blocks` takes what block 0 received in the served forward call (the steering hooks capture it),
-adds the perturbation without materializing perturbed weights (forward hooks add each Linear's side
-path; norm gains are swapped for the call), and never reads or writes the served KV cache. With `t` a
-plain number it is the finite-difference pass (optionally in fp32 with fp32 copies of the weights); with
-`tangents` it is the forward-mode pass whose tangent is ``J_L(x) d`` exactly.
+adds the perturbation without materializing perturbed weights (each Linear's forward adds its low-rank
+side path; norm gains are swapped for the call; both patches live for the pass only), calls each block's
+`forward` directly (so the steering hooks do not fire inside), and never reads or writes the served KV
+cache. With `t` a plain number it is the finite-difference pass (in fp32 with fp32 copies of the weights
+when the model runs in lower precision); with `tangents` it is the forward-mode pass whose tangent is
+``J_L(x) d`` exactly. Autograd's forward mode has no rule for SDPA's CPU kernel and is slow on dual
+Linear layers and on duals mixed with plain tensors, so that pass writes out the rules for attention and
+Linear layers and keeps every float it touches a dual.
 """
 
 from __future__ import annotations
@@ -89,32 +93,41 @@ def _dual_linear(module: nn.Module, side: SidePath | None) -> Callable[[Tensor],
 
     def forward(x: Tensor) -> Any:
         primal, tangent = fwad.unpack_dual(x)
+        weight, bias = module.weight, module.bias
         if conv:
-            y = primal @ module.weight
-            y_t = None if tangent is None else tangent @ module.weight
+            y = primal @ weight if bias is None else torch.addmm(bias, primal.flatten(0, -2), weight).view(
+                *primal.shape[:-1], -1)
+            y_t = None if tangent is None else tangent @ weight
         else:
-            y = F.linear(primal, module.weight)
-            y_t = None if tangent is None else F.linear(tangent, module.weight)
-        if module.bias is not None:
-            y = y + module.bias
+            y = F.linear(primal, weight, bias)
+            y_t = None if tangent is None else F.linear(tangent, weight)
         if side is not None:
-            y_t = side(primal) if y_t is None else y_t + side(primal)
+            if y_t is None or torch.is_grad_enabled():
+                y_t = side(primal) if y_t is None else y_t + side(primal)
+            else:  # in place, fused: these small side paths cost what their calls cost
+                flat, x = y_t.view(-1, y_t.shape[-1]), primal.reshape(-1, primal.shape[-1])
+                if side.U is not None and side.V is not None:
+                    flat.addmm_(x @ side.V, side.U.T)
+                if side.dense is not None:
+                    flat.addmm_(x, side.dense.T)
+                if side.bias is not None:
+                    flat.add_(side.bias)
         return y if y_t is None else fwad.make_dual(y, y_t)
 
     return forward
 
 
-class _SideHooks:
+class _PassPatches:
     """The perturbation ``theta + t * d`` of blocks ``0..upto`` for one pass, without materializing it:
-    each perturbed Linear gets a forward hook adding ``t * side(x)``; each other module with perturbed
-    parameters (norm gains) runs with ``p + t * d`` swapped in for the call.
+    each perturbed Linear's forward adds ``t * side(x)``; each other module with perturbed parameters
+    (norm gains) runs with ``p + t * d`` swapped in for the call. Forwards are patched on the instances
+    for the pass only.
 
     With ``tangent=True`` (the forward-mode pass, ``t`` dual at 0 with tangent 1) every Linear of those
     blocks runs `_dual_linear` instead. Everything is undone by `remove`."""
 
     def __init__(self, lm: LanguageModel, pert: Perturbation, upto: int, t: Any, tangent: bool = False) -> None:
         self.t = t
-        self.handles: list[torch.utils.hooks.RemovableHandle] = []
         self.patched: list[tuple[nn.Module, Any]] = []
         modules = dict(lm.model.named_modules())
         try:
@@ -124,8 +137,15 @@ class _SideHooks:
                         self._patch(module, _dual_linear(module, pert.sides.get(path)))
             for path, side in pert.sides.items():
                 if not tangent and within_blocks(lm, path, upto):
-                    self.handles.append(modules[path].register_forward_hook(self._side(side)))
-            owners: dict[str, dict[str, Tensor]] = {}
+                    self._patch(modules[path], self._side(modules[path], side))
+            owners: dict[str, dict[str, Tensor | None]] = {}
+            if tangent:
+                # Every other parameter of these blocks (norm gains) becomes a dual with a zero tangent:
+                # autograd's forward mode is ~10x slower on a dual times a plain tensor than on two duals.
+                for path, module in modules.items():
+                    if within_blocks(lm, path, upto) and not isinstance(module, nn.Linear | Conv1D):
+                        for name, _ in module.named_parameters(recurse=False):
+                            owners.setdefault(path, {})[name] = None
             for path, d in pert.params.items():
                 if within_blocks(lm, path, upto):
                     owner, name = path.rsplit(".", 1)
@@ -141,31 +161,40 @@ class _SideHooks:
         self.patched.append((module, module.__dict__.get("forward", _NO_FORWARD)))
         module.forward = forward
 
-    def _side(self, side: SidePath):  # noqa: ANN202 - a torch hook
-        def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+    def _side(self, module: nn.Module, side: SidePath) -> Callable[[Tensor], Tensor]:
+        """The Linear's forward plus ``t * side(x)`` (a patched forward, not a hook: these run once per
+        Linear of the pass, so their per-call overhead is what they cost)."""
+        conv = isinstance(module, Conv1D)
+
+        def forward(x: Tensor) -> Tensor:
+            weight, bias = module.weight, module.bias
+            flat_x = x.reshape(-1, x.shape[-1])
+            if conv:
+                out = flat_x @ weight if bias is None else torch.addmm(bias, flat_x, weight)
+            else:
+                out = F.linear(flat_x, weight, bias)
             if not isinstance(self.t, float) or torch.is_grad_enabled():
-                return output + self.t * side(args[0])
-            # The common case (an fd pass, no autograd): add in place with fused matmuls; these small
-            # side paths run once per Linear, so their per-call overhead is what they cost.
-            x = args[0].reshape(-1, args[0].shape[-1])
-            out = output.view(-1, output.shape[-1])
-            if side.U is not None and side.V is not None:
-                out.addmm_(x @ side.V, side.U.T, alpha=self.t)
-            if side.dense is not None:
-                out.addmm_(x, side.dense.T, alpha=self.t)
-            if side.bias is not None:
-                out.add_(side.bias, alpha=self.t)
-            return output
+                out = out + self.t * side(flat_x)
+            else:  # the fd pass without autograd: add in place, fused
+                if side.U is not None and side.V is not None:
+                    out.addmm_(flat_x @ side.V, side.U.T, alpha=self.t)
+                if side.dense is not None:
+                    out.addmm_(flat_x, side.dense.T, alpha=self.t)
+                if side.bias is not None:
+                    out.add_(side.bias, alpha=self.t)
+            return out.view(*x.shape[:-1], out.shape[-1])
 
-        return hook
+        return forward
 
-    def _moved(self, module: nn.Module, deltas: dict[str, Tensor], forward: Callable[..., Any]):  # noqa: ANN202
+    def _moved(self, module: nn.Module, deltas: dict[str, Tensor | None],  # noqa: ANN202
+               forward: Callable[..., Any]):
         def moved(*args: Any, **kwargs: Any) -> Any:
             # Read the current value (it may itself be swapped in, e.g. an fp32 copy) and restore it after.
             saved = {name: module._parameters[name] for name in deltas}
             try:
                 for name, d in deltas.items():
-                    module._parameters[name] = saved[name] + self.t * d
+                    value = saved[name]
+                    module._parameters[name] = _zero_dual(value) if d is None else value + self.t * d
                 return forward(*args, **kwargs)
             finally:
                 for name, value in saved.items():
@@ -174,15 +203,25 @@ class _SideHooks:
         return moved
 
     def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles.clear()
         for module, saved in reversed(self.patched):
             if saved is _NO_FORWARD:
                 del module.forward
             else:
                 module.forward = saved
         self.patched.clear()
+
+
+def _zero_dual(obj: Any) -> Any:
+    """Floating tensors (in nested tuples, lists and dicts) as duals with a zero tangent."""
+    if isinstance(obj, Tensor):
+        if not obj.is_floating_point() or fwad.unpack_dual(obj).tangent is not None:
+            return obj
+        return fwad.make_dual(obj, torch.zeros_like(obj))
+    if isinstance(obj, tuple | list):
+        return type(obj)(_zero_dual(o) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _zero_dual(v) for k, v in obj.items()}
+    return obj
 
 
 def run_blocks(lm: LanguageModel, args: tuple, kwargs: dict, input_ids: Tensor | None,
@@ -200,15 +239,16 @@ def run_blocks(lm: LanguageModel, args: tuple, kwargs: dict, input_ids: Tensor |
     if pert is not None and len(pert.embedding_index):
         if input_ids is None:
             raise SteerError("COLD-FD needs the request's token ids (not input embeddings)", "input_ids")
-        slots = torch.full((lm.model.get_input_embeddings().weight.shape[0],), -1, dtype=torch.long,
-                           device=h.device)
-        slots[pert.embedding_index.to(h.device)] = torch.arange(len(pert.embedding_index), device=h.device)
-        slot = slots[input_ids.to(h.device)]
-        rows = pert.embedding_rows.to(dtype)[slot.clamp(min=0)] * (slot >= 0).unsqueeze(-1).to(dtype)
+        index = pert.embedding_index.to(h.device)  # sorted (torch.unique)
+        ids = input_ids.to(h.device)
+        slot = torch.searchsorted(index, ids).clamp(max=len(index) - 1)
+        found = (index[slot] == ids).unsqueeze(-1).to(dtype)
+        rows = pert.embedding_rows.to(dtype)[slot] * found
         h = h + t * (pert.embedding_scale * rows)
     dual = isinstance(t, Tensor) and fwad.unpack_dual(t).tangent is not None
-    hooks = _SideHooks(lm, pert, upto, t, tangent=dual) \
-        if pert is not None else None
+    if dual:  # see _PassPatches: keep every float that meets the tangent a dual too
+        h, rest, kwargs = _zero_dual(h), _zero_dual(rest), _zero_dual(kwargs)
+    hooks = _PassPatches(lm, pert, upto, t, tangent=dual) if pert is not None else None
     cast = dtype != lm.dtype
     out: dict[int, Tensor] = {}
     try:
@@ -239,6 +279,8 @@ def _sdpa_jvp(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | Non
     """Scaled dot-product attention with its forward-mode rule written out: ``O = P V`` and
     ``dO = (P * (dS - rowsum(P * dS))) V + P dV`` with ``dS = (dQ K^T + Q dK^T) * scale``. (SDPA's CPU
     kernel has no forward-mode rule, and its math backend under forward mode costs ~10x a plain call.)"""
+    if attn_mask is not None:
+        attn_mask = fwad.unpack_dual(attn_mask).primal
     q, dq = fwad.unpack_dual(query)
     k, dk = fwad.unpack_dual(key)
     v, dv = fwad.unpack_dual(value)
@@ -267,11 +309,11 @@ def _sdpa_jvp(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | Non
     if dk is not None:
         term = (q @ dk.transpose(-1, -2)) * scale
         d_scores = term if d_scores is None else d_scores + term
-    d_out = torch.zeros_like(out)
+    d_out = None
     if d_scores is not None:
-        d_out = d_out + (probs * (d_scores - (probs * d_scores).sum(-1, keepdim=True))) @ v
+        d_out = (probs * (d_scores - (probs * d_scores).sum(-1, keepdim=True))) @ v
     if dv is not None:
-        d_out = d_out + probs @ dv
+        d_out = probs @ dv if d_out is None else d_out + probs @ dv
     return fwad.make_dual(out, d_out)
 
 

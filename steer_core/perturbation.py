@@ -56,7 +56,7 @@ class Perturbation:
     embedding weight row into what block 0 receives (1 except for scaled embeddings).
     """
 
-    embedding_index: Tensor  # (R,) token ids
+    embedding_index: Tensor  # (R,) token ids, sorted
     embedding_rows: Tensor  # (R, D)
     sides: dict[str, SidePath] = field(default_factory=dict)
     params: dict[str, Tensor] = field(default_factory=dict)
@@ -166,8 +166,11 @@ class Perturbation:
                 setattr(sides.setdefault(path, SidePath()), name, t.float())
             elif kind == "param":
                 params[rest] = t.float()
-        return cls(tensors["embedding:index"].long(), tensors["embedding:rows"].float(), sides, params,
-                   embedding_scale)
+        index, rows = tensors["embedding:index"].long(), tensors["embedding:rows"].float()
+        if len(index) > 1 and not bool((index[1:] > index[:-1]).all()):  # lookups need sorted, unique ids
+            index, inverse = torch.unique(index, return_inverse=True)
+            rows = torch.zeros(len(index), rows.shape[1]).index_add_(0, inverse, rows)
+        return cls(index, rows, sides, params, embedding_scale)
 
 
 def within_blocks(lm: LanguageModel, path: str, upto: int) -> bool:

@@ -6,19 +6,20 @@ import pytest
 from support import FIXTURES
 
 from steer_core import build_profile, intervention, load_items, summarize
+from steer_core.cold_fd import candidate_layers
 from steer_core.prompts import answer_distributions
 
 
 @pytest.mark.model
 def test_cold_fd_raises_persona_matching_on_other_statements(default_lm):
-    """20 statements an environmentalist rejects build the profile (middle layer fixed, strength chosen on
-    held-out statements of the sample); 40 other such statements judge it.
+    """20 statements an environmentalist rejects build the profile (layer fixed to COLD-FD's first
+    candidate, strength chosen on held-out statements of the sample); 40 other such statements judge it.
 
     (The default 135M model answers "Yes" to nearly every statement, whatever its content, so the
     persona's rejections are where it has room to move.)"""
     statements = load_items(FIXTURES / "persona_environmentalist_rejects.jsonl")
     train, judge = statements[:20], statements[20:60]
-    profile = build_profile(default_lm, train, "cold_fd", {"layer": default_lm.num_layers // 2})
+    profile = build_profile(default_lm, train, "cold_fd", {"layer": candidate_layers(default_lm)[0]})
     assert profile.strength > 0, profile.metrics
     assert profile.params["compression"]["fidelity"] > 0.95
     before = summarize(judge, answer_distributions(default_lm, judge))
