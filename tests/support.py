@@ -68,3 +68,27 @@ def make_tiny(family: str = "llama", seed: int = 0) -> LanguageModel:
     else:
         raise ValueError(family)
     return wrap(model.float().eval(), tok, f"tiny-{family}-{seed}")
+
+
+def residual_after(lm: LanguageModel, batch: dict, layer: int, steering=None) -> torch.Tensor:
+    """The residual stream after block `layer` as block `layer + 1` receives it, from one forward of
+    `batch` under `steering` (None: unsteered). Read at the next block's input because transformers'
+    `output_hidden_states` records block outputs before forward hooks change them."""
+    from steer_core.steering import apply
+
+    seen = []
+
+    def capture(module, args, kwargs):
+        seen.append((args[0] if args else kwargs["hidden_states"]).detach().clone())
+
+    handle = lm.blocks[layer + 1].register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            if steering is None:
+                lm.model(**batch, use_cache=False)
+            else:
+                with apply(lm, steering):
+                    lm.model(**batch, use_cache=False)
+    finally:
+        handle.remove()
+    return seen[0]

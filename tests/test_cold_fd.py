@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support import make_tiny, tiny_tokenizer
+from support import make_tiny, residual_after, tiny_tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.pytorch_utils import Conv1D
 
@@ -32,19 +32,11 @@ def fitted(lm, items=ITEMS, layer=2, strength=0.3, **params):
 
 
 def observed_shift(lm, steering, items=PROMPTS, layer=2):
-    """What steering adds to the residual stream after block `layer` (the input of block layer + 1), with
-    the real hooks on a real forward; and the mask of real positions."""
-    seen = []
-    handle = lm.blocks[layer + 1].register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
+    """What steering adds to the residual stream after block `layer`, with the real hooks on a real
+    forward; and the mask of real positions."""
     batch = encode_items(lm, items)
-    try:
-        with torch.no_grad():
-            lm.model(**batch, use_cache=False)
-            with apply(lm, steering):
-                lm.model(**batch, use_cache=False)
-    finally:
-        handle.remove()
-    return seen[1] - seen[0], batch["attention_mask"].bool()
+    shift = residual_after(lm, batch, layer, steering) - residual_after(lm, batch, layer)
+    return shift, batch["attention_mask"].bool()
 
 
 def materialized(lm, pert, h):

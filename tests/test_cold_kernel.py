@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from support import residual_after
 
-from steer_core import ConstantShift, Profile, apply, build_profile, compose, intervention
+from steer_core import ConstantShift, Profile, build_profile, compose, intervention
 from steer_core import cold_kernel as ck
 from steer_core.cold import sample_gradients
 from steer_core.data import make_item
@@ -71,17 +72,10 @@ def test_dpo_gradient_counts_both_branches(tiny_lm):
 
 
 def observed_shift(lm, steering, layer=2):
-    seen = []
-    handle = lm.blocks[layer + 1].register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
+    """What steering adds after block `layer`, the unsteered stream there, and the mask of real positions."""
     batch = encode_items(lm, PROMPTS)
-    try:
-        with torch.no_grad():
-            lm.model(**batch, use_cache=False)
-            with apply(lm, steering):
-                lm.model(**batch, use_cache=False)
-    finally:
-        handle.remove()
-    return seen[1] - seen[0], seen[0], batch["attention_mask"].bool()
+    base = residual_after(lm, batch, layer)
+    return residual_after(lm, batch, layer, steering) - base, base, batch["attention_mask"].bool()
 
 
 def test_unit_kernel_is_minus_the_mean_gradient_in_activation_units(tiny_lm):

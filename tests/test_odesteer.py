@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from support import FIXTURES
+from support import FIXTURES, residual_after
 
 from steer_core import build_profile, intervention, load_items
 from steer_core.data import make_item
@@ -162,8 +162,8 @@ def test_steers_only_the_last_position_by_its_own_state(tiny_lm):
     profile.strength = 0.3 * float(profile.tensors["activation_norm"])
     flow = intervention(profile, tiny_lm)
     batch = encode(tiny_lm, PROMPTS)
-    base = _hidden(tiny_lm, batch)
-    delta = _hidden(tiny_lm, batch, [[flow]] * 2) - base
+    base = residual_after(tiny_lm, batch, LAYER)
+    delta = residual_after(tiny_lm, batch, LAYER, [[flow]] * 2) - base
     assert torch.equal(delta[:, :-1], torch.zeros_like(delta[:, :-1]))
     expected = flow.steer(base[:, -1]) - base[:, -1]
     torch.testing.assert_close(delta[:, -1], expected, atol=1e-5, rtol=1e-4)
@@ -257,12 +257,12 @@ def test_weight_scales_the_path_length_and_its_sign_the_direction(two_flows, tin
 def test_all_zero_weights_give_exactly_zero_displacement(two_flows, tiny_lm):
     a, b = two_flows
     batch = encode(tiny_lm, PROMPTS)
-    base = _hidden(tiny_lm, batch)
+    base = residual_after(tiny_lm, batch, LAYER)
     row = compose([(a, 0.0), (b, 0.0)])
     assert len(row) == 1 and row[0].path_length == 0 and row[0].field is None
-    assert torch.equal(_hidden(tiny_lm, batch, [row] * 2), base)
+    assert torch.equal(residual_after(tiny_lm, batch, LAYER, [row] * 2), base)
     shipped_nothing = BarrierFlow(a.layer, a.positions, a.parts, 0.0)
-    assert torch.equal(_hidden(tiny_lm, batch, [[shipped_nothing]] * 2), base)
+    assert torch.equal(residual_after(tiny_lm, batch, LAYER, [[shipped_nothing]] * 2), base)
 
 
 def test_composes_with_a_constant_vector(two_flows, tiny_lm):
@@ -270,12 +270,12 @@ def test_composes_with_a_constant_vector(two_flows, tiny_lm):
     v = torch.randn(tiny_lm.hidden_size, generator=torch.Generator().manual_seed(3))
     shift = ConstantShift(LAYER, "prompt", v)
     batch = encode(tiny_lm, PROMPTS)
-    base = _hidden(tiny_lm, batch)
+    base = residual_after(tiny_lm, batch, LAYER)
     row = compose([(a, 1.0), (shift, 0.5)])
     assert {type(iv) for iv in row} == {BarrierFlow, ConstantShift}
-    both = _hidden(tiny_lm, batch, [row] * 2) - base
-    ode_only = _hidden(tiny_lm, batch, [[a]] * 2) - base
-    shift_only = _hidden(tiny_lm, batch, [[ConstantShift(LAYER, "prompt", 0.5 * v)]] * 2) - base
+    both = residual_after(tiny_lm, batch, LAYER, [row] * 2) - base
+    ode_only = residual_after(tiny_lm, batch, LAYER, [[a]] * 2) - base
+    shift_only = residual_after(tiny_lm, batch, LAYER, [[ConstantShift(LAYER, "prompt", 0.5 * v)]] * 2) - base
     torch.testing.assert_close(both, ode_only + shift_only, atol=1e-5, rtol=1e-5)
     assert ode_only[:, -1].abs().sum() > 0 and shift_only[:, 0].abs().sum() > 0
 
@@ -379,23 +379,3 @@ def test_negative_t_is_rejected_by_the_intervention(two_flows):
     with pytest.raises(SteerError) as info:
         integrate(a.field, torch.zeros(1, 4), 1.0, "euler", steps=0)
     assert info.value.field == "params.steps"
-
-
-def _hidden(lm, batch, rows=None, layer=LAYER):
-    """The residual stream after block `layer` as block `layer + 1` receives it (after the steering hook)."""
-    seen = []
-
-    def capture(module, args, kwargs):
-        seen.append((args[0] if args else kwargs["hidden_states"]).detach().clone())
-
-    handle = lm.blocks[layer + 1].register_forward_pre_hook(capture, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            if rows is None:
-                lm.model(**batch)
-            else:
-                with apply(lm, rows):
-                    lm.model(**batch)
-    finally:
-        handle.remove()
-    return seen[0]

@@ -6,34 +6,13 @@ import threading
 
 import pytest
 import torch
-from support import make_tiny
+from support import make_tiny, residual_after
 
 from steer_core.prompts import encode
 from steer_core.steering import ConstantShift, SteeringHooks, apply, compose
 
 PROMPTS = ["The weather today is", "A much longer prompt that needs no padding at all, it says"]
 LAYER = 2
-
-
-def _hidden(lm, batch, rows=None, layer=LAYER):
-    """The residual stream after block `layer` as the next block receives it (transformers'
-    `output_hidden_states` records block outputs before forward hooks change them)."""
-    seen = []
-
-    def capture(module, args, kwargs):
-        seen.append((args[0] if args else kwargs["hidden_states"]).detach().clone())
-
-    handle = lm.blocks[layer + 1].register_forward_pre_hook(capture, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            if rows is None:
-                lm.model(**batch)
-            else:
-                with apply(lm, rows):
-                    lm.model(**batch)
-    finally:
-        handle.remove()
-    return seen[0]
 
 
 def _vector(lm, seed):
@@ -45,8 +24,8 @@ def _vector(lm, seed):
 def test_adds_exactly_the_displacement_at_the_steered_positions(tiny_lm, positions):
     batch = encode(tiny_lm, PROMPTS)
     v = _vector(tiny_lm, 1)
-    base = _hidden(tiny_lm, batch)
-    steered = _hidden(tiny_lm, batch, [[ConstantShift(LAYER, positions, v)]] * 2)
+    base = residual_after(tiny_lm, batch, LAYER)
+    steered = residual_after(tiny_lm, batch, LAYER, [[ConstantShift(LAYER, positions, v)]] * 2)
     delta = steered - base
     real = batch["attention_mask"].bool()
     expected = real.clone()
@@ -93,7 +72,8 @@ def test_blend_is_the_weighted_sum_of_displacements(tiny_lm):
     blend = compose([(ConstantShift(LAYER, "prompt", va), 0.25), (ConstantShift(LAYER, "prompt", vb), -1.5)])
     assert len(blend) == 1
     single = [ConstantShift(LAYER, "prompt", 0.25 * va - 1.5 * vb)]
-    torch.testing.assert_close(_hidden(tiny_lm, batch, [blend] * 2), _hidden(tiny_lm, batch, [single] * 2))
+    torch.testing.assert_close(residual_after(tiny_lm, batch, LAYER, [blend] * 2),
+                               residual_after(tiny_lm, batch, LAYER, [single] * 2))
 
 
 @pytest.mark.parametrize("positions", ["prompt", "last", "all"])
@@ -162,5 +142,5 @@ def test_every_family_is_steerable(family):
     lm = make_tiny(family)
     batch = encode(lm, PROMPTS)
     v = _vector(lm, 1)
-    delta = _hidden(lm, batch, [ConstantShift(1, "all", v)], layer=1) - _hidden(lm, batch, layer=1)
+    delta = residual_after(lm, batch, 1, [ConstantShift(1, "all", v)]) - residual_after(lm, batch, 1)
     torch.testing.assert_close(delta[1, -1], v, atol=1e-4, rtol=0)

@@ -12,6 +12,7 @@ import socket
 import sys
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -107,6 +108,26 @@ def postgres_template() -> Iterator[tuple[object, str] | None]:
         admin.dispose()
 
 
+@contextmanager
+def _postgres_database(postgres_template, prefix: str, from_template: bool) -> Iterator[str]:
+    """A new PostgreSQL database for one test (a copy of the migrated template, or empty), dropped after."""
+    if postgres_template is None:
+        pytest.skip("PostgreSQL is not reachable at 127.0.0.1:5432")
+    from sqlalchemy import text
+
+    admin, template = postgres_template
+    name = f"{prefix}_{uuid.uuid4().hex[:16]}"
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"' + (f' TEMPLATE "{template}"' if from_template else "")))
+    url = pg_database_url(name)
+    try:
+        yield url
+    finally:
+        db.dispose_engines(url)
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def database_url(request: pytest.FixtureRequest, tmp_path: Path, sqlite_template: Path,
                  postgres_template) -> Iterator[str]:
@@ -119,21 +140,8 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path, sqlite_template
         yield url
         db.dispose_engines(url)
         return
-    if postgres_template is None:
-        pytest.skip("PostgreSQL is not reachable at 127.0.0.1:5432")
-    from sqlalchemy import text
-
-    admin, template = postgres_template
-    name = f"pluristeer_t_{uuid.uuid4().hex[:16]}"
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}" TEMPLATE "{template}"'))
-    url = pg_database_url(name)
-    try:
+    with _postgres_database(postgres_template, "pluristeer_t", from_template=True) as url:
         yield url
-    finally:
-        db.dispose_engines(url)
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -144,21 +152,8 @@ def empty_database(request: pytest.FixtureRequest, tmp_path: Path, postgres_temp
         yield url
         db.dispose_engines(url)
         return
-    if postgres_template is None:
-        pytest.skip("PostgreSQL is not reachable at 127.0.0.1:5432")
-    from sqlalchemy import text
-
-    admin, _ = postgres_template
-    name = f"pluristeer_m_{uuid.uuid4().hex[:12]}"
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = pg_database_url(name)
-    try:
+    with _postgres_database(postgres_template, "pluristeer_m", from_template=False) as url:
         yield url
-    finally:
-        db.dispose_engines(url)
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 @pytest.fixture
