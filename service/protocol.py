@@ -222,7 +222,7 @@ class ProfileList(Response):
 
 class ArtifactQuery(Request):
     model_config = ConfigDict(extra="forbid", strict=False)
-    format: Literal["safetensors"] = "safetensors"
+    format: Literal["safetensors", "gguf"] = "safetensors"
 
 
 # --------------------------------------------------------------------------------------------- health

@@ -103,16 +103,24 @@ def fit(lm: LanguageModel, items: Sequence[OpinionItem], layers: Sequence[int], 
     return out
 
 
+def constant_vector(profile: Profile) -> Tensor | None:
+    """The unit kernel's displacement at the profile's strength; None for the linear kernel."""
+    if profile.params.get("kernel", "unit") != "unit":
+        return None
+    return profile.strength * float(profile.params["unit_scale"]) * profile.tensors["vector"].float()
+
+
 def intervention(profile: Profile, lm: LanguageModel) -> ConstantShift | KernelShift:
     """The unit kernel as a constant vector, the linear kernel as a `KernelShift`, at the profile's strength."""
+    vector = constant_vector(profile)
+    if vector is not None:
+        return ConstantShift(layer=profile.layer, positions=profile.positions, vector=vector)
     coef = profile.strength * float(profile.params["unit_scale"])
-    if profile.params.get("kernel", "unit") == "unit":
-        return ConstantShift(layer=profile.layer, positions=profile.positions,
-                             vector=coef * profile.tensors["vector"].float())
     anchors = profile.tensors["anchors"].float()
     weights = -coef / len(anchors) * profile.tensors["grads"].float()
     return KernelShift(layer=profile.layer, positions=profile.positions, anchors=anchors, weights=weights)
 
 
 METHOD = register(Method(name="cold_kernel", fit=fit, intervention=intervention,
-                         strengths=lambda profile, lm: list(STRENGTHS), check_params=check_params))
+                         strengths=lambda profile, lm: list(STRENGTHS), check_params=check_params,
+                         constant_vector=constant_vector))

@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from torch import Tensor
+
 from steer_core.activations import answer_activations
 from steer_core.data import OpinionItem
 from steer_core.methods import Method, no_params, register
@@ -35,10 +37,14 @@ def fit(lm: LanguageModel, items: Sequence[OpinionItem], layers: Sequence[int], 
     return out
 
 
+def constant_vector(profile: Profile) -> Tensor:
+    return profile.strength * profile.tensors["vector"].float()
+
+
 def intervention(profile: Profile, lm: LanguageModel) -> ConstantShift:
-    return ConstantShift(layer=profile.layer, positions=profile.positions,
-                         vector=profile.strength * profile.tensors["vector"].float())
+    return ConstantShift(layer=profile.layer, positions=profile.positions, vector=constant_vector(profile))
 
 
 METHOD = register(Method(name="diffmean", fit=fit, intervention=intervention,
-                         strengths=lambda profile, lm: list(STRENGTHS), check_params=no_params))
+                         strengths=lambda profile, lm: list(STRENGTHS), check_params=no_params,
+                         constant_vector=constant_vector))

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from steer_core.data import OpinionItem
 from steer_core.errors import SteerError
 from steer_core.models import LanguageModel
 from steer_core.profile import Profile
 from steer_core.steering import POSITIONS, Intervention
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 # Fit at several layers at once (one forward/backward pass serves all of them); returns one profile per
 # layer with strength 1.0. Arguments: model, items, layers, validated method params, positions.
@@ -31,6 +34,9 @@ class Method:
     # Layers searched when the caller gives none.
     layers: Callable[[LanguageModel], list[int]] = lambda lm: default_layers(lm)
     needs_gpu: bool = False
+    # The displacement at the profile's strength when it is one vector for every input and position (what
+    # a llama.cpp control vector can carry); None, or returning None, where it depends on the input.
+    constant_vector: Callable[[Profile], Tensor | None] | None = None
 
 
 METHODS: dict[str, Method] = {}

@@ -26,7 +26,9 @@ from service.protocol import (
 from service.settings import Settings
 from steer_core.build import split_sample
 from steer_core.errors import SteerError
+from steer_core.export import control_vector_gguf
 from steer_core.methods import check_positions, get_method
+from steer_core.profile import Profile
 
 log = logging.getLogger(__name__)
 
@@ -193,16 +195,21 @@ def delete_profile(profile_id: str) -> tuple[None, int]:
     return None, 204
 
 
-@api_route(bp, "/v1/profiles/<profile_id>/artifact", "GET", summary="download the profile (safetensors)",
-           query=ArtifactQuery, responses={200: "application/octet-stream"}, errors=(404, 409))
+@api_route(bp, "/v1/profiles/<profile_id>/artifact", "GET", summary="download the profile: safetensors, or with "
+           "format=gguf a llama.cpp control vector (constant-vector profiles; llama.cpp adds it at every position)",
+           query=ArtifactQuery, responses={200: "application/octet-stream"}, errors=(404, 409, 422))
 def get_artifact(profile_id: str, query: ArtifactQuery) -> Response:
     row = _get(profile_id)
     if row.status != "ready" or row.artifact_sha256 is None:
         raise ApiError(409, "profile_not_ready", f"profile {profile_id} is {row.status}; its artifact "
                        "exists once it is ready", "id")
     data = context.artifact_store().get(row.artifact_sha256)  # verifies the sha256; errors -> 409 unavailable
+    etag = row.artifact_sha256
+    if query.format == "gguf":
+        data = control_vector_gguf(Profile.from_bytes(data))  # SteerError (field "format") -> 422
+        etag += "-gguf"
     response = current_app.response_class(data, mimetype="application/octet-stream")
-    response.headers["Content-Disposition"] = f'attachment; filename="{row.id}.safetensors"'
-    response.headers["ETag"] = f'"{row.artifact_sha256}"'
+    response.headers["Content-Disposition"] = f'attachment; filename="{row.id}.{query.format}"'
+    response.headers["ETag"] = f'"{etag}"'
     response.headers["X-Artifact-SHA256"] = row.artifact_sha256
     return response

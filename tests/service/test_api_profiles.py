@@ -154,6 +154,31 @@ def test_ready_profile_shows_metrics_and_downloads(client, auth, settings):
     assert Profile.from_bytes(r.data).layer == 3
 
 
+def test_constant_vector_profiles_download_as_llama_cpp_control_vectors(client, auth, settings, tmp_path):
+    import gguf
+    import torch
+
+    make_group(client, auth)
+    pid = request_profile(client, auth).json["id"]
+    mark_ready(settings, pid, profile_bytes(seed=3.0))  # diffmean, layer 3, strength 2, vector of 3s
+    r = client.get(f"/v1/profiles/{pid}/artifact?format=gguf", headers=auth)
+    assert r.status_code == 200 and r.data[:4] == b"GGUF"
+    assert r.headers["Content-Disposition"].endswith('.gguf"')
+    (tmp_path / "cv.gguf").write_bytes(r.data)
+    tensors = {t.name: t.data for t in gguf.GGUFReader(tmp_path / "cv.gguf").tensors}
+    assert list(tensors) == ["direction.3"] and (tensors["direction.3"] == 6.0).all()
+    r = client.get(f"/v1/profiles/{pid}/artifact?format=pickle", headers=auth)
+    assert r.status_code == 422 and r.json["error"]["field"] == "format"
+
+    other = request_profile(client, auth, method="odesteer").json["id"]
+    ode = Profile(method="odesteer", model_name="smollm2-135m-instruct", model_fingerprint="test", layer=3,
+                  positions="last", strength=1.0, tensors={"coef": torch.zeros(4)})
+    mark_ready(settings, other, ode.to_bytes())
+    r = client.get(f"/v1/profiles/{other}/artifact?format=gguf", headers=auth)
+    assert r.status_code == 422 and r.json["error"]["field"] == "format"
+    assert client.get(f"/v1/profiles/{other}/artifact", headers=auth).status_code == 200
+
+
 def test_corrupted_artifact_is_reported_unavailable(client, auth, settings):
     make_group(client, auth)
     pid = request_profile(client, auth).json["id"]
