@@ -30,13 +30,15 @@ of blocks 0..L allows; null stores the uncompressed gradient), ``storage`` (dtyp
 and embedding rows, default bfloat16), ``loss`` (``ce`` | ``dpo`` | ``sft``). A profile records its rank,
 its size against the uncompressed fp32 gradient, and the fidelity of its ``dZ`` in ``params.compression``.
 
-The side paths are our own forward hooks rather than peft LoRA layers: peft would wrap the served
-model's modules in place (the engine owns that model, and the steering hooks and other methods address
-its blocks), its adapters run in the module's dtype (the fd path needs fp32 whatever the served dtype),
-and it has no form for the row-sparse embedding part or the norm gains; the extra pass here touches only
-blocks 0..L and leaves the served model unchanged. Known limit: the extra pass gives every block the
-inputs block 0 received (attention mask, rotary embeddings), which holds for the supported families but
-not for models whose layers use different masks (Gemma 2/3 alternating sliding windows).
+The side paths are our own (Linear forwards patched for the extra pass only, see `cold_pass`) rather
+than peft LoRA layers: peft would wrap the served model's modules in place (the engine owns that model,
+and the steering hooks and other methods address its blocks), its adapters run in the module's dtype
+(the fd path needs fp32 whatever the served dtype), and it has no form for the row-sparse embedding part
+or the norm gains; the extra pass touches only blocks 0..L and leaves the served model unchanged.
+
+Known limit: the extra pass gives every block the inputs block 0 received (attention mask, rotary
+embeddings), which holds for the supported families but not for models whose layers use different
+masks (Gemma 2/3 alternating sliding windows).
 """
 
 from __future__ import annotations
