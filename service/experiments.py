@@ -476,8 +476,9 @@ def offline_unavailable(detail: str, items: int = 0) -> OfflineResult:
 
 def offline_items(session: Session,
                   exp: db.Experiment) -> tuple[list[OpinionItem], Literal["held-out", "in-sample", "none"]]:
-    """The scope group's held-out opinion items (the split every build uses, so items a profile's
-    hyperparameters were not chosen on), or all of them when the sample is too small to split."""
+    """A fixed seeded share of the scope group's opinion items (`split_sample`), or all of them when the
+    sample is too small to split. Every variant is judged on the same items; a profile built from this
+    group's sample was fitted on all of its items, these included (builds cross-validate, then refit)."""
     from steer_core.build import split_sample
 
     if exp.scope_group_id is None:

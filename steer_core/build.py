@@ -1,9 +1,14 @@
 """`build_profile`: the one entry point that turns a sample into a profile, for every method.
 
-Every build chooses its own hyperparameters: it splits the sample, fits each candidate layer on the
-training part, scores a small grid of strengths on the held-out part, keeps the best, refits on the
-whole sample, and records what it chose and the held-out scores before and after. If no setting beats
-the unsteered model on held-out items, the profile says so and its strength is 0.
+Every build chooses its own hyperparameters by k-fold cross-validation: it fits each candidate layer on
+the whole sample (the profiles it may ship) and on each fold's complement, scores a small grid of
+strengths on each fold's own items, and keeps the (layer, strength) with the best mean alignment over
+all items, each judged by a profile that never saw it. It records the choice and the scores before and
+after. If no setting beats the unsteered model, the profile says so and its strength is 0.
+
+Why folds, not one held-out share: with 20 items a single split judges on 6, and which 6 decides the
+choice (on OpinionsQA a split whose 6 items the model answered badly shipped profiles that hurt the
+other questions); every item judging once spreads that luck over the whole sample.
 """
 
 from __future__ import annotations
@@ -24,12 +29,19 @@ from steer_core.prompts import answer_distributions
 # progress(done, total, stage)
 Progress = Callable[[int, int, str], None]
 
-HELDOUT_SHARE = 0.3
+FOLDS = 3
+HELDOUT_SHARE = 0.3  # `split_sample`: the held-out part other callers (the A/B offline comparison) judge on
 MIN_HELDOUT = 2
 MIN_TRAIN = 2
 SELECTION_METRIC = "alignment"
 # A setting must beat unsteered by more than this much mean alignment to ship.
 MIN_GAIN = 1e-4
+
+
+def _too_few(n: int) -> SteerError:
+    return SteerError(f"{n} items are too few to choose hyperparameters on held-out items: need at least "
+                      f"{MIN_HELDOUT + MIN_TRAIN} ({MIN_TRAIN} to fit, {MIN_HELDOUT} to judge), or give both "
+                      "'layer' and 'strength'", "items")
 
 
 def split_sample(items: Sequence[OpinionItem], heldout_share: float = HELDOUT_SHARE,
@@ -38,9 +50,7 @@ def split_sample(items: Sequence[OpinionItem], heldout_share: float = HELDOUT_SH
     n = len(items)
     n_heldout = max(MIN_HELDOUT, round(heldout_share * n))
     if n - n_heldout < MIN_TRAIN:
-        raise SteerError(f"{n} items are too few to choose hyperparameters on held-out items: need at least "
-                         f"{MIN_HELDOUT + MIN_TRAIN} ({MIN_TRAIN} to fit, {MIN_HELDOUT} to judge), or give both "
-                         "'layer' and 'strength'", "items")
+        raise _too_few(n)
     order = list(range(n))
     random.Random(seed).shuffle(order)
     heldout = sorted(order[:n_heldout])
@@ -48,12 +58,20 @@ def split_sample(items: Sequence[OpinionItem], heldout_share: float = HELDOUT_SH
     return [items[i] for i in train], [items[i] for i in heldout]
 
 
+def fold_indices(n: int, folds: int = FOLDS, seed: int = 0) -> list[list[int]]:
+    """A seeded shuffle of range(n) dealt into k folds (fewer than `folds` when each would hold fewer than
+    MIN_HELDOUT items), every fold's complement at least MIN_TRAIN items."""
+    if n < MIN_HELDOUT + MIN_TRAIN:
+        raise _too_few(n)
+    k = max(2, min(folds, n // MIN_HELDOUT))
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return [sorted(order[i::k]) for i in range(k)]
+
+
 def score(lm: LanguageModel, items: Sequence[OpinionItem], profile: Profile | None) -> dict[str, float]:
     """Mean metrics of `items` under `profile` (None: unsteered)."""
-    steering = None
-    if profile is not None and profile.strength != 0:
-        steering = [get_method(profile.method).intervention(profile, lm)]
-    return summarize(items, answer_distributions(lm, items, steering))
+    return summarize(items, _distributions(lm, items, profile))
 
 
 def build_profile(lm: LanguageModel, items: Sequence[OpinionItem], method: str,
@@ -91,37 +109,47 @@ def build_profile(lm: LanguageModel, items: Sequence[OpinionItem], method: str,
         profile.sample_hash = sample_hash(items)
         return profile
 
-    train, heldout = split_sample(items, seed=seed)
+    folds = fold_indices(len(items), seed=seed)
     layers = [layer] if layer is not None else spec.layers(lm)
-    report(0, 1, "fit")
-    fitted = spec.fit(lm, train, layers, own, positions)
-    grids = {L: ([float(strength)] if strength is not None else spec.strengths(fitted[L], lm)) for L in layers}
-    total = 2 + sum(len(g) for g in grids.values()) + 1
-    done = 1
-    report(done, total, "score unsteered")
-    before = score(lm, heldout, None)
-    done += 1
-    search: list[dict[str, Any]] = []
-    best: tuple[float, int, float, dict[str, float]] | None = None
-    for L in layers:
-        for s in grids[L]:
-            fitted[L].strength = s
-            after = score(lm, heldout, fitted[L])
-            search.append({"layer": L, "strength": s, SELECTION_METRIC: after[SELECTION_METRIC]})
-            if best is None or after[SELECTION_METRIC] > best[0]:
-                best = (after[SELECTION_METRIC], L, s, after)
+    total = 2 + len(folds) * (1 + len(layers))
+    report(0, total, "fit")
+    full = spec.fit(lm, items, layers, own, positions)  # what ships; its grids name the candidates
+    grids = {L: ([float(strength)] if strength is not None else spec.strengths(full[L], lm)) for L in layers}
+    report(1, total, "score unsteered")
+    before = score(lm, items, None)
+    done = 2
+    # Out-of-fold answer distributions of every candidate (layer, index into its grid), item by item.
+    oof: dict[tuple[int, int], list[Any]] = {(L, j): [None] * len(items) for L in layers for j in range(len(grids[L]))}
+    for f, fold in enumerate(folds):
+        held = set(fold)
+        report(done, total, f"fold {f + 1}/{len(folds)}: fit")
+        fitted = spec.fit(lm, [it for i, it in enumerate(items) if i not in held], layers, own, positions)
+        done += 1
+        judged = [items[i] for i in fold]
+        for L in layers:
+            fold_grid = [float(strength)] if strength is not None else spec.strengths(fitted[L], lm)
+            for j, s in enumerate(fold_grid):
+                fitted[L].strength = s
+                dists = _distributions(lm, judged, fitted[L])
+                for i, d in zip(fold, dists, strict=True):
+                    oof[(L, j)][i] = d
             done += 1
-            report(done, total, f"search layer {L} strength {s:g}")
+            report(done, total, f"fold {f + 1}/{len(folds)}: searched layer {L}")
+    search: list[dict[str, Any]] = []
+    best: tuple[float, int, int, dict[str, float]] | None = None
+    for (L, j), dists in oof.items():
+        after = summarize(items, dists)
+        search.append({"layer": L, "strength": grids[L][j], SELECTION_METRIC: after[SELECTION_METRIC]})
+        if best is None or after[SELECTION_METRIC] > best[0]:
+            best = (after[SELECTION_METRIC], L, j, after)
     assert best is not None
-    _, best_layer, best_strength, best_after = best
+    _, best_layer, best_index, best_after = best
     improved = best_after[SELECTION_METRIC] > before[SELECTION_METRIC] + MIN_GAIN
-    report(done, total, "refit")
-    profile = spec.fit(lm, items, [best_layer], own, positions)[best_layer]
-    profile.strength = best_strength if improved else 0.0
+    profile = full[best_layer]
+    profile.strength = grids[best_layer][best_index] if improved else 0.0
     profile.sample_hash = sample_hash(items)
     profile.metrics = {
-        "evaluation": "held-out",
-        "train_items": len(train), "heldout_items": len(heldout),
+        "evaluation": "cross-validated", "folds": len(folds), "items": len(items),
         "unsteered": before, "steered": best_after if improved else before,
         "best_candidate": best_after,
         "improved": improved,
@@ -131,3 +159,9 @@ def build_profile(lm: LanguageModel, items: Sequence[OpinionItem], method: str,
     }
     report(total, total, "done")
     return profile
+
+
+def _distributions(lm: LanguageModel, items: Sequence[OpinionItem], profile: Profile | None) -> list[Any]:
+    if profile is None or profile.strength == 0:
+        return answer_distributions(lm, items)
+    return answer_distributions(lm, items, [get_method(profile.method).intervention(profile, lm)])

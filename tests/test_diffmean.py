@@ -8,6 +8,7 @@ from support import FIXTURES
 
 from steer_core import build_profile, diffmean, intervention, load_items, summarize
 from steer_core.activations import answer_activations
+from steer_core.build import FOLDS, MIN_HELDOUT, MIN_TRAIN, fold_indices
 from steer_core.data import make_item
 from steer_core.errors import SteerError
 from steer_core.prompts import answer_distributions
@@ -26,7 +27,7 @@ def test_vector_is_chosen_minus_other_answers(tiny_lm):
 def test_build_records_its_choice_and_scores(tiny_lm):
     profile = build_profile(tiny_lm, ITEMS, "diffmean")
     m = profile.metrics
-    assert m["evaluation"] == "held-out" and m["train_items"] + m["heldout_items"] == len(ITEMS)
+    assert m["evaluation"] == "cross-validated" and m["items"] == len(ITEMS) and m["folds"] >= 2
     assert {"layer", "strength", "alignment"} <= set(m["search"][0])
     assert profile.layer == m["choice"]["layer"]
     if not m["improved"]:
@@ -66,3 +67,14 @@ def test_diffmean_raises_persona_matching_on_other_statements(default_lm):
     after = summarize(judge, answer_distributions(default_lm, judge, [intervention(profile, default_lm)]))
     assert after["matching_rate"] > before["matching_rate"]
     assert after["alignment"] > before["alignment"]
+
+
+@pytest.mark.parametrize("n", [4, 5, 7, 20, 41])
+def test_folds_partition_the_sample_and_leave_enough_on_each_side(n):
+    folds = fold_indices(n, seed=3)
+    assert sorted(i for fold in folds for i in fold) == list(range(n))
+    assert 2 <= len(folds) <= FOLDS
+    assert all(len(fold) >= MIN_HELDOUT and n - len(fold) >= MIN_TRAIN for fold in folds)
+    assert fold_indices(n, seed=3) == folds and (n < 7 or fold_indices(n, seed=4) != folds)
+    with pytest.raises(SteerError, match="too few"):
+        fold_indices(MIN_HELDOUT + MIN_TRAIN - 1)
