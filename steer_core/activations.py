@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -11,7 +10,7 @@ from torch import Tensor
 
 from steer_core.data import OpinionItem
 from steer_core.models import LanguageModel
-from steer_core.prompts import LETTERS, encode, format_prompt
+from steer_core.prompts import LETTERS, encode, format_prompt, last_logits_only
 
 
 @dataclass
@@ -43,7 +42,7 @@ def answer_activations(lm: LanguageModel, items: Sequence[OpinionItem], layers: 
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start:start + batch_size]
         batch = encode(lm, [text for _, _, text in chunk])
-        hidden = lm.model(**batch, output_hidden_states=True, use_cache=False, **_no_logits(lm)).hidden_states
+        hidden = lm.model(**batch, output_hidden_states=True, use_cache=False, **last_logits_only(lm)).hidden_states
         n_idx = torch.tensor([n for n, _, _ in chunk])
         k_idx = torch.tensor([k for _, k, _ in chunk])
         for layer in layers:
@@ -55,8 +54,3 @@ def answer_activations(lm: LanguageModel, items: Sequence[OpinionItem], layers: 
         target[n, :len(it.options)] = torch.tensor(it.target)
     return AnswerActivations(by_layer=out, valid=valid, target=target)
 
-
-def _no_logits(lm: LanguageModel) -> dict[str, int]:
-    """Ask for the last position's logits only where the model takes `logits_to_keep` (transformers >= 4.50):
-    the activations never read logits, and the LM head over every position dominates small models' cost."""
-    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(lm.model.forward).parameters else {}

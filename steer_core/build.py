@@ -128,10 +128,14 @@ def build_profile(lm: LanguageModel, items: Sequence[OpinionItem], method: str,
         judged = [items[i] for i in fold]
         for L in layers:
             fold_grid = [float(strength)] if strength is not None else spec.strengths(fitted[L], lm)
-            for j, s in enumerate(fold_grid):
+            # Every strength of the grid in one call, a row per (strength, item): batches fill up.
+            rows: list[Any] = []
+            for s in fold_grid:
                 fitted[L].strength = s
-                dists = _distributions(lm, judged, fitted[L])
-                for i, d in zip(fold, dists, strict=True):
+                rows += [[spec.intervention(fitted[L], lm)] if s != 0 else None] * len(judged)
+            dists = answer_distributions(lm, judged * len(fold_grid), rows)
+            for j in range(len(fold_grid)):
+                for i, d in zip(fold, dists[j * len(judged):(j + 1) * len(judged)], strict=True):
                     oof[(L, j)][i] = d
             done += 1
             report(done, total, f"fold {f + 1}/{len(folds)}: searched layer {L}")

@@ -7,6 +7,7 @@ the first assistant position, renormalized over the item's valid options.
 
 from __future__ import annotations
 
+import inspect
 import string
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -101,14 +102,20 @@ def answer_distributions(lm: LanguageModel, items: Sequence[OpinionItem], steeri
         rows = per_item[start:start + batch_size] if per_item is not None else None
         if rows is not None and any(rows):
             with apply(lm, rows):
-                logits = lm.model(**batch, use_cache=False).logits[:, -1, :]
+                logits = lm.model(**batch, use_cache=False, **last_logits_only(lm)).logits[:, -1, :]
         else:
-            logits = lm.model(**batch, use_cache=False).logits[:, -1, :]
+            logits = lm.model(**batch, use_cache=False, **last_logits_only(lm)).logits[:, -1, :]
         probs = option_log_probs(lm, logits, chunk).exp().cpu().numpy()
         out.extend(probs[i, :len(it.options)].astype(np.float64) for i, it in enumerate(chunk))
         if progress is not None:
             progress(min(start + batch_size, len(items)), len(items))
     return out
+
+
+def last_logits_only(lm: LanguageModel) -> dict[str, int]:
+    """Ask for the last position's logits only where the model takes `logits_to_keep` (transformers >= 4.50):
+    the LM head over every position dominates a small model's forward, and readers need the last one."""
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(lm.model.forward).parameters else {}
 
 
 def _per_item_steering(steering: Steering, n: int) -> list[RowSteering | None] | None:
