@@ -73,18 +73,18 @@ def main() -> int:
     # rather than toward whatever any group would prefer?
     cross: dict[str, dict[tuple[str, str], float]] = {m: {} for m in methods}
     judges = {g: [items[i] for i in judge_idx] for g, items in data.items()}
-    base = answer_distributions(lm, next(iter(judges.values())))
-    unsteered = {g: base for g in data}  # the same questions (prompts) for every group; only targets differ
+    # The same questions (prompts) for every group, only targets differ: one unsteered reading serves all.
+    unsteered = answer_distributions(lm, next(iter(judges.values())))
     for group, items in data.items():
         train = [items[i] for i in train_idx]
         judge = judges[group]
-        row = {"unsteered": summarize(judge, unsteered[group])["alignment"]}
+        row = {"unsteered": summarize(judge, unsteered)["alignment"]}
         for method in methods:
             start = time.perf_counter()
             profile = build_profile(lm, train, method, seed=args.seed)
             built = time.perf_counter() - start
             dists = answer_distributions(lm, judge, [intervention(profile, lm)]) if profile.strength \
-                else unsteered[group]
+                else unsteered
             row[method] = summarize(judge, dists)["alignment"]
             for other in data:
                 cross[method][(group, other)] = summarize(judges[other], dists)["alignment"]

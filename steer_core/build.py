@@ -71,7 +71,9 @@ def fold_indices(n: int, folds: int = FOLDS, seed: int = 0) -> list[list[int]]:
 
 def score(lm: LanguageModel, items: Sequence[OpinionItem], profile: Profile | None) -> dict[str, float]:
     """Mean metrics of `items` under `profile` (None: unsteered)."""
-    return summarize(items, _distributions(lm, items, profile))
+    if profile is None or profile.strength == 0:
+        return summarize(items, answer_distributions(lm, items))
+    return summarize(items, answer_distributions(lm, items, [get_method(profile.method).intervention(profile, lm)]))
 
 
 def build_profile(lm: LanguageModel, items: Sequence[OpinionItem], method: str,
@@ -164,8 +166,3 @@ def build_profile(lm: LanguageModel, items: Sequence[OpinionItem], method: str,
     report(total, total, "done")
     return profile
 
-
-def _distributions(lm: LanguageModel, items: Sequence[OpinionItem], profile: Profile | None) -> list[Any]:
-    if profile is None or profile.strength == 0:
-        return answer_distributions(lm, items)
-    return answer_distributions(lm, items, [get_method(profile.method).intervention(profile, lm)])

@@ -7,6 +7,7 @@ the first assistant position, renormalized over the item's valid options.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import string
 from collections.abc import Callable, Sequence
@@ -115,7 +116,12 @@ def answer_distributions(lm: LanguageModel, items: Sequence[OpinionItem], steeri
 def last_logits_only(lm: LanguageModel) -> dict[str, int]:
     """Ask for the last position's logits only where the model takes `logits_to_keep` (transformers >= 4.50):
     the LM head over every position dominates a small model's forward, and readers need the last one."""
-    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(lm.model.forward).parameters else {}
+    return {"logits_to_keep": 1} if _takes_logits_to_keep(type(lm.model)) else {}
+
+
+@functools.cache
+def _takes_logits_to_keep(model_class: type) -> bool:
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
 
 
 def _per_item_steering(steering: Steering, n: int) -> list[RowSteering | None] | None:

@@ -28,6 +28,7 @@ from transformers import (
 )
 
 from steer_core.models import LanguageModel, default_model_dir, wrap
+from steer_core.steering import apply
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -74,8 +75,6 @@ def residual_after(lm: LanguageModel, batch: dict, layer: int, steering=None) ->
     """The residual stream after block `layer` as block `layer + 1` receives it, from one forward of
     `batch` under `steering` (None: unsteered). Read at the next block's input because transformers'
     `output_hidden_states` records block outputs before forward hooks change them."""
-    from steer_core.steering import apply
-
     seen = []
 
     def capture(module, args, kwargs):

@@ -64,3 +64,21 @@ def mark_failed(settings, profile_id: str, error: str = "boom") -> None:
     with db.session_scope(settings) as session:
         row = db.profile_by_id(session, profile_id)
         row.status, row.error = "failed", error
+
+
+def requested_group_profile(settings, tenant: str, gid: str, items, params: dict[str, Any]) -> tuple[str, bool]:
+    """A group holding `items` and a DiffMean profile requested for it, through the database layer (what
+    `PUT /v1/groups` + `POST .../opinions` + `POST /v1/profiles` store); (profile id, created)."""
+    from service import db
+    from steer_core.data import sample_hash
+
+    with db.session_scope(settings) as session:
+        tenant_row = db.get_or_create_tenant(session, tenant)
+        group = db.Group(tenant_id=tenant_row.id, gid=gid, attributes={})
+        session.add(group)
+        session.flush()
+        db.put_opinions(session, tenant_row.id, group, items)
+        row, created = db.request_profile(session, tenant_row.id, "group", group.id, "diffmean", settings.model,
+                                          params, sample_hash(db.subject_items(session, tenant_row.id, "group",
+                                                                               group.id)))
+        return row.id, created

@@ -10,6 +10,7 @@ from datetime import timedelta
 
 import pytest
 import redis
+from api_helpers import requested_group_profile
 from runtime import redis_db_url
 
 from service import db
@@ -35,17 +36,9 @@ def state_settings(settings, redis_url):
 def new_profile(settings, params=None) -> str:
     items = [make_item(f"Question {i}?", ["Yes", "No"], target=[0.3 + 0.05 * i, 0.7 - 0.05 * i], id=f"q{i}")
              for i in range(6)]
-    with db.session_scope(settings) as session:
-        tenant = db.get_or_create_tenant(session, "tenant-w")
-        group = db.Group(tenant_id=tenant.id, gid="g1", attributes={})
-        session.add(group)
-        session.flush()
-        db.put_opinions(session, tenant.id, group, items)
-        row, created = db.request_profile(session, tenant.id, "group", group.id, "diffmean", settings.model,
-                                          params or {"layer": 1, "strength": 1.0},
-                                          sample_hash(db.subject_items(session, tenant.id, "group", group.id)))
-        assert created
-        return row.id
+    pid, created = requested_group_profile(settings, "tenant-w", "g1", items, params or {"layer": 1, "strength": 1.0})
+    assert created
+    return pid
 
 
 def row_of(settings, profile_id):

@@ -8,11 +8,12 @@ from dataclasses import replace
 
 import pytest
 import redis
+from api_helpers import requested_group_profile
 from runtime import redis_db_url
 
 from service import db
 from service.artifacts import REDIS_PREFIX, ArtifactStore
-from steer_core.data import make_item, sample_hash
+from steer_core.data import make_item
 from worker import tasks
 from worker.app import BUILD_TASK, create_celery
 
@@ -31,15 +32,7 @@ def task_settings(settings, redis_url, tiny_lm, monkeypatch):
 def queued_profile(settings) -> str:
     items = [make_item(f"Do you agree with statement {i}?", ["Yes", "No"], target=[0.8, 0.2], id=f"s{i}")
              for i in range(3)]
-    with db.session_scope(settings) as session:
-        tenant = db.get_or_create_tenant(session, "tenant-t")
-        group = db.Group(tenant_id=tenant.id, gid="g", attributes={})
-        session.add(group)
-        session.flush()
-        db.put_opinions(session, tenant.id, group, items)
-        row, _ = db.request_profile(session, tenant.id, "group", group.id, "diffmean", settings.model,
-                                    {"layer": 1, "strength": 2.0}, sample_hash(items))
-        return row.id
+    return requested_group_profile(settings, "tenant-t", "g", items, {"layer": 1, "strength": 2.0})[0]
 
 
 def run_task(settings, profile_id: str):  # noqa: ANN201
