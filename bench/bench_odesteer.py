@@ -86,7 +86,8 @@ def bench_build(lm, items) -> object:
           f"(torch threads {torch.get_num_threads()}, load average {_load():.1f})")
     print(f"  chose layer {profile.layer}, T = {profile.strength:g} (mean |a| at that layer "
           f"{float(profile.tensors['activation_norm']):.1f}); held-out alignment {m['unsteered']['alignment']:.4f}"
-          f" -> {m['steered']['alignment']:.4f}{'' if m['improved'] else ' (no gain: strength 0)'}")
+          f" -> {m['steered']['alignment']:.4f} (best candidate {m['gain']['alignment']:+.4f} +- "
+          f"{m['gain']['standard_error']:.4f}{'' if m['improved'] else ': strength 0'})")
     size = len(profile.to_bytes())
     print(f"  profile size: {size} bytes ({size / 1024:.1f} KiB): coef {profile.tensors['coef'].numel()} fp32, "
           f"hashes {tuple(profile.tensors['index_hash'].shape)} int32 + int8")

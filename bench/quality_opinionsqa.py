@@ -4,7 +4,8 @@
         [--train 20] [--judge 60] [--methods cold_fd diffmean ...] [--seed 0] [--threads N]
 
 For each group: the same `--train` questions build one profile per method with `build_profile` (its own
-held-out search over layer and strength, default parameters), and `--judge` other questions judge it. The
+cross-validated search over layer and strength, default parameters; the best setting's out-of-fold gain
+is printed with its standard error), and `--judge` other questions judge it. The
 table shows the mean alignment (1 - W1 / span) of the unsteered model and of each method on the judge
 questions, per group. Data: ../shared/data/opinionsqa (every wave); without it the script says so and
 exits. Every method in `steer_core.METHODS` is included unless `--methods` narrows the list.
@@ -90,7 +91,8 @@ def main() -> int:
                 cross[method][(group, other)] = summarize(judges[other], dists)["alignment"]
             m = profile.metrics
             print(f"  {group:<13} {method:<12} layer {profile.layer:>2} strength {profile.strength:<6g} "
-                  f"held-out {m['unsteered']['alignment']:.4f} -> {m['steered']['alignment']:.4f}; "
+                  f"held-out {m['unsteered']['alignment']:.4f} -> {m['steered']['alignment']:.4f} (best candidate "
+                  f"{m['gain']['alignment']:+.4f} +- {m['gain']['standard_error']:.4f}); "
                   f"judge {row[method]:.4f} (unsteered {row['unsteered']:.4f}); build {built:.0f} s", flush=True)
         table[group] = row
 

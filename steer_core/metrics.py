@@ -39,9 +39,12 @@ def matches(p: Sequence[float], item: OpinionItem) -> bool:
     return bool(pa[item.answer] > others.max())
 
 
-def summarize(items: Sequence[OpinionItem], dists: Sequence[Sequence[float]]) -> dict[str, float]:
-    """Mean of every metric over a sample: alignment, total variation, KL, accuracy, answer
-    log-likelihood and behaviour-matching rate (the last three read each target's argmax as the answer)."""
+METRIC_NAMES = ("alignment", "total_variation", "kl", "accuracy", "log_likelihood", "matching_rate")
+
+
+def item_metrics(items: Sequence[OpinionItem], dists: Sequence[Sequence[float]]) -> dict[str, np.ndarray]:
+    """Every metric of every item: alignment, total variation, KL, accuracy, answer log-likelihood and
+    behaviour-matching rate (the last three read each target's argmax as the answer)."""
     if len(items) != len(dists) or not items:
         raise ValueError("need one distribution per item, and at least one item")
     rows = []
@@ -55,6 +58,14 @@ def summarize(items: Sequence[OpinionItem], dists: Sequence[Sequence[float]]) ->
             float(np.log(max(pa[it.answer], 1e-12))),
             float(matches(pa, it)),
         ))
-    means = np.asarray(rows).mean(axis=0)
-    names = ("alignment", "total_variation", "kl", "accuracy", "log_likelihood", "matching_rate")
-    return {name: float(v) for name, v in zip(names, means, strict=True)}
+    columns = np.asarray(rows).T
+    return {name: columns[i] for i, name in enumerate(METRIC_NAMES)}
+
+
+def mean_metrics(per_item: dict[str, np.ndarray]) -> dict[str, float]:
+    return {name: float(values.mean()) for name, values in per_item.items()}
+
+
+def summarize(items: Sequence[OpinionItem], dists: Sequence[Sequence[float]]) -> dict[str, float]:
+    """Mean of every metric (`item_metrics`) over a sample."""
+    return mean_metrics(item_metrics(items, dists))

@@ -8,7 +8,7 @@ from support import FIXTURES
 
 from steer_core import build_profile, diffmean, intervention, load_items, summarize
 from steer_core.activations import answer_activations
-from steer_core.build import FOLDS, MIN_HELDOUT, MIN_TRAIN, fold_indices
+from steer_core.build import FOLDS, MIN_GAIN, MIN_HELDOUT, MIN_TRAIN, fold_indices
 from steer_core.data import make_item
 from steer_core.errors import SteerError
 from steer_core.prompts import answer_distributions
@@ -30,8 +30,14 @@ def test_build_records_its_choice_and_scores(tiny_lm):
     assert m["evaluation"] == "cross-validated" and m["items"] == len(ITEMS) and m["folds"] >= 2
     assert {"layer", "strength", "alignment"} <= set(m["search"][0])
     assert profile.layer == m["choice"]["layer"]
+    gain = m["gain"]
+    assert gain["alignment"] == pytest.approx(m["best_candidate"]["alignment"] - m["unsteered"]["alignment"])
+    assert m["improved"] == (gain["alignment"] > MIN_GAIN) and gain["standard_error"] >= 0
     if not m["improved"]:
         assert profile.strength == 0 and "no setting beat" in m["note"]
+        assert m["steered"] == m["unsteered"]
+    else:
+        assert profile.strength > 0 and m["steered"] == m["best_candidate"]
 
 
 def test_bad_build_input_names_the_field(tiny_lm):
