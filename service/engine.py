@@ -322,6 +322,7 @@ class GenerationEngine:
         params = inspect.signature(lm.model.forward).parameters
         self._logits_to_keep = "logits_to_keep" in params
         self._position_ids = "position_ids" in params
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.24
         pad = lm.tokenizer.pad_token_id
         self._pad_id = int(pad if pad is not None else next(iter(self._stop_ids), 0))
 
@@ -510,7 +511,7 @@ class GenerationEngine:
             self._remove_hooks()
         kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": mask, "use_cache": True}
         if cache is not None:
-            kwargs["past_key_values"] = cache
+            kwargs[self._cache_kwarg] = cache
         if self._position_ids:
             # Left padding: a row's positions count its real tokens only.
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -552,7 +553,7 @@ class GenerationEngine:
             self._fail(rows[0], exc)
             return
         self.stats.prefills += 1
-        batch = _Batch(rows=rows, cache=out.past_key_values, mask=mask)
+        batch = _Batch(rows=rows, cache=getattr(out, self._cache_kwarg), mask=mask)
         if self._advance(batch, out.logits[:, -1, :]):
             if self._batch is None:
                 self._batch = batch

@@ -246,7 +246,9 @@ class SteeringHooks:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         embeds = kwargs.get("inputs_embeds")
         seq = int(input_ids.shape[1] if input_ids is not None else embeds.shape[1])
-        cache = kwargs.get("past_key_values")
+        # transformers 5.24 renamed `past_key_values` to `cache` (generate passes the new name; callers
+        # may still pass the old one until 5.40).
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
         past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
         if cache is not None and not hasattr(cache, "get_seq_length") and len(cache) > 0:  # legacy tuples
             past = int(cache[0][0].shape[-2])
