@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +28,21 @@ class AnswerActivations:
     target: Tensor
 
 
+# (model fingerprint, text, layer) -> Z_L at the text's last token, while `reuse_answer_activations` is on.
+_MEMO: ContextVar[dict[tuple[str, str, int], Tensor] | None] = ContextVar("answer_activation_memo", default=None)
+
+
+@contextmanager
+def reuse_answer_activations() -> Iterator[None]:
+    """Within this block `answer_activations` runs each text through the model once: a cross-validated
+    build fits its folds on subsets of the items it has already read."""
+    token = _MEMO.set({})
+    try:
+        yield
+    finally:
+        _MEMO.reset(token)
+
+
 def answer_texts(lm: LanguageModel, item: OpinionItem) -> list[str]:
     prompt = format_prompt(lm.tokenizer, item)
     space = "" if lm.tokenizer.chat_template else " "
@@ -39,6 +56,16 @@ def answer_activations(lm: LanguageModel, items: Sequence[OpinionItem], layers: 
     k_max = max(len(it.options) for it in items)
     pairs = [(n, k, text) for n, it in enumerate(items) for k, text in enumerate(answer_texts(lm, it))]
     out = {layer: torch.zeros(len(items), k_max, lm.hidden_size) for layer in layers}
+    memo = _MEMO.get()
+    if memo is not None:  # take the texts read earlier in this block from the memo, read the rest
+        unread = []
+        for n, k, text in pairs:
+            if all((lm.fingerprint, text, layer) in memo for layer in layers):
+                for layer in layers:
+                    out[layer][n, k] = memo[(lm.fingerprint, text, layer)]
+            else:
+                unread.append((n, k, text))
+        pairs = unread
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start:start + batch_size]
         batch = encode(lm, [text for _, _, text in chunk])
@@ -46,7 +73,10 @@ def answer_activations(lm: LanguageModel, items: Sequence[OpinionItem], layers: 
         n_idx = torch.tensor([n for n, _, _ in chunk])
         k_idx = torch.tensor([k for _, k, _ in chunk])
         for layer in layers:
-            out[layer][n_idx, k_idx] = hidden[layer + 1][:, -1, :].float().cpu()
+            rows = hidden[layer + 1][:, -1, :].float().cpu()
+            out[layer][n_idx, k_idx] = rows
+            if memo is not None:
+                memo.update({(lm.fingerprint, text, layer): row for (_, _, text), row in zip(chunk, rows, strict=True)})
     valid = torch.zeros(len(items), k_max, dtype=torch.bool)
     target = torch.zeros(len(items), k_max)
     for n, it in enumerate(items):

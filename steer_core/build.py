@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 from scipy.stats import sem
 
+from steer_core.activations import reuse_answer_activations
 from steer_core.data import OpinionItem, sample_hash
 from steer_core.errors import SteerError
 from steer_core.methods import check_positions, get_method
@@ -85,6 +86,7 @@ def score(lm: LanguageModel, items: Sequence[OpinionItem], profile: Profile | No
     return summarize(items, answer_distributions(lm, items, [get_method(profile.method).intervention(profile, lm)]))
 
 
+@reuse_answer_activations()  # the folds refit on subsets of the items the full fit has read
 def build_profile(lm: LanguageModel, items: Sequence[OpinionItem], method: str,
                   params: dict[str, Any] | None = None, progress: Progress | None = None,
                   seed: int = 0) -> Profile:

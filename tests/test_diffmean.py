@@ -7,7 +7,7 @@ import torch
 from support import FIXTURES
 
 from steer_core import build_profile, diffmean, intervention, load_items, summarize
-from steer_core.activations import answer_activations
+from steer_core.activations import answer_activations, reuse_answer_activations
 from steer_core.build import FOLDS, MIN_GAIN, MIN_HELDOUT, MIN_TRAIN, fold_indices
 from steer_core.data import make_item
 from steer_core.errors import SteerError
@@ -22,6 +22,27 @@ def test_vector_is_chosen_minus_other_answers(tiny_lm):
     expected = torch.stack([z[n, it.answer] - (z[n].sum(0) - z[n, it.answer]) / 2 for n, it in enumerate(ITEMS)])
     profile = diffmean.fit(tiny_lm, ITEMS, [1], {}, "prompt")[1]
     torch.testing.assert_close(profile.tensors["vector"], expected.mean(0))
+
+
+def test_a_build_scope_reads_each_answer_text_once(tiny_lm):
+    calls = []
+    handle = tiny_lm.model.register_forward_pre_hook(lambda *args: calls.append(1))
+    try:
+        with reuse_answer_activations():
+            full = answer_activations(tiny_lm, ITEMS, [1, 2])
+            reads = len(calls)
+            part = answer_activations(tiny_lm, ITEMS[2:6], [2, 1])  # a fold's subset, layers in any order
+            assert len(calls) == reads
+            wider = answer_activations(tiny_lm, ITEMS[6:] + [make_item("New?", ["Yes", "No"], answer=0)], [1])
+            assert len(calls) == reads + 1  # only the new item's texts are read
+        answer_activations(tiny_lm, ITEMS[:1], [1])
+        assert len(calls) == reads + 2  # outside the scope nothing is remembered
+    finally:
+        handle.remove()
+    for layer in (1, 2):
+        torch.testing.assert_close(part.by_layer[layer], full.by_layer[layer][2:6])
+    torch.testing.assert_close(wider.by_layer[1][:2], full.by_layer[1][6:])
+    assert part.valid.equal(full.valid[2:6]) and part.target.equal(full.target[2:6])
 
 
 def test_build_records_its_choice_and_scores(tiny_lm):
