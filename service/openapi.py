@@ -268,11 +268,20 @@ def openapi_path(rule: str) -> str:
     return _CONVERTER.sub(lambda m: "{" + m.group("name") + "}", rule)
 
 
+# Blueprints of HTML pages (the web console): not API operations, not in the document.
+PAGE_BLUEPRINTS = frozenset({"console"})
+
+
+def is_api_rule(rule: Any) -> bool:
+    """Whether a url map rule is an API operation (not a static file or a console page)."""
+    return rule.endpoint != "static" and rule.endpoint.split(".")[0] not in PAGE_BLUEPRINTS
+
+
 def route_specs(app: Flask) -> list[tuple[str, str, RouteSpec | None]]:
-    """(path, method, spec) for every rule of the app's url map (spec None: not declared via api_route)."""
+    """(path, method, spec) for every API rule of the app's url map (spec None: not declared via api_route)."""
     out = []
     for rule in app.url_map.iter_rules():
-        if rule.endpoint == "static":
+        if not is_api_rule(rule):
             continue
         view = app.view_functions[rule.endpoint]
         spec = getattr(view, "api_spec", None)

@@ -21,6 +21,7 @@
 | `MAX_PROFILES_PER_REQUEST` | `8` | profiles in one blend |
 | `MAX_BATCH_SIZE` | `16` | rows the generation engine runs together |
 | `BATCH_WAIT_MS` | `10` | how long the engine waits to fill a batch |
+| `CONSOLE_SESSION_TTL` | `28800` | seconds a web console sign-in lasts |
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ class Settings:
     max_profiles_per_request: int = 8
     max_batch_size: int = 16
     batch_wait_ms: int = 10
+    console_session_ttl: int = 8 * 3600
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Settings:
@@ -85,6 +87,7 @@ class Settings:
             "max_profiles_per_request": _env("MAX_PROFILES_PER_REQUEST", cls.max_profiles_per_request, int),
             "max_batch_size": _env("MAX_BATCH_SIZE", cls.max_batch_size, int),
             "batch_wait_ms": _env("BATCH_WAIT_MS", cls.batch_wait_ms, int),
+            "console_session_ttl": _env("CONSOLE_SESSION_TTL", cls.console_session_ttl, int),
         }
         known = {f.name for f in fields(cls)}
         unknown = set(overrides) - known
