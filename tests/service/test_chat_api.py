@@ -384,21 +384,25 @@ class _Gate:
 
 @sqlite_only
 def test_a_client_that_gives_up_on_a_plain_request_cancels_its_row(live_server, chat_app, chat_settings, tenant_key):
-    import httpx
+    import http.client
 
     eng = chat.engine(chat_app)
     # 20 ms per model call: the 400 tokens would take 8 s; the client gives up after 1 s.
     slow = eng.lm.model.register_forward_pre_hook(lambda *a: time.sleep(0.02))
     try:
-        body = {"model": chat_settings.model, "messages": HELLO, "max_tokens": 400, "temperature": 0}
-        with pytest.raises(httpx.ReadTimeout):
-            httpx.post(f"{live_server}/v1/chat/completions", json=body, timeout=httpx.Timeout(10.0, read=1.0),
-                       headers={"Authorization": f"Bearer {tenant_key}"})
+        body = json.dumps({"model": chat_settings.model, "messages": HELLO, "max_tokens": 400, "temperature": 0})
+        url = urlparse(live_server)
+        client = http.client.HTTPConnection(url.hostname, url.port, timeout=1.0)
+        client.request("POST", "/v1/chat/completions", body=body,
+                       headers={"Authorization": f"Bearer {tenant_key}", "Content-Type": "application/json"})
+        with pytest.raises(TimeoutError):
+            client.getresponse()
+        client.close()  # the client gives up
         _wait(lambda: eng.stats.cancelled == 1, timeout=5.0)
         assert eng.stats.active_rows == 0 and eng.stats.tokens < 200
     finally:
         slow.remove()
-    metrics = httpx.get(f"{live_server}/metrics").text
+    metrics = chat_app.test_client().get("/metrics").get_data(as_text=True)
     assert 'pluristeer_generation_requests_total{outcome="cancelled"} 1.0' in metrics
 
 
@@ -426,7 +430,8 @@ def test_an_engine_that_cannot_stop_leaves_the_slot_dead(chat_app, chat_client, 
     eng = chat.engine(chat_app)
     gate = _Gate(tiny_lm)
     try:
-        handle = eng.submit(eng.tokenize_chat(HELLO), SamplingParams(max_tokens=2, temperature=0.0))
+        handle = eng.submit(eng.tokenize_chat(HELLO), SamplingParams(max_tokens=50, temperature=0.0,
+                                                                     ignore_eos=True))
         assert gate.entered.wait(30)
         assert chat.stop_engine(chat_app, timeout=0.1) is False
         r = _chat(chat_client, auth, chat_settings)
