@@ -1,6 +1,6 @@
 """API keys get an optional name (what the key is for), shown when a tenant lists its keys.
 
-Revision ID: 0004
+Revision ID: 0003
 Revises: 0003
 Create Date: 2026-12-01
 """
@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0004"
+revision: str = "0003"
 down_revision: str | Sequence[str] | None = "0002"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
