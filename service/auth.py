@@ -81,23 +81,32 @@ def bearer_token() -> str:
     return token.strip()
 
 
-def authenticate() -> int:
-    """Resolve the request's key to its tenant (401 otherwise), set `g.tenant_id`, apply the rate limit."""
-    token = bearer_token()
-    session = context.session()
-    row = session.scalar(select(db.ApiKey).where(db.ApiKey.key_sha256 == db.hash_key(token),
+def active_key(session: Session, token: str) -> db.ApiKey | None:
+    """The unrevoked key whose hash matches `token`, or None."""
+    return session.scalar(select(db.ApiKey).where(db.ApiKey.key_sha256 == db.hash_key(token),
                                                  db.ApiKey.revoked_at.is_(None)))
-    if row is None:
-        raise _unauthorized("unknown or revoked API key")
+
+
+def use_key(row: db.ApiKey) -> int:
+    """Scope the request to `row`'s tenant (`g.tenant_id`) and apply the key's rate limit: the API and the
+    console alike."""
     g.tenant_id = row.tenant_id
     g.api_key_id = row.id
     # End the lookup's read transaction: a route that then works for long (generation) must not hold
     # one open; its own queries start a fresh transaction.
-    session.commit()
+    context.session().commit()
     from service.ratelimit import enforce
 
     enforce(row.key_sha256[:32])
     return row.tenant_id
+
+
+def authenticate() -> int:
+    """Resolve the request's key to its tenant (401 otherwise), set `g.tenant_id`, apply the rate limit."""
+    row = active_key(context.session(), bearer_token())
+    if row is None:
+        raise _unauthorized("unknown or revoked API key")
+    return use_key(row)
 
 
 def tenant_id() -> int:

@@ -247,6 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--items", type=int, default=16, help="opinion items to post for the demo group")
     demo.add_argument("--timeout", type=float, default=1800, help="seconds to wait for the build")
     demo.add_argument("--skip-ab", action="store_true", help="skip the A/B experiment part")
+    demo.add_argument("--no-builds", action="store_true",
+                      help="only the group and one unsteered chat: a quick check that the stack answers")
     demo.set_defaults(func=_lazy("service.demo:main"))
 
     bench = sub.add_parser("bench", help="run a benchmark script from bench/")
