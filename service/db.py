@@ -5,7 +5,7 @@ never reach another tenant's rows. The one exception is `profile_by_id`, used by
 a Celery task carries only a profile id (a random uuid that the API itself enqueued).
 
 Schema changes go through Alembic (`migrations/`); `upgrade(url)` runs them to head. The experiment
-tables (A/B tests) follow the profile models; revision 0002 creates them, 0003 the stored offline comparisons.
+tables (A/B tests) follow the profile models; revision 0002 creates them, 0004 the stored offline comparisons.
 """
 
 from __future__ import annotations
@@ -117,6 +117,7 @@ class ApiKey(Base):
     tenant_id: Mapped[TenantFK]
     key_sha256: Mapped[str] = mapped_column(String(64), unique=True, nullable=False)
     prefix: Mapped[str] = mapped_column(String(32), nullable=False)
+    name: Mapped[str | None] = mapped_column(String(200), nullable=True)
     created_at: Mapped[Created]
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 

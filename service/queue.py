@@ -126,8 +126,22 @@ def choose_queue(method: str, settings: Settings) -> str:
     return "cpu"
 
 
+def check_broker(settings: Settings, what: str) -> None:
+    """Raise `BrokerUnavailable` within about a second when Redis is down or hung."""
+    from service.redis_server import note_redis_error, redis_down
+
+    if redis_down(settings.redis_url):
+        raise BrokerUnavailable(f"could not queue {what}: Redis failed moments ago")
+    try:
+        # kombu's own connection has no read timeout: ask Redis with the short-timeout client first.
+        redis_client(settings).ping()
+    except redis.RedisError as exc:
+        note_redis_error(settings.redis_url)
+        raise BrokerUnavailable(f"could not queue {what}: {exc}") from exc
+
+
 def send(task: str, args: list[Any], queue: str, settings: Settings) -> None:
-    """Send one task message to `queue`. Raises `BrokerUnavailable`."""
+    """Send one task message to `queue` (after `check_broker`). Raises `BrokerUnavailable`."""
     try:
         # The default exchange routes by queue name alone. A named exchange needs its binding table in
         # Redis, and after a Redis flush kombu drops messages published to it without a word.
@@ -141,13 +155,16 @@ def send(task: str, args: list[Any], queue: str, settings: Settings) -> None:
 
 
 def enqueue_build(profile_id: str, method: str, settings: Settings) -> None:
-    """Send the build of `profile_id` (its row must already be committed). Raises `BrokerUnavailable`."""
+    """Send the build of `profile_id` (its row must already be committed). Raises `BrokerUnavailable`
+    within about a second when Redis is down or hung: the row stays queued and is sent again later."""
+    check_broker(settings, f"the build of profile {profile_id}")
     send(BUILD_TASK, [profile_id], choose_queue(method, settings), settings)
 
 
 def enqueue_offline_comparison(comparison_id: str, settings: Settings) -> None:
     """Send the offline comparison `comparison_id` (its row must already be committed). It runs the model,
     so it goes where the models are: the `gpu` queue while a GPU worker listens. Raises `BrokerUnavailable`."""
+    check_broker(settings, f"the offline comparison {comparison_id}")
     send(OFFLINE_TASK, [comparison_id], "gpu" if gpu_worker_listening(settings) else "cpu", settings)
 
 
