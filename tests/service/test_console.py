@@ -183,6 +183,9 @@ def test_upload_build_and_experiment_forms_use_the_api_functions(client, auth, t
     page = client.get(f"/console/experiments/{exp_id}")
     assert page.status_code == 200 and "too little feedback" in page.text
     assert client.get(f"/console/experiments/{exp_id}/results.png").data[:8] == b"\x89PNG\r\n\x1a\n"
+    # Asking for the offline comparison queues it for a worker; the page follows it until it is stored.
+    page = client.get(f"/console/experiments/{exp_id}?offline=1")
+    assert page.status_code == 200 and "(queued)" in page.text and "data-reload" in page.text
 
 
 def test_the_profile_page_shows_whatever_the_build_recorded(client, auth, tenant_key, settings):
