@@ -12,9 +12,11 @@ from typing import TYPE_CHECKING, Any
 # public name -> the module that defines it
 _EXPORTS = {
     "build_profile": "build", "split_sample": "build",
+    "Calibration": "calibration",
     "OpinionItem": "data", "item_from_json": "data", "items_from_json": "data", "load_items": "data",
     "make_item": "data", "sample_hash": "data",
     "ModelLoadError": "errors", "ProfileError": "errors", "SteerError": "errors",
+    "evaluate": "evaluation",
     "METHODS": "methods", "Method": "methods", "get_method": "methods", "intervention": "methods",
     "summarize": "metrics",
     "DEFAULT_MODEL": "defaults", "LanguageModel": "models", "fetch_default_model": "models", "load_model": "models",
@@ -25,11 +27,11 @@ _EXPORTS = {
 }
 
 __all__ = [
-    "DEFAULT_MODEL", "METHODS", "ConstantShift", "Intervention", "LanguageModel", "Method", "ModelLoadError",
-    "OpinionItem", "Profile", "ProfileError", "RowSteering", "SteerError", "SteeringHooks", "answer_distributions",
-    "apply", "build_profile", "compose", "fetch_default_model", "format_prompt", "get_method", "intervention",
-    "item_from_json", "items_from_json", "load_items", "load_model", "make_item", "sample_hash", "split_sample",
-    "summarize",
+    "DEFAULT_MODEL", "METHODS", "Calibration", "ConstantShift", "Intervention", "LanguageModel", "Method",
+    "ModelLoadError", "OpinionItem", "Profile", "ProfileError", "RowSteering", "SteerError", "SteeringHooks",
+    "answer_distributions", "apply", "build_profile", "compose", "evaluate", "fetch_default_model", "format_prompt",
+    "get_method", "intervention", "item_from_json", "items_from_json", "load_items", "load_model", "make_item",
+    "sample_hash", "split_sample", "summarize",
 ]
 
 
@@ -48,9 +50,11 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:
     from steer_core.build import build_profile, split_sample
+    from steer_core.calibration import Calibration
     from steer_core.data import OpinionItem, item_from_json, items_from_json, load_items, make_item, sample_hash
     from steer_core.defaults import DEFAULT_MODEL
     from steer_core.errors import ModelLoadError, ProfileError, SteerError
+    from steer_core.evaluation import evaluate
     from steer_core.methods import METHODS, Method, get_method, intervention
     from steer_core.metrics import summarize
     from steer_core.models import LanguageModel, fetch_default_model, load_model
