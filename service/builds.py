@@ -7,6 +7,7 @@ The API needs no worker code for this: a build is a message naming the task and 
 from __future__ import annotations
 
 import logging
+import re
 
 import redis
 
@@ -19,6 +20,11 @@ log = logging.getLogger(__name__)
 # kombu's Redis transport keeps one list per queue and priority step; the default step has the bare name.
 _PRIORITY_SEP = "\x06\x16"
 _PRIORITY_STEPS = (3, 6, 9)
+# A queued row this old with no message in the broker has lost it (the sweeper sends it again).
+RESEND_QUEUED_AFTER_S = 30.0
+# Messages a worker has taken but not acknowledged (acks late: until the build ends).
+_UNACKED = "unacked"
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 class BrokerUnavailable(RuntimeError):
@@ -65,6 +71,24 @@ def enqueue_build(profile_id: str, method: str, settings: Settings) -> None:
     except Exception as exc:  # kombu raises its own OperationalError, redis its ConnectionError
         raise BrokerUnavailable(f"could not queue the build of profile {profile_id}: {exc}") from exc
     log.info("queued build of profile %s on %s", profile_id, queue)
+
+
+def pending_builds(settings: Settings) -> set[str]:
+    """Ids of the profiles whose build message is in the broker: waiting in a queue or held by a worker
+    (kombu's `unacked` hash). A `queued` row missing here has lost its message. Raises redis errors."""
+    client = redis_client(settings)
+    pipe = client.pipeline()
+    for queue in QUEUES:
+        pipe.lrange(queue, 0, -1)
+        for step in _PRIORITY_STEPS:
+            pipe.lrange(f"{queue}{_PRIORITY_SEP}{step}", 0, -1)
+    pipe.hvals(_UNACKED)
+    found: set[str] = set()
+    for messages in pipe.execute():
+        for raw in messages:
+            # A message's headers carry its arguments as text (`argsrepr`): the profile id appears as is.
+            found.update(_UUID.findall(raw.decode("utf-8", "replace")))
+    return found
 
 
 def queue_depths(settings: Settings) -> dict[str, int]:
