@@ -18,8 +18,8 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import select, update
 
-from service.builds import RESEND_QUEUED_AFTER_S
 from service.db import BuildAttempt, ProfileRow, session_scope, utcnow
+from service.queue import RESEND_QUEUED_AFTER_S
 from service.settings import Settings
 from worker.build_state import MAX_LOST_ATTEMPTS
 
@@ -47,9 +47,9 @@ def sweep(settings: Settings, now: datetime | None = None, enqueue: Enqueue | No
           pending: PendingBuilds | None = None) -> SweepReport:
     """Re-queue stale builds and re-send lost messages; return what was done."""
     if enqueue is None:
-        from service.builds import enqueue_build as enqueue
+        from service.queue import enqueue_build as enqueue
     if pending is None:
-        from service.builds import pending_builds as pending
+        from service.queue import pending_builds as pending
     now = now or utcnow()
     cutoffs = {"building": now - timedelta(seconds=settings.build_stale_after),
                "queued": now - timedelta(seconds=min(RESEND_QUEUED_AFTER_S, settings.build_stale_after))}

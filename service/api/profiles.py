@@ -113,7 +113,7 @@ def _get(profile_id: str) -> db.ProfileRow:
 def message_lost(profile_id: str, settings: Settings) -> bool:
     """Whether a `queued` profile's build message is missing from the broker (asking again re-sends it).
     False when the broker cannot say: then nothing could be sent anyway."""
-    from service.builds import pending_builds
+    from service.queue import pending_builds
     from service.redis_server import note_redis_error, redis_down
 
     if redis_down(settings.redis_url):
@@ -155,7 +155,7 @@ def request_build(body: ProfileCreate) -> tuple[ProfileOut, int, dict[str, str]]
         row.updated_at = db.utcnow()
     session.commit()  # the worker must see the row before the message arrives
     if enqueue or resend:
-        from service.builds import enqueue_build
+        from service.queue import enqueue_build
 
         try:
             enqueue_build(row.id, row.method, settings)

@@ -14,10 +14,9 @@ from api_helpers import requested_group_profile
 from runtime import redis_db_url
 
 from service import db
-from service.builds import choose_queue, queue_depths
+from service.queue import QUEUE_ALIVE_KEY, choose_queue, queue_depths
 from steer_core.data import make_item, sample_hash
 from worker import build_state
-from worker.app import QUEUE_ALIVE_KEY
 from worker.build_state import MAX_LOST_ATTEMPTS, Claim
 from worker.sweeper import sweep
 
@@ -156,7 +155,7 @@ def test_gpu_methods_go_to_the_gpu_queue_only_while_a_gpu_worker_listens(state_s
 
 
 def test_sweeper_resends_a_lost_queued_message_within_a_minute_and_leaves_a_waiting_one(state_settings):
-    from service.builds import RESEND_QUEUED_AFTER_S, enqueue_build, pending_builds
+    from service.queue import RESEND_QUEUED_AFTER_S, enqueue_build, pending_builds
     from worker.sweeper import sweep_interval
 
     lost = new_profile(state_settings)
