@@ -275,8 +275,10 @@ class ReadyCheck(Response):
 
 
 class Ready(Response):
-    status: Literal["ready", "not_ready"]
-    checks: dict[str, ReadyCheck]
+    status: Literal["ready", "not_ready"] = Field(description="database, redis and model all ok")
+    checks: dict[str, ReadyCheck] = Field(description="database, redis and model gate readiness; artifacts "
+                                                      "(profiles whose artifact broke) and, under `pluristeer up`, "
+                                                      "stack (its supervised processes) are reported only")
     model: str
 
 
