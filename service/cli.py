@@ -31,6 +31,8 @@ METHOD_HELP = {
     "odesteer": "ODESteer: a barrier function fitted on sketched activations; steering follows its gradient "
                 "flow (an ODE) at the last position",
 }
+# Fields of the interchange format a table's columns can be mapped to (--question-column ...).
+COLUMN_ROLES = ("question", "options", "target", "answer", "ordinal", "id")
 POSITIONS_HELP = ("where the displacement is added: prompt = every prompt token (the default of most methods), "
                   "last = the last prompt token and every generated token, all = every token")
 MODEL_HELP = (f"base model: {DEFAULT_MODEL} (the embedded default, fetched once), a Hugging Face hub id, a local "
@@ -67,7 +69,12 @@ def cmd_model_fetch(args: argparse.Namespace) -> int:
 def _load_sample(args: argparse.Namespace) -> list:
     from steer_core.data import load_items
 
-    items = load_items(args.data, args.format, args.group)
+    columns = None
+    if any(getattr(args, f"{role}_column") for role in COLUMN_ROLES):
+        from steer_core.tables import Columns
+
+        columns = Columns(**{role: getattr(args, f"{role}_column") or role for role in COLUMN_ROLES})
+    items = load_items(args.data, args.format, args.group, columns=columns, split=args.split)
     if args.limit:
         items = items[args.offset:args.offset + args.limit]
     elif args.offset:
@@ -197,8 +204,14 @@ def _print_table(summary: dict[str, dict[str, float]], n_items: int, profiles: l
 def _add_sample_args(p: argparse.ArgumentParser) -> None:
     from steer_core.data import FORMATS  # stdlib only: cheap
 
-    p.add_argument("--data", required=True, help="items file (or an OpinionsQA wave directory)")
+    p.add_argument("--data", required=True,
+                   help="items file (JSONL, CSV, Parquet), a saved Hugging Face dataset or OpinionsQA wave "
+                        "directory, or with --format hf a hub dataset name (downloaded: needs the network)")
     p.add_argument("--format", choices=FORMATS, help="default: guessed from the file")
+    for role in COLUMN_ROLES:
+        p.add_argument(f"--{role}-column", metavar="NAME",
+                       help=f"the table column holding each item's {role} (default: {role})")
+    p.add_argument("--split", default="train", help="the split of a Hugging Face dataset (default: train)")
     p.add_argument("--group", help="OpinionsQA group as ATTRIBUTE:Group, e.g. POLIDEOLOGY:Liberal")
     p.add_argument("--offset", type=int, default=0, help="skip this many items first")
     p.add_argument("--limit", type=int, default=0, help="use at most this many items")
