@@ -42,7 +42,18 @@ def choose_queue(method: str, settings: Settings) -> str:
 
 
 def enqueue_build(profile_id: str, method: str, settings: Settings) -> None:
-    """Send the build of `profile_id` (its row must already be committed). Raises `BrokerUnavailable`."""
+    """Send the build of `profile_id` (its row must already be committed). Raises `BrokerUnavailable`
+    within about a second when Redis is down or hung: the row stays queued and is sent again later."""
+    from service.redis_server import note_redis_error, redis_down
+
+    if redis_down(settings.redis_url):
+        raise BrokerUnavailable(f"could not queue the build of profile {profile_id}: Redis failed moments ago")
+    try:
+        # kombu's own connection has no read timeout: ask Redis with the short-timeout client first.
+        redis_client(settings).ping()
+    except redis.RedisError as exc:
+        note_redis_error(settings.redis_url)
+        raise BrokerUnavailable(f"could not queue the build of profile {profile_id}: {exc}") from exc
     queue = choose_queue(method, settings)
     try:
         # The default exchange routes by queue name alone. A named exchange needs its binding table in

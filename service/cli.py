@@ -238,8 +238,17 @@ def build_parser() -> argparse.ArgumentParser:
     keys = sub.add_parser("keys", help="API keys").add_subparsers(dest="action", required=True)
     create = keys.add_parser("create", help="create a key for a tenant (printed once)")
     create.add_argument("--tenant", required=True)
+    create.add_argument("--name", help="what the key is for (shown by `keys list`)")
     create.add_argument("--database-url", help="default: DATABASE_URL or the embedded SQLite file")
     create.set_defaults(func=_lazy("service.auth:create_key_cli"))
+    listing = keys.add_parser("list", help="list keys by prefix (no secrets)")
+    listing.add_argument("--tenant", help="only this tenant's keys")
+    listing.add_argument("--database-url", help="default: DATABASE_URL or the embedded SQLite file")
+    listing.set_defaults(func=_lazy("service.auth:list_keys_cli"))
+    revoke = keys.add_parser("revoke", help="revoke a key by its prefix (it gets 401 at once)")
+    revoke.add_argument("prefix", help="the key's prefix, as `keys list` shows it")
+    revoke.add_argument("--database-url", help="default: DATABASE_URL or the embedded SQLite file")
+    revoke.set_defaults(func=_lazy("service.auth:revoke_key_cli"))
 
     demo = sub.add_parser("demo", help="walk through the service against a running server")
     demo.add_argument("--url", help="server URL (default: the one `pluristeer up` wrote)")
@@ -247,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--items", type=int, default=16, help="opinion items to post for the demo group")
     demo.add_argument("--timeout", type=float, default=1800, help="seconds to wait for the build")
     demo.add_argument("--skip-ab", action="store_true", help="skip the A/B experiment part")
+    demo.add_argument("--no-builds", action="store_true",
+                      help="only the group and one unsteered chat: a quick check that the stack answers")
     demo.set_defaults(func=_lazy("service.demo:main"))
 
     bench = sub.add_parser("bench", help="run a benchmark script from bench/")

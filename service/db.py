@@ -117,6 +117,7 @@ class ApiKey(Base):
     tenant_id: Mapped[TenantFK]
     key_sha256: Mapped[str] = mapped_column(String(64), unique=True, nullable=False)
     prefix: Mapped[str] = mapped_column(String(32), nullable=False)
+    name: Mapped[str | None] = mapped_column(String(200), nullable=True)
     created_at: Mapped[Created]
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 

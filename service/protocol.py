@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AwareDatetime,
@@ -25,12 +25,26 @@ from pydantic import (
 
 from steer_core.data import OpinionItem
 
-# External ids (user uid, group gid) appear in URLs: keep them printable and bounded.
+# External ids (user uid, group gid) appear in URLs: keep them printable and bounded. Match them whole
+# (`re.fullmatch`): Python's `$` also matches before a trailing newline.
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,199}$"
+ID_RULE = "ids are 1 to 200 characters: letters, digits and ._:@- (not starting with a symbol)"
+# Profiles and experiments get uuid4 ids from the service.
+UUID_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
+# An API key's display prefix (service.auth.DISPLAY_CHARS characters of the key).
+KEY_PREFIX_PATTERN = r"^psk_[A-Za-z0-9_-]{8}$"
+PATH_PATTERNS = {"uid": ID_PATTERN, "gid": ID_PATTERN, "profile_id": UUID_PATTERN, "experiment_id": UUID_PATTERN,
+                 "prefix": KEY_PREFIX_PATTERN}
+# Text the databases store in bounded columns (item ids, end-user names, response ids).
+MAX_ID_CHARS = 200
 MAX_ITEMS_PER_REQUEST = 10_000
 MAX_MEMBERS = 10_000
 
+# Every JSON number is also held to +-1e15 (integers: 64 bits) before validation (service.openapi.read_json).
 Number = StrictInt | StrictFloat
+# A profile's weight in a blend: a steering displacement scaled by more than this only breaks the model.
+MAX_BLEND_WEIGHT = 100
+BlendWeight = Annotated[Number, Field(ge=-MAX_BLEND_WEIGHT, le=MAX_BLEND_WEIGHT)]
 
 
 class Request(BaseModel):
@@ -96,7 +110,7 @@ class GroupOut(Response):
 class OpinionIn(Request):
     """One item in the interchange format: exactly one of `target` (a distribution) and `answer`."""
 
-    id: str | int | None = None
+    id: Annotated[str, Field(max_length=MAX_ID_CHARS)] | StrictInt | None = None
     question: str
     options: list[str]
     ordinal: list[Number] | None = None
@@ -232,6 +246,28 @@ class ArtifactQuery(Request):
     format: Literal["safetensors", "gguf"] = "safetensors"
 
 
+# ----------------------------------------------------------------------------------------------- keys
+
+class KeyCreate(Request):
+    name: str = Field(min_length=1, max_length=200, pattern=r"\S", description="what the key is for")
+
+
+class KeyOut(Response):
+    prefix: str = Field(description="the key's first characters: names it in list and revoke")
+    name: str | None
+    created_at: datetime
+    revoked_at: datetime | None
+    current: bool = Field(description="the key this request was made with")
+
+
+class KeyCreated(KeyOut):
+    key: str = Field(description="the key itself: shown this once, only its hash is stored")
+
+
+class KeyList(Response):
+    keys: list[KeyOut]
+
+
 # --------------------------------------------------------------------------------------------- health
 
 class Health(Response):
@@ -282,7 +318,7 @@ class ChatMessageIn(Request):
 
 class ProfileWeight(Request):
     id: str = Field(description="a ready profile of this tenant, built for the served model")
-    weight: Number = Field(1.0, description="its weight in the blend (negative steers away)")
+    weight: BlendWeight = Field(1.0, description="its weight in the blend (negative steers away)")
 
     @field_validator("weight")
     @classmethod
@@ -299,7 +335,7 @@ class SteeringIn(Request):
     positions: Literal["prompt", "last", "all"] | None = Field(
         None, description="override every profile's steered positions")
     experiment: str | None = Field(None, description="an A/B experiment: the user's variant gives the blend")
-    groups_weight: Number | None = Field(
+    groups_weight: BlendWeight | None = Field(
         None, description="with `user` and no profiles: add each of the user's groups' newest ready profile "
                           "at this weight to the user's default profile")
 
@@ -323,11 +359,12 @@ class ChatCompletionRequest(Request):
     max_completion_tokens: StrictInt | None = Field(None, ge=1, description="same as max_tokens")
     temperature: Number = Field(1.0, ge=0, le=2, description="0 is greedy")
     top_p: Number = Field(1.0, gt=0, le=1)
-    seed: StrictInt | None = None
+    seed: StrictInt | None = Field(None, ge=-(2**63), le=2**63 - 1)
     stop: str | list[str] | None = Field(None, description=f"up to {MAX_STOP_STRINGS} stop strings")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = Field(None, description="the tenant's user uid: their default profile and experiments")
+    user: str | None = Field(None, max_length=MAX_ID_CHARS,
+                             description="the tenant's user uid: their default profile and experiments")
     n: Literal[1] = 1
     presence_penalty: Literal[0, 0.0] = 0
     frequency_penalty: Literal[0, 0.0] = 0
@@ -431,7 +468,7 @@ class ChatCompletionChunk(Response):
 class ScoreQuestion(Request):
     """A multiple-choice question; `target` or `answer` (optional) add alignment metrics to the response."""
 
-    id: str | StrictInt | None = None
+    id: Annotated[str, Field(max_length=MAX_ID_CHARS)] | StrictInt | None = None
     question: str
     options: list[str]
     ordinal: list[Number] | None = None
@@ -443,7 +480,7 @@ class ScoreRequest(Request):
     model: str | None = Field(None, description="the served base model (default), or `<base>:<profile id>`")
     questions: list[ScoreQuestion] = Field(min_length=1, max_length=MAX_SCORE_QUESTIONS)
     steering: SteeringIn | None = None
-    user: str | None = None
+    user: str | None = Field(None, max_length=MAX_ID_CHARS)
 
 
 class QuestionScore(Response):
@@ -473,12 +510,13 @@ ExperimentState = Literal["scheduled", "running", "paused", "stopped", "ended"]
 
 class ProfileWeightIn(Request):
     id: str = Field(min_length=1, max_length=64, description="a ready profile of this tenant")
-    weight: Number = Field(1.0, description="the profile's weight in the variant's blend")
+    weight: Number = Field(1.0, ge=0, le=MAX_BLEND_WEIGHT, description="the profile's weight in the variant's "
+                                                                     "blend")
 
 
 class VariantIn(Request):
     name: str = Field(pattern=VARIANT_NAME_PATTERN, description="unique within the experiment")
-    weight: Number = Field(1.0, description="traffic weight, relative to the other variants' (>= 0)")
+    weight: Number = Field(1.0, ge=0, description="traffic weight, relative to the other variants'")
     profiles: list[ProfileWeightIn] = Field(default_factory=list,
                                             description="the blend this variant applies; empty: unsteered")
 
@@ -500,7 +538,7 @@ class ExperimentCreate(Request):
 
 
 class ExperimentPatch(Request):
-    weights: dict[str, Number] | None = Field(
+    weights: dict[str, Annotated[Number, Field(ge=0)]] | None = Field(
         None, description="new traffic weights by variant name (others keep theirs); users already "
                           "assigned keep their variant")
     ends_at: AwareDatetime | None = Field(None, strict=False)

