@@ -660,21 +660,26 @@ class VariantResult(Response):
     feedback: int
     reward: RewardStats
     vs_control: ControlComparison | None = Field(description="null for the control")
-    offline: OfflineScores | None = Field(description="alignment with the scope's held-out opinion items")
+    offline: OfflineScores | None = Field(description="alignment with the scope's opinion items (see `offline`)")
 
 
 class OfflineComparison(Response):
     available: bool
+    status: Literal["ready", "queued", "running", "failed", "none"] = Field(
+        description="ready: stored and shown; queued/running: a worker computes it, ask again; failed: see "
+                    "detail; none: nothing to compare (no scope, no items, not requested)")
     detail: str
     items: int
-    evaluation: Literal["held-out", "in-sample"] | None
+    evaluation: Literal["held-out", "in-sample"] | None = Field(
+        description="held-out: items in no compared profile's sample; in-sample: every scope item is in some "
+                    "compared profile's sample (scores that flatter those profiles)")
     sample_hash: str | None
 
 
 class ResultsQuery(Request):
     model_config = ConfigDict(extra="forbid", strict=False)
-    offline: bool = Field(True, description="score each variant on the scope's held-out opinion items (runs "
-                                            "the model)")
+    offline: bool = Field(True, description="the offline comparison of the variants on the scope's opinion "
+                                            "items: asked of a worker the first time, then read back")
 
 
 class ExperimentResults(Response):

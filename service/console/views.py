@@ -12,7 +12,7 @@ from flask import Blueprint, Response, g, jsonify, redirect, render_template, re
 from pydantic import ValidationError
 from sqlalchemy import func, select
 
-from service import context, db
+from service import context, db, offline_comparison
 from service import experiments as ex
 from service.api import chat, opinions, profiles
 from service.api.experiments import offline_result
@@ -382,7 +382,7 @@ def experiment_page(experiment_id: str) -> str:
     session = context.session()
     exp = _experiment(experiment_id)
     offline = offline_result(exp) if request.args.get("offline") == "1" else \
-        ex.offline_unavailable("not run yet: it scores each variant on the scope's held-out items with the model")
+        offline_comparison.unavailable("not asked for yet: a worker scores each variant on the scope's opinion items")
     results = ex.experiment_results(session, exp, offline)
     return render_template("console/experiment.html", e=ex.experiment_view(session, exp), r=results,
                            sentences=summary_sentences(results))
