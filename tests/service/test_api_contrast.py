@@ -14,11 +14,11 @@ from sqlalchemy import func, select
 
 from service import db
 from service.artifacts import ArtifactStore
+from service.queue import BUILD_TASK, create_celery
 from steer_core import diffmean
 from steer_core.data import items_from_json, with_contrast
 from steer_core.profile import Profile
-from worker import tasks
-from worker.app import BUILD_TASK, create_celery
+from worker import lifecycle
 
 N = 6
 
@@ -88,7 +88,7 @@ def task_settings(settings, redis_url, tiny_lm, monkeypatch):
     s = replace(settings, redis_url=redis_db_url(redis_url, 8), build_stale_after=60)
     client = redis.Redis.from_url(s.redis_url)
     client.flushdb()
-    monkeypatch.setitem(tasks._models, s.model, tiny_lm)  # the process's model: the tiny one
+    monkeypatch.setitem(lifecycle._models, s.model, tiny_lm)  # the process's model: the tiny one
     yield s
     client.flushdb()
     client.close()
