@@ -124,6 +124,18 @@ class OpinionsPost(Request):
     items: list[OpinionIn] = Field(min_length=1, max_length=MAX_ITEMS_PER_REQUEST)
 
 
+class OpinionsUploadQuery(Request):
+    """How an uploaded table (CSV, JSONL or Parquet body) maps onto opinion items: the column of each field."""
+
+    model_config = ConfigDict(extra="forbid", strict=False)
+    question_column: str = "question"
+    options_column: str = "options"
+    target_column: str = "target"
+    answer_column: str = "answer"
+    ordinal_column: str = "ordinal"
+    id_column: str = "id"
+
+
 class OpinionOut(Response):
     id: str
     question: str
