@@ -1,9 +1,10 @@
-"""steer_core: steering profiles for causal LMs (DiffMean, COLD-Steer, ODESteer), as a plain library."""
+"""steer_core: steering profiles for causal LMs (DiffMean, COLD-Steer, ODESteer, LoRA), as a plain library."""
 
 from steer_core import (  # noqa: F401  (register the COLD-Steer methods)
     cold_fd,
     cold_kernel,
     diffmean,  # noqa: F401  (registers the method)
+    lora,  # noqa: F401  (registers the method)
     odesteer,  # noqa: F401  (registers the method)
 )
 from steer_core.build import build_profile, split_sample
