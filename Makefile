@@ -7,12 +7,15 @@ DEMO_DIR := .pluristeer
 
 .PHONY: setup browser demo eval-demo test lint bench clean
 
-# torch first, pinned to the CPU build this machine has on disk, so pip never pulls a multi-GB CUDA
-# build; pyproject.toml keeps a range so GPU hosts can install their own.
+TORCH_VERSION ?= 2.13.0
+
+# torch first, chosen for this machine (scripts/install_torch.sh: the CUDA build on a GPU host, else the
+# CPU build from PyTorch's CPU wheel index), so pip never pulls a multi-GB CUDA build onto a CPU host;
+# pyproject.toml keeps a range.
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet torch==2.13.0
+	bash scripts/install_torch.sh $(BIN) $(TORCH_VERSION)
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 

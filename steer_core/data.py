@@ -20,9 +20,12 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from steer_core.errors import SteerError
+
+if TYPE_CHECKING:
+    from steer_core.tables import Columns
 
 MAX_OPTIONS = 26  # one letter each
 REFUSAL_OPTIONS = {"refused"}
@@ -265,16 +268,27 @@ def load_persona(path: str | Path) -> list[OpinionItem]:
     return items
 
 
-FORMATS = ("jsonl", "opinionsqa", "caa", "persona")
+FORMATS = ("jsonl", "csv", "parquet", "hf", "opinionsqa", "caa", "persona")
 
 
-def load_items(path: str | Path, format: str | None = None, group: str | None = None) -> list[OpinionItem]:
+def load_items(path: str | Path, format: str | None = None, group: str | None = None,
+               columns: Columns | None = None, split: str = "train") -> list[OpinionItem]:
     """Load a sample in any supported format. OpinionsQA needs `group` as `ATTRIBUTE:Group`,
-    e.g. `POLIDEOLOGY:Liberal`, and `path` the wave directory."""
+    e.g. `POLIDEOLOGY:Liberal`, and `path` the wave directory. CSV, Parquet, saved Hugging Face datasets
+    (`hf`; with `format="hf"` a path that does not exist is a hub name) and JSONL with `columns` go
+    through `steer_core.tables`."""
+    if format == "hf" and not Path(path).exists():
+        from steer_core.tables import load_table
+
+        return load_table(str(path), "hf", columns, split)
     path = Path(path)
     if not path.exists():
         raise SteerError(f"{path} does not exist", "data")
     fmt = format or _guess_format(path)
+    if fmt in ("csv", "parquet", "hf") or (fmt == "jsonl" and columns is not None):
+        from steer_core.tables import load_table
+
+        return load_table(path, fmt, columns, split)
     if fmt == "jsonl":
         return load_jsonl(path)
     if fmt == "persona":
@@ -291,9 +305,12 @@ def load_items(path: str | Path, format: str | None = None, group: str | None = 
 
 def _guess_format(path: Path) -> str:
     if path.is_dir():
-        return "opinionsqa"
+        saved = any((path / name).exists() for name in ("dataset_info.json", "dataset_dict.json", "state.json"))
+        return "hf" if saved else "opinionsqa"
     if path.suffix == ".json":
         return "caa"
+    if path.suffix in (".csv", ".parquet"):
+        return path.suffix[1:]
     with _open(path) as f:
         first = next((line for line in f if line.strip()), "{}")
     try:

@@ -110,6 +110,22 @@ def _get(profile_id: str) -> db.ProfileRow:
     return row
 
 
+def message_lost(profile_id: str, settings: Settings) -> bool:
+    """Whether a `queued` profile's build message is missing from the broker (asking again re-sends it).
+    False when the broker cannot say: then nothing could be sent anyway."""
+    from service.queue import pending_builds
+    from service.redis_server import note_redis_error, redis_down
+
+    if redis_down(settings.redis_url):
+        return False
+    try:
+        return profile_id not in pending_builds(settings)
+    except Exception as exc:  # noqa: BLE001 - a down Redis: the sweeper sends it once Redis is back
+        note_redis_error(settings.redis_url)
+        log.warning("cannot read the build queues: %s", exc)
+        return False
+
+
 def request_build(body: ProfileCreate) -> tuple[ProfileOut, int, dict[str, str]]:
     """Request the build of `body` for the request's tenant (the API's POST and the console's form)."""
     tenant = tenant_id()
@@ -134,8 +150,11 @@ def request_build(body: ProfileCreate) -> tuple[ProfileOut, int, dict[str, str]]
 
     row, enqueue = db.request_profile(session, tenant, body.subject.kind, subject.id, body.method, model,
                                       params, sample_hash(items))
+    resend = not enqueue and row.status == "queued" and message_lost(row.id, settings)
+    if resend:
+        row.updated_at = db.utcnow()
     session.commit()  # the worker must see the row before the message arrives
-    if enqueue:
+    if enqueue or resend:
         from service.queue import enqueue_build
 
         try:
