@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_DIR := .pluristeer
 
-.PHONY: setup browser demo eval-demo test lint bench clean
+.PHONY: setup browser compose-tool demo eval-demo test lint bench clean
 
 TORCH_VERSION ?= 2.13.0
 
@@ -45,7 +45,19 @@ browser:
 		fi; \
 	fi
 
-test: setup browser
+# tests/test_compose.py validates docker-compose.yml with the `docker-compose` tool (Debian's package; no
+# Docker daemon needed): install it when absent (root and apt-get), otherwise say what is missing.
+compose-tool:
+	@if ! command -v docker-compose >/dev/null; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker-compose; \
+		else \
+			echo "tests/test_compose.py needs the docker-compose tool (e.g. apt-get install docker-compose)"; \
+			exit 1; \
+		fi; \
+	fi
+
+test: setup browser compose-tool
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q
 

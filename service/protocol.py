@@ -176,8 +176,15 @@ class ProfileCreate(Request):
                                                 "models")
     params: dict[str, Any] = Field(
         default_factory=dict,
-        description="layer, strength and positions fix what is otherwise chosen on held-out items; the "
-                    "method's own parameters are checked by the method")
+        description="layer, strength and positions fix what is otherwise chosen on held-out items; orders "
+                    "2 also fits on every item with its options reversed; the method's own parameters are "
+                    "checked by the method")
+    contrast: list[SubjectIn] | None = Field(
+        None, description="the users or groups this profile is to be told apart from: each item then carries "
+                          "their pooled answers to the same question, which group-relative objectives read "
+                          "(DiffMean weighs options by the group's share minus theirs; loss 'contrast'). "
+                          "Omitted: for a group, the tenant's other groups that answered any of the same "
+                          "questions; for a user, none. [] for none. Stored as params.contrast")
 
 
 class Progress(Response):

@@ -18,7 +18,7 @@ import json
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,11 +34,15 @@ _TARGET_TOLERANCE = 1e-3
 
 @dataclass(frozen=True)
 class OpinionItem:
+    """`contrast`, when set, is the pooled answer distribution of the subjects this item's target is to be
+    told apart from (other groups on the same question); group-relative objectives read it."""
+
     question: str
     options: tuple[str, ...]
     target: tuple[float, ...]
     ordinal: tuple[float, ...]
     id: str | None = None
+    contrast: tuple[float, ...] | None = None
 
     @property
     def answer(self) -> int:
@@ -54,6 +58,8 @@ class OpinionItem:
                                "ordinal": list(self.ordinal), "target": list(self.target)}
         if self.id is not None:
             out = {"id": self.id, **out}
+        if self.contrast is not None:
+            out["contrast"] = list(self.contrast)
         return out
 
 
@@ -96,6 +102,35 @@ def make_item(question: Any, options: Any, target: Any = None, answer: Any = Non
     return OpinionItem(question=question.strip(), options=tuple(o.strip() for o in options),
                        target=tuple(float(p) for p in probs), ordinal=tuple(float(x) for x in positions),
                        id=None if id is None else str(id))
+
+
+def question_key(item: OpinionItem) -> tuple[str, tuple[str, ...]]:
+    """What makes two subjects' items the same question: its text and its options in order."""
+    return item.question, item.options
+
+
+def with_contrast(items: Sequence[OpinionItem], others: Sequence[Sequence[OpinionItem]]) -> list[OpinionItem]:
+    """`items` with `contrast` set to the mean target of the other subjects' items on the same question
+    (each subject counts once). An item no other subject answered gets its own target as its contrast:
+    there is nothing to tell apart there, so group-relative objectives take no signal from it."""
+    pooled: dict[tuple[str, tuple[str, ...]], list[tuple[float, ...]]] = {}
+    for sample in others:
+        for key, target in {question_key(it): it.target for it in sample}.items():
+            pooled.setdefault(key, []).append(target)
+    out = []
+    for it in items:
+        targets = pooled.get(question_key(it))
+        contrast = it.target if not targets else tuple(sum(col) / len(targets) for col in zip(*targets, strict=True))
+        out.append(replace(it, contrast=contrast))
+    return out
+
+
+def reverse_options(item: OpinionItem) -> OpinionItem:
+    """The same item with its options in reverse order (letters re-assigned; target, ordinal and contrast
+    permuted with them): a profile that learned letters rather than opinions answers it differently."""
+    contrast = None if item.contrast is None else item.contrast[::-1]
+    return replace(item, options=item.options[::-1], target=item.target[::-1], ordinal=item.ordinal[::-1],
+                   contrast=contrast)
 
 
 def _numbers(values: Any, n: int, field: str) -> list[float]:
