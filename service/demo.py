@@ -1,8 +1,10 @@
 """`pluristeer demo`: walk through the service against a running server.
 
 Makes a group, posts its opinions (`tests/fixtures/opinions_group_urban.jsonl`), asks for a DiffMean
-profile, follows its progress, and prints the held-out alignment before and after steering. Talks
-HTTP only (urllib), exactly as any client would.
+profile, follows its progress, prints the cross-validated alignment before and after steering (the gain
+with its standard error), asks one question unsteered and steered, then runs the A/B part
+(`service.demo_ab`). `--no-builds` stops after the group and one unsteered chat: a quick check that a
+stack answers. Talks HTTP only (urllib), exactly as any client would.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -75,57 +78,93 @@ def default_connection(url: str | None, key: str | None) -> tuple[str, str]:
 
 
 def main(args: Any) -> int:
-    """`pluristeer demo [--url URL] [--key KEY] [--items N] [--timeout S]`."""
+    """`pluristeer demo [--url URL] [--key KEY] [--items N] [--timeout S] [--skip-ab] [--no-builds]`."""
     try:
         url, key = default_connection(getattr(args, "url", None), getattr(args, "key", None))
-        code = run(Client(url, key), items=int(getattr(args, "items", None) or 16),
-                   timeout=float(getattr(args, "timeout", None) or 1800))
-        if code != 0 or getattr(args, "skip_ab", False):
+        builds = not getattr(args, "no_builds", False)
+        ab = builds and not getattr(args, "skip_ab", False)
+        steps = Steps(2 + builds + ab)
+        code = run(Client(url, key), steps, items=int(getattr(args, "items", None) or 16),
+                   timeout=float(getattr(args, "timeout", None) or 1800), builds=builds)
+        if code != 0 or not ab:
             return code
         from service.demo_ab import run_ab_demo
 
-        print("\nA/B test: two group profiles, a simulated population that prefers one of them")
-        return run_ab_demo(url, key)
+        steps.next("an A/B test: two group profiles, a simulated population that prefers one of them")
+        return run_ab_demo(url, key, say=lambda line: print(f"      {line}" if line else "", flush=True))
     except DemoError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 
 
-def run(client: Client, items: int = 16, timeout: float = 1800.0) -> int:
+class Steps:
+    """Numbered step headers: `[2/4] what happens now`."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.done = 0
+
+    def next(self, title: str) -> None:
+        self.done += 1
+        print(f"[{self.done}/{self.total}] {title}", flush=True)
+
+
+def say(line: str) -> None:
+    print(f"      {line}", flush=True)
+
+
+def run(client: Client, steps: Steps, items: int = 16, timeout: float = 1800.0, builds: bool = True) -> int:
     gid = f"urban-demo-{uuid.uuid4().hex[:6]}"
     sample = read_items(DEMO_ITEMS, items)
+    steps.next(f"a group and its opinions: {gid}")
     client.call("PUT", f"/v1/groups/{gid}", {"members": []})
-    print(f"group {gid}: created")
     client.call("POST", f"/v1/groups/{gid}/opinions", {"items": sample})
-    print(f"group {gid}: {len(sample)} survey answers posted (a distribution per question)")
-    status, profile = client.call("POST", "/v1/profiles", {"subject": {"kind": "group", "id": gid},
-                                                           "method": "diffmean"})
+    say(f"{len(sample)} survey questions posted, each with the group's distribution over its answers")
+    profile = None
+    if builds:
+        steps.next("a DiffMean profile of the group, built by the worker")
+        profile = follow_build(client, gid, timeout, say)
+        if profile["status"] == "failed":
+            print(f"build failed: {profile.get('error')}", file=sys.stderr)
+            return 1
+        show(profile)
+    steps.next("one question through the OpenAI-compatible chat route" + (", unsteered and steered" if builds else ""))
+    _, ready = client.call("GET", "/readyz")
+    models = [ready["model"]] + ([f"{ready['model']}:{profile['id']}"] if profile else [])
+    question = "In one sentence: is it better to live in a city or in the countryside?"
+    say(f"question: {question}")
+    for model in models:
+        _, reply = client.call("POST", "/v1/chat/completions", {
+            "model": model, "messages": [{"role": "user", "content": question}], "max_tokens": 40,
+            "temperature": 0})
+        text = " ".join(reply["choices"][0]["message"]["content"].split())
+        say(f"{'steered' if ':' in model else 'unsteered':>9}: {text}")
+    return 0
+
+
+def follow_build(client: Client, gid: str, timeout: float, report: Callable[[str], None]) -> dict[str, Any]:
+    """Ask for a DiffMean profile of group `gid` and wait for it, reporting progress in quarters."""
+    start = time.monotonic()
+    _, profile = client.call("POST", "/v1/profiles", {"subject": {"kind": "group", "id": gid}, "method": "diffmean"})
     pid = profile["id"]
-    print(f"profile {pid}: {profile['status']} (HTTP {status}); the worker chooses layer and strength "
-          "on held-out questions")
-    deadline = time.monotonic() + timeout
-    last = None
-    while True:
+    report(f"profile {pid} {profile['status']}; layer and strength are chosen by cross-validation on the "
+           "group's own questions")
+    last_quarter = -1
+    while profile["status"] not in ("ready", "failed"):
+        if time.monotonic() - start > timeout:
+            raise DemoError(f"the profile was not built within {timeout:.0f} s (is a worker running?)")
+        time.sleep(1.0)
         _, profile = client.call("GET", f"/v1/profiles/{pid}")
         progress = profile.get("progress") or {}
-        line = f"  {profile['status']}"
         if progress.get("total"):
-            line += f" {progress['done']}/{progress['total']}"
-        if progress.get("stage"):
-            line += f" ({progress['stage']})"
-        if line != last:
-            print(line, flush=True)
-            last = line
-        if profile["status"] in ("ready", "failed"):
-            break
-        if time.monotonic() > deadline:
-            raise DemoError(f"the profile was not built within {timeout:.0f} s")
-        time.sleep(1.0)
-    if profile["status"] == "failed":
-        print(f"build failed: {profile.get('error')}", file=sys.stderr)
-        return 1
-    show(profile)
-    return 0
+            quarter = 4 * int(progress["done"]) // int(progress["total"])
+            if quarter > last_quarter:
+                report(f"{profile['status']} {25 * quarter:3d}% ({progress.get('stage', '')}, "
+                       f"{time.monotonic() - start:.0f} s)")
+                last_quarter = quarter
+    if profile["status"] == "ready":
+        report(f"ready after {time.monotonic() - start:.0f} s")
+    return profile
 
 
 def show(profile: dict[str, Any]) -> None:
@@ -133,11 +172,14 @@ def show(profile: dict[str, Any]) -> None:
     chosen = profile.get("chosen") or {}
     before = (metrics.get("unsteered") or {}).get("alignment")
     after = (metrics.get("steered") or {}).get("alignment")
-    artifact = profile.get("artifact") or {}
-    print(f"ready: layer {chosen.get('layer')}, strength {chosen.get('strength')}, "
-          f"artifact {str(artifact.get('sha256', ''))[:12]} ({artifact.get('size')} bytes)")
+    say(f"chosen: layer {chosen.get('layer')}, strength {chosen.get('strength')}")
     if before is not None and after is not None:
-        print(f"{metrics.get('evaluation', 'held-out')} alignment with the group: unsteered {before:.4f} -> "
-              f"steered {after:.4f}")
+        say(f"{metrics.get('evaluation', 'held-out')} alignment with the group: unsteered {before:.3f}, "
+            f"steered {after:.3f}")
+    gain = dict(metrics.get("gain") or {})
+    error = gain.pop("standard_error", None)
+    for metric, value in gain.items():
+        say(f"best setting's gain in {metric}: {value:+.3f} ± {error:.3f} (± one standard error; a gain "
+            "within about two of them can be luck)")
     if metrics.get("note"):
-        print(metrics["note"])
+        say(metrics["note"])

@@ -72,17 +72,18 @@ def load_fixture(name: str, n: int) -> list[dict[str, Any]]:
 def build_profile(api: Client, gid: str, timeout: float, say: Callable[[str], None]) -> dict[str, Any]:
     """A DiffMean profile of group `gid` (layer and strength chosen on held-out items), once ready."""
     row = api.call("POST", "/v1/profiles", {"subject": {"kind": "group", "id": gid}, "method": "diffmean"})
-    deadline = time.monotonic() + timeout
-    last = ""
+    start = time.monotonic()
+    last_quarter = -1
     while row["status"] not in ("ready", "failed"):
-        if time.monotonic() > deadline:
+        if time.monotonic() - start > timeout:
             raise DemoError(f"profile of {gid} not ready after {timeout:.0f} s (is a worker running?)")
         progress = row.get("progress") or {}
-        line = f"  {gid}: {row['status']} {progress.get('done', 0)}/{progress.get('total', 0)} " \
-               f"{progress.get('stage', '')}"
-        if line != last:
-            say(line)
-            last = line
+        if progress.get("total"):  # progress in quarters: a readable story, not a log
+            quarter = 4 * int(progress["done"]) // int(progress["total"])
+            if quarter > last_quarter:
+                say(f"  {gid}: {row['status']} {25 * quarter:3d}% ({progress.get('stage', '')}, "
+                    f"{time.monotonic() - start:.0f} s)")
+                last_quarter = quarter
         time.sleep(1.0)
         row = api.call("GET", f"/v1/profiles/{row['id']}")
     if row["status"] == "failed":
@@ -122,6 +123,9 @@ def results_table(results: dict[str, Any]) -> str:
         lines.append(f"offline: alignment on {offline['items']} {offline['evaluation']} opinion items of the scope")
         for v in results["variants"]:
             lines.append(f"  {v['name']:<10} {v['offline']['alignment']:.3f}")
+    else:
+        lines.append("")
+        lines.append(f"offline: {offline['detail']}")
     return "\n".join(lines)
 
 
@@ -160,6 +164,11 @@ def run_ab_demo(base_url: str, key: str, *, users: int = 120, seed: int = 0, bui
         up = coins[variant].random() < UP_RATE[variant]
         api.call("POST", f"/v1/experiments/{exp['id']}/feedback", {"response_id": response_id, "thumbs": up})
     results = api.call("GET", f"/v1/experiments/{exp['id']}/results")
+    # The first results request asks a worker for the offline comparison; it is read back once stored.
+    deadline = time.monotonic() + build_timeout
+    while results["offline"]["status"] in ("queued", "running") and time.monotonic() < deadline:
+        time.sleep(1.0)
+        results = api.call("GET", f"/v1/experiments/{exp['id']}/results")
     say("")
     say(results_table(results))
     say("")

@@ -8,6 +8,7 @@ Queue depth and profiles by status are read from Redis and the database at scrap
 
 from __future__ import annotations
 
+import hmac
 import logging
 import time
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from service import context, db
+from service.errors import ApiError
 from service.openapi import api_route
 
 log = logging.getLogger(__name__)
@@ -60,7 +62,7 @@ class _StateCollector(Collector):
         up = GaugeMetricFamily("pluristeer_dependency_up", "1 when a dependency answered this scrape",
                                labels=["dependency"])
         try:
-            from service.builds import queue_depths
+            from service.queue import queue_depths
 
             for queue, n in queue_depths(settings).items():
                 depth.add_metric([queue], n)
@@ -70,17 +72,18 @@ class _StateCollector(Collector):
             up.add_metric(["redis"], 0)
         yield depth
 
-        profiles = GaugeMetricFamily("pluristeer_profiles", "profiles by build status (all tenants)",
-                                     labels=["status"])
-        try:
-            with db.session_scope(settings) as session:
-                for status, n in db.count_profiles_by_status(session).items():
-                    profiles.add_metric([status], n)
-            up.add_metric(["database"], 1)
-        except Exception as exc:
-            log.warning("metrics: profile counts unavailable: %s", exc)
-            up.add_metric(["database"], 0)
-        yield profiles
+        if settings.metrics_token:  # counts over all tenants: only behind the metrics token
+            profiles = GaugeMetricFamily("pluristeer_profiles", "profiles by build status (all tenants)",
+                                         labels=["status"])
+            try:
+                with db.session_scope(settings) as session:
+                    for status, n in db.count_profiles_by_status(session).items():
+                        profiles.add_metric([status], n)
+                up.add_metric(["database"], 1)
+            except Exception as exc:
+                log.warning("metrics: profile counts unavailable: %s", exc)
+                up.add_metric(["database"], 0)
+            yield profiles
         yield up
 
         cache = state.cache_if_started()
@@ -129,8 +132,13 @@ def record_rate_limit(outcome: str) -> None:
 bp = Blueprint("observability", __name__)
 
 
-@api_route(bp, "/metrics", "GET", summary="Prometheus metrics", auth=False, tag="health",
-           responses={200: "text/plain"})
+@api_route(bp, "/metrics", "GET", summary="Prometheus metrics (behind METRICS_TOKEN when it is set; cross-tenant "
+           "counts only then)", auth=False, tag="health", responses={200: "text/plain"}, errors=(401,))
 def get_metrics() -> Response:
+    token = context.settings().metrics_token
+    if token and not hmac.compare_digest(request.headers.get("Authorization", "").encode(),
+                                         f"Bearer {token}".encode()):
+        raise ApiError(401, "unauthorized", "/metrics needs the metrics token (METRICS_TOKEN) as a bearer key",
+                       "Authorization")
     metrics: Metrics = current_app.extensions[EXTENSION]
     return Response(generate_latest(metrics.registry), mimetype=CONTENT_TYPE_LATEST)

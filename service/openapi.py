@@ -12,6 +12,8 @@ a ready `flask.Response` (downloads, SSE streams).
 from __future__ import annotations
 
 import json
+import logging
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,10 +22,13 @@ from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, request
 from pydantic import BaseModel, ValidationError
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from service import context
-from service.errors import ApiError, validation_error
-from service.protocol import ErrorResponse
+from service.errors import ApiError, not_found, validation_error
+from service.protocol import ID_PATTERN, ID_RULE, PATH_PATTERNS, ErrorResponse
+
+log = logging.getLogger(__name__)
 
 OPENAPI_VERSION = "3.1.0"
 API_TITLE = "pluristeer"
@@ -62,6 +67,7 @@ def api_route(bp: Blueprint, rule: str, method: str, *, summary: str, body: type
                 from service.auth import authenticate
 
                 authenticate()
+            check_path_args(path_args)
             kwargs = dict(path_args)
             if body is not None:
                 kwargs["body"] = parse_body(body)
@@ -84,18 +90,98 @@ def api_route(bp: Blueprint, rule: str, method: str, *, summary: str, body: type
     return decorate
 
 
-def parse_body(model: type[BaseModel]) -> BaseModel:
-    """The request's JSON body validated by `model`: 400 if it is not JSON, 422 naming the field if
-    invalid."""
-    raw = request.get_data(cache=True)  # werkzeug enforces MAX_CONTENT_LENGTH here (413)
-    if not raw.strip():
-        raise ApiError(400, "invalid_json", "the request body is empty; send a JSON object", "body")
+# Bounds every JSON body is held to before any model sees it: the databases, torch and the statistics
+# all take 64-bit numbers and UTF-8 text without NUL.
+MAX_JSON_DEPTH = 32
+MAX_JSON_INTEGER = 2**63 - 1
+MAX_JSON_NUMBER = 1e15
+
+
+class _TooLarge:
+    """An integer literal too large to read (kept as text so `int()` never sees 5,000 digits)."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+
+def _parse_int(text: str) -> int | _TooLarge:
+    if len(text.lstrip("-")) > 19:
+        return _TooLarge(text)
+    value = int(text)
+    return value if abs(value) <= MAX_JSON_INTEGER else _TooLarge(text)
+
+
+def read_json(raw: bytes) -> Any:
+    """`raw` parsed as JSON, then checked: nesting at most `MAX_JSON_DEPTH`, integers within 64 bits,
+    other numbers finite and at most `MAX_JSON_NUMBER` in size, strings (keys too) valid UTF-8 without NUL.
+    Raises `ApiError` (400 for what is not JSON, 422 naming the field for a value out of bounds)."""
     try:
-        payload = json.loads(raw)
+        payload = json.loads(raw, parse_int=_parse_int, parse_constant=float)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         message = f"the body is not valid JSON: {exc.msg}" if isinstance(exc, json.JSONDecodeError) else \
             "the body is not UTF-8 JSON"
         raise ApiError(400, "invalid_json", message, "body") from None
+    except RecursionError:
+        raise ApiError(400, "invalid_json", f"the body nests deeper than {MAX_JSON_DEPTH} levels",
+                       "body") from None
+    check_json_value(payload)
+    return payload
+
+
+def check_json_value(payload: Any) -> None:
+    """Walk a parsed body without recursion; the first value out of bounds is a 422 naming its path."""
+    stack: list[tuple[Any, str, int]] = [(payload, "", 0)]
+    while stack:
+        value, path, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise ApiError(400, "invalid_json", f"the body nests deeper than {MAX_JSON_DEPTH} levels", "body")
+        # Children are pushed last first, so the first bad value in document order is the one named.
+        if isinstance(value, dict):
+            for key, sub in reversed(value.items()):
+                where = f"{path}.{key}" if path else str(key)
+                _check_text(key, where)
+                stack.append((sub, where, depth + 1))
+        elif isinstance(value, list):
+            stack.extend((value[i], f"{path}[{i}]", depth + 1) for i in range(len(value) - 1, -1, -1))
+        elif isinstance(value, str):
+            _check_text(value, path or "body")
+        elif isinstance(value, _TooLarge):
+            raise ApiError(422, "validation_error", f"integers must lie within +-{MAX_JSON_INTEGER}",
+                           path or "body")
+        elif isinstance(value, float) and not (math.isfinite(value) and abs(value) <= MAX_JSON_NUMBER):
+            raise ApiError(422, "validation_error", f"numbers must be finite and at most {MAX_JSON_NUMBER:g} "
+                           "in size", path or "body")
+
+
+def _check_text(text: str, field: str) -> None:
+    if "\x00" in text:
+        raise ApiError(422, "validation_error", "text must not contain NUL characters", field)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(422, "validation_error", "text must not contain lone surrogates (\\ud800-\\udfff)",
+                       field) from None
+
+
+def read_body() -> bytes:
+    """The raw body, 413 past `MAX_CONTENT_LENGTH`. werkzeug checks a declared Content-Length, but cuts a
+    chunked body (no Content-Length) at the limit without a word: read one byte past it to tell."""
+    limit = current_app.config.get("MAX_CONTENT_LENGTH")
+    if limit is not None and request.content_length is None and "wsgi.input_terminated" in request.environ:
+        raw = request.environ["wsgi.input"].read(limit + 1)
+        if len(raw) > limit:
+            raise RequestEntityTooLarge()
+        return raw
+    return request.get_data(cache=True)
+
+
+def parse_body(model: type[BaseModel]) -> BaseModel:
+    """The request's JSON body validated by `model`: 400 if it is not JSON, 422 naming the field if
+    invalid."""
+    raw = read_body()
+    if not raw.strip():
+        raise ApiError(400, "invalid_json", "the request body is empty; send a JSON object", "body")
+    payload = read_json(raw)
     if not isinstance(payload, dict):
         raise ApiError(422, "validation_error", "the body must be a JSON object", "body")
     try:
@@ -104,12 +190,25 @@ def parse_body(model: type[BaseModel]) -> BaseModel:
         raise validation_error(exc) from None
 
 
+def check_path_args(path_args: dict[str, str]) -> None:
+    """Path ids must have the shape their pattern states (`PATH_PATTERNS`): a malformed uid or gid is a
+    422, a malformed profile or experiment id cannot exist (404)."""
+    for name, value in path_args.items():
+        pattern = PATH_PATTERNS.get(name)
+        if pattern is None or re.fullmatch(pattern, value):
+            continue
+        if pattern == ID_PATTERN:
+            raise ApiError(422, "validation_error", ID_RULE, name)
+        raise not_found(f"{name.removesuffix('_id')} {value!r}", "id")
+
+
 def parse_query(model: type[BaseModel]) -> BaseModel:
     args: dict[str, Any] = {}
     for key in request.args:
         values = request.args.getlist(key)
         if len(values) > 1:
             raise ApiError(422, "validation_error", "give this query parameter once", key)
+        _check_text(values[0], key)
         args[key] = values[0]
     try:
         return model.model_validate(args)
@@ -128,11 +227,30 @@ def to_response(result: Any) -> Response:
         response = current_app.response_class(status=status)
     else:
         payload = result.model_dump(mode="json") if isinstance(result, BaseModel) else result
-        response = current_app.response_class(json.dumps(payload, separators=(",", ":")), status=status,
-                                              mimetype="application/json")
+        response = current_app.response_class(dump_json(payload), status=status, mimetype="application/json")
     for name, value in headers.items():
         response.headers[name] = value
     return response
+
+
+def dump_json(payload: Any) -> str:
+    """`payload` as JSON. NaN and infinities are not JSON: a non-finite number that got this far is
+    written as null (and logged) rather than sent as `NaN`."""
+    try:
+        return json.dumps(payload, separators=(",", ":"), allow_nan=False)
+    except ValueError:
+        log.error("non-finite number in a %s response; sent as null", request.path)
+        return json.dumps(_finite_or_none(payload), separators=(",", ":"), allow_nan=False)
+
+
+def _finite_or_none(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_or_none(v) for v in value]
+    return value
 
 
 # ----------------------------------------------------------------------------------------- the document
@@ -150,11 +268,20 @@ def openapi_path(rule: str) -> str:
     return _CONVERTER.sub(lambda m: "{" + m.group("name") + "}", rule)
 
 
+# Blueprints of HTML pages (the web console): not API operations, not in the document.
+PAGE_BLUEPRINTS = frozenset({"console"})
+
+
+def is_api_rule(rule: Any) -> bool:
+    """Whether a url map rule is an API operation (not a static file or a console page)."""
+    return rule.endpoint != "static" and rule.endpoint.split(".")[0] not in PAGE_BLUEPRINTS
+
+
 def route_specs(app: Flask) -> list[tuple[str, str, RouteSpec | None]]:
-    """(path, method, spec) for every rule of the app's url map (spec None: not declared via api_route)."""
+    """(path, method, spec) for every API rule of the app's url map (spec None: not declared via api_route)."""
     out = []
     for rule in app.url_map.iter_rules():
-        if rule.endpoint == "static":
+        if not is_api_rule(rule):
             continue
         view = app.view_functions[rule.endpoint]
         spec = getattr(view, "api_spec", None)
@@ -180,7 +307,9 @@ def openapi_document(app: Flask) -> dict[str, Any]:
         op: dict[str, Any] = {"summary": spec.summary, "tags": [spec.tag],
                               "operationId": f"{method.lower()}_{path.strip('/').replace('/', '_')}"
                               .replace("{", "").replace("}", "").replace("-", "_").replace(".", "_")}
-        params = [{"name": m.group("name"), "in": "path", "required": True, "schema": {"type": "string"}}
+        params = [{"name": m.group("name"), "in": "path", "required": True,
+                   "schema": {"type": "string", **({"pattern": PATH_PATTERNS[m.group("name")]}
+                                                   if m.group("name") in PATH_PATTERNS else {})}}
                   for m in _CONVERTER.finditer(_rule_of(app, path, method))]
         if spec.query is not None:
             qschema = spec.query.model_json_schema()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AwareDatetime,
@@ -20,17 +20,33 @@ from pydantic import (
     StrictBool,
     StrictFloat,
     StrictInt,
+    ValidationInfo,
     field_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from steer_core.data import OpinionItem
 
-# External ids (user uid, group gid) appear in URLs: keep them printable and bounded.
+# External ids (user uid, group gid) appear in URLs: keep them printable and bounded. Match them whole
+# (`re.fullmatch`): Python's `$` also matches before a trailing newline.
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,199}$"
+ID_RULE = "ids are 1 to 200 characters: letters, digits and ._:@- (not starting with a symbol)"
+# Profiles and experiments get uuid4 ids from the service.
+UUID_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
+# An API key's display prefix (service.auth.DISPLAY_CHARS characters of the key).
+KEY_PREFIX_PATTERN = r"^psk_[A-Za-z0-9_-]{8}$"
+PATH_PATTERNS = {"uid": ID_PATTERN, "gid": ID_PATTERN, "profile_id": UUID_PATTERN, "experiment_id": UUID_PATTERN,
+                 "prefix": KEY_PREFIX_PATTERN}
+# Text the databases store in bounded columns (item ids, end-user names, response ids).
+MAX_ID_CHARS = 200
 MAX_ITEMS_PER_REQUEST = 10_000
 MAX_MEMBERS = 10_000
 
+# Every JSON number is also held to +-1e15 (integers: 64 bits) before validation (service.openapi.read_json).
 Number = StrictInt | StrictFloat
+# A profile's weight in a blend: a steering displacement scaled by more than this only breaks the model.
+MAX_BLEND_WEIGHT = 100
+BlendWeight = Annotated[Number, Field(ge=-MAX_BLEND_WEIGHT, le=MAX_BLEND_WEIGHT)]
 
 
 class Request(BaseModel):
@@ -96,7 +112,7 @@ class GroupOut(Response):
 class OpinionIn(Request):
     """One item in the interchange format: exactly one of `target` (a distribution) and `answer`."""
 
-    id: str | int | None = None
+    id: Annotated[str, Field(max_length=MAX_ID_CHARS)] | StrictInt | None = None
     question: str
     options: list[str]
     ordinal: list[Number] | None = None
@@ -160,8 +176,15 @@ class ProfileCreate(Request):
                                                 "models")
     params: dict[str, Any] = Field(
         default_factory=dict,
-        description="layer, strength and positions fix what is otherwise chosen on held-out items; the "
-                    "method's own parameters are checked by the method")
+        description="layer, strength and positions fix what is otherwise chosen on held-out items; orders "
+                    "2 also fits on every item with its options reversed; the method's own parameters are "
+                    "checked by the method")
+    contrast: list[SubjectIn] | None = Field(
+        None, description="the users or groups this profile is to be told apart from: each item then carries "
+                          "their pooled answers to the same question, which group-relative objectives read "
+                          "(DiffMean weighs options by the group's share minus theirs; loss 'contrast'). "
+                          "Omitted: for a group, the tenant's other groups that answered any of the same "
+                          "questions; for a user, none. [] for none. Stored as params.contrast")
 
 
 class Progress(Response):
@@ -225,6 +248,28 @@ class ArtifactQuery(Request):
     format: Literal["safetensors", "gguf"] = "safetensors"
 
 
+# ----------------------------------------------------------------------------------------------- keys
+
+class KeyCreate(Request):
+    name: str = Field(min_length=1, max_length=200, pattern=r"\S", description="what the key is for")
+
+
+class KeyOut(Response):
+    prefix: str = Field(description="the key's first characters: names it in list and revoke")
+    name: str | None
+    created_at: datetime
+    revoked_at: datetime | None
+    current: bool = Field(description="the key this request was made with")
+
+
+class KeyCreated(KeyOut):
+    key: str = Field(description="the key itself: shown this once, only its hash is stored")
+
+
+class KeyList(Response):
+    keys: list[KeyOut]
+
+
 # --------------------------------------------------------------------------------------------- health
 
 class Health(Response):
@@ -237,9 +282,37 @@ class ReadyCheck(Response):
 
 
 class Ready(Response):
-    status: Literal["ready", "not_ready"]
-    checks: dict[str, ReadyCheck]
+    status: Literal["ready", "not_ready"] = Field(description="database, redis and model all ok")
+    checks: dict[str, ReadyCheck] = Field(description="database, redis and model gate readiness; artifacts "
+                                                      "(profiles whose artifact broke) and, under `pluristeer up`, "
+                                                      "stack (its supervised processes) are reported only")
     model: str
+
+
+# --------------------------------------------------------------------------------------------- models
+
+class ModelSteering(Response):
+    """What a `<base>:<profile id>` model steers with (absent on the base model)."""
+
+    profile: str
+    subject: SubjectRef
+    method: str
+    version: int
+
+
+class ModelOut(Response):
+    """OpenAI's model object, plus `steering` on a profile's entry."""
+
+    id: str = Field(description="the base model, or `<base>:<profile id>`: pass it as a chat request's `model`")
+    object: Literal["model"] = "model"
+    created: int = Field(description="Unix seconds: the profile's creation (0 for the base model)")
+    owned_by: str
+    steering: ModelSteering | None = None
+
+
+class ModelList(Response):
+    object: Literal["list"] = "list"
+    data: list[ModelOut]
 
 
 OpinionsOut.model_rebuild()
@@ -275,7 +348,7 @@ class ChatMessageIn(Request):
 
 class ProfileWeight(Request):
     id: str = Field(description="a ready profile of this tenant, built for the served model")
-    weight: Number = Field(1.0, description="its weight in the blend (negative steers away)")
+    weight: BlendWeight = Field(1.0, description="its weight in the blend (negative steers away)")
 
     @field_validator("weight")
     @classmethod
@@ -292,7 +365,7 @@ class SteeringIn(Request):
     positions: Literal["prompt", "last", "all"] | None = Field(
         None, description="override every profile's steered positions")
     experiment: str | None = Field(None, description="an A/B experiment: the user's variant gives the blend")
-    groups_weight: Number | None = Field(
+    groups_weight: BlendWeight | None = Field(
         None, description="with `user` and no profiles: add each of the user's groups' newest ready profile "
                           "at this weight to the user's default profile")
 
@@ -306,6 +379,15 @@ class StreamOptions(Request):
     include_usage: bool = False
 
 
+# OpenAI chat fields this server does not implement -> the values that ask for what it does anyway.
+UNSUPPORTED_CHAT_FIELDS: dict[str, tuple[Any, ...]] = {
+    "n": (1,), "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "logprobs": (False,),
+    "top_logprobs": (0,), "tools": ([],), "tool_choice": ("none",), "functions": ([],), "function_call": ("none",),
+    "response_format": ({"type": "text"},), "logit_bias": ({},), "audio": (), "modalities": (["text"],),
+    "prediction": (), "reasoning_effort": (), "verbosity": (), "web_search_options": (),
+}
+
+
 class ChatCompletionRequest(Request):
     """OpenAI's chat completion request (n = 1, no tools) plus `steering`."""
 
@@ -316,15 +398,48 @@ class ChatCompletionRequest(Request):
     max_completion_tokens: StrictInt | None = Field(None, ge=1, description="same as max_tokens")
     temperature: Number = Field(1.0, ge=0, le=2, description="0 is greedy")
     top_p: Number = Field(1.0, gt=0, le=1)
-    seed: StrictInt | None = None
+    seed: StrictInt | None = Field(None, ge=-(2**63), le=2**63 - 1)
     stop: str | list[str] | None = Field(None, description=f"up to {MAX_STOP_STRINGS} stop strings")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = Field(None, description="the tenant's user uid: their default profile and experiments")
-    n: Literal[1] = 1
-    presence_penalty: Literal[0, 0.0] = 0
-    frequency_penalty: Literal[0, 0.0] = 0
+    user: str | None = Field(None, max_length=MAX_ID_CHARS,
+                             description="the tenant's user uid: their default profile and experiments")
+    n: Any = Field(1, description="unsupported beyond 1")
+    presence_penalty: Any = Field(0, description="unsupported beyond 0")
+    frequency_penalty: Any = Field(0, description="unsupported beyond 0")
     steering: SteeringIn | None = None
+    # OpenAI metadata that cannot change the output: accepted and ignored.
+    metadata: dict[str, str] | None = Field(None, description="accepted and ignored")
+    store: bool | None = Field(None, description="accepted and ignored (nothing is stored)")
+    service_tier: str | None = Field(None, description="accepted and ignored")
+    prompt_cache_key: str | None = Field(None, description="accepted and ignored")
+    safety_identifier: str | None = Field(None, description="accepted and ignored")
+    parallel_tool_calls: bool | None = Field(None, description="accepted and ignored (no tools are called)")
+    # OpenAI fields this server does not implement: a 422 naming the field, unless the value asks for
+    # what the server does anyway (`tools: []`, `response_format: {"type": "text"}`, ...).
+    logprobs: Any = Field(None, description="unsupported")
+    top_logprobs: Any = Field(None, description="unsupported")
+    tools: Any = Field(None, description="unsupported: no tool calls")
+    tool_choice: Any = Field(None, description="unsupported beyond \"none\"")
+    functions: Any = Field(None, description="unsupported")
+    function_call: Any = Field(None, description="unsupported beyond \"none\"")
+    response_format: Any = Field(None, description="unsupported beyond {\"type\": \"text\"}")
+    logit_bias: Any = Field(None, description="unsupported beyond {}")
+    audio: Any = Field(None, description="unsupported")
+    modalities: Any = Field(None, description="unsupported beyond [\"text\"]")
+    prediction: Any = Field(None, description="unsupported")
+    reasoning_effort: Any = Field(None, description="unsupported")
+    verbosity: Any = Field(None, description="unsupported")
+    web_search_options: Any = Field(None, description="unsupported")
+
+    @field_validator(*UNSUPPORTED_CHAT_FIELDS)
+    @classmethod
+    def _unsupported(cls, value: Any, info: ValidationInfo) -> Any:
+        accepted = UNSUPPORTED_CHAT_FIELDS[info.field_name or ""]
+        if value is None or any(value == ok and type(value) is type(ok) for ok in accepted):
+            return value
+        raise PydanticCustomError("unsupported", "{field} is not supported by this server: it generates plain "
+                                  "text, one choice a request", {"field": info.field_name})
 
     @field_validator("temperature", "top_p")
     @classmethod
@@ -424,7 +539,7 @@ class ChatCompletionChunk(Response):
 class ScoreQuestion(Request):
     """A multiple-choice question; `target` or `answer` (optional) add alignment metrics to the response."""
 
-    id: str | StrictInt | None = None
+    id: Annotated[str, Field(max_length=MAX_ID_CHARS)] | StrictInt | None = None
     question: str
     options: list[str]
     ordinal: list[Number] | None = None
@@ -436,7 +551,7 @@ class ScoreRequest(Request):
     model: str | None = Field(None, description="the served base model (default), or `<base>:<profile id>`")
     questions: list[ScoreQuestion] = Field(min_length=1, max_length=MAX_SCORE_QUESTIONS)
     steering: SteeringIn | None = None
-    user: str | None = None
+    user: str | None = Field(None, max_length=MAX_ID_CHARS)
 
 
 class QuestionScore(Response):
@@ -466,12 +581,13 @@ ExperimentState = Literal["scheduled", "running", "paused", "stopped", "ended"]
 
 class ProfileWeightIn(Request):
     id: str = Field(min_length=1, max_length=64, description="a ready profile of this tenant")
-    weight: Number = Field(1.0, description="the profile's weight in the variant's blend")
+    weight: Number = Field(1.0, ge=0, le=MAX_BLEND_WEIGHT, description="the profile's weight in the variant's "
+                                                                     "blend")
 
 
 class VariantIn(Request):
     name: str = Field(pattern=VARIANT_NAME_PATTERN, description="unique within the experiment")
-    weight: Number = Field(1.0, description="traffic weight, relative to the other variants' (>= 0)")
+    weight: Number = Field(1.0, ge=0, description="traffic weight, relative to the other variants'")
     profiles: list[ProfileWeightIn] = Field(default_factory=list,
                                             description="the blend this variant applies; empty: unsteered")
 
@@ -493,7 +609,7 @@ class ExperimentCreate(Request):
 
 
 class ExperimentPatch(Request):
-    weights: dict[str, Number] | None = Field(
+    weights: dict[str, Annotated[Number, Field(ge=0)]] | None = Field(
         None, description="new traffic weights by variant name (others keep theirs); users already "
                           "assigned keep their variant")
     ends_at: AwareDatetime | None = Field(None, strict=False)
@@ -615,21 +731,26 @@ class VariantResult(Response):
     feedback: int
     reward: RewardStats
     vs_control: ControlComparison | None = Field(description="null for the control")
-    offline: OfflineScores | None = Field(description="alignment with the scope's held-out opinion items")
+    offline: OfflineScores | None = Field(description="alignment with the scope's opinion items (see `offline`)")
 
 
 class OfflineComparison(Response):
     available: bool
+    status: Literal["ready", "queued", "running", "failed", "none"] = Field(
+        description="ready: stored and shown; queued/running: a worker computes it, ask again; failed: see "
+                    "detail; none: nothing to compare (no scope, no items, not requested)")
     detail: str
     items: int
-    evaluation: Literal["held-out", "in-sample"] | None
+    evaluation: Literal["held-out", "in-sample"] | None = Field(
+        description="held-out: items in no compared profile's sample; in-sample: every scope item is in some "
+                    "compared profile's sample (scores that flatter those profiles)")
     sample_hash: str | None
 
 
 class ResultsQuery(Request):
     model_config = ConfigDict(extra="forbid", strict=False)
-    offline: bool = Field(True, description="score each variant on the scope's held-out opinion items (runs "
-                                            "the model)")
+    offline: bool = Field(True, description="the offline comparison of the variants on the scope's opinion "
+                                            "items: asked of a worker the first time, then read back")
 
 
 class ExperimentResults(Response):

@@ -15,9 +15,14 @@
 | `BUILD_TIME_LIMIT` | `900` | seconds before a build task is killed |
 | `BUILD_STALE_AFTER` | `1800` | a `building` row older than this is re-queued by the sweeper |
 | `MAX_NEW_TOKENS` | `512` | upper bound of `max_tokens` in generation |
+| `DEFAULT_MAX_TOKENS` | `128` | `max_tokens` of a chat request that gives none |
+| `TOKENS_PER_MINUTE` | `20000` | prompt plus new tokens per tenant per minute (429 past it; 0: no budget) |
+| `PLURISTEER_STACK_STATUS` | unset | set by `pluristeer up`: the file where it reports its children (/readyz) |
+| `METRICS_TOKEN` | unset | when set, `/metrics` needs `Authorization: Bearer <it>` and adds cross-tenant counts |
 | `MAX_PROFILES_PER_REQUEST` | `8` | profiles in one blend |
 | `MAX_BATCH_SIZE` | `16` | rows the generation engine runs together |
 | `BATCH_WAIT_MS` | `10` | how long the engine waits to fill a batch |
+| `CONSOLE_SESSION_TTL` | `28800` | seconds a web console sign-in lasts |
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from steer_core.models import DEFAULT_MODEL, pluristeer_home
+from steer_core.defaults import DEFAULT_MODEL, pluristeer_home
 
 
 def _env(name: str, default: Any, cast: type = str) -> Any:
@@ -52,9 +57,14 @@ class Settings:
     build_time_limit: int = 900
     build_stale_after: int = 1800
     max_new_tokens: int = 512
+    default_max_tokens: int = 128
+    tokens_per_minute: int = 20_000
+    metrics_token: str | None = None
+    stack_status_file: str | None = None
     max_profiles_per_request: int = 8
     max_batch_size: int = 16
     batch_wait_ms: int = 10
+    console_session_ttl: int = 8 * 3600
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Settings:
@@ -73,9 +83,14 @@ class Settings:
             "build_time_limit": _env("BUILD_TIME_LIMIT", cls.build_time_limit, int),
             "build_stale_after": _env("BUILD_STALE_AFTER", cls.build_stale_after, int),
             "max_new_tokens": _env("MAX_NEW_TOKENS", cls.max_new_tokens, int),
+            "default_max_tokens": _env("DEFAULT_MAX_TOKENS", cls.default_max_tokens, int),
+            "tokens_per_minute": _env("TOKENS_PER_MINUTE", cls.tokens_per_minute, int),
+            "metrics_token": _env("METRICS_TOKEN", None),
+            "stack_status_file": _env("PLURISTEER_STACK_STATUS", None),
             "max_profiles_per_request": _env("MAX_PROFILES_PER_REQUEST", cls.max_profiles_per_request, int),
             "max_batch_size": _env("MAX_BATCH_SIZE", cls.max_batch_size, int),
             "batch_wait_ms": _env("BATCH_WAIT_MS", cls.batch_wait_ms, int),
+            "console_session_ttl": _env("CONSOLE_SESSION_TTL", cls.console_session_ttl, int),
         }
         known = {f.name for f in fields(cls)}
         unknown = set(overrides) - known

@@ -324,10 +324,8 @@ def score_blend(items: Sequence[OpinionItem], blend: Sequence[tuple[str, float]]
 
 # ------------------------------------------------------------------------------------------- the routes
 
-@api_route(bp, "/v1/chat/completions", "POST", summary="chat completion under steering (OpenAI-compatible; "
-           "`stream: true` answers server-sent events)", body=ChatCompletionRequest,
-           responses={200: ChatCompletion}, errors=(404, 409, 503), tag="generation")
-def chat_completions(body: ChatCompletionRequest) -> Any:
+def complete_chat(body: ChatCompletionRequest) -> Any:
+    """A chat completion (or its SSE stream) for the request's tenant: the API and the console's playground."""
     settings = context.settings()
     base, shorthand = parse_model(body.model, settings)
     max_tokens = body.max_completion_tokens or body.max_tokens or settings.max_new_tokens
@@ -371,6 +369,13 @@ def chat_completions(body: ChatCompletionRequest) -> Any:
         usage=Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
                     total_tokens=result.prompt_tokens + result.completion_tokens),
         steering=resolved.applied)
+
+
+@api_route(bp, "/v1/chat/completions", "POST", summary="chat completion under steering (OpenAI-compatible; "
+           "`stream: true` answers server-sent events)", body=ChatCompletionRequest,
+           responses={200: ChatCompletion}, errors=(404, 409, 503), tag="generation")
+def chat_completions(body: ChatCompletionRequest) -> Any:
+    return complete_chat(body)
 
 
 def _record_exposure(applied: SteeringOut, response_id: str) -> None:
@@ -423,10 +428,8 @@ def _score_items(body: ScoreRequest) -> list[OpinionItem]:
     return items
 
 
-@api_route(bp, "/v1/score", "POST", summary="answer distributions of multiple-choice questions under "
-           "steering (the same reader as every metric)", body=ScoreRequest, responses={200: ScoreResponse},
-           errors=(404, 409, 503), tag="generation")
-def score(body: ScoreRequest) -> ScoreResponse:
+def score_questions(body: ScoreRequest) -> ScoreResponse:
+    """Answer distributions under steering for the request's tenant: the API and the console's playground."""
     settings = context.settings()
     base, shorthand = parse_model(body.model, settings)
     items = _score_items(body)
@@ -447,3 +450,10 @@ def score(body: ScoreRequest) -> ScoreResponse:
     known = all(q.target is not None or q.answer is not None for q in body.questions)
     return ScoreResponse(model=base, scores=scores, metrics=summarize(items, dists) if known else None,
                          steering=resolved.applied)
+
+
+@api_route(bp, "/v1/score", "POST", summary="answer distributions of multiple-choice questions under "
+           "steering (the same reader as every metric)", body=ScoreRequest, responses={200: ScoreResponse},
+           errors=(404, 409, 503), tag="generation")
+def score(body: ScoreRequest) -> ScoreResponse:
+    return score_questions(body)

@@ -24,7 +24,8 @@ from service.protocol import (
     SubjectRef,
 )
 from service.settings import Settings
-from steer_core.build import split_sample
+from steer_core.build import check_orders, split_sample
+from steer_core.data import OpinionItem, question_key
 from steer_core.errors import SteerError
 from steer_core.export import control_vector_gguf
 from steer_core.methods import check_positions, get_method
@@ -59,6 +60,8 @@ def check_params(method: str, params: dict[str, Any]) -> dict[str, Any]:
                 or not math.isfinite(strength) or strength < 0:
             raise SteerError("must be a finite number >= 0", "params.strength")
         fixed["strength"] = strength
+    if "orders" in params:
+        fixed["orders"] = check_orders(params.pop("orders"))
     if "positions" in params:
         try:
             fixed["positions"] = check_positions(params.pop("positions"))
@@ -70,6 +73,31 @@ def check_params(method: str, params: dict[str, Any]) -> dict[str, Any]:
         field = exc.field or "params"
         raise SteerError(exc.message, field if field.startswith("params") else f"params.{field}") from None
     return {**own, **fixed}
+
+
+def resolve_contrast(session: db.Session, tenant: int, body: ProfileCreate, subject_id: int,
+                     items: list[OpinionItem]) -> list[dict[str, str]]:
+    """The request's contrast subjects as stored (`{"kind", "id"}`, sorted, each once), checked: they exist,
+    are not the subject, and answered at least one of its questions. Omitted: the other groups that did."""
+    if body.contrast is None:
+        if body.subject.kind != "group":
+            return []
+        return [{"kind": "group", "id": gid} for gid in
+                db.groups_sharing_questions(session, tenant, items, exclude=subject_id)]
+    wanted = {question_key(it) for it in items}
+    refs: dict[tuple[str, str], dict[str, str]] = {}
+    for i, ref in enumerate(body.contrast):
+        field = f"contrast[{i}]"
+        if (ref.kind, ref.id) == (body.subject.kind, body.subject.id):
+            raise ApiError(422, "validation_error", "a subject cannot be its own contrast", field)
+        other = db.get_subject(session, tenant, ref.kind, ref.id)
+        if other is None:
+            raise ApiError(422, "validation_error", f"{ref.kind} {ref.id!r} does not exist", f"{field}.id")
+        if not any(question_key(it) in wanted for it in db.subject_items(session, tenant, ref.kind, other.id)):
+            raise ApiError(422, "validation_error", f"{ref.kind} {ref.id!r} answered none of the subject's "
+                           "questions (same text and options): there is nothing to tell apart", f"{field}.id")
+        refs[(ref.kind, ref.id)] = {"kind": ref.kind, "id": ref.id}
+    return [refs[key] for key in sorted(refs)]
 
 
 def profile_views(session: db.Session, rows: list[db.ProfileRow]) -> list[ProfileOut]:
@@ -110,9 +138,24 @@ def _get(profile_id: str) -> db.ProfileRow:
     return row
 
 
-@api_route(bp, "/v1/profiles", "POST", summary="build a profile (202; the same request on the same sample is "
-           "one profile)", body=ProfileCreate, responses={202: ProfileOut, 200: ProfileOut}, errors=(404,))
-def create_profile(body: ProfileCreate) -> tuple[ProfileOut, int, dict[str, str]]:
+def message_lost(profile_id: str, settings: Settings) -> bool:
+    """Whether a `queued` profile's build message is missing from the broker (asking again re-sends it).
+    False when the broker cannot say: then nothing could be sent anyway."""
+    from service.queue import pending_builds
+    from service.redis_server import note_redis_error, redis_down
+
+    if redis_down(settings.redis_url):
+        return False
+    try:
+        return profile_id not in pending_builds(settings)
+    except Exception as exc:  # noqa: BLE001 - a down Redis: the sweeper sends it once Redis is back
+        note_redis_error(settings.redis_url)
+        log.warning("cannot read the build queues: %s", exc)
+        return False
+
+
+def request_build(body: ProfileCreate) -> tuple[ProfileOut, int, dict[str, str]]:
+    """Request the build of `body` for the request's tenant (the API's POST and the console's form)."""
     tenant = tenant_id()
     settings = context.settings()
     session = context.session()
@@ -122,10 +165,14 @@ def create_profile(body: ProfileCreate) -> tuple[ProfileOut, int, dict[str, str]
                        f"{', '.join(allowed_models(settings))}", "model")
     params = check_params(body.method, body.params)
     subject = find_subject(session, tenant, body.subject.kind, body.subject.id, "subject.id")
-    items = db.subject_items(session, tenant, body.subject.kind, subject.id)
-    if not items:
+    own = db.subject_items(session, tenant, body.subject.kind, subject.id)
+    if not own:
         raise ApiError(422, "validation_error", f"{body.subject.kind} {body.subject.id!r} has no opinion "
                        "items; POST them to .../opinions first", "subject")
+    contrast = resolve_contrast(session, tenant, body, subject.id, own)
+    if contrast:
+        params["contrast"] = contrast
+    items = db.profile_sample(session, tenant, body.subject.kind, subject.id, contrast)
     if not all(k in params for k in SEARCHED):
         try:
             split_sample(items)  # the same rule the build applies, refused now instead of failing later
@@ -135,9 +182,12 @@ def create_profile(body: ProfileCreate) -> tuple[ProfileOut, int, dict[str, str]
 
     row, enqueue = db.request_profile(session, tenant, body.subject.kind, subject.id, body.method, model,
                                       params, sample_hash(items))
+    resend = not enqueue and row.status == "queued" and message_lost(row.id, settings)
+    if resend:
+        row.updated_at = db.utcnow()
     session.commit()  # the worker must see the row before the message arrives
-    if enqueue:
-        from service.builds import enqueue_build
+    if enqueue or resend:
+        from service.queue import enqueue_build
 
         try:
             enqueue_build(row.id, row.method, settings)
@@ -147,6 +197,12 @@ def create_profile(body: ProfileCreate) -> tuple[ProfileOut, int, dict[str, str]
     view = profile_views(session, [row])[0]
     location = url_for("profiles.get_profile", profile_id=row.id)
     return view, 202 if enqueue else 200, {"Location": location}
+
+
+@api_route(bp, "/v1/profiles", "POST", summary="build a profile (202; the same request on the same sample is "
+           "one profile)", body=ProfileCreate, responses={202: ProfileOut, 200: ProfileOut}, errors=(404,))
+def create_profile(body: ProfileCreate) -> tuple[ProfileOut, int, dict[str, str]]:
+    return request_build(body)
 
 
 @api_route(bp, "/v1/profiles/<profile_id>", "GET", summary="a profile: status, progress, chosen "
@@ -178,9 +234,8 @@ def list_profiles(query: ProfileListQuery) -> ProfileList:
     return ProfileList(profiles=profile_views(session, rows), next_after=rows[-1].id if more else None)
 
 
-@api_route(bp, "/v1/profiles/<profile_id>", "DELETE", summary="delete a profile, its cache entries and (when "
-           "no other profile shares it) its artifact", responses={204: None}, errors=(404,))
-def delete_profile(profile_id: str) -> tuple[None, int]:
+def remove_profile(profile_id: str) -> None:
+    """Delete the tenant's profile, its cache entries and its artifact when no other profile shares it."""
     session = context.session()
     row = _get(profile_id)
     sha = row.artifact_sha256
@@ -192,24 +247,35 @@ def delete_profile(profile_id: str) -> tuple[None, int]:
         except Exception as exc:  # Redis down: its copy expires by TTL
             log.warning("profile %s deleted; cache entry not dropped: %s", profile_id, exc)
         context.artifact_store().delete(sha)
+
+
+@api_route(bp, "/v1/profiles/<profile_id>", "DELETE", summary="delete a profile, its cache entries and (when "
+           "no other profile shares it) its artifact", responses={204: None}, errors=(404,))
+def delete_profile(profile_id: str) -> tuple[None, int]:
+    remove_profile(profile_id)
     return None, 204
 
 
-@api_route(bp, "/v1/profiles/<profile_id>/artifact", "GET", summary="download the profile: safetensors, or with "
-           "format=gguf a llama.cpp control vector (constant-vector profiles; llama.cpp adds it at every position)",
-           query=ArtifactQuery, responses={200: "application/octet-stream"}, errors=(404, 409, 422))
-def get_artifact(profile_id: str, query: ArtifactQuery) -> Response:
+def artifact_download(profile_id: str, fmt: str) -> Response:
+    """The tenant's ready profile as a download in `fmt` (`safetensors` or `gguf`)."""
     row = _get(profile_id)
     if row.status != "ready" or row.artifact_sha256 is None:
         raise ApiError(409, "profile_not_ready", f"profile {profile_id} is {row.status}; its artifact "
                        "exists once it is ready", "id")
     data = context.artifact_store().get(row.artifact_sha256)  # verifies the sha256; errors -> 409 unavailable
     etag = row.artifact_sha256
-    if query.format == "gguf":
+    if fmt == "gguf":
         data = control_vector_gguf(Profile.from_bytes(data))  # SteerError (field "format") -> 422
         etag += "-gguf"
     response = current_app.response_class(data, mimetype="application/octet-stream")
-    response.headers["Content-Disposition"] = f'attachment; filename="{row.id}.{query.format}"'
+    response.headers["Content-Disposition"] = f'attachment; filename="{row.id}.{fmt}"'
     response.headers["ETag"] = f'"{etag}"'
     response.headers["X-Artifact-SHA256"] = row.artifact_sha256
     return response
+
+
+@api_route(bp, "/v1/profiles/<profile_id>/artifact", "GET", summary="download the profile: safetensors, or with "
+           "format=gguf a llama.cpp control vector (constant-vector profiles; llama.cpp adds it at every position)",
+           query=ArtifactQuery, responses={200: "application/octet-stream"}, errors=(404, 409, 422))
+def get_artifact(profile_id: str, query: ArtifactQuery) -> Response:
+    return artifact_download(profile_id, query.format)

@@ -8,15 +8,14 @@ from sqlalchemy.orm import Session
 
 from service import db
 from service.errors import ApiError, not_found
-from service.protocol import ID_PATTERN
+from service.protocol import ID_PATTERN, ID_RULE
 
 _ID = re.compile(ID_PATTERN)
 
 
 def check_id(value: str, field: str) -> str:
-    if not _ID.match(value):
-        raise ApiError(422, "validation_error", "ids are 1 to 200 characters: letters, digits and ._:@- "
-                       "(not starting with a symbol)", field)
+    if not _ID.fullmatch(value):
+        raise ApiError(422, "validation_error", ID_RULE, field)
     return value
 
 

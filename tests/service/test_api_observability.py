@@ -8,7 +8,7 @@ from api_helpers import make_group, mark_ready, request_profile
 
 from service import create_app, db
 from service.api.health import model_status
-from service.builds import queue_depths
+from service.queue import queue_depths
 
 
 def sample(text: str, name: str, **labels: str) -> float:
@@ -41,7 +41,11 @@ def test_readyz_reports_an_unmigrated_database(settings, tmp_path):
     db.dispose_engines(empty.database_url)
 
 
-def test_metrics_count_requests_builds_queue_and_cache(app, client, auth, settings):
+def test_metrics_count_requests_builds_queue_and_cache(settings, auth):
+    import dataclasses
+
+    app = create_app({"SETTINGS": dataclasses.replace(settings, metrics_token="scrape-me"), "TESTING": True})
+    client = app.test_client()
     make_group(client, auth)
     client.get("/v1/users/nobody", headers=auth)
     client.get("/v1/users/nobody2", headers=auth)
@@ -56,7 +60,9 @@ def test_metrics_count_requests_builds_queue_and_cache(app, client, auth, settin
         cache.load(sha)  # from the store
         cache.load(sha)  # from the LRU
 
-    text = client.get("/metrics").data.decode()
+    assert client.get("/metrics").status_code == 401
+    assert client.get("/metrics", headers=auth).status_code == 401  # a tenant's key is not the metrics token
+    text = client.get("/metrics", headers={"Authorization": "Bearer scrape-me"}).data.decode()
     assert sample(text, "pluristeer_http_requests_total", method="GET", route="/v1/users/<uid>", status="404") == 2
     assert sample(text, "pluristeer_http_requests_total", method="POST", route="/v1/profiles", status="202") == 2
     assert sample(text, "pluristeer_http_request_duration_seconds_count", method="PUT",
@@ -68,6 +74,15 @@ def test_metrics_count_requests_builds_queue_and_cache(app, client, auth, settin
     assert sample(text, "pluristeer_profile_cache_misses_total") == 1
     assert sample(text, "pluristeer_profile_cache_hits_total", layer="lru") == 1
     assert sample(text, "pluristeer_dependency_up", dependency="database") == 1
+
+
+def test_metrics_without_a_token_carry_no_cross_tenant_counts(client, auth):
+    make_group(client, auth)
+    request_profile(client, auth)
+    r = client.get("/metrics")
+    assert r.status_code == 200
+    text = r.data.decode()
+    assert "pluristeer_profiles{" not in text and "pluristeer_http_requests_total" in text
 
 
 def test_creating_the_app_touches_nothing(tmp_path, caplog):

@@ -9,14 +9,14 @@ from api_helpers import fixture_items, make_group, mark_ready, request_profile
 from flask import request
 
 from service import create_app
-from service.openapi import openapi_path
+from service.openapi import is_api_rule, openapi_path
 
 pytestmark = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 
 
 def url_map_operations(app) -> set[tuple[str, str]]:
     return {(openapi_path(rule.rule), method.lower()) for rule in app.url_map.iter_rules()
-            if rule.endpoint != "static" for method in (rule.methods or set()) - {"HEAD", "OPTIONS"}}
+            if is_api_rule(rule) for method in (rule.methods or set()) - {"HEAD", "OPTIONS"}}
 
 
 def test_document_matches_the_url_map(client, app):

@@ -1,0 +1,501 @@
+"""The console's pages. Each page calls the same service functions as the API route that does the same
+thing; the session (see `sessions.py`) scopes it to its tenant exactly as a key scopes the API."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+from urllib.parse import urlsplit
+
+from flask import Blueprint, Response, g, jsonify, redirect, render_template, request, url_for
+from pydantic import ValidationError
+from sqlalchemy import func, select
+
+from service import context, db, offline_comparison
+from service import experiments as ex
+from service.api import chat, opinions, profiles
+from service.api.experiments import offline_result
+from service.api.subjects import find_subject
+from service.auth import active_key, tenant_id
+from service.console import sessions
+from service.errors import ApiError, field_path, not_found
+from service.openapi import parse_body
+from service.protocol import (
+    ChatCompletionRequest,
+    ExperimentCreate,
+    OpinionsPost,
+    ProfileCreate,
+    ScoreRequest,
+)
+from steer_core.errors import SteerError
+from steer_core.methods import METHODS
+
+bp = Blueprint("console", __name__, url_prefix="/console", template_folder="templates", static_folder="static")
+
+ITEMS_PER_PAGE = 20
+PROFILES_SHOWN = 200
+FINAL_STATUSES = ("ready", "failed")
+
+
+# ------------------------------------------------------------------------------------------ errors
+
+@bp.errorhandler(ApiError)
+def _api_error(exc: ApiError) -> tuple[str, int, dict[str, str]]:
+    return _error_page(exc.status, exc.message, exc.field), exc.status, exc.headers
+
+
+@bp.errorhandler(SteerError)
+def _steer_error(exc: SteerError) -> tuple[str, int]:
+    return _error_page(422, exc.message, exc.field), 422
+
+
+@bp.errorhandler(ValidationError)
+def _validation_error(exc: ValidationError) -> tuple[str, int]:
+    first = exc.errors(include_url=False)[0]
+    return _error_page(422, first.get("msg", "invalid value"), field_path(first.get("loc", ()))), 422
+
+
+def _error_page(status: int, message: str, field: str | None) -> Any:
+    if _wants_json():
+        return jsonify({"error": {"status": status, "message": message, "field": field}})
+    return render_template("console/error.html", status=status, message=message, field=field)
+
+
+def _wants_json() -> bool:
+    return request.is_json or request.headers.get("Accept", "").startswith("application/json")
+
+
+# Scripts only from the console's own file; no framing (its buttons delete and stop things).
+_SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+                               "img-src 'self' data:; frame-ancestors 'none'; form-action 'self'",
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+}
+
+
+@bp.after_request
+def _security_headers(response: Response) -> Response:
+    for name, value in _SECURITY_HEADERS.items():
+        response.headers.setdefault(name, value)
+    if response.mimetype == "text/html":
+        response.headers["Cache-Control"] = "no-store"  # pages hold tenant data and the CSRF token
+    return response
+
+
+@bp.context_processor
+def _globals() -> dict[str, Any]:
+    return {"csrf_token": g.get("console_csrf"), "csrf_field": sessions.CSRF_FIELD, "fmt": _fmt,
+            "signed_in": g.get("console_csrf") is not None}
+
+
+def _fmt(x: Any, digits: int = 3) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, bool) or not isinstance(x, int | float):
+        return str(x)
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
+
+
+# ------------------------------------------------------------------------------------------ sign-in
+
+def _safe_next(target: str | None) -> str:
+    """Only a path inside the console (no open redirect)."""
+    if target and target.startswith("/console") and not urlsplit(target).netloc and "\\" not in target:
+        return target
+    return url_for("console.profile_list")
+
+
+@bp.get("/")
+def index() -> Response:
+    return redirect(url_for("console.profile_list"))
+
+
+@bp.route("/login", methods=["GET", "POST"])
+def login() -> Any:
+    error = None
+    status = 200
+    if request.method == "POST":
+        if not sessions.csrf_matches(request.cookies.get(sessions.LOGIN_COOKIE, ""), request.form.get("csrf_token")):
+            raise ApiError(403, "csrf_failed", "the sign-in form expired or was not sent from this site; reload "
+                           "the page", "csrf_token")
+        key = active_key(context.session(), request.form.get("api_key", "").strip())
+        if key is not None:
+            sessions.close_session(request.cookies.get(sessions.SESSION_COOKIE))  # one session per sign-in
+            token, _ = sessions.open_session(key)
+            context.session().commit()
+            response = redirect(_safe_next(request.form.get("next")))
+            sessions.set_cookie(response, sessions.SESSION_COOKIE, token, context.settings().console_session_ttl)
+            sessions.clear_cookie(response, sessions.LOGIN_COOKIE)
+            return response
+        error, status = "unknown or revoked API key", 401
+    import secrets
+
+    login_token = secrets.token_urlsafe(32)
+    page = render_template("console/login.html", login_token=login_token, error=error,
+                           next=request.values.get("next", ""))
+    response = Response(page, status=status)
+    sessions.set_cookie(response, sessions.LOGIN_COOKIE, login_token, sessions.LOGIN_TTL_S)
+    return response
+
+
+@bp.post("/logout")
+@sessions.signed_in
+def logout() -> Response:
+    sessions.close_session(request.cookies.get(sessions.SESSION_COOKIE))
+    response = redirect(url_for("console.login"))
+    sessions.clear_cookie(response, sessions.SESSION_COOKIE)
+    return response
+
+
+# ------------------------------------------------------------------------------------------ profiles
+
+def _profile_row(profile_id: str) -> db.ProfileRow:
+    row = db.get_profile(context.session(), tenant_id(), profile_id)
+    if row is None:
+        raise not_found(f"profile {profile_id!r}", "id")
+    return row
+
+
+def _progress_label(view: Any) -> str:
+    if view.status == "building" and view.progress is not None:
+        p = view.progress
+        return f"building {p.done}/{p.total}" + (f" ({p.stage})" if p.stage else "")
+    return view.status
+
+
+@bp.get("/profiles")
+@sessions.signed_in
+def profile_list() -> str:
+    session = context.session()
+    rows = db.list_profiles(session, tenant_id(), limit=PROFILES_SHOWN)
+    views = profiles.profile_views(session, rows)
+    return render_template("console/profiles.html", profiles=views, label=_progress_label, final=FINAL_STATUSES)
+
+
+@bp.get("/profiles/<profile_id>")
+@sessions.signed_in
+def profile_page(profile_id: str) -> str:
+    row = _profile_row(profile_id)
+    view = profiles.profile_views(context.session(), [row])[0]
+    return render_template("console/profile.html", p=view, label=_progress_label(view), final=FINAL_STATUSES,
+                           tables=_metric_tables(view.metrics or {}), facts=_metric_facts(view.metrics or {}),
+                           calibration=_calibration(row))
+
+
+def _calibration(row: db.ProfileRow) -> str | None:
+    """The output calibration the profile carries (read from its artifact through the profile cache)."""
+    if row.status != "ready" or row.artifact_sha256 is None:
+        return None
+    from service.artifacts import ArtifactError
+
+    try:
+        calibration = context.profile_cache().load(row.artifact_sha256).calibration
+    except ArtifactError as exc:
+        return f"unavailable: {exc}"
+    if calibration.is_identity:
+        return "none (the identity)"
+    return ", ".join(f"{k} {_fmt(float(v))}" for k, v in calibration.to_json().items())
+
+
+@bp.get("/profiles/<profile_id>/status")
+@sessions.signed_in
+def profile_status(profile_id: str) -> Response:
+    view = profiles.profile_views(context.session(), [_profile_row(profile_id)])[0]
+    return jsonify({"status": view.status, "label": _progress_label(view), "final": view.status in FINAL_STATUSES})
+
+
+@bp.get("/profiles/statuses")
+@sessions.signed_in
+def profile_statuses() -> Response:
+    """The status of each profile named in `ids` (comma-separated; the list page polls them in one request)."""
+    ids = [i for i in request.args.get("ids", "").split(",") if i][:PROFILES_SHOWN]
+    session = context.session()
+    rows = [r for r in (db.get_profile(session, tenant_id(), i) for i in ids) if r is not None]
+    return jsonify({v.id: {"status": v.status, "label": _progress_label(v), "final": v.status in FINAL_STATUSES}
+                    for v in profiles.profile_views(session, rows)})
+
+
+@bp.get("/profiles/<profile_id>/download")
+@sessions.signed_in
+def profile_download(profile_id: str) -> Response:
+    fmt = request.args.get("format", "safetensors")
+    if fmt not in ("safetensors", "gguf"):
+        raise ApiError(422, "validation_error", "format is safetensors or gguf", "format")
+    return profiles.artifact_download(profile_id, fmt)
+
+
+@bp.post("/profiles/<profile_id>/delete")
+@sessions.signed_in
+def profile_delete(profile_id: str) -> Response:
+    profiles.remove_profile(profile_id)
+    return redirect(url_for("console.profile_list"))
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)
+
+
+def _metric_tables(metrics: dict[str, Any]) -> list[tuple[str, list[str], list[tuple[str, dict[str, Any]]]]]:
+    """Every group of named scores in the profile's metrics as a table: rows are the models compared
+    (unsteered, steered, baselines...), columns the metrics. Whatever the build recorded is shown."""
+    tables = []
+    rows = [(name, value) for name, value in metrics.items()
+            if isinstance(value, dict) and value and "standard_error" not in value
+            and all(_is_number(v) for v in value.values())]
+    if rows:
+        columns = list(dict.fromkeys(k for _, v in rows for k in v))
+        tables.append(("scores", columns, rows))
+    for name, value in metrics.items():  # nested groups, e.g. {"baselines": {"uniform": {...}, ...}}
+        if isinstance(value, dict) and value and all(isinstance(v, dict) for v in value.values()):
+            inner = [(k, v) for k, v in value.items() if all(_is_number(x) for x in v.values())]
+            if inner:
+                columns = list(dict.fromkeys(k for _, v in inner for k in v))
+                tables.append((name, columns, inner))
+    return tables
+
+
+def _metric_facts(metrics: dict[str, Any]) -> list[tuple[str, str]]:
+    """The metrics' other entries as (name, text); a value with a standard error reads `x ± se`."""
+    facts = []
+    for name, value in metrics.items():
+        if value is None or name == "search":  # the search has its own table
+            continue
+        if _is_number(value) or isinstance(value, str | bool):
+            facts.append((name, _fmt(value)))
+        elif isinstance(value, dict) and not all(isinstance(v, dict) for v in value.values()) \
+                and not all(_is_number(v) for v in value.values()):
+            facts.append((name, _with_errors(value)))
+        elif isinstance(value, dict) and "standard_error" in value:
+            facts.append((name, _with_errors(value)))
+        elif isinstance(value, list):
+            facts.append((name, json.dumps(value)[:300]))
+    return facts
+
+
+def _with_errors(value: dict[str, Any]) -> str:
+    se = value.get("standard_error")
+    parts = []
+    for k, v in value.items():
+        if k == "standard_error":
+            continue
+        text = _fmt(v) if not isinstance(v, dict | list) else json.dumps(v)[:200]
+        if se is not None and _is_number(v) and _is_number(se):
+            text += f" ± {_fmt(se)}"
+        parts.append(f"{k}: {text}")
+    return ", ".join(parts)
+
+
+# ------------------------------------------------------------------------------------ groups and users
+
+@bp.get("/subjects")
+@sessions.signed_in
+def subject_list() -> str:
+    session = context.session()
+    tenant = tenant_id()
+    counts: dict[tuple[str, int], int] = {}
+    for column, kind in ((db.OpinionRow.group_id, "group"), (db.OpinionRow.user_id, "user")):
+        for sid, n in session.execute(select(column, func.count()).where(db.OpinionRow.tenant_id == tenant,
+                                                                         column.is_not(None)).group_by(column)):
+            counts[(kind, sid)] = n
+    groups = session.scalars(select(db.Group).where(db.Group.tenant_id == tenant).order_by(db.Group.gid)).all()
+    users = session.scalars(select(db.User).where(db.User.tenant_id == tenant).order_by(db.User.uid)).all()
+    return render_template("console/subjects.html", counts=counts,
+                           groups=[(s.gid, counts.get(("group", s.id), 0)) for s in groups],
+                           users=[(s.uid, counts.get(("user", s.id), 0)) for s in users])
+
+
+def _check_kind(kind: str) -> str:
+    if kind not in ("group", "user"):
+        raise not_found(f"{kind!r} pages", "kind")
+    return kind
+
+
+@bp.get("/subjects/<kind>/<subject_id>")
+@sessions.signed_in
+def subject_page(kind: str, subject_id: str) -> str:
+    _check_kind(kind)
+    session = context.session()
+    tenant = tenant_id()
+    subject = find_subject(session, tenant, kind, subject_id, "id")
+    items = [r.to_item() for r in db.own_opinions(session, tenant, kind, subject.id)]
+    page = max(1, request.args.get("page", 1, type=int) or 1)
+    pages = max(1, math.ceil(len(items) / ITEMS_PER_PAGE))
+    page = min(page, pages)
+    shown = items[(page - 1) * ITEMS_PER_PAGE: page * ITEMS_PER_PAGE]
+    built = profiles.profile_views(session, db.list_profiles(session, tenant, kind=kind, subject_id=subject.id,
+                                                             limit=50))
+    return render_template("console/subject.html", kind=kind, subject_id=subject_id, items=shown, page=page,
+                           pages=pages, total=len(items), profiles=built, methods=sorted(METHODS),
+                           label=_progress_label)
+
+
+@bp.post("/subjects/<kind>/<subject_id>/opinions")
+@sessions.signed_in
+def subject_upload(kind: str, subject_id: str) -> Response:
+    """A JSONL file of items (the interchange format), stored all or nothing by the API's function."""
+    _check_kind(kind)
+    upload = request.files.get("items")
+    if upload is None or not upload.filename:
+        raise ApiError(422, "validation_error", "choose a JSONL file of opinion items", "items")
+    raw: list[Any] = []
+    for n, line in enumerate(upload.read().decode("utf-8", errors="strict").splitlines(), start=1):
+        if line.strip():
+            try:
+                raw.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise ApiError(422, "validation_error", f"line {n} is not JSON: {exc.msg}", "items") from None
+    body = OpinionsPost.model_validate({"items": raw})
+    opinions.post_opinions(kind, subject_id, body)
+    return redirect(url_for("console.subject_page", kind=kind, subject_id=subject_id))
+
+
+@bp.post("/subjects/<kind>/<subject_id>/build")
+@sessions.signed_in
+def subject_build(kind: str, subject_id: str) -> Response:
+    _check_kind(kind)
+    params: dict[str, Any] = {}
+    for name, cast in (("layer", int), ("strength", float)):
+        text = request.form.get(name, "").strip()
+        if text:
+            try:
+                params[name] = cast(text)
+            except ValueError:
+                raise ApiError(422, "validation_error", f"{name} must be a number", f"params.{name}") from None
+    body = ProfileCreate.model_validate({"subject": {"kind": kind, "id": subject_id},
+                                         "method": request.form.get("method", ""), "params": params})
+    view, _, _ = profiles.request_build(body)
+    return redirect(url_for("console.profile_page", profile_id=view.id))
+
+
+# ------------------------------------------------------------------------------------------ experiments
+
+def _experiment(experiment_id: str) -> db.Experiment:
+    return ex.require_experiment(context.session(), tenant_id(), experiment_id)
+
+
+def _ready_profiles() -> list[Any]:
+    session = context.session()
+    rows = db.list_profiles(session, tenant_id(), status="ready", limit=PROFILES_SHOWN)
+    return profiles.profile_views(session, [r for r in rows if r.model == context.settings().model])
+
+
+@bp.get("/experiments")
+@sessions.signed_in
+def experiment_list() -> str:
+    session = context.session()
+    rows = ex.list_experiments(session, tenant_id(), PROFILES_SHOWN, None)
+    groups = session.scalars(select(db.Group.gid).where(db.Group.tenant_id == tenant_id())
+                             .order_by(db.Group.gid)).all()
+    return render_template("console/experiments.html", experiments=[ex.experiment_view(session, e) for e in rows],
+                           ready=_ready_profiles(), groups=groups)
+
+
+@bp.post("/experiments")
+@sessions.signed_in
+def experiment_create() -> Response:
+    """Variants from the form: `variant_name_N`, `variant_profile_N` (empty: unsteered), `variant_weight_N`."""
+    form = request.form
+    variants = []
+    for n in range(1, 5):
+        name = form.get(f"variant_name_{n}", "").strip()
+        if not name:
+            continue
+        profile = form.get(f"variant_profile_{n}", "").strip()
+        weight = form.get(f"variant_weight_{n}", "1").strip() or "1"
+        try:
+            traffic = float(weight)
+        except ValueError:
+            raise ApiError(422, "validation_error", "traffic weights are numbers", f"variants[{n - 1}].weight") \
+                from None
+        variants.append({"name": name, "weight": traffic, "profiles": [{"id": profile}] if profile else []})
+    payload: dict[str, Any] = {"name": form.get("name", "").strip(), "variants": variants,
+                               "reward": form.get("reward", "thumbs")}
+    if form.get("scope", "").strip():
+        payload["scope"] = {"group": form["scope"].strip()}
+    body = ExperimentCreate.model_validate(payload)
+    settings = context.settings()
+    exp = ex.create_experiment(context.session(), tenant_id(), body, model=settings.model,
+                               max_profiles=settings.max_profiles_per_request)
+    return redirect(url_for("console.experiment_page", experiment_id=exp.id))
+
+
+@bp.get("/experiments/<experiment_id>")
+@sessions.signed_in
+def experiment_page(experiment_id: str) -> str:
+    session = context.session()
+    exp = _experiment(experiment_id)
+    offline = offline_result(exp) if request.args.get("offline") == "1" else \
+        offline_comparison.unavailable("not asked for yet: a worker scores each variant on the scope's opinion items")
+    results = ex.experiment_results(session, exp, offline)
+    return render_template("console/experiment.html", e=ex.experiment_view(session, exp), r=results,
+                           sentences=summary_sentences(results))
+
+
+@bp.get("/experiments/<experiment_id>/results.png")
+@sessions.signed_in
+def experiment_plot(experiment_id: str) -> Response:
+    response = Response(ex.results_png(context.session(), _experiment(experiment_id)), mimetype="image/png")
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+@bp.post("/experiments/<experiment_id>/<action>")
+@sessions.signed_in
+def experiment_action(experiment_id: str, action: str) -> Response:
+    if action not in ("pause", "resume", "stop"):
+        raise not_found(f"action {action!r}", "action")
+    ex.transition(_experiment(experiment_id), action)
+    return redirect(url_for("console.experiment_page", experiment_id=experiment_id))
+
+
+def summary_sentences(results: Any) -> list[str]:
+    """The statistical summary in words, one sentence per variant against the control."""
+    out = []
+    level = f"{results.confidence:.0%}"
+    for v in results.variants:
+        c = v.vs_control
+        if c is None:
+            continue
+        if c.difference is None or c.p_value is None:
+            out.append(f"{v.name}: too little feedback yet to compare with {results.control} "
+                       f"({v.feedback} rewards so far).")
+            continue
+        direction = "better" if c.difference > 0 else "worse"
+        verdict = "significant" if c.significant else "not significant"
+        out.append(f"{v.name} is {direction} than {results.control} by {abs(c.difference):.3f} "
+                   f"({level} interval {_fmt(c.ci_low)} to {_fmt(c.ci_high)}), p = {c.p_value:.3g}: "
+                   f"{verdict} at α = {results.alpha:g}.")
+    if results.winner:
+        out.append(f"Winner: {results.winner}.")
+    return out
+
+
+# ------------------------------------------------------------------------------------------ playground
+
+@bp.get("/playground")
+@sessions.signed_in
+def playground() -> str:
+    return render_template("console/playground.html", ready=_ready_profiles(), model=context.settings().model)
+
+
+@bp.post("/playground/chat")
+@sessions.signed_in
+def playground_chat() -> Any:
+    """A chat completion through the API's own function (JSON body as for /v1/chat/completions)."""
+    from service.openapi import to_response
+
+    return to_response(chat.complete_chat(parse_body(ChatCompletionRequest)))
+
+
+@bp.post("/playground/score")
+@sessions.signed_in
+def playground_score() -> Any:
+    """Answer distributions through the API's own function (JSON body as for /v1/score)."""
+    from service.openapi import to_response
+
+    return to_response(chat.score_questions(parse_body(ScoreRequest)))

@@ -1,0 +1,227 @@
+"""The web console through Flask's client: sign-in sessions (cookie flags, CSRF, sign-out, expiry, revoked
+keys), tenant scoping of every page, and the pages calling the API's functions (uploads, builds,
+deletes, experiments). The real browser runs in test_console_browser.py."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import re
+import time
+
+import pytest
+from api_helpers import fixture_items, make_group, mark_ready, request_profile
+
+from service import create_app, db
+from service.console import sessions
+
+pytestmark = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+
+
+def login_token(client) -> str:
+    page = client.get("/console/login")
+    assert page.status_code == 200
+    return re.search(r'name="csrf_token" value="([^"]+)"', page.text).group(1)
+
+
+def sign_in(client, key: str) -> str:
+    """Sign in with `key`; the session's CSRF token."""
+    r = client.post("/console/login", data={"api_key": key, "csrf_token": login_token(client)})
+    assert r.status_code == 302, r.text
+    return csrf_of(client)
+
+
+def csrf_of(client) -> str:
+    page = client.get("/console/profiles")
+    assert page.status_code == 200, page.text
+    return re.search(r'<meta name="csrf-token" content="([^"]+)"', page.text).group(1)
+
+
+def test_sign_in_sets_a_strict_httponly_session_cookie(client, tenant_key):
+    assert client.get("/console/profiles").headers["Location"].startswith("/console/login")
+    r = client.post("/console/login", data={"api_key": tenant_key, "csrf_token": login_token(client),
+                                             "next": "/console/experiments"})
+    assert r.status_code == 302 and r.headers["Location"] == "/console/experiments"
+    cookie = next(h for h in r.headers.getlist("Set-Cookie") if h.startswith(sessions.SESSION_COOKIE + "="))
+    assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and "Path=/console" in cookie
+    assert tenant_key not in cookie  # the key never leaves the server again
+    page = client.get("/console/profiles")
+    assert page.status_code == 200
+    assert "frame-ancestors 'none'" in page.headers["Content-Security-Policy"]
+    assert page.headers["Cache-Control"] == "no-store"
+
+
+def test_wrong_key_and_forged_sign_in_are_refused(client, tenant_key):
+    r = client.post("/console/login", data={"api_key": "psk_wrong", "csrf_token": login_token(client)})
+    assert r.status_code == 401 and "unknown or revoked" in r.text
+    # A sign-in posted without the form's token (another site's form) is refused before the key is read.
+    r = client.post("/console/login", data={"api_key": tenant_key, "csrf_token": "forged"})
+    assert r.status_code == 403
+    assert client.get_cookie(sessions.SESSION_COOKIE, path="/console") is None
+    # Redirects after sign-in stay inside the console.
+    r = client.post("/console/login", data={"api_key": tenant_key, "csrf_token": login_token(client),
+                                             "next": "//evil.example/console"})
+    assert r.headers["Location"] == "/console/profiles"
+
+
+def test_posts_without_the_csrf_token_are_refused(client, auth, tenant_key, settings):
+    make_group(client, auth, "urban", n=6)
+    profile_id = request_profile(client, auth, "urban", params={"layer": 3, "strength": 1.0}).json["id"]
+    csrf = sign_in(client, tenant_key)
+    for path in (f"/console/profiles/{profile_id}/delete", "/console/logout"):
+        assert client.post(path).status_code == 403
+        assert client.post(path, data={"csrf_token": "wrong"}).status_code == 403
+    r = client.post("/console/playground/score", json={"questions": [{"question": "q", "options": ["a", "b"]}]})
+    assert r.status_code == 403 and r.json["error"]["field"] == "csrf_token"
+    assert client.get(f"/v1/profiles/{profile_id}", headers=auth).status_code == 200  # nothing was deleted
+    r = client.post(f"/console/profiles/{profile_id}/delete", headers={"X-CSRF-Token": csrf})
+    assert r.status_code == 302
+    assert client.get(f"/v1/profiles/{profile_id}", headers=auth).status_code == 404
+
+
+def test_sign_out_and_revoked_keys_end_the_session(client, tenant_key, settings):
+    csrf = sign_in(client, tenant_key)
+    token = client.get_cookie(sessions.SESSION_COOKIE, path="/console").value
+    assert client.post("/console/logout", data={"csrf_token": csrf}).status_code == 302
+    assert client.get("/console/profiles").status_code == 302
+    # The old cookie replayed after sign-out opens nothing: the server forgot the session.
+    client.set_cookie(sessions.SESSION_COOKIE, token, path="/console")
+    assert client.get("/console/profiles").status_code == 302
+
+    # Signing in again replaces the session: the earlier cookie opens nothing.
+    sign_in(client, tenant_key)
+    earlier = client.get_cookie(sessions.SESSION_COOKIE, path="/console").value
+    sign_in(client, tenant_key)
+    current = client.get_cookie(sessions.SESSION_COOKIE, path="/console").value
+    client.set_cookie(sessions.SESSION_COOKIE, earlier, path="/console")
+    assert client.get("/console/profiles").status_code == 302
+    client.set_cookie(sessions.SESSION_COOKIE, current, path="/console")
+    assert client.get("/console/profiles").status_code == 200
+    from service.auth import revoke_key
+
+    with db.session_scope(settings) as session:
+        assert revoke_key(session, tenant_key)
+    assert client.get("/console/profiles").status_code == 302
+
+
+def test_sessions_expire(settings, tenant_key):
+    app = create_app({"SETTINGS": dataclasses.replace(settings, console_session_ttl=1), "TESTING": True})
+    client = app.test_client()
+    sign_in(client, tenant_key)
+    time.sleep(1.6)
+    r = client.get("/console/profiles")
+    assert r.status_code == 302 and r.headers["Location"].startswith("/console/login")
+
+
+def test_another_tenants_pages_are_not_found(client, auth, other_auth, tenant_key, other_tenant_key, settings):
+    make_group(client, auth, "urban", n=6)
+    profile_id = request_profile(client, auth, "urban", params={"layer": 3, "strength": 1.0}).json["id"]
+    mark_ready(settings, profile_id)
+    exp = client.post("/v1/experiments", headers=auth, json={
+        "name": "a/b", "variants": [{"name": "control"}, {"name": "urban", "profiles": [{"id": profile_id}]}]}).json
+    sign_in(client, other_tenant_key)
+    assert client.get(f"/console/profiles/statuses?ids={profile_id}").json == {}
+    pages = [f"/console/profiles/{profile_id}", f"/console/profiles/{profile_id}/status",
+             f"/console/profiles/{profile_id}/download", "/console/subjects/group/urban",
+             f"/console/experiments/{exp['id']}", f"/console/experiments/{exp['id']}/results.png"]
+    for page in pages:
+        assert client.get(page).status_code == 404, page
+    csrf = csrf_of(client)
+    for path in (f"/console/profiles/{profile_id}/delete", f"/console/experiments/{exp['id']}/pause"):
+        assert client.post(path, data={"csrf_token": csrf}).status_code == 404, path
+    assert profile_id not in client.get("/console/profiles").text
+    assert "urban" not in client.get("/console/subjects").text
+    # The owner sees all of it.
+    sign_in(client, tenant_key)
+    for page in pages:
+        assert client.get(page).status_code == 200, page
+
+
+def test_upload_build_and_experiment_forms_use_the_api_functions(client, auth, tenant_key, settings):
+    assert client.put("/v1/groups/urban", json={"members": []}, headers=auth).status_code == 201
+    csrf = sign_in(client, tenant_key)
+    items = fixture_items("opinions_group_urban.jsonl", 25)
+    bad = "\n".join(json.dumps(it) for it in items[:3]) + '\n{"question": "q", "options": ["a"], "target": [2]}\n'
+    r = client.post("/console/subjects/group/urban/opinions", data={
+        "csrf_token": csrf, "items": (io.BytesIO(bad.encode()), "items.jsonl")})
+    assert r.status_code == 422 and "items[3]" in r.text  # the API's validation, naming the item
+    assert client.get("/v1/groups/urban", headers=auth).json["opinions"] == 0  # all or nothing
+    good = "\n".join(json.dumps(it) for it in items)
+    r = client.post("/console/subjects/group/urban/opinions", data={
+        "csrf_token": csrf, "items": (io.BytesIO(good.encode()), "items.jsonl")})
+    assert r.status_code == 302
+    assert client.get("/v1/groups/urban", headers=auth).json["opinions"] == 25
+    page = client.get("/console/subjects/group/urban?page=2")
+    assert "page 2 of 2" in page.text and items[20]["question"] in page.text and items[0]["question"] not in page.text
+
+    r = client.post("/console/subjects/group/urban/build", data={"csrf_token": csrf, "method": "diffmean",
+                                                                  "layer": "3", "strength": "1.5"})
+    assert r.status_code == 302
+    profile_id = r.headers["Location"].rsplit("/", 1)[1]
+    built = client.get(f"/v1/profiles/{profile_id}", headers=auth).json
+    assert built["status"] == "queued" and built["params"]["layer"] == 3 and built["params"]["strength"] == 1.5
+    listed = client.get("/console/profiles").text
+    assert f'data-profile-id="{profile_id}"' in listed  # the list follows it until it is final
+    assert client.get(f"/console/profiles/statuses?ids={profile_id},nope").json == {
+        profile_id: {"status": "queued", "label": "queued", "final": False}}
+    r = client.post("/console/subjects/group/urban/build", data={"csrf_token": csrf, "method": "nope"})
+    assert r.status_code == 422 and "unknown method" in r.text
+
+    mark_ready(settings, profile_id)
+    page = client.get(f"/console/profiles/{profile_id}").text
+    assert "Download safetensors" in page and "0.800" in page and "0.700" in page
+    download = client.get(f"/console/profiles/{profile_id}/download")
+    assert download.status_code == 200
+    assert download.data == client.get(f"/v1/profiles/{profile_id}/artifact", headers=auth).data
+
+    r = client.post("/console/experiments", data={
+        "csrf_token": csrf, "name": "urban test", "reward": "thumbs", "scope": "urban",
+        "variant_name_1": "control", "variant_profile_1": "", "variant_weight_1": "1",
+        "variant_name_2": "steered", "variant_profile_2": profile_id, "variant_weight_2": "1"})
+    assert r.status_code == 302, r.text
+    exp_id = r.headers["Location"].rsplit("/", 1)[1]
+    exp = client.get(f"/v1/experiments/{exp_id}", headers=auth).json
+    assert exp["scope"] == {"group": "urban"} and [v["name"] for v in exp["variants"]] == ["control", "steered"]
+    assert client.post(f"/console/experiments/{exp_id}/pause", data={"csrf_token": csrf}).status_code == 302
+    assert client.get(f"/v1/experiments/{exp_id}", headers=auth).json["status"] == "paused"
+    page = client.get(f"/console/experiments/{exp_id}")
+    assert page.status_code == 200 and "too little feedback" in page.text
+    assert client.get(f"/console/experiments/{exp_id}/results.png").data[:8] == b"\x89PNG\r\n\x1a\n"
+    # Asking for the offline comparison queues it for a worker; the page follows it until it is stored.
+    page = client.get(f"/console/experiments/{exp_id}?offline=1")
+    assert page.status_code == 200 and "(queued)" in page.text and "data-reload" in page.text
+
+
+def test_the_profile_page_shows_whatever_the_build_recorded(client, auth, tenant_key, settings):
+    """Baselines and gains with standard errors, in whatever entries the build wrote."""
+    import torch
+
+    from steer_core.calibration import Calibration
+    from steer_core.profile import Profile
+
+    make_group(client, auth, "urban", n=6)
+    profile_id = request_profile(client, auth, "urban", params={"layer": 3, "strength": 1.0}).json["id"]
+    profile = Profile(method="diffmean", model_name=settings.model, model_fingerprint="test", layer=3,
+                      positions="prompt", strength=1.0, tensors={"vector": torch.ones(8)},
+                      calibration=Calibration(temperature=1.5, lean=-0.25))
+    mark_ready(settings, profile_id, profile.to_bytes())
+    with db.session_scope(settings) as session:
+        db.profile_by_id(session, profile_id).metrics = {
+            "evaluation": "cross-validated", "folds": 3,
+            "unsteered": {"alignment": 0.71, "kl": 0.4}, "steered": {"alignment": 0.78, "kl": 0.3},
+            "baselines": {"uniform": {"alignment": 0.64}, "calibrated": {"alignment": 0.75}},
+            "gain": {"alignment": 0.031, "standard_error": 0.012},
+            "search": [{"layer": 3, "strength": 1.0, "alignment": 0.78}]}
+    sign_in(client, tenant_key)
+    page = client.get(f"/console/profiles/{profile_id}").text
+    assert '<dd id="calibration">temperature 1.500, lean -0.250</dd>' in page
+    metrics = page[page.index('id="metrics"'):]
+    for text in ("cross-validated", "0.710", "0.780", "0.400", "baselines", "uniform", "0.640", "calibrated",
+                 "0.750", "alignment: 0.031 ± 0.012", "search (1 settings)"):
+        assert text in metrics, text
+
+
+def test_console_pages_are_not_in_the_api_document(client):
+    paths = client.get("/openapi.json").json["paths"]
+    assert not [p for p in paths if p.startswith("/console")]
