@@ -14,6 +14,7 @@ import re
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import redis
@@ -55,10 +56,14 @@ def check_sha(sha: str) -> str:
 
 
 class ArtifactStore:
-    """Content-addressed files under `root`: `root/ab/abcdef...` for sha256 `abcdef...`."""
+    """Content-addressed files under `root`: `root/ab/abcdef...` for sha256 `abcdef...`.
 
-    def __init__(self, root: str | Path) -> None:
+    `on_broken(sha, reason)` is told of every read that finds a file missing or corrupted (the API marks
+    the profiles that name it failed)."""
+
+    def __init__(self, root: str | Path, on_broken: Callable[[str, str], None] | None = None) -> None:
         self.root = Path(root)
+        self.on_broken = on_broken
 
     def path(self, sha: str) -> Path:
         sha = check_sha(sha)
@@ -93,13 +98,18 @@ class ArtifactStore:
         try:
             data = path.read_bytes()
         except FileNotFoundError:
-            raise ArtifactMissing(f"artifact {sha} is not in the store", sha) from None
+            raise self._broken(ArtifactMissing(f"artifact {sha} is not in the store", sha)) from None
         except OSError as exc:
-            raise ArtifactCorrupted(f"artifact {sha} cannot be read: {exc.strerror}", sha) from None
+            raise self._broken(ArtifactCorrupted(f"artifact {sha} cannot be read: {exc.strerror}", sha)) from None
         actual = sha256_hex(data)
         if actual != sha:
-            raise ArtifactCorrupted(f"artifact {sha} is corrupted: its bytes hash to {actual}", sha)
+            raise self._broken(ArtifactCorrupted(f"artifact {sha} is corrupted: its bytes hash to {actual}", sha))
         return data
+
+    def _broken(self, error: ArtifactError) -> ArtifactError:
+        if self.on_broken is not None:
+            self.on_broken(error.sha256, str(error))
+        return error
 
     def exists(self, sha: str) -> bool:
         return self.path(sha).is_file()

@@ -142,6 +142,10 @@ async function scoreQuestion(form, playground) {
 document.addEventListener("DOMContentLoaded", () => {
   document.querySelectorAll("[data-poll]").forEach(pollStatus);
   document.querySelectorAll("img[data-refresh]").forEach(refreshImage);
+  document.querySelectorAll("[data-reload]").forEach((el) => setTimeout(() => location.reload(), Number(el.dataset.reload)));
+  document.querySelectorAll("form[data-confirm]").forEach((form) => {
+    form.addEventListener("submit", (event) => { if (!confirm(form.dataset.confirm)) event.preventDefault(); });
+  });
   const playground = document.getElementById("playground");
   if (playground) {
     playground.querySelectorAll('input[type="range"]').forEach((input) => {
