@@ -199,6 +199,14 @@ class ProfileCreate(Request):
                           "questions; for a user, none. [] for none. Stored as params.contrast")
 
 
+class ProfileImport(Request):
+    subject: SubjectIn
+    adapter_config: dict[str, Any] = Field(description="the content of peft's adapter_config.json (a LoRA "
+                                                       "adapter for the served base model)")
+    adapter_model: str = Field(description="adapter_model.safetensors, base64-encoded (safetensors only: "
+                                           "pickled .bin adapters are refused)")
+
+
 class Progress(Response):
     done: int
     total: int
@@ -257,7 +265,7 @@ class ProfileList(Response):
 
 class ArtifactQuery(Request):
     model_config = ConfigDict(extra="forbid", strict=False)
-    format: Literal["safetensors", "gguf"] = "safetensors"
+    format: Literal["safetensors", "gguf", "peft"] = "safetensors"
 
 
 # ----------------------------------------------------------------------------------------------- keys

@@ -64,6 +64,10 @@ class Settings:
     metrics_token: str | None = None
     stack_status_file: str | None = None
     max_profiles_per_request: int = 8
+    # POST /v1/profiles/import: the largest LoRA rank and adapter file accepted (the request body is also
+    # capped by max_body_bytes, base64 adding a third).
+    max_adapter_rank: int = 64
+    max_adapter_bytes: int = 64 << 20
     max_batch_size: int = 16
     batch_wait_ms: int = 10
     console_session_ttl: int = 8 * 3600
@@ -91,6 +95,8 @@ class Settings:
             "metrics_token": _env("METRICS_TOKEN", None),
             "stack_status_file": _env("PLURISTEER_STACK_STATUS", None),
             "max_profiles_per_request": _env("MAX_PROFILES_PER_REQUEST", cls.max_profiles_per_request, int),
+            "max_adapter_rank": _env("MAX_ADAPTER_RANK", cls.max_adapter_rank, int),
+            "max_adapter_bytes": _env("MAX_ADAPTER_BYTES", cls.max_adapter_bytes, int),
             "max_batch_size": _env("MAX_BATCH_SIZE", cls.max_batch_size, int),
             "batch_wait_ms": _env("BATCH_WAIT_MS", cls.batch_wait_ms, int),
             "console_session_ttl": _env("CONSOLE_SESSION_TTL", cls.console_session_ttl, int),
