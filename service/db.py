@@ -5,7 +5,7 @@ never reach another tenant's rows. The one exception is `profile_by_id`, used by
 a Celery task carries only a profile id (a random uuid that the API itself enqueued).
 
 Schema changes go through Alembic (`migrations/`); `upgrade(url)` runs them to head. The experiment
-tables (issue 7: A/B tests) follow the profile models; revision 0002 creates them.
+tables (A/B tests) follow the profile models; revision 0002 creates them, 0004 the stored offline comparisons.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import hashlib
 import json
 import threading
 import uuid
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -44,7 +44,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 
-from steer_core.data import OpinionItem, make_item
+from steer_core.data import OpinionItem, make_item, question_key, with_contrast
 
 if TYPE_CHECKING:
     from service.settings import Settings
@@ -117,6 +117,7 @@ class ApiKey(Base):
     tenant_id: Mapped[TenantFK]
     key_sha256: Mapped[str] = mapped_column(String(64), unique=True, nullable=False)
     prefix: Mapped[str] = mapped_column(String(32), nullable=False)
+    name: Mapped[str | None] = mapped_column(String(200), nullable=True)
     created_at: Mapped[Created]
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
@@ -366,6 +367,33 @@ class Feedback(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow, nullable=False)
 
 
+
+OFFLINE_STATUSES = ("queued", "running", "ready", "failed")
+
+
+class OfflineComparisonRow(Base):
+    """The offline comparison of an experiment's variants on opinion items, computed by a worker task and
+    read back by the results endpoint. `inputs_sha256` names what it scores (the model, the items, each
+    variant's blend with its profiles' artifacts), so a change of any of them asks for a new row; `result`
+    is the stored comparison and per-variant scores once `ready`, `error` says why when `failed`."""
+
+    __tablename__ = "offline_comparisons"
+    __table_args__ = (
+        UniqueConstraint("experiment_id", "inputs_sha256"),
+        CheckConstraint("status IN ('queued', 'running', 'ready', 'failed')", name="status"),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=lambda: str(uuid.uuid4()))
+    tenant_id: Mapped[TenantFK]
+    experiment_id: Mapped[ExperimentFK]
+    inputs_sha256: Mapped[str] = mapped_column(String(64), nullable=False)
+    status: Mapped[str] = mapped_column(String(16), default="queued", nullable=False)
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[Created]
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow, nullable=False)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
 # ---------------------------------------------------------------------------------------------------------
 # Engines and sessions
 
@@ -432,18 +460,10 @@ def dispose_engines(url: str | None = None) -> None:
                 engine.dispose()
 
 
-@contextmanager
-def session_scope(settings: Settings | str) -> Iterator[Session]:
-    """A session that commits when the block ends and rolls back (and re-raises) when it raises."""
-    session = session_factory(settings)()
-    try:
-        yield session
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
-    finally:
-        session.close()
+def session_scope(settings: Settings | str) -> AbstractContextManager[Session]:
+    """A session in a transaction that commits when the block ends and rolls back (and re-raises) when it
+    raises: the settings' `sessionmaker.begin()`."""
+    return session_factory(settings).begin()
 
 
 def upgrade(url: str, revision: str = "head") -> None:
@@ -680,11 +700,45 @@ def request_profile(session: Session, tenant_id: int, kind: str, subject_id: int
         else:
             return row, True
     if existing.status == "failed":
+        if existing.artifact_sha256 is not None:
+            # A rebuild in place (its artifact broke): same id, the next version of the subject's profile.
+            existing.version = next_version(session, existing)
         existing.status, existing.error = "queued", None
         existing.progress = {"done": 0, "total": 0, "stage": "queued"}
         existing.started_at = existing.finished_at = None
         return existing, True
     return existing, False
+
+
+def next_version(session: Session, row: ProfileRow) -> int:
+    return (session.scalar(select(func.max(ProfileRow.version)).where(
+        ProfileRow.tenant_id == row.tenant_id, ProfileRow.subject_kind == row.subject_kind,
+        ProfileRow.subject_id == row.subject_id, ProfileRow.method == row.method,
+        ProfileRow.model == row.model)) or 0) + 1
+
+
+# The error of a profile whose artifact failed its check when read (`fail_broken_artifact`).
+BROKEN_ARTIFACT = "artifact unusable"
+
+
+def fail_broken_artifact(session: Session, sha256: str, reason: str) -> list[str]:
+    """Mark `failed` every ready profile whose artifact is `sha256` (it is missing or no longer hashes to
+    its name); asking for the same profile again rebuilds it in place. Not scoped to one tenant: the file
+    is shared by every profile that names it, and all of them are broken. Returns their ids."""
+    rows = list(session.scalars(select(ProfileRow).where(ProfileRow.artifact_sha256 == sha256,
+                                                         ProfileRow.status == "ready")))
+    now = utcnow()
+    for row in rows:
+        row.status, row.finished_at, row.updated_at = "failed", now, now
+        row.error = f"{BROKEN_ARTIFACT}: {reason}; request the same profile again to rebuild it"
+        row.progress = {**(row.progress or {}), "stage": "failed"}
+    return [row.id for row in rows]
+
+
+def count_broken_artifacts(session: Session) -> int:
+    """Failed profiles whose artifact broke, over all tenants (for /readyz; no ids, no tenants)."""
+    return int(session.scalar(select(func.count()).select_from(ProfileRow).where(
+        ProfileRow.status == "failed", ProfileRow.error.startswith(BROKEN_ARTIFACT))) or 0)
 
 
 def profiles_sharing_artifact(session: Session, sha256: str, exclude_id: str | None = None) -> int:
@@ -711,8 +765,40 @@ def profile_by_id(session: Session, profile_id: str) -> ProfileRow | None:
 
 
 def profile_items(session: Session, row: ProfileRow) -> list[OpinionItem]:
-    """The current sample of a profile's subject (what a build reads)."""
-    return subject_items(session, row.tenant_id, row.subject_kind, row.subject_id)
+    """The current sample of a profile's subject (what a build reads), with its contrast."""
+    return profile_sample(session, row.tenant_id, row.subject_kind, row.subject_id,
+                          (row.params or {}).get("contrast") or [])
+
+
+def profile_sample(session: Session, tenant_id: int, kind: str, subject_id: int,
+                   contrast: Sequence[dict[str, str]]) -> list[OpinionItem]:
+    """A subject's items, each carrying the pooled answers of the `contrast` subjects (`{"kind", "id"}`,
+    uid or gid) on the same question; no contrast: the items as they are. A contrast subject deleted since
+    the request adds nothing (the sample's hash then differs from the requested one, which the build
+    reports)."""
+    items = subject_items(session, tenant_id, kind, subject_id)
+    if not contrast:
+        return items
+    samples = []
+    for ref in contrast:
+        other = get_subject(session, tenant_id, ref["kind"], ref["id"])
+        if other is not None:
+            samples.append(subject_items(session, tenant_id, ref["kind"], other.id))
+    return with_contrast(items, samples)
+
+
+def groups_sharing_questions(session: Session, tenant_id: int, items: Sequence[OpinionItem],
+                             exclude: int | None = None) -> list[str]:
+    """The gids of the tenant's groups (but `exclude`) whose samples answer at least one of `items`'
+    questions, sorted."""
+    wanted = {question_key(it) for it in items}
+    out = []
+    for group in session.scalars(select(Group).where(Group.tenant_id == tenant_id).order_by(Group.gid)):
+        if group.id == exclude:
+            continue
+        if any(question_key(it) in wanted for it in subject_items(session, tenant_id, "group", group.id)):
+            out.append(group.gid)
+    return out
 
 
 @functools.cache

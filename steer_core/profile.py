@@ -20,6 +20,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor
 
+from steer_core.calibration import IDENTITY, Calibration
 from steer_core.errors import ProfileError
 from steer_core.models import LanguageModel
 
@@ -33,7 +34,9 @@ class Profile:
 
     `strength` is the method's one scale knob (DiffMean's alpha, COLD's eta, ODESteer's path length T);
     0 means the build found no setting that beat the unsteered model. `params` holds the method's other
-    hyperparameters, `metrics` the held-out scores and the hyperparameter search.
+    hyperparameters, `metrics` the held-out scores and the hyperparameter search. `calibration` maps the
+    steered answer distribution (temperature and ordinal lean, fitted out of fold by the build); readers of
+    answer distributions (`/v1/score`, `pluristeer eval`, the offline comparison) apply it.
     """
 
     method: str
@@ -46,6 +49,7 @@ class Profile:
     params: dict[str, Any] = field(default_factory=dict)
     sample_hash: str = ""
     metrics: dict[str, Any] = field(default_factory=dict)
+    calibration: Calibration = IDENTITY
     created_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     format_version: int = FORMAT_VERSION
 
@@ -53,7 +57,8 @@ class Profile:
         return {"method": self.method, "model_name": self.model_name, "model_fingerprint": self.model_fingerprint,
                 "layer": self.layer, "positions": self.positions, "strength": self.strength,
                 "params": self.params, "sample_hash": self.sample_hash, "metrics": self.metrics,
-                "created_at": self.created_at, "format_version": self.format_version}
+                "calibration": self.calibration.to_json(), "created_at": self.created_at,
+                "format_version": self.format_version}
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
@@ -70,6 +75,7 @@ class Profile:
         try:
             tensors = st_load(data)
             meta = _read_metadata(data)
+            meta["calibration"] = Calibration.from_json(meta.get("calibration", IDENTITY.to_json()))
             return cls(tensors=tensors, **meta)
         except (SafetensorError, ValueError, KeyError, TypeError, json.JSONDecodeError) as exc:
             raise ProfileError(f"not a valid pluristeer profile: {exc}", source) from None

@@ -107,9 +107,10 @@ def claim(settings: Settings, profile_id: str, task_id: str | None, label: str,
         except IntegrityError:
             session.rollback()  # another worker inserted this attempt number first
             return "busy"
-        items = profile_items(session, row)
+        items = profile_items(session, row)  # carrying the contrast subjects' answers, if any
+        params = {k: v for k, v in (row.params or {}).items() if k != "contrast"}
         result = Claim(profile_id=profile_id, attempt=number, method=row.method, model=row.model,
-                       params=dict(row.params or {}), sample_hash=row.sample_hash, items=items)
+                       params=params, sample_hash=row.sample_hash, items=items)
         session.commit()
         return result
     except BaseException:
@@ -181,8 +182,8 @@ def fail(settings: Settings, profile_id: str, attempt: int | None, message: str)
             _set_failed(row, message, now)
 
 
-def retrying(settings: Settings, profile_id: str, attempt: int, message: str, countdown: float) -> None:
-    """Put the row back to `queued` while a transient error waits out its backoff."""
+def retrying(settings: Settings, profile_id: str, attempt: int, message: str) -> None:
+    """Put the row back to `queued` while a transient error waits out Celery's backoff."""
     now = utcnow()
     with session_scope(settings) as session:
         record = _attempt(session, profile_id, attempt)
@@ -191,7 +192,7 @@ def retrying(settings: Settings, profile_id: str, attempt: int, message: str, co
         row = profile_by_id(session, profile_id)
         if row is not None and row.status == "building":
             row.status, row.updated_at = "queued", now
-            row.progress = {"done": 0, "total": 0, "stage": f"retrying in {countdown:.0f} s: {message}"[:500]}
+            row.progress = {"done": 0, "total": 0, "stage": f"retrying after a transient error: {message}"[:500]}
 
 
 def artifact_unreferenced(settings: Settings, sha256: str) -> bool:

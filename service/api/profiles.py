@@ -18,15 +18,17 @@ from service.protocol import (
     ArtifactQuery,
     ArtifactRef,
     ProfileCreate,
+    ProfileImport,
     ProfileList,
     ProfileListQuery,
     ProfileOut,
     SubjectRef,
 )
 from service.settings import Settings
-from steer_core.build import split_sample
+from steer_core.build import check_orders, split_sample
+from steer_core.data import OpinionItem, question_key
 from steer_core.errors import SteerError
-from steer_core.export import control_vector_gguf
+from steer_core.export import cold_fd_as_lora, control_vector_gguf, peft_archive
 from steer_core.methods import check_positions, get_method
 from steer_core.profile import Profile
 
@@ -59,6 +61,8 @@ def check_params(method: str, params: dict[str, Any]) -> dict[str, Any]:
                 or not math.isfinite(strength) or strength < 0:
             raise SteerError("must be a finite number >= 0", "params.strength")
         fixed["strength"] = strength
+    if "orders" in params:
+        fixed["orders"] = check_orders(params.pop("orders"))
     if "positions" in params:
         try:
             fixed["positions"] = check_positions(params.pop("positions"))
@@ -70,6 +74,31 @@ def check_params(method: str, params: dict[str, Any]) -> dict[str, Any]:
         field = exc.field or "params"
         raise SteerError(exc.message, field if field.startswith("params") else f"params.{field}") from None
     return {**own, **fixed}
+
+
+def resolve_contrast(session: db.Session, tenant: int, body: ProfileCreate, subject_id: int,
+                     items: list[OpinionItem]) -> list[dict[str, str]]:
+    """The request's contrast subjects as stored (`{"kind", "id"}`, sorted, each once), checked: they exist,
+    are not the subject, and answered at least one of its questions. Omitted: the other groups that did."""
+    if body.contrast is None:
+        if body.subject.kind != "group":
+            return []
+        return [{"kind": "group", "id": gid} for gid in
+                db.groups_sharing_questions(session, tenant, items, exclude=subject_id)]
+    wanted = {question_key(it) for it in items}
+    refs: dict[tuple[str, str], dict[str, str]] = {}
+    for i, ref in enumerate(body.contrast):
+        field = f"contrast[{i}]"
+        if (ref.kind, ref.id) == (body.subject.kind, body.subject.id):
+            raise ApiError(422, "validation_error", "a subject cannot be its own contrast", field)
+        other = db.get_subject(session, tenant, ref.kind, ref.id)
+        if other is None:
+            raise ApiError(422, "validation_error", f"{ref.kind} {ref.id!r} does not exist", f"{field}.id")
+        if not any(question_key(it) in wanted for it in db.subject_items(session, tenant, ref.kind, other.id)):
+            raise ApiError(422, "validation_error", f"{ref.kind} {ref.id!r} answered none of the subject's "
+                           "questions (same text and options): there is nothing to tell apart", f"{field}.id")
+        refs[(ref.kind, ref.id)] = {"kind": ref.kind, "id": ref.id}
+    return [refs[key] for key in sorted(refs)]
 
 
 def profile_views(session: db.Session, rows: list[db.ProfileRow]) -> list[ProfileOut]:
@@ -110,6 +139,22 @@ def _get(profile_id: str) -> db.ProfileRow:
     return row
 
 
+def message_lost(profile_id: str, settings: Settings) -> bool:
+    """Whether a `queued` profile's build message is missing from the broker (asking again re-sends it).
+    False when the broker cannot say: then nothing could be sent anyway."""
+    from service.queue import pending_builds
+    from service.redis_server import note_redis_error, redis_down
+
+    if redis_down(settings.redis_url):
+        return False
+    try:
+        return profile_id not in pending_builds(settings)
+    except Exception as exc:  # noqa: BLE001 - a down Redis: the sweeper sends it once Redis is back
+        note_redis_error(settings.redis_url)
+        log.warning("cannot read the build queues: %s", exc)
+        return False
+
+
 def request_build(body: ProfileCreate) -> tuple[ProfileOut, int, dict[str, str]]:
     """Request the build of `body` for the request's tenant (the API's POST and the console's form)."""
     tenant = tenant_id()
@@ -121,10 +166,14 @@ def request_build(body: ProfileCreate) -> tuple[ProfileOut, int, dict[str, str]]
                        f"{', '.join(allowed_models(settings))}", "model")
     params = check_params(body.method, body.params)
     subject = find_subject(session, tenant, body.subject.kind, body.subject.id, "subject.id")
-    items = db.subject_items(session, tenant, body.subject.kind, subject.id)
-    if not items:
+    own = db.subject_items(session, tenant, body.subject.kind, subject.id)
+    if not own:
         raise ApiError(422, "validation_error", f"{body.subject.kind} {body.subject.id!r} has no opinion "
                        "items; POST them to .../opinions first", "subject")
+    contrast = resolve_contrast(session, tenant, body, subject.id, own)
+    if contrast:
+        params["contrast"] = contrast
+    items = db.profile_sample(session, tenant, body.subject.kind, subject.id, contrast)
     if not all(k in params for k in SEARCHED):
         try:
             split_sample(items)  # the same rule the build applies, refused now instead of failing later
@@ -134,9 +183,12 @@ def request_build(body: ProfileCreate) -> tuple[ProfileOut, int, dict[str, str]]
 
     row, enqueue = db.request_profile(session, tenant, body.subject.kind, subject.id, body.method, model,
                                       params, sample_hash(items))
+    resend = not enqueue and row.status == "queued" and message_lost(row.id, settings)
+    if resend:
+        row.updated_at = db.utcnow()
     session.commit()  # the worker must see the row before the message arrives
-    if enqueue:
-        from service.builds import enqueue_build
+    if enqueue or resend:
+        from service.queue import enqueue_build
 
         try:
             enqueue_build(row.id, row.method, settings)
@@ -213,18 +265,70 @@ def artifact_download(profile_id: str, fmt: str) -> Response:
                        "exists once it is ready", "id")
     data = context.artifact_store().get(row.artifact_sha256)  # verifies the sha256; errors -> 409 unavailable
     etag = row.artifact_sha256
+    filename, mimetype = f"{row.id}.{fmt}", "application/octet-stream"
     if fmt == "gguf":
         data = control_vector_gguf(Profile.from_bytes(data))  # SteerError (field "format") -> 422
         etag += "-gguf"
-    response = current_app.response_class(data, mimetype="application/octet-stream")
-    response.headers["Content-Disposition"] = f'attachment; filename="{row.id}.{fmt}"'
+    elif fmt == "peft":
+        profile = Profile.from_bytes(data)
+        if profile.method == "cold_fd":
+            profile = cold_fd_as_lora(profile)  # SteerError (field "format") -> 422
+        data = peft_archive(profile)  # SteerError for other methods
+        etag += "-peft"
+        filename, mimetype = f"{row.id}.peft.tar.gz", "application/gzip"
+    response = current_app.response_class(data, mimetype=mimetype)
+    response.headers["Content-Disposition"] = f'attachment; filename="{filename}"'
     response.headers["ETag"] = f'"{etag}"'
     response.headers["X-Artifact-SHA256"] = row.artifact_sha256
     return response
 
 
-@api_route(bp, "/v1/profiles/<profile_id>/artifact", "GET", summary="download the profile: safetensors, or with "
-           "format=gguf a llama.cpp control vector (constant-vector profiles; llama.cpp adds it at every position)",
+@api_route(bp, "/v1/profiles/<profile_id>/artifact", "GET", summary="download the profile: safetensors; with "
+           "format=gguf a llama.cpp control vector (constant-vector profiles; llama.cpp adds it at every position); "
+           "with format=peft a peft LoRA adapter folder as .tar.gz (lora profiles, and cold_fd profiles as the "
+           "low-rank update they step along)",
            query=ArtifactQuery, responses={200: "application/octet-stream"}, errors=(404, 409, 422))
 def get_artifact(profile_id: str, query: ArtifactQuery) -> Response:
     return artifact_download(profile_id, query.format)
+
+
+@api_route(bp, "/v1/profiles/import", "POST", summary="import a peft LoRA adapter for the served base model as a "
+           "ready lora profile of a user or group (safetensors only; shapes, base model, rank and size checked)",
+           body=ProfileImport, responses={201: ProfileOut, 200: ProfileOut}, errors=(404, 422))
+def import_profile(body: ProfileImport) -> tuple[ProfileOut, int, dict[str, str]]:
+    import base64
+    import binascii
+
+    from service.api.chat import engine
+    from steer_core.lora import imported_profile
+
+    tenant = tenant_id()
+    settings = context.settings()
+    session = context.session()
+    subject = find_subject(session, tenant, body.subject.kind, body.subject.id, "subject.id")
+    if len(body.adapter_model) > 4 * (settings.max_adapter_bytes // 3 + 1):
+        raise ApiError(422, "validation_error", f"the adapter is larger than {settings.max_adapter_bytes} bytes",
+                       "adapter_model")
+    try:
+        weights = base64.b64decode(body.adapter_model, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(422, "validation_error", "must be base64", "adapter_model") from None
+    lm = engine().lm  # the served model: its module shapes and fingerprint (read only)
+    profile = imported_profile(body.adapter_config, weights, lm, max_rank=settings.max_adapter_rank,
+                               max_bytes=settings.max_adapter_bytes, aliases=(settings.model,))
+    profile.model_name = settings.model
+    data = profile.to_bytes()
+    sha, size = context.artifact_store().put(data)
+    params = {"imported": True, "artifact": sha}
+    row, new = db.request_profile(session, tenant, body.subject.kind, subject.id, "lora", settings.model, params,
+                                  sha)
+    if new or row.status != "ready":
+        row.status, row.artifact_sha256, row.artifact_size = "ready", sha, size
+        row.chosen = {"layer": profile.layer, "strength": profile.strength, "positions": profile.positions,
+                      "rank": profile.params["rank"]}
+        row.metrics = {"evaluation": "imported", "note": "an imported adapter: no held-out scores"}
+        row.progress = {"done": 1, "total": 1, "stage": "imported"}
+        row.finished_at = db.utcnow()
+    session.flush()
+    view = profile_views(session, [row])[0]
+    return view, 201 if new else 200, {"Location": url_for("profiles.get_profile", profile_id=row.id)}

@@ -40,6 +40,30 @@ function pollStatus(el) {
   setTimeout(tick, 1000);
 }
 
+// The profile list asks for all its unfinished profiles in one request, and reloads when one finishes.
+function pollStatuses(table) {
+  const cells = Array.from(table.querySelectorAll("[data-profile-id]"));
+  if (!cells.length) return;
+  const url = table.dataset.statuses + "?ids=" + cells.map((c) => c.dataset.profileId).join(",");
+  const tick = async () => {
+    try {
+      const response = await fetch(url, {credentials: "same-origin", headers: {"Accept": "application/json"}});
+      if (response.ok) {
+        const states = await response.json();
+        for (const cell of cells) {
+          const state = states[cell.dataset.profileId];
+          if (!state) continue;
+          cell.textContent = state.label;
+          cell.className = "status " + state.status;
+          if (state.final) { location.reload(); return; }
+        }
+      }
+    } catch (e) { /* the next tick retries */ }
+    setTimeout(tick, 2000);
+  };
+  setTimeout(tick, 2000);
+}
+
 function refreshImage(img) {
   const base = img.src.split("?")[0];
   setInterval(() => { img.src = base + "?t=" + Date.now(); }, Number(img.dataset.refresh));
@@ -60,7 +84,8 @@ function showError(message) {
 }
 
 // Reads an OpenAI-style SSE stream of chat chunks into `target` as the tokens arrive.
-async function streamInto(response, target) {
+// The first chunk names the profiles the server applied; `applied` shows them.
+async function streamInto(response, target, applied) {
   if (!response.ok) { target.textContent = ""; showError(await errorText(response)); return; }
   const reader = response.body.getReader();
   const decoder = new TextDecoder();
@@ -78,11 +103,18 @@ async function streamInto(response, target) {
       if (data === "[DONE]") { target.classList.add("done"); continue; }
       const chunk = JSON.parse(data);
       if (chunk.error) { showError(chunk.error.message); continue; }
+      if (chunk.steering && applied) applied.textContent = describeSteering(chunk.steering);
       for (const choice of chunk.choices || []) {
         if (choice.delta && choice.delta.content) target.textContent += choice.delta.content;
       }
     }
   }
+}
+
+function describeSteering(steering) {
+  if (!steering.profiles.length) return "unsteered";
+  return "steered by " + steering.profiles.map((p) =>
+    `${p.id.slice(0, 8)} × ${p.weight} (${p.method}, layer ${p.layer}, strength ${p.strength})`).join(" + ");
 }
 
 function generate(form) {
@@ -97,7 +129,7 @@ function generate(form) {
     target.textContent = "";
     target.classList.remove("done");
     const response = await postJSON(form.dataset.chat, {...common, steering});
-    await streamInto(response, target);
+    await streamInto(response, target, document.getElementById(id.replace("answer-", "applied-")));
   }));
 }
 
@@ -133,7 +165,12 @@ async function scoreQuestion(form, playground) {
 
 document.addEventListener("DOMContentLoaded", () => {
   document.querySelectorAll("[data-poll]").forEach(pollStatus);
+  document.querySelectorAll("table[data-statuses]").forEach(pollStatuses);
   document.querySelectorAll("img[data-refresh]").forEach(refreshImage);
+  document.querySelectorAll("[data-reload]").forEach((el) => setTimeout(() => location.reload(), Number(el.dataset.reload)));
+  document.querySelectorAll("form[data-confirm]").forEach((form) => {
+    form.addEventListener("submit", (event) => { if (!confirm(form.dataset.confirm)) event.preventDefault(); });
+  });
   const playground = document.getElementById("playground");
   if (playground) {
     playground.querySelectorAll('input[type="range"]').forEach((input) => {

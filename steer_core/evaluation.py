@@ -1,0 +1,253 @@
+"""An evaluation that flattening and letter position cannot game.
+
+Several profiles are judged against several groups' targets on the same questions (the cross table),
+beside three baselines: `unsteered`, `uniform` (1/n per option) and `calibrated` (the unsteered model
+through a temperature and an ordinal lean, fitted for each group out of fold: `steer_core.calibration`).
+Each question is also read with its options in reverse order (letters re-assigned, target permuted with
+them); a profile that learned "answer A" gains in one order and loses in the other. Every gain is a
+paired difference over questions with its standard error.
+
+Pluralism:
+- specificity: a profile's gain for its own group minus its mean gain for the other groups, per question,
+  so a profile that moves every group's alignment alike (flattening) scores about 0;
+- steerability contrast: over questions, the correlation between two profiles' difference in expected
+  ordinal answer and their two groups' difference in expected ordinal answer.
+
+The pure functions take answer distributions (`evaluate_readings`); `evaluate` reads them from a model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from steer_core.calibration import IDENTITY, Calibration, calibrate_out_of_fold, sample_alignment
+from steer_core.data import OpinionItem, reverse_options
+from steer_core.folds import fold_indices
+
+if TYPE_CHECKING:
+    from steer_core.models import LanguageModel
+    from steer_core.profile import Profile
+
+ORIGINAL, REVERSED, BOTH = "original", "reversed", "both orders"
+ORDERS = (ORIGINAL, REVERSED)
+BASELINES = ("unsteered", "uniform", "calibrated")
+
+Readings = Mapping[str, Sequence[np.ndarray]]  # order -> one distribution per question, in survey option order
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A mean over questions with its standard error."""
+
+    mean: float
+    standard_error: float
+
+    def to_json(self) -> dict[str, float]:
+        return {"mean": self.mean, "standard_error": self.standard_error}
+
+    def __str__(self) -> str:
+        return f"{self.mean:+.4f} ± {self.standard_error:.4f}"
+
+
+def estimate(values: Sequence[float] | np.ndarray) -> Estimate:
+    """Mean and standard error of the mean (sample standard deviation / sqrt(n); nan for one value)."""
+    v = np.asarray(values, dtype=float)
+    if v.size == 0:
+        raise ValueError("no values to estimate from")
+    se = float(v.std(ddof=1) / math.sqrt(v.size)) if v.size > 1 else math.nan
+    return Estimate(float(v.mean()), se)
+
+
+def paired_difference(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -> Estimate:
+    """Mean of a - b over the same questions, with the paired standard error."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a.shape != b.shape:
+        raise ValueError(f"paired values need the same questions: {a.shape} vs {b.shape}")
+    return estimate(a - b)
+
+
+def uniform_distributions(items: Sequence[OpinionItem]) -> list[np.ndarray]:
+    return [np.full(len(it.options), 1.0 / len(it.options)) for it in items]
+
+
+def expected_ordinal(p: Sequence[float], ordinal: Sequence[float]) -> float:
+    return float(np.dot(np.asarray(p, dtype=float), np.asarray(ordinal, dtype=float)))
+
+
+def specificity(own_gain: Sequence[float] | np.ndarray,
+                other_gains: Sequence[Sequence[float] | np.ndarray]) -> Estimate:
+    """Per question, the gain for the profile's own group minus its mean gain for the other groups."""
+    if not other_gains:
+        raise ValueError("specificity needs at least one other group")
+    others = np.mean(np.asarray(other_gains, dtype=float), axis=0)
+    return estimate(np.asarray(own_gain, dtype=float) - others)
+
+
+def steerability_contrast(items_a: Sequence[OpinionItem], items_b: Sequence[OpinionItem],
+                          dists_a: Sequence[Sequence[float]], dists_b: Sequence[Sequence[float]]) -> float:
+    """Pearson r over questions between E_a[ordinal] - E_b[ordinal] under the two profiles' answers and the
+    same difference under the two groups' targets (nan when either difference is constant)."""
+    if not (len(items_a) == len(items_b) == len(dists_a) == len(dists_b)):
+        raise ValueError("the two groups and profiles need the same questions")
+    moved = [expected_ordinal(pa, ia.ordinal) - expected_ordinal(pb, ib.ordinal)
+             for ia, ib, pa, pb in zip(items_a, items_b, dists_a, dists_b, strict=True)]
+    wanted = [expected_ordinal(ia.target, ia.ordinal) - expected_ordinal(ib.target, ib.ordinal)
+              for ia, ib in zip(items_a, items_b, strict=True)]
+    if len(moved) < 2 or np.std(moved) == 0 or np.std(wanted) == 0:
+        return math.nan
+    return float(np.corrcoef(moved, wanted)[0, 1])
+
+
+def _check_same_questions(groups: Mapping[str, Sequence[OpinionItem]]) -> int:
+    if not groups:
+        raise ValueError("need at least one group")
+    first = next(iter(groups.values()))
+    for name, items in groups.items():
+        if len(items) != len(first) or any(a.question != b.question or a.options != b.options
+                                           for a, b in zip(items, first, strict=True)):
+            raise ValueError(f"group {name!r} does not answer the same questions in the same order")
+    if not first:
+        raise ValueError("need at least one question")
+    return len(first)
+
+
+def evaluate_readings(groups: Mapping[str, Sequence[OpinionItem]], unsteered: Readings,
+                      profiles: Mapping[str, Readings], own: Mapping[str, str | None] | None = None,
+                      calibrations: Mapping[str, Calibration] | None = None, seed: int = 0) -> dict[str, Any]:
+    """The cross table from answer distributions (JSON-able).
+
+    `groups`: each group's items on the same questions (only targets differ). `unsteered` and each profile's
+    readings: order -> distributions in survey option order (a reversed reading mapped back), the profile's
+    own calibration already applied. `own`: the group each profile was built for (specificity, contrast).
+    `calibrations`: the `calibrated` baseline's map per group; a group without one gets a fit on these
+    questions out of fold (3 folds, `seed`), so no question's target tunes its own baseline.
+    """
+    n = _check_same_questions(groups)
+    own = dict(own or {})
+    orders = list(unsteered)
+    for name, readings in profiles.items():
+        if name in BASELINES:
+            raise ValueError(f"{name!r} is a baseline's name; name the profile otherwise")
+        if list(readings) != orders:
+            raise ValueError(f"profile {name!r} was read in orders {list(readings)}, the baseline in {orders}")
+        if own.get(name) is not None and own[name] not in groups:
+            raise ValueError(f"profile {name!r} is for group {own[name]!r}, which is not judged")
+    folds = fold_indices(n, seed=seed) if calibrations is None or set(groups) - set(calibrations) else None
+    # alignment[order][row][group]: one value per question
+    alignment: dict[str, dict[str, dict[str, np.ndarray]]] = {}
+    for order in orders:
+        base = list(unsteered[order])
+        table: dict[str, dict[str, np.ndarray]] = {"unsteered": {}, "uniform": {}, "calibrated": {}}
+        for g, items in groups.items():
+            if calibrations is not None and g in calibrations:
+                calibrated = calibrations[g].apply_all(items, base)
+            else:
+                calibrated = calibrate_out_of_fold(items, base, folds)  # type: ignore[arg-type]
+            table["unsteered"][g] = sample_alignment(items, base)
+            table["uniform"][g] = sample_alignment(items, uniform_distributions(items))
+            table["calibrated"][g] = sample_alignment(items, calibrated)
+        for name, readings in profiles.items():
+            table[name] = {g: sample_alignment(items, readings[order]) for g, items in groups.items()}
+        alignment[order] = table
+    if len(orders) > 1:
+        alignment[BOTH] = {row: {g: np.mean([alignment[o][row][g] for o in orders], axis=0) for g in groups}
+                           for row in alignment[orders[0]]}
+
+    cells: dict[str, Any] = {}
+    spec: dict[str, Any] = {}
+    for order, table in alignment.items():
+        cells[order] = {row: {g: {"alignment": estimate(v).to_json(),
+                                  "gain_vs_unsteered": paired_difference(v, table["unsteered"][g]).to_json(),
+                                  "gain_vs_calibrated": paired_difference(v, table["calibrated"][g]).to_json()}
+                              for g, v in by_group.items()}
+                        for row, by_group in table.items()}
+        spec[order] = {}
+        for name in profiles:
+            g = own.get(name)
+            if g is None or len(groups) < 2:
+                continue
+            gains = {h: table[name][h] - table["unsteered"][h] for h in groups}
+            spec[order][name] = specificity(gains[g], [gains[h] for h in groups if h != g]).to_json()
+    contrast = []
+    named = [(name, own[name]) for name in profiles if own.get(name) is not None]
+    for i, (a, ga) in enumerate(named):
+        for b, gb in named[i + 1:]:
+            if ga == gb:
+                continue
+            r = {order: steerability_contrast(groups[ga], groups[gb], profiles[a][order], profiles[b][order])
+                 for order in orders}
+            contrast.append({"profiles": [a, b], "groups": [ga, gb], "r": r})
+    return {"questions": n, "groups": list(groups), "orders": list(alignment), "baselines": list(BASELINES),
+            "profiles": {name: {"own_group": own.get(name)} for name in profiles},
+            "cells": cells, "specificity": spec, "steerability_contrast": contrast}
+
+
+# ------------------------------------------------------------------------------------- reading a model
+
+
+def read_orders(lm: LanguageModel, items: Sequence[OpinionItem], profile: Profile | None = None,
+                orders: Sequence[str] = ORDERS) -> dict[str, list[np.ndarray]]:
+    """Answer distributions of `items` in each order, mapped back to survey option order, under `profile`
+    (None: unsteered) with the profile's own calibration applied."""
+    from steer_core.methods import intervention
+    from steer_core.prompts import answer_distributions
+
+    unknown = set(orders) - set(ORDERS)
+    if unknown:
+        raise ValueError(f"unknown order {sorted(unknown)[0]!r}; choose from {ORDERS}")
+    asked = [it if order == ORIGINAL else reverse_options(it) for order in orders for it in items]
+    steering = [intervention(profile, lm)] if profile is not None and profile.strength != 0 else None
+    dists = answer_distributions(lm, asked, steering)  # one call: batches fill up across orders
+    calibration = profile.calibration if profile is not None else IDENTITY
+    out: dict[str, list[np.ndarray]] = {}
+    for k, order in enumerate(orders):
+        chunk = dists[k * len(items):(k + 1) * len(items)]
+        chunk = [p if order == ORIGINAL else p[::-1].copy() for p in chunk]
+        out[order] = calibration.apply_all(items, chunk)
+    return out
+
+
+def evaluate(lm: LanguageModel, groups: Mapping[str, Sequence[OpinionItem]], profiles: Mapping[str, Profile],
+             own: Mapping[str, str | None] | None = None, calibrations: Mapping[str, Calibration] | None = None,
+             orders: Sequence[str] = ORDERS, seed: int = 0) -> dict[str, Any]:
+    """Read the model unsteered and under each profile (its calibration applied) in every order, then
+    `evaluate_readings`. Profiles are checked against `lm`."""
+    _check_same_questions(groups)
+    questions = list(next(iter(groups.values())))
+    unsteered = read_orders(lm, questions, None, orders)
+    readings = {name: read_orders(lm, questions, p, orders) for name, p in profiles.items()}
+    report = evaluate_readings(groups, unsteered, readings, own, calibrations, seed)
+    for name, p in profiles.items():
+        report["profiles"][name].update({"method": p.method, "layer": p.layer, "strength": p.strength,
+                                         "calibration": p.calibration.to_json()})
+    return report
+
+
+def format_cross_table(report: dict[str, Any], order: str | None = None) -> str:
+    """The cross table as text: rows are baselines and profiles, columns the groups; each cell the mean
+    alignment and its gain over `calibrated` with the paired standard error."""
+    order = order or report["orders"][-1]
+    cells = report["cells"][order]
+    groups = report["groups"]
+    width = 30
+    lines = [f"{report['questions']} questions, {order}: alignment (gain vs calibrated ± paired SE)",
+             f"{'':<16}" + "".join(f"{g[:width - 2]:>{width}}" for g in groups)]
+    for row, by_group in cells.items():
+        text = []
+        for g in groups:
+            c = by_group[g]
+            gain = c["gain_vs_calibrated"]
+            text.append(f"{c['alignment']['mean']:.4f} ({gain['mean']:+.4f} ± {gain['standard_error']:.4f})")
+        lines.append(f"{row[:15]:<16}" + "".join(f"{t:>{width}}" for t in text))
+    for name, s in report["specificity"].get(order, {}).items():
+        lines.append(f"specificity of {name} (own group {report['profiles'][name]['own_group']}): "
+                     f"{s['mean']:+.4f} ± {s['standard_error']:.4f}")
+    for c in report["steerability_contrast"]:
+        r = c["r"].get(order, c["r"].get(ORIGINAL))
+        lines.append(f"steerability contrast {c['profiles'][0]} vs {c['profiles'][1]}: r = {r:.3f}")
+    return "\n".join(lines)
