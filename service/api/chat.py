@@ -50,7 +50,6 @@ from service.protocol import (
     ChatDelta,
     ChatMessageOut,
     ChunkChoice,
-    ProfileWeight,
     QuestionScore,
     ScoreRequest,
     ScoreResponse,
@@ -309,22 +308,6 @@ def _ready_profile(session: db.Session, tenant: int, settings: Settings, ref: _R
         raise ApiError(422, "profile_model_mismatch", f"profile {row.id} was built for model {row.model!r}; "
                        f"this server serves {settings.model!r}", ref.field)
     return row
-
-
-def score_blend(items: Sequence[OpinionItem], blend: Sequence[tuple[str, float]],
-                field: str = "steering") -> list[np.ndarray]:
-    """Answer distributions of `items` under a blend of this tenant's profiles `[(id, weight)]`, read on the
-    serving engine (for experiments' offline comparison; call inside a request)."""
-    eng = engine()
-    spec = SteeringIn(profiles=[ProfileWeight(id=pid, weight=float(w)) for pid, w in blend])
-    try:
-        planned = plan_steering(spec, None, None)
-        return eng.score(items, planned.plan, timeout=REQUEST_TIMEOUT_S).distributions
-    except Exception as exc:
-        err = api_error(exc)
-        if err.field and err.field.startswith("steering.profiles"):
-            err.field = field
-        raise err from None
 
 
 # ------------------------------------------------------------------------------------------- the routes

@@ -322,12 +322,12 @@ def test_scoring_interleaves_with_decoding(tiny_lm, profiles):
                                                                          ignore_eos=True))
         next(stream.chunks(60))  # decoding
         scored: dict = {}
-        scorer = threading.Thread(target=lambda: scored.setdefault("out", engine.score(many, timeout=120)))
+        scorer = threading.Thread(target=lambda: scored.setdefault("out", engine.score(many, timeout=600)))
         scorer.start()
         stream.result(60)
         read_meanwhile = engine.stats.score_batches
         steps = engine.stats.steps
-        scorer.join(120)
+        scorer.join(600)
         assert len(scored["out"].distributions) == 64
         assert read_meanwhile <= steps + 1 and read_meanwhile < 64
     finally:
