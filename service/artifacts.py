@@ -14,11 +14,11 @@ import re
 import tempfile
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
 import redis
+from cachetools import LRUCache
 
 from steer_core.profile import Profile
 
@@ -145,7 +145,8 @@ class ProfileCache:
         self.lru_size = max(0, int(lru_size))
         self.ttl = max(1, int(ttl))
         self.max_bytes = int(max_bytes)
-        self._lru: OrderedDict[str, Profile] = OrderedDict()
+        # cachetools' LRU is not thread-safe: every access holds `_lock`. An LRU of size 0 is never written.
+        self._lru: LRUCache[str, Profile] = LRUCache(maxsize=max(1, self.lru_size))
         self._lock = threading.Lock()
         self.lru_hits = 0
         self.redis_hits = 0
@@ -169,9 +170,6 @@ class ProfileCache:
             return
         with self._lock:
             self._lru[sha] = profile
-            self._lru.move_to_end(sha)
-            while len(self._lru) > self.lru_size:
-                self._lru.popitem(last=False)
 
     def _redis_usable(self) -> bool:
         return self.redis is not None and time.monotonic() >= self._redis_skip_until
@@ -222,9 +220,8 @@ class ProfileCache:
         """The profile stored under `sha`; raises `ArtifactMissing` / `ArtifactCorrupted` from the store."""
         sha = check_sha(sha)
         with self._lock:
-            profile = self._lru.get(sha)
+            profile = self._lru.get(sha)  # a hit becomes the most recently used
             if profile is not None:
-                self._lru.move_to_end(sha)
                 self.lru_hits += 1
                 return profile
         data = self._redis_get(sha)

@@ -44,7 +44,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 
-from steer_core.data import OpinionItem, make_item
+from steer_core.data import OpinionItem, make_item, question_key, with_contrast
 
 if TYPE_CHECKING:
     from service.settings import Settings
@@ -765,8 +765,40 @@ def profile_by_id(session: Session, profile_id: str) -> ProfileRow | None:
 
 
 def profile_items(session: Session, row: ProfileRow) -> list[OpinionItem]:
-    """The current sample of a profile's subject (what a build reads)."""
-    return subject_items(session, row.tenant_id, row.subject_kind, row.subject_id)
+    """The current sample of a profile's subject (what a build reads), with its contrast."""
+    return profile_sample(session, row.tenant_id, row.subject_kind, row.subject_id,
+                          (row.params or {}).get("contrast") or [])
+
+
+def profile_sample(session: Session, tenant_id: int, kind: str, subject_id: int,
+                   contrast: Sequence[dict[str, str]]) -> list[OpinionItem]:
+    """A subject's items, each carrying the pooled answers of the `contrast` subjects (`{"kind", "id"}`,
+    uid or gid) on the same question; no contrast: the items as they are. A contrast subject deleted since
+    the request adds nothing (the sample's hash then differs from the requested one, which the build
+    reports)."""
+    items = subject_items(session, tenant_id, kind, subject_id)
+    if not contrast:
+        return items
+    samples = []
+    for ref in contrast:
+        other = get_subject(session, tenant_id, ref["kind"], ref["id"])
+        if other is not None:
+            samples.append(subject_items(session, tenant_id, ref["kind"], other.id))
+    return with_contrast(items, samples)
+
+
+def groups_sharing_questions(session: Session, tenant_id: int, items: Sequence[OpinionItem],
+                             exclude: int | None = None) -> list[str]:
+    """The gids of the tenant's groups (but `exclude`) whose samples answer at least one of `items`'
+    questions, sorted."""
+    wanted = {question_key(it) for it in items}
+    out = []
+    for group in session.scalars(select(Group).where(Group.tenant_id == tenant_id).order_by(Group.gid)):
+        if group.id == exclude:
+            continue
+        if any(question_key(it) in wanted for it in subject_items(session, tenant_id, "group", group.id)):
+            out.append(group.gid)
+    return out
 
 
 @functools.cache

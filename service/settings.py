@@ -32,7 +32,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from steer_core.models import DEFAULT_MODEL, pluristeer_home
+from steer_core.defaults import DEFAULT_MODEL, pluristeer_home
 
 
 def _env(name: str, default: Any, cast: type = str) -> Any:

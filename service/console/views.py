@@ -209,6 +209,17 @@ def profile_status(profile_id: str) -> Response:
     return jsonify({"status": view.status, "label": _progress_label(view), "final": view.status in FINAL_STATUSES})
 
 
+@bp.get("/profiles/statuses")
+@sessions.signed_in
+def profile_statuses() -> Response:
+    """The status of each profile named in `ids` (comma-separated; the list page polls them in one request)."""
+    ids = [i for i in request.args.get("ids", "").split(",") if i][:PROFILES_SHOWN]
+    session = context.session()
+    rows = [r for r in (db.get_profile(session, tenant_id(), i) for i in ids) if r is not None]
+    return jsonify({v.id: {"status": v.status, "label": _progress_label(v), "final": v.status in FINAL_STATUSES}
+                    for v in profiles.profile_views(session, rows)})
+
+
 @bp.get("/profiles/<profile_id>/download")
 @sessions.signed_in
 def profile_download(profile_id: str) -> Response:

@@ -121,6 +121,7 @@ def test_another_tenants_pages_are_not_found(client, auth, other_auth, tenant_ke
     exp = client.post("/v1/experiments", headers=auth, json={
         "name": "a/b", "variants": [{"name": "control"}, {"name": "urban", "profiles": [{"id": profile_id}]}]}).json
     sign_in(client, other_tenant_key)
+    assert client.get(f"/console/profiles/statuses?ids={profile_id}").json == {}
     pages = [f"/console/profiles/{profile_id}", f"/console/profiles/{profile_id}/status",
              f"/console/profiles/{profile_id}/download", "/console/subjects/group/urban",
              f"/console/experiments/{exp['id']}", f"/console/experiments/{exp['id']}/results.png"]
@@ -160,6 +161,10 @@ def test_upload_build_and_experiment_forms_use_the_api_functions(client, auth, t
     profile_id = r.headers["Location"].rsplit("/", 1)[1]
     built = client.get(f"/v1/profiles/{profile_id}", headers=auth).json
     assert built["status"] == "queued" and built["params"]["layer"] == 3 and built["params"]["strength"] == 1.5
+    listed = client.get("/console/profiles").text
+    assert f'data-profile-id="{profile_id}"' in listed  # the list follows it until it is final
+    assert client.get(f"/console/profiles/statuses?ids={profile_id},nope").json == {
+        profile_id: {"status": "queued", "label": "queued", "final": False}}
     r = client.post("/console/subjects/group/urban/build", data={"csrf_token": csrf, "method": "nope"})
     assert r.status_code == 422 and "unknown method" in r.text
 
