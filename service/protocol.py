@@ -124,6 +124,18 @@ class OpinionsPost(Request):
     items: list[OpinionIn] = Field(min_length=1, max_length=MAX_ITEMS_PER_REQUEST)
 
 
+class OpinionsUploadQuery(Request):
+    """How an uploaded table (CSV, JSONL or Parquet body) maps onto opinion items: the column of each field."""
+
+    model_config = ConfigDict(extra="forbid", strict=False)
+    question_column: str = "question"
+    options_column: str = "options"
+    target_column: str = "target"
+    answer_column: str = "answer"
+    ordinal_column: str = "ordinal"
+    id_column: str = "id"
+
+
 class OpinionOut(Response):
     id: str
     question: str
@@ -169,9 +181,15 @@ class SubjectIn(Request):
     id: str = Field(pattern=ID_PATTERN)
 
 
+def _registered_methods(schema: dict[str, Any]) -> None:
+    from steer_core.methods import METHODS
+
+    schema["enum"] = sorted(METHODS)
+
+
 class ProfileCreate(Request):
     subject: SubjectIn
-    method: str = Field(description="a registered method, e.g. diffmean")
+    method: str = Field(description="a registered method", json_schema_extra=_registered_methods)
     model: str | None = Field(None, description="base model; default and only choices: the deployment's "
                                                 "models")
     params: dict[str, Any] = Field(

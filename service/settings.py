@@ -8,6 +8,7 @@
 | `ARTIFACT_DIR` | `$PLURISTEER_HOME/artifacts` | durable, content-addressed profile store |
 | `PLURISTEER_MODEL` | `smollm2-135m-instruct` | the base model served and built against |
 | `MAX_BODY_BYTES` | `1048576` | larger request bodies get 413 |
+| `MAX_UPLOAD_BYTES` | `67108864` | larger uploaded files (CSV, JSONL, Parquet opinions) get 413 |
 | `RATE_LIMIT_PER_MINUTE` | `600` | requests per key per minute (429 past it) |
 | `PROFILE_CACHE_TTL` | `3600` | seconds a profile stays in Redis |
 | `PROFILE_CACHE_MAX_BYTES` | `67108864` | larger artifacts are not put in Redis |
@@ -50,6 +51,7 @@ class Settings:
     artifact_dir: Path = Path()
     model: str = DEFAULT_MODEL
     max_body_bytes: int = 1 << 20
+    max_upload_bytes: int = 64 << 20
     rate_limit_per_minute: int = 600
     profile_cache_ttl: int = 3600
     profile_cache_max_bytes: int = 64 << 20
@@ -80,6 +82,7 @@ class Settings:
             "artifact_dir": Path(_env("ARTIFACT_DIR", str(home / "artifacts"))),
             "model": _env("PLURISTEER_MODEL", DEFAULT_MODEL),
             "max_body_bytes": _env("MAX_BODY_BYTES", cls.max_body_bytes, int),
+            "max_upload_bytes": _env("MAX_UPLOAD_BYTES", cls.max_upload_bytes, int),
             "rate_limit_per_minute": _env("RATE_LIMIT_PER_MINUTE", cls.rate_limit_per_minute, int),
             "profile_cache_ttl": _env("PROFILE_CACHE_TTL", cls.profile_cache_ttl, int),
             "profile_cache_max_bytes": _env("PROFILE_CACHE_MAX_BYTES", cls.profile_cache_max_bytes, int),
