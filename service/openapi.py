@@ -185,7 +185,9 @@ def read_body() -> bytes:
 
 def receive_upload(limit: int, suffix: str = "") -> Path:
     """The request's body streamed to a temporary file (the caller deletes it), 413 past `limit` bytes."""
-    request.max_content_length = limit  # this route's own limit, not MAX_CONTENT_LENGTH's
+    # This route's own limit, not MAX_CONTENT_LENGTH's. One byte more: werkzeug cuts a chunked body at its
+    # limit without a word, and the byte past `limit` is what tells an over-limit body apart.
+    request.max_content_length = limit + 1
     fd, name = tempfile.mkstemp(prefix="pluristeer-upload-", suffix=suffix)
     path = Path(name)
     try:
