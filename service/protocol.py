@@ -181,9 +181,15 @@ class SubjectIn(Request):
     id: str = Field(pattern=ID_PATTERN)
 
 
+def _registered_methods(schema: dict[str, Any]) -> None:
+    from steer_core.methods import METHODS
+
+    schema["enum"] = sorted(METHODS)
+
+
 class ProfileCreate(Request):
     subject: SubjectIn
-    method: str = Field(description="a registered method, e.g. diffmean")
+    method: str = Field(description="a registered method", json_schema_extra=_registered_methods)
     model: str | None = Field(None, description="base model; default and only choices: the deployment's "
                                                 "models")
     params: dict[str, Any] = Field(
