@@ -57,6 +57,7 @@ from service.protocol import (
     SteeringOut,
     Usage,
 )
+from service.ratelimit import charge_tokens
 from service.settings import Settings
 from steer_core.data import OpinionItem, make_item
 from steer_core.errors import SteerError
@@ -316,7 +317,8 @@ def complete_chat(body: ChatCompletionRequest) -> Any:
     """A chat completion (or its SSE stream) for the request's tenant: the API and the console's playground."""
     settings = context.settings()
     base, shorthand = parse_model(body.model, settings)
-    max_tokens = body.max_completion_tokens or body.max_tokens or settings.max_new_tokens
+    max_tokens = body.max_completion_tokens or body.max_tokens or min(settings.default_max_tokens,
+                                                                      settings.max_new_tokens)
     field = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
     if body.max_tokens and body.max_completion_tokens and body.max_tokens != body.max_completion_tokens:
         raise ApiError(422, "validation_error", "max_tokens and max_completion_tokens disagree", "max_tokens")
@@ -328,6 +330,7 @@ def complete_chat(body: ChatCompletionRequest) -> Any:
     if len(prompt) >= eng.context_length:
         raise ApiError(422, "validation_error", f"the messages are {len(prompt)} tokens; the model's context is "
                        f"{eng.context_length} tokens", "messages")
+    charge_tokens(tenant_id(), len(prompt) + max_tokens)  # the tenant's per-minute token budget
     sampling = SamplingParams(max_tokens=max_tokens, temperature=float(body.temperature), top_p=float(body.top_p),
                               seed=body.seed, stop=body.stop_strings())
     response_id = f"chatcmpl-{uuid.uuid4().hex}"
