@@ -280,13 +280,16 @@ def main() -> int:
           f"{args.tokens} new tokens per request, greedy; {args.reps} reps; steering layer {layer}")
     sampling = SamplingParams(max_tokens=args.tokens, temperature=0.0, ignore_eos=True)
     store = MemoryProfiles()
-    batched = GenerationEngine(lm, profiles=store, max_batch_size=n, batch_wait_ms=10, max_new_tokens=args.tokens)
+    # A benchmark's requests never expire: a busy machine only makes them slow.
+    batched = GenerationEngine(lm, profiles=store, max_batch_size=n, batch_wait_ms=10, max_new_tokens=args.tokens,
+                               request_timeout_s=24 * 3600)
     batch = prompts(batched, n)
     if args.only_scoring:
         streams_under_scoring(batched, batch[:8], sampling, args.reps)
         batched.stop()
         return 0
-    serial = GenerationEngine(lm, profiles=store, max_batch_size=1, batch_wait_ms=10, max_new_tokens=args.tokens)
+    serial = GenerationEngine(lm, profiles=store, max_batch_size=1, batch_wait_ms=10, max_new_tokens=args.tokens,
+                              request_timeout_s=24 * 3600)
     t0 = time.perf_counter()
     digests = diffmean_digests(lm, store, n)
     rows_prompt = [plan((d, 1.0)) for d in digests]
