@@ -11,13 +11,15 @@ Everything is measured side by side in this one run. Targets (issue 15):
    seconds, and held-out alignment gain over `calibrated` (the unsteered model through a temperature and
    ordinal lean fitted on the 20 training items) on other questions of the same group, with paired standard
    errors; the project's goal "COLD-FD >= 95% of LoRA's gain at <= 1/10 of its build time" is reported
-   whichever way it comes out;
+   whichever way it comes out; beside them the COLD-FD profile exported as a peft adapter (`cold_fd_peft`,
+   the low-rank update it steps along, scaled by its strength), so the export's loss is measured too;
 3. LoRA build from 20 items < 60 s; the adapter's size (stored and as a peft folder).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import random
 import statistics
 import sys
@@ -29,13 +31,14 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from service.engine import GenerationEngine, SamplingParams  # noqa: E402
+from service.engine import GenerationEngine, PlannedProfile, SamplingParams, SteeringPlan  # noqa: E402
 from steer_core import build_profile, load_items, load_model  # noqa: E402
 from steer_core.calibration import fit_calibration  # noqa: E402
 from steer_core.data import load_opinionsqa  # noqa: E402
 from steer_core.evaluation import ORIGINAL, evaluate  # noqa: E402
-from steer_core.export import peft_files  # noqa: E402
-from steer_core.lora import LoraShift, target_modules, target_names  # noqa: E402
+from steer_core.export import cold_fd_as_lora, peft_files  # noqa: E402
+from steer_core.lora import PEFT_PREFIX, target_modules, target_names  # noqa: E402
+from steer_core.profile import Profile  # noqa: E402
 from steer_core.prompts import answer_distributions  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data"
@@ -53,29 +56,33 @@ def opinion_items(group: str) -> tuple[list, str]:
     return items, source
 
 
-def random_adapters(lm, n: int, rank: int = 4) -> list[LoraShift]:
+def random_adapters(lm, n: int, rank: int = 4) -> list[Profile]:
+    """n LoRA profiles with random factors (peft's tensor names, scaling alpha / r = 1)."""
     layer = lm.num_layers // 2
     modules = target_modules(lm, layer, target_names(lm))
     out = []
     for seed in range(n):
         g = torch.Generator().manual_seed(seed)
-        factors = {}
+        tensors = {}
         for path, m in modules.items():
             out_f, in_f = m.weight.shape
-            factors[path] = (torch.randn(rank, in_f, generator=g) / in_f ** 0.5,
-                             torch.randn(out_f, rank, generator=g) * 1e-3)
-        out.append(LoraShift(layer=layer, positions="all", factors=factors))
+            tensors[f"{PEFT_PREFIX}{path}.lora_A.weight"] = torch.randn(rank, in_f, generator=g) / in_f ** 0.5
+            tensors[f"{PEFT_PREFIX}{path}.lora_B.weight"] = torch.randn(out_f, rank, generator=g) * 1e-3
+        out.append(Profile(method="lora", model_name=lm.name, model_fingerprint=lm.fingerprint, layer=layer,
+                           positions="all", strength=1.0, tensors=tensors,
+                           params={"adapter_config": {"r": rank, "lora_alpha": rank}}))
     return out
 
 
 def throughput(lm, tokens: int, reps: int) -> None:
     print(f"\n== 16 rows, 16 distinct LoRA adapters vs 16 unsteered rows ({tokens} tokens each, greedy) ==")
-    engine = GenerationEngine(lm, max_batch_size=16, batch_wait_ms=200, max_new_tokens=tokens)
+    adapters = {f"adapter-{i}": p for i, p in enumerate(random_adapters(lm, 16))}  # names stand in for digests
+    engine = GenerationEngine(lm, profiles=adapters.__getitem__, max_batch_size=16, batch_wait_ms=200,
+                              max_new_tokens=tokens)
     sampling = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
     topics = ["rain", "trains", "farms", "taxes", "schools", "news", "gardens", "votes", "hospitals", "shops",
               "sports", "houses", "rivers", "music", "bread", "bikes"]
     prompts = [engine.tokenize_chat([{"role": "user", "content": f"Write about {t}."}]) for t in topics]
-    adapters = random_adapters(lm, 16)
 
     def run(steering) -> float:
         start = time.perf_counter()
@@ -89,7 +96,7 @@ def throughput(lm, tokens: int, reps: int) -> None:
         ratios, plain_tps, lora_tps = [], [], []
         for _ in range(reps):
             plain = run([None] * 16)
-            steered = run([[a] for a in adapters])
+            steered = run([SteeringPlan((PlannedProfile(name),)) for name in adapters])
             plain_tps.append(plain)
             lora_tps.append(steered)
             ratios.append(steered / plain)
@@ -112,6 +119,10 @@ def builds(lm, items, source: str, n_train: int, n_heldout: int, group: str) -> 
         p = profiles[method]
         print(f"{method:9s} build {seconds[method]:7.1f} s  layer {p.layer} strength {p.strength:g}  "
               f"cv gain {p.metrics.get('gain')}", flush=True)
+    # The COLD-FD profile's update as the peft adapter a multi-LoRA server would serve (its calibration kept,
+    # so the two differ only in steering vs weight update).
+    profiles["cold_fd_peft"] = dataclasses.replace(cold_fd_as_lora(profiles["cold_fd"]),
+                                                   calibration=profiles["cold_fd"].calibration)
     calibration = fit_calibration(train, answer_distributions(lm, train))
     report = evaluate(lm, {group: heldout}, profiles, own={m: group for m in profiles},
                       calibrations={group: calibration}, orders=(ORIGINAL,))
@@ -123,6 +134,8 @@ def builds(lm, items, source: str, n_train: int, n_heldout: int, group: str) -> 
         gains[row] = g["mean"]
         print(f"{row:10s} held-out alignment {c['alignment']['mean']:.4f}  gain vs calibrated "
               f"{g['mean']:+.4f} ± {g['standard_error']:.4f}")
+    print(f"cold_fd exported as peft adapter vs the cold_fd profile: gain difference "
+          f"{gains['cold_fd_peft'] - gains['cold_fd']:+.4f}")
     lora, cold = gains["lora"], gains["cold_fd"]
     share = cold / lora if lora > 0 else float("nan")
     time_ratio = seconds["cold_fd"] / seconds["lora"]
