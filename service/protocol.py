@@ -2,8 +2,6 @@
 
 Request models forbid unknown fields, so a typo is a 422 naming the field instead of silently ignored
 input. `/openapi.json` is generated from these classes, so what is documented is what is enforced.
-
-GEN appends the chat and score schemas in the marked section at the end of this file.
 """
 
 from __future__ import annotations
@@ -318,8 +316,8 @@ class ModelList(Response):
 OpinionsOut.model_rebuild()
 
 
-# ============================================================================================== chat (GEN)
-# Chat and score schemas (issue 6) are appended below this line.
+# ==================================================================================================== chat
+# Chat completions and scores.
 
 Role = Literal["system", "developer", "user", "assistant"]
 MAX_STOP_STRINGS = 4
@@ -570,8 +568,8 @@ class ScoreResponse(Response):
     steering: SteeringOut
 
 
-# ======================================================================================= experiments (AB)
-# A/B testing schemas (issue 7).
+# ============================================================================================= experiments
+# A/B tests.
 
 VARIANT_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,63}$"
 MAX_VARIANTS = 16
