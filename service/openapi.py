@@ -14,10 +14,13 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import wraps
+from pathlib import Path
 from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, request
@@ -46,19 +49,24 @@ class RouteSpec:
     responses: dict[int, type[BaseModel] | str | None] = field(default_factory=dict)
     auth: bool = True
     errors: tuple[int, ...] = ()
+    uploads: tuple[str, ...] = ()
 
 
 def api_route(bp: Blueprint, rule: str, method: str, *, summary: str, body: type[BaseModel] | None = None,
               query: type[BaseModel] | None = None,
               responses: dict[int, type[BaseModel] | str | None] | None = None, auth: bool = True,
-              errors: tuple[int, ...] = (), tag: str | None = None) -> Callable[[Callable[..., Any]], Any]:
+              errors: tuple[int, ...] = (), tag: str | None = None,
+              uploads: tuple[str, ...] = ()) -> Callable[[Callable[..., Any]], Any]:
     """Register `view` on `bp` at `rule` for `method`; see the module docstring.
 
     `responses` maps status codes to a response model, a media type string (binary or streamed bodies)
     or None (no body). The view receives `body=` and `query=` keyword arguments when those are given.
+    `uploads` are media types the route also takes as a file body: a request with one of them gets
+    `body=None` and reads its file with `receive_upload`.
     """
     spec = RouteSpec(rule=rule, methods=[method.upper()], summary=summary, tag=tag or bp.name, body=body,
-                     query=query, responses=dict(responses or {200: None}), auth=auth, errors=errors)
+                     query=query, responses=dict(responses or {200: None}), auth=auth, errors=errors,
+                     uploads=uploads)
 
     def decorate(view: Callable[..., Any]) -> Any:
         @wraps(view)
@@ -70,7 +78,7 @@ def api_route(bp: Blueprint, rule: str, method: str, *, summary: str, body: type
             check_path_args(path_args)
             kwargs = dict(path_args)
             if body is not None:
-                kwargs["body"] = parse_body(body)
+                kwargs["body"] = None if request.mimetype in uploads else parse_body(body)
             if query is not None:
                 kwargs["query"] = parse_query(query)
             result = view(**kwargs)
@@ -173,6 +181,28 @@ def read_body() -> bytes:
             raise RequestEntityTooLarge()
         return raw
     return request.get_data(cache=True)
+
+
+def receive_upload(limit: int, suffix: str = "") -> Path:
+    """The request's body streamed to a temporary file (the caller deletes it), 413 past `limit` bytes."""
+    request.max_content_length = limit  # this route's own limit, not MAX_CONTENT_LENGTH's
+    fd, name = tempfile.mkstemp(prefix="pluristeer-upload-", suffix=suffix)
+    path = Path(name)
+    try:
+        size = 0
+        with os.fdopen(fd, "wb") as f:
+            while chunk := request.stream.read(1 << 16):
+                size += len(chunk)
+                if size > limit:
+                    raise ApiError(413, "payload_too_large", f"the upload is larger than the limit of {limit} bytes "
+                                   "(MAX_UPLOAD_BYTES)", "body")
+                f.write(chunk)
+        if size == 0:
+            raise ApiError(400, "invalid_body", "the uploaded file is empty", "body")
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return path
 
 
 def parse_body(model: type[BaseModel]) -> BaseModel:
@@ -321,7 +351,9 @@ def openapi_document(app: Flask) -> dict[str, Any]:
             op["parameters"] = params
         if spec.body is not None:
             op["requestBody"] = {"required": True,
-                                 "content": {"application/json": {"schema": ref(spec.body, "validation")}}}
+                                 "content": {"application/json": {"schema": ref(spec.body, "validation")},
+                                             **{kind: {"schema": {"type": "string", "format": "binary"}}
+                                                for kind in spec.uploads}}}
         responses: dict[str, Any] = {}
         for status, kind in spec.responses.items():
             entry: dict[str, Any] = {"description": _describe(status)}

@@ -122,6 +122,18 @@ class OpinionsPost(Request):
     items: list[OpinionIn] = Field(min_length=1, max_length=MAX_ITEMS_PER_REQUEST)
 
 
+class OpinionsUploadQuery(Request):
+    """How an uploaded table (CSV, JSONL or Parquet body) maps onto opinion items: the column of each field."""
+
+    model_config = ConfigDict(extra="forbid", strict=False)
+    question_column: str = "question"
+    options_column: str = "options"
+    target_column: str = "target"
+    answer_column: str = "answer"
+    ordinal_column: str = "ordinal"
+    id_column: str = "id"
+
+
 class OpinionOut(Response):
     id: str
     question: str
@@ -185,6 +197,14 @@ class ProfileCreate(Request):
                           "questions; for a user, none. [] for none. Stored as params.contrast")
 
 
+class ProfileImport(Request):
+    subject: SubjectIn
+    adapter_config: dict[str, Any] = Field(description="the content of peft's adapter_config.json (a LoRA "
+                                                       "adapter for the served base model)")
+    adapter_model: str = Field(description="adapter_model.safetensors, base64-encoded (safetensors only: "
+                                           "pickled .bin adapters are refused)")
+
+
 class Progress(Response):
     done: int
     total: int
@@ -243,7 +263,7 @@ class ProfileList(Response):
 
 class ArtifactQuery(Request):
     model_config = ConfigDict(extra="forbid", strict=False)
-    format: Literal["safetensors", "gguf"] = "safetensors"
+    format: Literal["safetensors", "gguf", "peft"] = "safetensors"
 
 
 # ----------------------------------------------------------------------------------------------- keys
