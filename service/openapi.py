@@ -185,7 +185,9 @@ def read_body() -> bytes:
 
 def receive_upload(limit: int, suffix: str = "") -> Path:
     """The request's body streamed to a temporary file (the caller deletes it), 413 past `limit` bytes."""
-    request.max_content_length = limit  # this route's own limit, not MAX_CONTENT_LENGTH's
+    # This route's own limit, not MAX_CONTENT_LENGTH's. One byte more: werkzeug cuts a chunked body at its
+    # limit without a word, and the byte past `limit` is what tells an over-limit body apart.
+    request.max_content_length = limit + 1
     fd, name = tempfile.mkstemp(prefix="pluristeer-upload-", suffix=suffix)
     path = Path(name)
     try:
@@ -320,12 +322,64 @@ def route_specs(app: Flask) -> list[tuple[str, str, RouteSpec | None]]:
     return out
 
 
+_TEXT_PATTERN = "^[^\\u0000]*$"
+_INTEGER_BOUNDS = {"minimum": -MAX_JSON_INTEGER, "maximum": MAX_JSON_INTEGER}
+_NUMBER_BOUNDS = {"minimum": -MAX_JSON_NUMBER, "maximum": MAX_JSON_NUMBER}
+JSON_VALUE = "JsonValue"
+_BOUND_KEYWORDS = {"ge": "minimum", "le": "maximum", "gt": "exclusiveMinimum", "lt": "exclusiveMaximum"}
+_JSON_SCALAR: dict[str, Any] = {"anyOf": [{"type": "string", "pattern": _TEXT_PATTERN},
+                                          {"type": "integer", **_INTEGER_BOUNDS},
+                                          {"type": "number", **_NUMBER_BOUNDS}, {"type": "boolean"},
+                                          {"type": "null"}]}
+# Free-form values (attributes, params) as the document states them: scalars, or lists and objects of them
+# (read_json accepts nesting up to MAX_JSON_DEPTH).
+JSON_VALUE_SCHEMA: dict[str, Any] = {
+    "description": "any JSON value within the API's bounds",
+    "anyOf": [*_JSON_SCALAR["anyOf"], {"type": "array", "items": _JSON_SCALAR},
+              {"type": "object", "additionalProperties": _JSON_SCALAR}]}
+
+
+def state_json_bounds(schema: Any) -> None:
+    """Write `read_json`'s bounds into a request schema (in place): text without NUL, integers within 64
+    bits, other numbers within +-MAX_JSON_NUMBER, free-form values as `JsonValue`."""
+    if isinstance(schema, list):
+        for sub in schema:
+            state_json_bounds(sub)
+        return
+    if not isinstance(schema, dict):
+        return
+    # pydantic leaves a number union's bounds as ge/le beside the union: move them into its branches.
+    bounds = {_BOUND_KEYWORDS[k]: schema.pop(k) for k in list(schema) if k in _BOUND_KEYWORDS}
+    for branch in schema.get("anyOf", []) if bounds else ():
+        if branch.get("type") in ("integer", "number"):
+            branch.update(bounds)
+    kind = schema.get("type")
+    if kind == "string" and "pattern" not in schema and "enum" not in schema and "const" not in schema:
+        schema["pattern"] = _TEXT_PATTERN
+    elif kind in ("integer", "number"):
+        for key, value in (_INTEGER_BOUNDS if kind == "integer" else _NUMBER_BOUNDS).items():
+            schema.setdefault(key, value)
+    elif kind == "object" and schema.get("additionalProperties") is True:
+        schema["additionalProperties"] = {"$ref": f"#/components/schemas/{JSON_VALUE}"}
+    for key in ("properties", "$defs"):
+        for sub in schema.get(key, {}).values():
+            state_json_bounds(sub)
+    for key in ("items", "additionalProperties", "anyOf", "oneOf", "allOf"):
+        if key in schema:
+            state_json_bounds(schema[key])
+
+
 def openapi_document(app: Flask) -> dict[str, Any]:
     schemas: dict[str, Any] = {}
 
     def ref(model: type[BaseModel], mode: str) -> dict[str, Any]:
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}", mode=mode)
-        for name, sub in schema.pop("$defs", {}).items():
+        defs = schema.pop("$defs", {})
+        if mode == "validation":  # what read_json holds every request body to
+            for sub in (schema, *defs.values()):
+                state_json_bounds(sub)
+            schemas.setdefault(JSON_VALUE, JSON_VALUE_SCHEMA)
+        for name, sub in defs.items():
             schemas.setdefault(name, sub)
         schemas.setdefault(model.__name__, schema)
         return {"$ref": f"#/components/schemas/{model.__name__}"}
@@ -345,6 +399,7 @@ def openapi_document(app: Flask) -> dict[str, Any]:
             qschema = spec.query.model_json_schema()
             required = set(qschema.get("required", []))
             for name, prop in qschema.get("properties", {}).items():
+                state_json_bounds(prop)
                 params.append({"name": name, "in": "query", "required": name in required, "schema": prop,
                                **({"description": prop["description"]} if "description" in prop else {})})
         if params:

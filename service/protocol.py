@@ -179,9 +179,15 @@ class SubjectIn(Request):
     id: str = Field(pattern=ID_PATTERN)
 
 
+def _registered_methods(schema: dict[str, Any]) -> None:
+    from steer_core.methods import METHODS
+
+    schema["enum"] = sorted(METHODS)
+
+
 class ProfileCreate(Request):
     subject: SubjectIn
-    method: str = Field(description="a registered method, e.g. diffmean")
+    method: str = Field(description="a registered method", json_schema_extra=_registered_methods)
     model: str | None = Field(None, description="base model; default and only choices: the deployment's "
                                                 "models")
     params: dict[str, Any] = Field(
@@ -411,8 +417,9 @@ class ChatCompletionRequest(Request):
 
     model: str = Field(description="the served base model, or `<base>:<profile id>` for one profile")
     messages: list[ChatMessageIn] = Field(min_length=1)
-    max_tokens: StrictInt | None = Field(None, ge=1, description="new tokens at most (default and "
-                                                                 "limit: the deployment's MAX_NEW_TOKENS)")
+    max_tokens: StrictInt | None = Field(None, ge=1, description="new tokens at most (default: the "
+                                                                 "deployment's DEFAULT_MAX_TOKENS; limit: its "
+                                                                 "MAX_NEW_TOKENS)")
     max_completion_tokens: StrictInt | None = Field(None, ge=1, description="same as max_tokens")
     temperature: Number = Field(1.0, ge=0, le=2, description="0 is greedy")
     top_p: Number = Field(1.0, gt=0, le=1)
