@@ -53,10 +53,12 @@ def test_build_records_its_choice_and_scores(tiny_lm):
     assert profile.layer == m["choice"]["layer"]
     gain = m["gain"]
     assert gain["alignment"] == pytest.approx(m["best_candidate"]["alignment"] - m["unsteered"]["alignment"])
-    assert m["improved"] == (gain["alignment"] > MIN_GAIN) and gain["standard_error"] >= 0
+    over = m["gain_vs_calibrated"]
+    assert over["alignment"] == pytest.approx(m["best_candidate"]["alignment"] - m["calibrated"]["alignment"])
+    assert m["improved"] == (over["alignment"] > MIN_GAIN) and gain["standard_error"] >= 0
     if not m["improved"]:
         assert profile.strength == 0 and "no setting beat" in m["note"]
-        assert m["steered"] == m["unsteered"]
+        assert m["steered"] == m["calibrated"]
     else:
         assert profile.strength > 0 and m["steered"] == m["best_candidate"]
 
