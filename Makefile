@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_DIR := .pluristeer
 
-.PHONY: setup demo eval-demo test lint bench clean
+.PHONY: setup browser demo eval-demo test lint bench clean
 
 # torch first, pinned to the CPU build this machine has on disk, so pip never pulls a multi-GB CUDA
 # build; pyproject.toml keeps a range so GPU hosts can install their own.
@@ -30,7 +30,19 @@ eval-demo: setup
 demo: setup
 	bash scripts/demo.sh
 
-test: setup
+# The console's browser tests drive the system's Chromium through chromedriver: install both when absent
+# (root and apt-get: a fresh CI machine), otherwise say what is missing.
+browser:
+	@if ! { command -v chromium || command -v chromium-browser; } >/dev/null || ! command -v chromedriver >/dev/null; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; \
+		else \
+			echo "the console's browser tests need Chromium and chromedriver (e.g. apt-get install chromium chromium-driver)"; \
+			exit 1; \
+		fi; \
+	fi
+
+test: setup browser
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q
 

@@ -14,7 +14,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     """The API app. `test_config` may hold `SETTINGS` (a `Settings`) and any Flask config keys;
     without `SETTINGS` the settings come from the environment."""
     from service import console, context, errors, observability, openapi
-    from service.api import chat, experiments, groups, health, opinions, profiles, users
+    from service.api import chat, experiments, groups, health, keys, opinions, profiles, users
 
     app = Flask(__name__)
     config = dict(test_config or {})
@@ -26,7 +26,8 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     context.init_app(app, settings)
     errors.register_error_handlers(app)
     observability.init_app(app)
-    for bp in (health.bp, observability.bp, openapi.bp, users.bp, groups.bp, opinions.bp, profiles.bp):
+    for bp in (health.bp, observability.bp, openapi.bp, keys.bp, users.bp, groups.bp, opinions.bp,
+               profiles.bp):
         app.register_blueprint(bp)
     app.register_blueprint(experiments.bp)  # A/B tests (issue 7)
     chat.init_app(app)  # chat completions and scores; the generation engine starts with the first request

@@ -25,19 +25,50 @@ def new_key() -> str:
     return KEY_PREFIX + secrets.token_urlsafe(32)
 
 
-def create_key(session: Session, tenant_name: str) -> str:
+def create_key(session: Session, tenant_name: str, name: str | None = None) -> str:
     """Create a key for `tenant_name` (creating the tenant when new) and return it; it is not stored."""
-    name = tenant_name.strip()
-    if not name or len(name) > 200:
+    tenant = tenant_name.strip()
+    if not tenant or len(tenant) > 200:
         raise ValueError("tenant name must be 1 to 200 characters")
-    tenant = db.get_or_create_tenant(session, name)
-    key = new_key()
-    session.add(db.ApiKey(tenant_id=tenant.id, key_sha256=db.hash_key(key), prefix=key[:DISPLAY_CHARS]))
+    return add_key(session, db.get_or_create_tenant(session, tenant).id, name)[0]
+
+
+def add_key(session: Session, tenant_id: int, name: str | None = None) -> tuple[str, db.ApiKey]:
+    """A new key of the tenant `tenant_id`: (the key, shown once; its row). Its display prefix is unique,
+    so a prefix names one key in `list` and `revoke`."""
+    if name is not None and not 1 <= len(name.strip()) <= 200:
+        raise ValueError("a key's name must be 1 to 200 characters")
+    while True:
+        key = new_key()
+        if session.scalar(select(db.ApiKey.id).where(db.ApiKey.prefix == key[:DISPLAY_CHARS])) is None:
+            break
+    row = db.ApiKey(tenant_id=tenant_id, key_sha256=db.hash_key(key), prefix=key[:DISPLAY_CHARS],
+                    name=name.strip() if name is not None else None)
+    session.add(row)
     session.flush()
-    return key
+    return key, row
+
+
+def tenant_keys(session: Session, tenant_id: int) -> list[db.ApiKey]:
+    """The tenant's keys, revoked ones included, oldest first."""
+    return list(session.scalars(select(db.ApiKey).where(db.ApiKey.tenant_id == tenant_id)
+                                .order_by(db.ApiKey.created_at, db.ApiKey.id)))
+
+
+def revoke_prefix(session: Session, prefix: str, tenant_id: int | None = None) -> db.ApiKey | None:
+    """Revoke the key with display prefix `prefix` (of tenant `tenant_id` when given: another tenant's key
+    is not found). Returns its row (already revoked ones unchanged), or None."""
+    query = select(db.ApiKey).where(db.ApiKey.prefix == prefix)
+    if tenant_id is not None:
+        query = query.where(db.ApiKey.tenant_id == tenant_id)
+    row = session.scalar(query)
+    if row is not None and row.revoked_at is None:
+        row.revoked_at = db.utcnow()
+    return row
 
 
 def revoke_key(session: Session, key: str) -> bool:
+    """Revoke `key` itself; False when it is unknown or already revoked."""
     row = session.scalar(select(db.ApiKey).where(db.ApiKey.key_sha256 == db.hash_key(key)))
     if row is None or row.revoked_at is not None:
         return False
@@ -45,24 +76,63 @@ def revoke_key(session: Session, key: str) -> bool:
     return True
 
 
-def create_key_cli(args: Any) -> int:
-    """`pluristeer keys create --tenant NAME`: print a new key once (the database must be migrated)."""
+def _migrated_url(args: Any) -> str | None:
     from service.settings import Settings
 
-    settings = Settings.from_env()
-    url = getattr(args, "database_url", None) or settings.database_url
+    url = getattr(args, "database_url", None) or Settings.from_env().database_url
     if not db.is_current(url):
         print("error: the database is not migrated; run `pluristeer db upgrade` first", file=sys.stderr)
+        return None
+    return url
+
+
+def create_key_cli(args: Any) -> int:
+    """`pluristeer keys create --tenant NAME [--name N]`: print a new key once."""
+    url = _migrated_url(args)
+    if url is None:
         return 1
     try:
         with db.session_scope(url) as session:
-            key = create_key(session, args.tenant)
+            key = create_key(session, args.tenant, getattr(args, "name", None))
     except ValueError as exc:
-        print(f"error: --tenant: {exc}", file=sys.stderr)
+        print(f"error: --{'tenant' if 'tenant' in str(exc) else 'name'}: {exc}", file=sys.stderr)
         return 2
     print(key)
     print(f"(tenant {args.tenant.strip()!r}; this key is shown once: only its hash is stored)",
           file=sys.stderr)
+    return 0
+
+
+def list_keys_cli(args: Any) -> int:
+    """`pluristeer keys list [--tenant NAME]`: prefix, tenant, name, created and revoked times (no secrets)."""
+    url = _migrated_url(args)
+    if url is None:
+        return 1
+    with db.session_scope(url) as session:
+        query = select(db.ApiKey, db.Tenant.name).join(db.Tenant, db.Tenant.id == db.ApiKey.tenant_id)
+        if getattr(args, "tenant", None):
+            query = query.where(db.Tenant.name == args.tenant.strip())
+        rows = session.execute(query.order_by(db.Tenant.name, db.ApiKey.created_at, db.ApiKey.id)).all()
+        print(f"{'prefix':<14}{'tenant':<20}{'name':<20}{'created':<22}revoked")
+        for key, tenant in rows:
+            revoked = key.revoked_at.strftime("%Y-%m-%d %H:%M:%S") if key.revoked_at else "-"
+            print(f"{key.prefix:<14}{tenant[:19]:<20}{(key.name or '-')[:19]:<20}"
+                  f"{key.created_at.strftime('%Y-%m-%d %H:%M:%S'):<22}{revoked}")
+    return 0
+
+
+def revoke_key_cli(args: Any) -> int:
+    """`pluristeer keys revoke PREFIX`: the key stops working at once (401)."""
+    url = _migrated_url(args)
+    if url is None:
+        return 1
+    with db.session_scope(url) as session:
+        row = revoke_prefix(session, args.prefix.strip())
+        if row is None:
+            print(f"error: PREFIX: no key starts with {args.prefix!r} (see `pluristeer keys list`)",
+                  file=sys.stderr)
+            return 2
+        print(f"revoked {row.prefix}")
     return 0
 
 

@@ -5,7 +5,7 @@ never reach another tenant's rows. The one exception is `profile_by_id`, used by
 a Celery task carries only a profile id (a random uuid that the API itself enqueued).
 
 Schema changes go through Alembic (`migrations/`); `upgrade(url)` runs them to head. The experiment
-tables (issue 7: A/B tests) follow the profile models; revision 0002 creates them.
+tables (A/B tests) follow the profile models; revision 0002 creates them, 0004 the stored offline comparisons.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import hashlib
 import json
 import threading
 import uuid
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -117,6 +117,7 @@ class ApiKey(Base):
     tenant_id: Mapped[TenantFK]
     key_sha256: Mapped[str] = mapped_column(String(64), unique=True, nullable=False)
     prefix: Mapped[str] = mapped_column(String(32), nullable=False)
+    name: Mapped[str | None] = mapped_column(String(200), nullable=True)
     created_at: Mapped[Created]
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
@@ -366,6 +367,33 @@ class Feedback(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow, nullable=False)
 
 
+
+OFFLINE_STATUSES = ("queued", "running", "ready", "failed")
+
+
+class OfflineComparisonRow(Base):
+    """The offline comparison of an experiment's variants on opinion items, computed by a worker task and
+    read back by the results endpoint. `inputs_sha256` names what it scores (the model, the items, each
+    variant's blend with its profiles' artifacts), so a change of any of them asks for a new row; `result`
+    is the stored comparison and per-variant scores once `ready`, `error` says why when `failed`."""
+
+    __tablename__ = "offline_comparisons"
+    __table_args__ = (
+        UniqueConstraint("experiment_id", "inputs_sha256"),
+        CheckConstraint("status IN ('queued', 'running', 'ready', 'failed')", name="status"),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=lambda: str(uuid.uuid4()))
+    tenant_id: Mapped[TenantFK]
+    experiment_id: Mapped[ExperimentFK]
+    inputs_sha256: Mapped[str] = mapped_column(String(64), nullable=False)
+    status: Mapped[str] = mapped_column(String(16), default="queued", nullable=False)
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[Created]
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow, nullable=False)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
 # ---------------------------------------------------------------------------------------------------------
 # Engines and sessions
 
@@ -432,18 +460,10 @@ def dispose_engines(url: str | None = None) -> None:
                 engine.dispose()
 
 
-@contextmanager
-def session_scope(settings: Settings | str) -> Iterator[Session]:
-    """A session that commits when the block ends and rolls back (and re-raises) when it raises."""
-    session = session_factory(settings)()
-    try:
-        yield session
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
-    finally:
-        session.close()
+def session_scope(settings: Settings | str) -> AbstractContextManager[Session]:
+    """A session in a transaction that commits when the block ends and rolls back (and re-raises) when it
+    raises: the settings' `sessionmaker.begin()`."""
+    return session_factory(settings).begin()
 
 
 def upgrade(url: str, revision: str = "head") -> None:

@@ -123,6 +123,9 @@ def results_table(results: dict[str, Any]) -> str:
         lines.append(f"offline: alignment on {offline['items']} {offline['evaluation']} opinion items of the scope")
         for v in results["variants"]:
             lines.append(f"  {v['name']:<10} {v['offline']['alignment']:.3f}")
+    else:
+        lines.append("")
+        lines.append(f"offline: {offline['detail']}")
     return "\n".join(lines)
 
 
@@ -161,6 +164,11 @@ def run_ab_demo(base_url: str, key: str, *, users: int = 120, seed: int = 0, bui
         up = coins[variant].random() < UP_RATE[variant]
         api.call("POST", f"/v1/experiments/{exp['id']}/feedback", {"response_id": response_id, "thumbs": up})
     results = api.call("GET", f"/v1/experiments/{exp['id']}/results")
+    # The first results request asks a worker for the offline comparison; it is read back once stored.
+    deadline = time.monotonic() + build_timeout
+    while results["offline"]["status"] in ("queued", "running") and time.monotonic() < deadline:
+        time.sleep(1.0)
+        results = api.call("GET", f"/v1/experiments/{exp['id']}/results")
     say("")
     say(results_table(results))
     say("")

@@ -7,9 +7,8 @@ before its start, after its end) every request gets the control and nothing is a
 
 The chat endpoint calls `resolve_experiment` before generating and `record_exposure` after; feedback names
 the response id an exposure recorded. Results: per variant, exposures, feedback, mean reward with its
-interval, and the difference to the control with a p-value (`service.experiment_stats`), plus an offline
-comparison of the variants on the scope group's held-out opinion items, read with the same answer reader
-as `/v1/score` (`steer_core.prompts.answer_distributions`).
+interval, and the difference to the control with a p-value (`service.experiment_stats`), plus the stored
+offline comparison of the variants on the scope group's opinion items (`service.offline_comparison`).
 
 Every function takes the tenant id and filters by it; errors are `ApiError`s naming the request field,
 raised before anything is written (the route's transaction then stores nothing).
@@ -19,12 +18,10 @@ from __future__ import annotations
 
 import math
 import secrets
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any
 
-import numpy as np
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -41,30 +38,22 @@ from service.experiment_stats import (
     rewards_png,
     summarize_rewards,
 )
+from service.offline_comparison import OfflineResult
 from service.protocol import (
     ControlComparison,
     ExperimentCreate,
     ExperimentOut,
     ExperimentResults,
     FeedbackIn,
-    OfflineComparison,
-    OfflineScores,
     ProfileWeightOut,
     RewardStats,
     ScopeOut,
     VariantOut,
     VariantResult,
 )
-from steer_core.data import OpinionItem, sample_hash
-from steer_core.errors import SteerError
 
 ALPHA = 0.05
 THUMBS = {"up": 1.0, "down": 0.0, True: 1.0, False: 0.0}
-
-# (items, blend as [(profile id, weight)]) -> one answer distribution per item. The service's is
-# `service.api.experiments.engine_scorer` (the generation engine's reader); tests may pass their own.
-Scorer = Callable[[Sequence[OpinionItem], Sequence[tuple[str, float]]], list[np.ndarray]]
-
 
 # ------------------------------------------------------------------------------------------- lookups
 
@@ -404,14 +393,6 @@ def profile_refs(variant: db.ExperimentVariant) -> list[ProfileWeightOut]:
 
 # ------------------------------------------------------------------------------------------- results
 
-@dataclass(frozen=True)
-class OfflineResult:
-    """Scores of each variant (by name) on the scope's opinion items; `detail` says why when unavailable."""
-
-    comparison: OfflineComparison
-    scores: dict[str, OfflineScores]
-
-
 def variant_rewards(session: Session, exp: db.Experiment) -> dict[int, list[float]]:
     rows = session.execute(select(db.Feedback.variant_id, db.Feedback.reward).where(
         db.Feedback.tenant_id == exp.tenant_id, db.Feedback.experiment_id == exp.id).order_by(db.Feedback.id))
@@ -467,41 +448,3 @@ def results_png(session: Session, exp: db.Experiment) -> bytes:
     _, summary = summaries(session, exp)
     bars = [PlotBar(v.name, summary[v.id], v.name == exp.control) for v in exp.variants]
     return rewards_png(bars, f"{exp.name} ({state_of(exp)})", exp.reward_kind)
-
-
-def offline_unavailable(detail: str, items: int = 0) -> OfflineResult:
-    return OfflineResult(OfflineComparison(available=False, detail=detail, items=items, evaluation=None,
-                                           sample_hash=None), {})
-
-
-def offline_items(session: Session,
-                  exp: db.Experiment) -> tuple[list[OpinionItem], Literal["held-out", "in-sample", "none"]]:
-    """A fixed seeded share of the scope group's opinion items (`split_sample`), or all of them when the
-    sample is too small to split. Every variant is judged on the same items; a profile built from this
-    group's sample was fitted on all of its items, these included (builds cross-validate, then refit)."""
-    from steer_core.build import split_sample
-
-    if exp.scope_group_id is None:
-        return [], "none"
-    items = db.subject_items(session, exp.tenant_id, "group", exp.scope_group_id)
-    if not items:
-        return [], "none"
-    try:
-        return split_sample(items)[1], "held-out"
-    except SteerError:
-        return list(items), "in-sample"
-
-
-def offline_comparison(items: Sequence[OpinionItem], evaluation: Literal["held-out", "in-sample"], exp: db.Experiment,
-                       scorer: Scorer) -> OfflineResult:
-    """Each variant's mean alignment, total variation and KL on `items`, under its blend."""
-    from steer_core.metrics import summarize
-
-    scores: dict[str, OfflineScores] = {}
-    for v in exp.variants:
-        m = summarize(items, scorer(items, blend_of(v)))
-        scores[v.name] = OfflineScores(alignment=m["alignment"], total_variation=m["total_variation"], kl=m["kl"])
-    detail = (f"{len(items)} {evaluation} opinion items of the scope group, each variant's answer "
-              "distributions read as /v1/score reads them")
-    return OfflineResult(OfflineComparison(available=True, detail=detail, items=len(items),
-                                           evaluation=evaluation, sample_hash=sample_hash(items)), scores)

@@ -62,7 +62,7 @@ class _StateCollector(Collector):
         up = GaugeMetricFamily("pluristeer_dependency_up", "1 when a dependency answered this scrape",
                                labels=["dependency"])
         try:
-            from service.builds import queue_depths
+            from service.queue import queue_depths
 
             for queue, n in queue_depths(settings).items():
                 depth.add_metric([queue], n)

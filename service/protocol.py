@@ -31,7 +31,10 @@ ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,199}$"
 ID_RULE = "ids are 1 to 200 characters: letters, digits and ._:@- (not starting with a symbol)"
 # Profiles and experiments get uuid4 ids from the service.
 UUID_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
-PATH_PATTERNS = {"uid": ID_PATTERN, "gid": ID_PATTERN, "profile_id": UUID_PATTERN, "experiment_id": UUID_PATTERN}
+# An API key's display prefix (service.auth.DISPLAY_CHARS characters of the key).
+KEY_PREFIX_PATTERN = r"^psk_[A-Za-z0-9_-]{8}$"
+PATH_PATTERNS = {"uid": ID_PATTERN, "gid": ID_PATTERN, "profile_id": UUID_PATTERN, "experiment_id": UUID_PATTERN,
+                 "prefix": KEY_PREFIX_PATTERN}
 # Text the databases store in bounded columns (item ids, end-user names, response ids).
 MAX_ID_CHARS = 200
 MAX_ITEMS_PER_REQUEST = 10_000
@@ -234,6 +237,28 @@ class ProfileList(Response):
 class ArtifactQuery(Request):
     model_config = ConfigDict(extra="forbid", strict=False)
     format: Literal["safetensors", "gguf"] = "safetensors"
+
+
+# ----------------------------------------------------------------------------------------------- keys
+
+class KeyCreate(Request):
+    name: str = Field(min_length=1, max_length=200, pattern=r"\S", description="what the key is for")
+
+
+class KeyOut(Response):
+    prefix: str = Field(description="the key's first characters: names it in list and revoke")
+    name: str | None
+    created_at: datetime
+    revoked_at: datetime | None
+    current: bool = Field(description="the key this request was made with")
+
+
+class KeyCreated(KeyOut):
+    key: str = Field(description="the key itself: shown this once, only its hash is stored")
+
+
+class KeyList(Response):
+    keys: list[KeyOut]
 
 
 # --------------------------------------------------------------------------------------------- health
@@ -628,21 +653,26 @@ class VariantResult(Response):
     feedback: int
     reward: RewardStats
     vs_control: ControlComparison | None = Field(description="null for the control")
-    offline: OfflineScores | None = Field(description="alignment with the scope's held-out opinion items")
+    offline: OfflineScores | None = Field(description="alignment with the scope's opinion items (see `offline`)")
 
 
 class OfflineComparison(Response):
     available: bool
+    status: Literal["ready", "queued", "running", "failed", "none"] = Field(
+        description="ready: stored and shown; queued/running: a worker computes it, ask again; failed: see "
+                    "detail; none: nothing to compare (no scope, no items, not requested)")
     detail: str
     items: int
-    evaluation: Literal["held-out", "in-sample"] | None
+    evaluation: Literal["held-out", "in-sample"] | None = Field(
+        description="held-out: items in no compared profile's sample; in-sample: every scope item is in some "
+                    "compared profile's sample (scores that flatter those profiles)")
     sample_hash: str | None
 
 
 class ResultsQuery(Request):
     model_config = ConfigDict(extra="forbid", strict=False)
-    offline: bool = Field(True, description="score each variant on the scope's held-out opinion items (runs "
-                                            "the model)")
+    offline: bool = Field(True, description="the offline comparison of the variants on the scope's opinion "
+                                            "items: asked of a worker the first time, then read back")
 
 
 class ExperimentResults(Response):

@@ -15,14 +15,12 @@ import redis
 
 from service import context
 from service.errors import ApiError
+from service.redis_server import DOWN_BACKOFF_S, note_redis_error, redis_down
 
 log = logging.getLogger(__name__)
 
 WINDOW_S = 60
 PREFIX = "pluristeer:ratelimit:"
-# After a Redis failure, stop asking for this long: a down Redis must not add a timeout to every request.
-BACKOFF_S = 5.0
-_skip_until: dict[str | None, float] = {}  # per Redis URL
 
 
 def hit(client: redis.Redis, key_id: str, limit: int, now: float | None = None) -> tuple[bool, int, int]:
@@ -47,14 +45,14 @@ def enforce(key_id: str) -> None:
     from service.observability import record_rate_limit
 
     url = context.settings().redis_url
-    if time.monotonic() < _skip_until.get(url, 0.0):
+    if redis_down(url):  # a down Redis must not add a timeout to every request
         record_rate_limit("redis_unavailable")
         return
     try:
         allowed, _remaining, reset = hit(context.redis_client(), key_id, limit)
     except redis.RedisError as exc:
-        _skip_until[url] = time.monotonic() + BACKOFF_S
-        log.warning("rate limit not applied for %.0f s, Redis unavailable: %s", BACKOFF_S, exc)
+        note_redis_error(url)
+        log.warning("rate limit not applied for %.0f s, Redis unavailable: %s", DOWN_BACKOFF_S, exc)
         record_rate_limit("redis_unavailable")
         return
     if not allowed:

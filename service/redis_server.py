@@ -29,9 +29,12 @@ if TYPE_CHECKING:
     from service.settings import Settings
 
 START_TIMEOUT_S = 10.0
-# Short socket timeouts: a Redis that is down must make a cache read fail fast, not hang a request.
-CONNECT_TIMEOUT_S = 1.0
-SOCKET_TIMEOUT_S = 5.0
+# Short socket timeouts: a Redis that is down or hung (SIGSTOP, a stalled host) must make a call fail within
+# a second, not hang a request. A read of a large value is many reads, each under this bound.
+CONNECT_TIMEOUT_S = 0.5
+SOCKET_TIMEOUT_S = 0.75
+# After a failure, callers that can do without Redis skip it for this long (`redis_down`).
+DOWN_BACKOFF_S = 5.0
 
 
 class EmbeddedRedisError(RuntimeError):
@@ -48,6 +51,7 @@ class _Embedded:
 _lock = threading.Lock()
 _embedded: _Embedded | None = None
 _clients: dict[str, redis.Redis] = {}
+_down_until: dict[str, float] = {}  # per URL: monotonic time until which callers skip Redis
 
 
 def redis_executable() -> str:
@@ -175,12 +179,23 @@ def client_for(url: str) -> redis.Redis:
     with _lock:
         client = _clients.get(url)
         if client is None:
-            # One retry, no backoff: callers treat Redis as a cache and fall back quickly.
+            # One retry of a dropped connection (a restarted server), none of a timeout (a hung one): a call
+            # fails within about a second and callers fall back.
             client = redis.Redis.from_url(url, socket_connect_timeout=CONNECT_TIMEOUT_S,
                                           socket_timeout=SOCKET_TIMEOUT_S, health_check_interval=30,
-                                          retry=Retry(NoBackoff(), 1))
+                                          retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)))
             _clients[url] = client
         return client
+
+
+def redis_down(url: str | None) -> bool:
+    """True for `DOWN_BACKOFF_S` after `note_redis_error(url)`: skip Redis rather than wait on it again."""
+    return time.monotonic() < _down_until.get(url or "", 0.0)
+
+
+def note_redis_error(url: str | None) -> None:
+    """Record that a call to the Redis at `url` failed (see `redis_down`)."""
+    _down_until[url or ""] = time.monotonic() + DOWN_BACKOFF_S
 
 
 def redis_client(settings: Settings) -> redis.Redis:

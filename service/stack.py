@@ -141,7 +141,7 @@ def first_key(settings: Settings, tenant: str = "default") -> tuple[str, bool]:
             if db.tenant_for_key(session, key) is not None:
                 return key, False
     with db.session_scope(settings) as session:
-        return create_key(session, tenant), True
+        return create_key(session, tenant, "pluristeer up"), True
 
 
 def save_up_file(settings: Settings, url: str, key: str) -> Path:
@@ -219,8 +219,12 @@ def run_up(args: Any) -> int:
         wait_healthy(url, children)
         path = save_up_file(settings, url, key)
         print(f"\npluristeer is up at {url}", flush=True)
-        print(f"API key:  {key}{'' if new else ' (from an earlier run)'}  (saved in {path})")
-        print(f"try:      curl -H 'Authorization: Bearer {key}' {url}/v1/profiles")
+        if new:  # a key is printed once, when it is created; later runs point at the file that holds it
+            print(f"API key:  {key}  (saved in {path})")
+            print(f"try:      curl -H 'Authorization: Bearer {key}' {url}/v1/profiles")
+        else:
+            print(f"API key:  the one created by an earlier run, in {path} (`pluristeer keys list` shows its "
+                  "prefix)")
         print("demo:     pluristeer demo      Ctrl-C stops everything\n", flush=True)
         while True:
             for child in children:

@@ -181,8 +181,8 @@ def fail(settings: Settings, profile_id: str, attempt: int | None, message: str)
             _set_failed(row, message, now)
 
 
-def retrying(settings: Settings, profile_id: str, attempt: int, message: str, countdown: float) -> None:
-    """Put the row back to `queued` while a transient error waits out its backoff."""
+def retrying(settings: Settings, profile_id: str, attempt: int, message: str) -> None:
+    """Put the row back to `queued` while a transient error waits out Celery's backoff."""
     now = utcnow()
     with session_scope(settings) as session:
         record = _attempt(session, profile_id, attempt)
@@ -191,7 +191,7 @@ def retrying(settings: Settings, profile_id: str, attempt: int, message: str, co
         row = profile_by_id(session, profile_id)
         if row is not None and row.status == "building":
             row.status, row.updated_at = "queued", now
-            row.progress = {"done": 0, "total": 0, "stage": f"retrying in {countdown:.0f} s: {message}"[:500]}
+            row.progress = {"done": 0, "total": 0, "stage": f"retrying after a transient error: {message}"[:500]}
 
 
 def artifact_unreferenced(settings: Settings, sha256: str) -> bool:

@@ -42,7 +42,7 @@ def sweep_interval(settings: Settings) -> float:
 def sweep(settings: Settings, now: datetime | None = None, enqueue: Enqueue | None = None) -> SweepReport:
     """Re-queue stale builds and re-send lost messages; return what was done."""
     if enqueue is None:
-        from service.builds import enqueue_build as enqueue
+        from service.queue import enqueue_build as enqueue
     now = now or utcnow()
     cutoff = now - timedelta(seconds=settings.build_stale_after)
     report = SweepReport()

@@ -1,8 +1,9 @@
-"""Celery tasks. Thin: claim the profile row, build with steer_core, store the artifact, report.
+"""Celery tasks. Thin: claim the row, run steer_core through the service's functions, store, report.
 
-`pluristeer.build_profile(profile_id)`: the message carries only the id. Transient faults (database,
-Redis, disk) retry with exponential backoff; bad input (`SteerError`) fails the profile with its message;
-a soft time limit fails it with the limit named. The model is loaded once per worker process.
+`pluristeer.build_profile(profile_id)` and `pluristeer.offline_comparison(comparison_id)`: each message
+carries only an id. Transient faults (database, Redis, disk) are retried by Celery with exponential
+backoff and jitter; bad input (`SteerError`) fails the row with its message; a soft time limit fails it
+with the limit named. The model is the process's own (`worker.lifecycle.get_model`).
 """
 
 from __future__ import annotations
@@ -10,53 +11,35 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import redis
 from celery import shared_task
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from service.artifacts import ArtifactStore, ProfileCache
+from service import db
+from service import offline_comparison as offline
+from service.artifacts import ArtifactError, ArtifactStore, ProfileCache
+from service.queue import BUILD_TASK, OFFLINE_TASK
 from service.settings import Settings
+from steer_core.data import OpinionItem
 from steer_core.errors import SteerError
 from worker import build_state
-from worker.app import BUILD_TASK, QUEUE_ALIVE_KEY, QUEUE_ALIVE_TTL_S, worker_settings
+from worker.lifecycle import get_model, heartbeat, worker_settings
 
 log = logging.getLogger(__name__)
 
 MAX_RETRIES = 5
-BACKOFF_BASE_S = 5.0
-BACKOFF_MAX_S = 300.0
+BACKOFF_BASE_S = 5
+BACKOFF_MAX_S = 300
 # Failures worth another try: the database, Redis or the disk was briefly unavailable.
 TRANSIENT = (OperationalError, InterfaceError, redis.ConnectionError, redis.TimeoutError, OSError)
-
-_model_lock = threading.Lock()
-_models: dict[str, Any] = {}
-
-
-def get_model(name: str) -> Any:
-    """The process's model (loaded on first use, then reused by every build of this process)."""
-    with _model_lock:
-        lm = _models.get(name)
-        if lm is None:
-            from steer_core.models import load_model
-
-            log.info("loading model %s", name)
-            lm = _models[name] = load_model(name)
-        return lm
-
-
-def loaded_models() -> list[str]:
-    with _model_lock:
-        return list(_models)
-
-
-def backoff(retries: int) -> float:
-    return min(BACKOFF_MAX_S, BACKOFF_BASE_S * (2 ** retries))
+RETRY_OPTIONS: dict[str, Any] = {"autoretry_for": TRANSIENT, "max_retries": MAX_RETRIES,
+                                 "retry_backoff": BACKOFF_BASE_S, "retry_backoff_max": BACKOFF_MAX_S,
+                                 "retry_jitter": True}
 
 
 def _settings_of(task: Any) -> Settings:
@@ -64,29 +47,7 @@ def _settings_of(task: Any) -> Settings:
     return settings if isinstance(settings, Settings) else worker_settings()
 
 
-@contextmanager
-def _heartbeat(settings: Settings, profile_id: str) -> Iterator[None]:
-    """Refresh the row's heartbeat while the build runs, so the sweeper never takes a live build."""
-    stop = threading.Event()
-    interval = max(0.5, min(30.0, settings.build_stale_after / 4))
-
-    def beat() -> None:
-        while not stop.wait(interval):
-            try:
-                build_state.heartbeat(settings, profile_id)
-            except Exception as exc:  # noqa: BLE001 - a missed beat is retried at the next interval
-                log.warning("heartbeat of %s failed: %s", profile_id, exc)
-
-    thread = threading.Thread(target=beat, name=f"heartbeat-{profile_id[:8]}", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join(timeout=5)
-
-
-@shared_task(bind=True, name=BUILD_TASK, max_retries=MAX_RETRIES)
+@shared_task(bind=True, name=BUILD_TASK, **RETRY_OPTIONS)
 def build_profile(self: Any, profile_id: str) -> dict[str, Any]:
     """Build the profile `profile_id`; returns its final status."""
     from steer_core.build import build_profile as build
@@ -118,7 +79,7 @@ def build_profile(self: Any, profile_id: str) -> dict[str, Any]:
         if sample_hash(claimed.items) != claimed.sample_hash:
             raise SteerError("the subject's opinions changed after this profile was requested; request the "
                              "profile again to build it from the current sample", "sample")
-        with _heartbeat(settings, profile_id):
+        with heartbeat(settings, profile_id):
             progress(0, 0, "loading model")
             lm = get_model(settings.model)
             profile = build(lm, claimed.items, claimed.method, claimed.params, progress=progress)
@@ -148,14 +109,12 @@ def build_profile(self: Any, profile_id: str) -> dict[str, Any]:
             _fail_quietly(settings, profile_id, claimed.attempt,
                           f"gave up after {self.max_retries} retries: {message}")
             raise
-        countdown = backoff(self.request.retries)
         try:
-            build_state.retrying(settings, profile_id, claimed.attempt, message, countdown)
+            build_state.retrying(settings, profile_id, claimed.attempt, message)
         except TRANSIENT:
             pass  # the database itself is down; the retried message still carries this task id
-        log.warning("build of %s hit a transient error, retrying in %.0f s: %s",
-                    profile_id, countdown, message)
-        raise self.retry(exc=exc, countdown=countdown) from exc
+        log.warning("build of %s hit a transient error, retrying: %s", profile_id, message)
+        raise  # Celery's autoretry sends it again after its backoff
     except Exception as exc:
         log.exception("build of %s failed", profile_id)
         message = f"internal error: {type(exc).__name__}: {exc}"[:1000]
@@ -182,49 +141,78 @@ def _warm_cache(settings: Settings, store: ArtifactStore, sha: str, data: bytes)
         log.warning("could not warm the profile cache for %s: %s", sha, exc)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Background duties of each pool process: sweep stale builds, advertise the GPU queue, warm the model.
-
-_background_started = threading.Event()
-
-
-def start_background(settings: Settings, listening: list[str]) -> threading.Thread | None:
-    """Start (once per process) the thread that sweeps at start and then every `sweep_interval`."""
-    if _background_started.is_set():
-        return None
-    _background_started.set()
-    thread = threading.Thread(target=_background_loop, args=(settings, listening), name="pluristeer-sweeper",
-                              daemon=True)
-    thread.start()
-    return thread
-
-
-def _background_loop(settings: Settings, listening: list[str]) -> None:
-    from service.redis_server import redis_client
-    from worker.app import gpu_available
-    from worker.sweeper import sweep, sweep_interval
-
-    advertise = "gpu" in listening and gpu_available()
-    interval = sweep_interval(settings)
-    stop = threading.Event()
-    # Warm the model so the first build does not pay for it; a build that comes first waits on the lock.
-    threading.Thread(target=_warm_model, args=(settings,), name="pluristeer-model", daemon=True).start()
-    while True:
-        if advertise:
-            try:
-                redis_client(settings).set(QUEUE_ALIVE_KEY.format(queue="gpu"), socket.gethostname(),
-                                           ex=QUEUE_ALIVE_TTL_S)
-            except redis.RedisError as exc:
-                log.warning("could not advertise the gpu queue: %s", exc)
-        try:
-            sweep(settings)
-        except Exception as exc:  # noqa: BLE001 - try again at the next interval
-            log.warning("sweep failed: %s", exc)
-        stop.wait(min(interval, QUEUE_ALIVE_TTL_S / 3) if advertise else interval)
-
-
-def _warm_model(settings: Settings) -> None:
+@shared_task(bind=True, name=OFFLINE_TASK, **RETRY_OPTIONS)
+def offline_comparison(self: Any, comparison_id: str) -> dict[str, Any]:
+    """Score each variant of an experiment on its scope's opinion items and store the result."""
+    settings = _settings_of(self)
+    with db.session_scope(settings) as session:
+        claimed = offline.claim(session, comparison_id, settings.build_stale_after)
+        if isinstance(claimed, str):
+            log.info("offline comparison %s skipped: %s", comparison_id, claimed)
+            return {"comparison_id": comparison_id, "status": claimed, "skipped": True}
     try:
-        get_model(settings.model)
-    except Exception as exc:  # noqa: BLE001 - the build reports the load error to the user
-        log.warning("could not preload model %s: %s", settings.model, exc)
+        with db.session_scope(settings) as session:
+            row = offline.comparison_by_id(session, comparison_id)
+            assert row is not None  # claimed above; rows go only with their experiment
+            lm = get_model(settings.model)
+            result = offline.compute(session, row, settings.model, _blend_scorer(settings, lm))
+            offline.store(session, row, result)
+        return {"comparison_id": comparison_id, "status": "ready"}
+    except TRANSIENT as exc:
+        if self.request.retries >= self.max_retries:
+            _fail_comparison(settings, comparison_id, f"gave up after {self.max_retries} retries: "
+                                                      f"{type(exc).__name__}: {exc}")
+        else:
+            _requeue_comparison(settings, comparison_id)
+        raise  # Celery's autoretry sends it again after its backoff
+    except SoftTimeLimitExceeded:
+        message = f"the comparison ran past the time limit (BUILD_TIME_LIMIT={settings.build_time_limit} s)"
+    except (SteerError, ArtifactError, ValueError) as exc:
+        message = str(exc)
+    except Exception as exc:
+        log.exception("offline comparison %s failed", comparison_id)
+        message = f"internal error: {type(exc).__name__}: {exc}"
+    _fail_comparison(settings, comparison_id, message)
+    return {"comparison_id": comparison_id, "status": "failed", "error": message}
+
+
+def _fail_comparison(settings: Settings, comparison_id: str, message: str) -> None:
+    try:
+        with db.session_scope(settings) as session:
+            row = offline.comparison_by_id(session, comparison_id)
+            if row is not None:
+                offline.store(session, row, None, message)
+    except Exception as exc:  # noqa: BLE001 - a stale `running` row is asked for again by the next request
+        log.error("could not mark offline comparison %s failed: %s", comparison_id, exc)
+
+
+def _requeue_comparison(settings: Settings, comparison_id: str) -> None:
+    """Hand the row back (`queued`) so the retried message can claim it again."""
+    try:
+        with db.session_scope(settings) as session:
+            row = offline.comparison_by_id(session, comparison_id)
+            if row is not None and row.status == "running":
+                row.status, row.updated_at = "queued", db.utcnow()
+    except Exception as exc:  # noqa: BLE001 - left `running`, it goes stale and the next request re-sends it
+        log.warning("could not hand back offline comparison %s: %s", comparison_id, exc)
+
+
+def _blend_scorer(settings: Settings, lm: Any) -> offline.Scorer:
+    """Answer distributions under a blend of ready profiles: artifacts through the profile cache (every read
+    checks the sha256), interventions composed as the serving engine composes them."""
+    from service.redis_server import redis_client
+    from steer_core.methods import intervention
+    from steer_core.prompts import answer_distributions
+    from steer_core.steering import compose
+
+    cache = ProfileCache(ArtifactStore(settings.artifact_dir), redis_client(settings), lru_size=0,
+                         ttl=settings.profile_cache_ttl, max_bytes=settings.profile_cache_max_bytes)
+
+    def score(items: Sequence[OpinionItem], blend: Sequence[tuple[db.ProfileRow, float]]) -> list[np.ndarray]:
+        weighted = []
+        for row, weight in blend:
+            assert row.artifact_sha256 is not None  # `offline.inputs` takes ready profiles only
+            weighted.append((intervention(cache.load(row.artifact_sha256), lm), weight))
+        return answer_distributions(lm, items, compose(weighted) if weighted else None)
+
+    return score

@@ -5,7 +5,7 @@
 - `POST /v1/experiments/{id}/pause`, `.../resume`, `.../stop` (stop is final)
 - `POST /v1/experiments/{id}/assign` (the variant of a user, for clients that steer by themselves)
 - `POST /v1/experiments/{id}/feedback` (201 new, 200 replaced: one reward per response id)
-- `GET /v1/experiments/{id}/results` (statistics and the offline comparison), `GET .../results.png`
+- `GET /v1/experiments/{id}/results` (statistics and the stored offline comparison), `GET .../results.png`
 
 Chat requests take part with `steering: {"experiment": id}` and a `user` (see `service.api.chat`).
 """
@@ -13,14 +13,13 @@ Chat requests take part with `steering: {"experiment": id}` and a `user` (see `s
 from __future__ import annotations
 
 import logging
-import threading
-from collections import OrderedDict
 from typing import Any
 
 from flask import Blueprint, Response, current_app, url_for
 
 from service import context
 from service import experiments as ex
+from service import offline_comparison as offline
 from service.auth import tenant_id
 from service.openapi import api_route
 from service.protocol import (
@@ -41,8 +40,6 @@ log = logging.getLogger(__name__)
 
 bp = Blueprint("experiments", __name__)
 
-OFFLINE_CACHE_SIZE = 64
-OFFLINE_TIMEOUT_S = 600.0
 
 
 def _get(experiment_id: str) -> Any:
@@ -135,13 +132,14 @@ def post_feedback(experiment_id: str, body: FeedbackIn) -> tuple[FeedbackOut, in
 
 
 @api_route(bp, "/v1/experiments/<experiment_id>/results", "GET", summary="per variant: exposures, feedback, mean "
-           "reward with a 95% interval, difference to the control with a p-value; offline alignment on the "
-           "scope's held-out opinion items", query=ResultsQuery, responses={200: ExperimentResults}, errors=(404,))
+           "reward with a 95% interval, difference to the control with a p-value; the offline comparison on the "
+           "scope's opinion items (computed by a worker, read back once stored)", query=ResultsQuery,
+           responses={200: ExperimentResults}, errors=(404,))
 def get_results(experiment_id: str, query: ResultsQuery) -> ExperimentResults:
     exp = _get(experiment_id)
     session = context.session()
-    offline = offline_result(exp) if query.offline else ex.offline_unavailable("not requested (offline=false)")
-    return ex.experiment_results(session, exp, offline)
+    comparison = offline_result(exp) if query.offline else offline.unavailable("not requested (offline=false)")
+    return ex.experiment_results(session, exp, comparison)
 
 
 @api_route(bp, "/v1/experiments/<experiment_id>/results.png", "GET", summary="a plot of each variant's mean "
@@ -153,64 +151,23 @@ def get_results_png(experiment_id: str) -> Response:
     return response
 
 
-# ------------------------------------------------------------------------------------ offline scoring
+# ------------------------------------------------------------------------------------ offline comparison
 
-class _OfflineCache:
-    """Offline results by (experiment, items, blends): profiles never change once ready, so a repeated
-    results request does not run the model again."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._data: OrderedDict[tuple[Any, ...], ex.OfflineResult] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: tuple[Any, ...]) -> ex.OfflineResult | None:
-        with self._lock:
-            value = self._data.get(key)
-            if value is not None:
-                self._data.move_to_end(key)
-            return value
-
-    def put(self, key: tuple[Any, ...], value: ex.OfflineResult) -> None:
-        with self._lock:
-            self._data[key] = value
-            self._data.move_to_end(key)
-            while len(self._data) > self.size:
-                self._data.popitem(last=False)
-
-
-def _cache() -> _OfflineCache:
-    return current_app.extensions.setdefault("pluristeer.experiments.offline", _OfflineCache(OFFLINE_CACHE_SIZE))
-
-
-def offline_result(exp: Any) -> ex.OfflineResult:
-    """The offline comparison of `exp`'s variants, or why there is none (no scope, no items, no model)."""
+def offline_result(exp: Any) -> offline.OfflineResult:
+    """The stored offline comparison of `exp`'s variants, asked of a worker when there is none for the current
+    inputs. Never loads or runs a model here."""
+    settings = context.settings()
     session = context.session()
-    items, evaluation = ex.offline_items(session, exp)
-    if not items:
-        detail = "the experiment has no scope group" if exp.scope_group_id is None else \
-            "the scope group has no opinion items"
-        return ex.offline_unavailable(detail)
-    from steer_core.data import sample_hash
+    found = offline.inputs(session, exp, settings.model)
+    if isinstance(found, str):
+        return offline.unavailable(found)
+    row, send = offline.request(session, exp, found.sha256, settings.build_stale_after)
+    if send:
+        session.commit()  # the worker must see the row before the message arrives
+        from service.queue import enqueue_offline_comparison
 
-    key = (exp.id, sample_hash(items), tuple((v.name, tuple(ex.blend_of(v))) for v in exp.variants))
-    cached = _cache().get(key)
-    if cached is not None:
-        return cached
-    try:
-        scorer = engine_scorer()
-        assert evaluation != "none"
-        result = ex.offline_comparison(items, evaluation, exp, scorer)
-    except Exception as exc:  # the model or a profile is unavailable: the online statistics still stand
-        log.warning("offline comparison of experiment %s failed: %s", exp.id, exc)
-        return ex.offline_unavailable(f"the offline comparison could not run: {exc}", len(items))
-    _cache().put(key, result)
-    return result
-
-
-def engine_scorer() -> ex.Scorer:
-    """Scores items under a blend on the serving process's generation engine: the same profile resolution
-    (tenant, status, model checks) and the same answer reader as `/v1/score`."""
-    from service.api.chat import score_blend
-
-    return lambda items, blend: score_blend(items, blend, field="variants")
+        try:
+            enqueue_offline_comparison(row.id, settings)
+        except Exception as exc:  # the row stays queued: a later results request sends it again
+            log.warning("offline comparison %s queued but not sent: %s", row.id, exc)
+    return offline.view(row, len(found.items))

@@ -42,10 +42,13 @@ def _check_database() -> ReadyCheck:
 
 
 def _check_redis() -> ReadyCheck:
+    from service.redis_server import note_redis_error
+
     try:
-        context.redis_client().ping()
+        context.redis_client().ping()  # bounded by the client's timeouts (about a second)
         return ReadyCheck(ok=True, detail="reachable")
     except Exception as exc:
+        note_redis_error(context.settings().redis_url)
         return ReadyCheck(ok=False, detail=f"unreachable: {type(exc).__name__}")
 
 

@@ -136,7 +136,7 @@ def request_build(body: ProfileCreate) -> tuple[ProfileOut, int, dict[str, str]]
                                       params, sample_hash(items))
     session.commit()  # the worker must see the row before the message arrives
     if enqueue:
-        from service.builds import enqueue_build
+        from service.queue import enqueue_build
 
         try:
             enqueue_build(row.id, row.method, settings)

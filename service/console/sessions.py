@@ -16,11 +16,13 @@ import hmac
 import json
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import wraps
 from typing import Any
 
+import redis
 from flask import Response, g, redirect, request, url_for
 from sqlalchemy import select
 
@@ -45,6 +47,15 @@ class ConsoleSession:
     created_at: float
 
 
+@contextmanager
+def _session_store() -> Iterator[redis.Redis]:
+    """Redis, or a 503 naming it: without the store nobody can be signed in."""
+    try:
+        yield context.redis_client()
+    except redis.RedisError as exc:
+        raise ApiError(503, "unavailable", f"the console's session store (Redis) is unavailable: {exc}") from None
+
+
 def _redis_key(token: str) -> str:
     return _REDIS_PREFIX + hashlib.sha256(token.encode()).hexdigest()
 
@@ -54,14 +65,16 @@ def open_session(key: db.ApiKey) -> tuple[str, ConsoleSession]:
     token = secrets.token_urlsafe(32)
     session = ConsoleSession(api_key_id=key.id, csrf=secrets.token_urlsafe(32), created_at=time.time())
     payload = json.dumps({"api_key_id": session.api_key_id, "csrf": session.csrf, "created_at": session.created_at})
-    context.redis_client().set(_redis_key(token), payload, ex=context.settings().console_session_ttl)
+    with _session_store() as store:
+        store.set(_redis_key(token), payload, ex=context.settings().console_session_ttl)
     return token, session
 
 
 def load_session(token: str | None) -> ConsoleSession | None:
     if not token:
         return None
-    raw = context.redis_client().get(_redis_key(token))
+    with _session_store() as store:
+        raw = store.get(_redis_key(token))
     if raw is None:
         return None
     data = json.loads(raw)
@@ -71,7 +84,8 @@ def load_session(token: str | None) -> ConsoleSession | None:
 
 def close_session(token: str | None) -> None:
     if token:
-        context.redis_client().delete(_redis_key(token))
+        with _session_store() as store:
+            store.delete(_redis_key(token))
 
 
 def set_cookie(response: Response, name: str, value: str, max_age: int) -> None:

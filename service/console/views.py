@@ -12,7 +12,7 @@ from flask import Blueprint, Response, g, jsonify, redirect, render_template, re
 from pydantic import ValidationError
 from sqlalchemy import func, select
 
-from service import context, db
+from service import context, db, offline_comparison
 from service import experiments as ex
 from service.api import chat, opinions, profiles
 from service.api.experiments import offline_result
@@ -197,7 +197,8 @@ def _metric_tables(metrics: dict[str, Any]) -> list[tuple[str, list[str], list[t
     (unsteered, steered, baselines...), columns the metrics. Whatever the build recorded is shown."""
     tables = []
     rows = [(name, value) for name, value in metrics.items()
-            if isinstance(value, dict) and value and all(_is_number(v) for v in value.values())]
+            if isinstance(value, dict) and value and "standard_error" not in value
+            and all(_is_number(v) for v in value.values())]
     if rows:
         columns = list(dict.fromkeys(k for _, v in rows for k in v))
         tables.append(("scores", columns, rows))
@@ -214,14 +215,16 @@ def _metric_facts(metrics: dict[str, Any]) -> list[tuple[str, str]]:
     """The metrics' other entries as (name, text); a value with a standard error reads `x ± se`."""
     facts = []
     for name, value in metrics.items():
-        if _is_number(value) or isinstance(value, str | bool) or value is None:
+        if value is None or name == "search":  # the search has its own table
+            continue
+        if _is_number(value) or isinstance(value, str | bool):
             facts.append((name, _fmt(value)))
         elif isinstance(value, dict) and not all(isinstance(v, dict) for v in value.values()) \
                 and not all(_is_number(v) for v in value.values()):
             facts.append((name, _with_errors(value)))
         elif isinstance(value, dict) and "standard_error" in value:
             facts.append((name, _with_errors(value)))
-        elif isinstance(value, list) and name != "search":
+        elif isinstance(value, list):
             facts.append((name, json.dumps(value)[:300]))
     return facts
 
@@ -379,7 +382,7 @@ def experiment_page(experiment_id: str) -> str:
     session = context.session()
     exp = _experiment(experiment_id)
     offline = offline_result(exp) if request.args.get("offline") == "1" else \
-        ex.offline_unavailable("not run yet: it scores each variant on the scope's held-out items with the model")
+        offline_comparison.unavailable("not asked for yet: a worker scores each variant on the scope's opinion items")
     results = ex.experiment_results(session, exp, offline)
     return render_template("console/experiment.html", e=ex.experiment_view(session, exp), r=results,
                            sentences=summary_sentences(results))

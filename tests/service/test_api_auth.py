@@ -107,3 +107,44 @@ def test_redis_down_still_serves_and_readyz_says_so(settings, tenant_key):
     assert r.status_code == 503 and not r.json["checks"]["redis"]["ok"] and r.json["checks"]["database"]["ok"]
     text = client.get("/metrics").data.decode()
     assert 'pluristeer_dependency_up{dependency="redis"} 0.0' in text
+
+
+def test_a_tenant_creates_lists_and_revokes_its_own_keys(client, auth, other_auth):
+    r = client.post("/v1/keys", json={"name": "ci"}, headers=auth)
+    assert r.status_code == 201
+    created = r.json
+    assert created["key"].startswith(created["prefix"]) and created["name"] == "ci" and not created["current"]
+    ci = {"Authorization": f"Bearer {created['key']}"}
+    assert client.put("/v1/users/x", json={}, headers=ci).status_code == 201  # same tenant as `auth`
+    assert client.get("/v1/users/x", headers=auth).status_code == 200
+
+    listed = client.get("/v1/keys", headers=ci).json["keys"]
+    assert len(listed) == 2 and all("key" not in k for k in listed)
+    assert [k["current"] for k in listed] == [False, True] and listed[1]["prefix"] == created["prefix"]
+    assert len(client.get("/v1/keys", headers=other_auth).json["keys"]) == 1  # only its own
+
+    # Another tenant cannot see or revoke it; a malformed prefix cannot exist.
+    assert client.delete(f"/v1/keys/{created['prefix']}", headers=other_auth).status_code == 404
+    assert client.delete("/v1/keys/nope", headers=auth).status_code == 404
+    r = client.delete(f"/v1/keys/{created['prefix']}", headers=auth)
+    assert r.status_code == 200 and r.json["revoked_at"] is not None
+    r = client.get("/v1/users/x", headers=ci)
+    assert r.status_code == 401 and "revoked" in r.json["error"]["message"]
+    assert client.get("/v1/users/x", headers=auth).status_code == 200
+    assert client.post("/v1/keys", json={"name": "  "}, headers=auth).status_code == 422
+
+
+def test_keys_list_and_revoke_cli(client, settings, monkeypatch, capsys):
+    from service.cli import main
+
+    monkeypatch.setenv("DATABASE_URL", settings.database_url)
+    assert main(["keys", "create", "--tenant", "acme", "--name", "laptop"]) == 0
+    key = capsys.readouterr().out.strip()
+    assert main(["keys", "list", "--tenant", "acme"]) == 0
+    out = capsys.readouterr().out
+    assert key[:12] in out and "laptop" in out and key not in out
+    headers = {"Authorization": f"Bearer {key}"}
+    assert client.put("/v1/users/x", json={}, headers=headers).status_code == 201
+    assert main(["keys", "revoke", key[:12]]) == 0
+    assert client.get("/v1/users/x", headers=headers).status_code == 401
+    assert main(["keys", "revoke", "psk_missing0"]) == 2

@@ -8,7 +8,7 @@ from api_helpers import make_group, mark_ready, request_profile
 
 from service import create_app, db
 from service.api.health import model_status
-from service.builds import queue_depths
+from service.queue import queue_depths
 
 
 def sample(text: str, name: str, **labels: str) -> float:

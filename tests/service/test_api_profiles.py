@@ -16,7 +16,7 @@ def count_profiles(settings) -> int:
 
 
 def queued_messages(settings) -> int:
-    from service.builds import queue_depths
+    from service.queue import queue_depths
 
     return sum(queue_depths(settings).values())
 

@@ -174,6 +174,26 @@ def test_upload_build_and_experiment_forms_use_the_api_functions(client, auth, t
     assert client.get(f"/console/experiments/{exp_id}/results.png").data[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_profile_page_shows_whatever_the_build_recorded(client, auth, tenant_key, settings):
+    """Baselines and gains with standard errors, in whatever entries the build wrote."""
+    make_group(client, auth, "urban", n=6)
+    profile_id = request_profile(client, auth, "urban", params={"layer": 3, "strength": 1.0}).json["id"]
+    mark_ready(settings, profile_id)
+    with db.session_scope(settings) as session:
+        db.profile_by_id(session, profile_id).metrics = {
+            "evaluation": "cross-validated", "folds": 3,
+            "unsteered": {"alignment": 0.71, "kl": 0.4}, "steered": {"alignment": 0.78, "kl": 0.3},
+            "baselines": {"uniform": {"alignment": 0.64}, "calibrated": {"alignment": 0.75}},
+            "gain": {"alignment": 0.031, "standard_error": 0.012},
+            "search": [{"layer": 3, "strength": 1.0, "alignment": 0.78}]}
+    sign_in(client, tenant_key)
+    page = client.get(f"/console/profiles/{profile_id}").text
+    metrics = page[page.index('id="metrics"'):]
+    for text in ("cross-validated", "0.710", "0.780", "0.400", "baselines", "uniform", "0.640", "calibrated",
+                 "0.750", "alignment: 0.031 ± 0.012", "search (1 settings)"):
+        assert text in metrics, text
+
+
 def test_console_pages_are_not_in_the_api_document(client):
     paths = client.get("/openapi.json").json["paths"]
     assert not [p for p in paths if p.startswith("/console")]

@@ -3,7 +3,8 @@ population through chat, and its results table shows the preferred variant winni
 
 A tiny random model generates (the demo's feedback depends on the variant, not on the text), so the
 profiles the demo asks for are finished by a stand-in for the worker that stores a ready artifact for
-the tiny model, exactly as `worker/tasks.py` leaves a row; the real worker is tested in test_worker*.py."""
+the tiny model, exactly as `worker/tasks.py` leaves a row, and runs the offline comparison with the
+worker's own task; the real worker is tested in test_worker*.py."""
 
 from __future__ import annotations
 
@@ -17,14 +18,24 @@ from sqlalchemy import select
 from service import db
 from service.api import chat
 from service.demo_ab import OTHER, PREFERRED, run_ab_demo
+from service.queue import OFFLINE_TASK, create_celery
 from steer_core.profile import Profile
+from worker import lifecycle
 
 pytestmark = [pytest.mark.service, pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)]
 
 
 def finish_builds(settings, lm, stop: threading.Event) -> None:
-    """Mark every queued profile ready with a constant-vector artifact for `lm`."""
+    """Mark every queued profile ready with a constant-vector artifact for `lm`; run every queued offline
+    comparison with the worker's own task (eagerly, on `lm`)."""
+    worker_app = create_celery(settings)
+    worker_app.loader.import_default_modules()
     while not stop.wait(0.2):
+        with db.session_scope(settings) as session:
+            comparisons = list(session.scalars(select(db.OfflineComparisonRow.id).where(
+                db.OfflineComparisonRow.status == "queued")))
+        for comparison_id in comparisons:
+            worker_app.tasks[OFFLINE_TASK].apply(args=[comparison_id])
         with db.session_scope(settings) as session:
             queued = list(session.scalars(select(db.ProfileRow.id).where(db.ProfileRow.status == "queued")))
         for seed, pid in enumerate(queued):
@@ -35,11 +46,12 @@ def finish_builds(settings, lm, stop: threading.Event) -> None:
             mark_ready(settings, pid, profile.to_bytes())
 
 
-def test_the_ab_demo_shows_the_preferred_variant_winning(settings, tenant_key, tiny_lm, capsys):
+def test_the_ab_demo_shows_the_preferred_variant_winning(settings, tenant_key, tiny_lm, capsys, monkeypatch):
     from werkzeug.serving import make_server
 
     from service import create_app
 
+    monkeypatch.setitem(lifecycle._models, settings.model, tiny_lm)  # the stand-in worker's model
     app = create_app({"SETTINGS": settings, "TESTING": True, "GENERATION_MODEL": tiny_lm})
     server = make_server("127.0.0.1", 0, app, threaded=True)
     threads = [threading.Thread(target=server.serve_forever, daemon=True)]

@@ -2,8 +2,8 @@
 the text, and the real model would take minutes on a shared CPU): two ready constant-vector profiles,
 an experiment scoped to a simulated population, one chat completion per member under
 `steering: {"experiment": id}`, thumbs from a population that prefers one variant, and the results: the
-preferred variant wins with p < 0.05, and the offline comparison equals what `/v1/score` reads for the
-same held-out items and blends."""
+preferred variant wins with p < 0.05, and the offline comparison (a worker task, run here eagerly) equals
+what `/v1/score` reads for the same items and blends."""
 
 from __future__ import annotations
 
@@ -21,8 +21,9 @@ from sqlalchemy import func, select
 from service import db
 from service.api import chat
 from service.demo_ab import Client
-from steer_core.build import split_sample
+from service.queue import OFFLINE_TASK, create_celery
 from steer_core.profile import Profile
+from worker import lifecycle
 
 pytestmark = pytest.mark.service
 
@@ -68,9 +69,11 @@ def ready_profile(client, auth, settings, lm, gid: str, seed: int) -> str:
     return r.json["id"]
 
 
-def test_the_preferred_variant_wins_through_the_live_server(live, client, auth, tenant_key, settings, tiny_lm):
+def test_the_preferred_variant_wins_through_the_live_server(live, client, auth, tenant_key, settings, tiny_lm,
+                                                            monkeypatch):
     app, url = live
     api = Client(url, tenant_key)
+    monkeypatch.setitem(lifecycle._models, settings.model, tiny_lm)  # the worker process's model
     population = [f"member-{i:02d}" for i in range(POPULATION)]
     for uid in population:
         api.call("PUT", f"/v1/users/{uid}", {})
@@ -129,16 +132,26 @@ def test_the_preferred_variant_wins_through_the_live_server(live, client, auth, 
     assert better["vs_control"]["difference"] > 0 and better["vs_control"]["p_value"] < 0.05
     assert results["winner"] == BETTER
 
-    # The offline comparison is /v1/score's reading of the scope's held-out items under each blend.
+    # The offline comparison is a worker task: asked for by the first results request, stored by the task
+    # (run here eagerly, the worker's code path), read back by the next. It is /v1/score's reading of the
+    # scope's items under each blend; the `urban` profile was fitted on all of them: in-sample.
+    assert results["offline"]["status"] == "queued"
+    with db.session_scope(settings) as session:
+        comparison_id = session.scalar(select(db.OfflineComparisonRow.id))
+    worker_app = create_celery(settings)
+    worker_app.loader.import_default_modules()
+    assert worker_app.tasks[OFFLINE_TASK].apply(args=[comparison_id]).get()["status"] == "ready"
+    results = api.call("GET", f"/v1/experiments/{exp['id']}/results")
+    by_name = {v["name"]: v for v in results["variants"]}
     offline = results["offline"]
-    assert offline["available"] and offline["evaluation"] == "held-out"
+    assert offline["available"] and offline["evaluation"] == "in-sample"
     with db.session_scope(settings) as session:
         tenant = db.get_or_create_tenant(session, "tenant-a").id
         group = db.get_group(session, tenant, "urban")
-        heldout = split_sample(db.subject_items(session, tenant, "group", group.id))[1]
-    assert offline["items"] == len(heldout)
+        scope_items = db.subject_items(session, tenant, "group", group.id)
+    assert offline["items"] == len(scope_items)
     questions = [{"question": it.question, "options": list(it.options), "ordinal": list(it.ordinal),
-                  "target": list(it.target)} for it in heldout]
+                  "target": list(it.target)} for it in scope_items]
     for name, gid in ((BETTER, "urban"), (WORSE, "rural")):
         scored = api.call("POST", "/v1/score", {"questions": questions,
                                                 "steering": {"profiles": [{"id": profiles[gid], "weight": 1.0}]}})

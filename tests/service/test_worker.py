@@ -84,7 +84,7 @@ def test_opinions_changed_after_the_request_fail_the_build_instead_of_mislabelli
         worker_settings, running_worker):
     # The profile row records the sample it was asked for; the worker refuses to build from another one.
     from service import db
-    from service.builds import enqueue_build
+    from service.queue import enqueue_build
 
     _, client = stack_client(worker_settings)
     auth = new_auth(worker_settings)

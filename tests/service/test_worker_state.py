@@ -14,10 +14,9 @@ from api_helpers import requested_group_profile
 from runtime import redis_db_url
 
 from service import db
-from service.builds import choose_queue, queue_depths
+from service.queue import QUEUE_ALIVE_KEY, choose_queue, queue_depths
 from steer_core.data import make_item, sample_hash
 from worker import build_state
-from worker.app import QUEUE_ALIVE_KEY
 from worker.build_state import MAX_LOST_ATTEMPTS, Claim
 from worker.sweeper import sweep
 

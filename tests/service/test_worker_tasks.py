@@ -13,9 +13,9 @@ from runtime import redis_db_url
 
 from service import db
 from service.artifacts import REDIS_PREFIX, ArtifactStore
+from service.queue import BUILD_TASK, create_celery
 from steer_core.data import make_item
-from worker import tasks
-from worker.app import BUILD_TASK, create_celery
+from worker import lifecycle, tasks
 
 
 @pytest.fixture
@@ -23,7 +23,7 @@ def task_settings(settings, redis_url, tiny_lm, monkeypatch):
     s = replace(settings, redis_url=redis_db_url(redis_url, 7), build_stale_after=60)
     client = redis.Redis.from_url(s.redis_url)
     client.flushdb()
-    monkeypatch.setitem(tasks._models, s.model, tiny_lm)  # the process's model: the tiny one
+    monkeypatch.setitem(lifecycle._models, s.model, tiny_lm)  # the process's model: the tiny one
     yield s
     client.flushdb()
     client.close()
@@ -79,8 +79,3 @@ def test_a_disk_that_keeps_failing_is_retried_then_failed_with_the_reason(task_s
 def test_a_missing_row_is_retried_briefly_then_skipped(task_settings):
     out = run_task(task_settings, "00000000-0000-0000-0000-000000000000").get()
     assert out == {"profile_id": "00000000-0000-0000-0000-000000000000", "status": "missing", "skipped": True}
-
-
-def test_backoff_grows_and_is_capped():
-    waits = [tasks.backoff(k) for k in range(10)]
-    assert waits == sorted(waits) and waits[0] == tasks.BACKOFF_BASE_S and waits[-1] == tasks.BACKOFF_MAX_S

@@ -60,7 +60,8 @@ function showError(message) {
 }
 
 // Reads an OpenAI-style SSE stream of chat chunks into `target` as the tokens arrive.
-async function streamInto(response, target) {
+// The first chunk names the profiles the server applied; `applied` shows them.
+async function streamInto(response, target, applied) {
   if (!response.ok) { target.textContent = ""; showError(await errorText(response)); return; }
   const reader = response.body.getReader();
   const decoder = new TextDecoder();
@@ -78,11 +79,18 @@ async function streamInto(response, target) {
       if (data === "[DONE]") { target.classList.add("done"); continue; }
       const chunk = JSON.parse(data);
       if (chunk.error) { showError(chunk.error.message); continue; }
+      if (chunk.steering && applied) applied.textContent = describeSteering(chunk.steering);
       for (const choice of chunk.choices || []) {
         if (choice.delta && choice.delta.content) target.textContent += choice.delta.content;
       }
     }
   }
+}
+
+function describeSteering(steering) {
+  if (!steering.profiles.length) return "unsteered";
+  return "steered by " + steering.profiles.map((p) =>
+    `${p.id.slice(0, 8)} × ${p.weight} (${p.method}, layer ${p.layer}, strength ${p.strength})`).join(" + ");
 }
 
 function generate(form) {
@@ -97,7 +105,7 @@ function generate(form) {
     target.textContent = "";
     target.classList.remove("done");
     const response = await postJSON(form.dataset.chat, {...common, steering});
-    await streamInto(response, target);
+    await streamInto(response, target, document.getElementById(id.replace("answer-", "applied-")));
   }));
 }
 

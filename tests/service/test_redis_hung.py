@@ -1,0 +1,85 @@
+"""A Redis that hangs (SIGSTOP) or dies (SIGKILL) costs a request about a second at most: readiness says
+so, rate limits let requests through, and a build request is stored `queued` for the sweeper to send."""
+
+from __future__ import annotations
+
+import dataclasses
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+
+import pytest
+from api_helpers import make_group, request_profile
+
+from service import create_app, db, redis_server
+from service.auth import create_key
+
+pytestmark = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+
+# The client's timeouts are 0.5 s (connect) and 0.75 s (read); the rest is headroom for a loaded machine.
+BOUND_S = 1.5
+
+
+@pytest.fixture
+def private_redis(tmp_path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """A redis-server of this test alone (the session's shared one must not be paused)."""
+    port = redis_server._free_port()
+    config = tmp_path / "redis.conf"
+    config.write_text(f"port {port}\nbind 127.0.0.1\nsave \"\"\nappendonly no\ndir {tmp_path}\n")
+    process = subprocess.Popen([redis_server.redis_executable(), str(config)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            redis_server.client_for(url).ping()
+            break
+        except Exception:
+            if time.monotonic() > deadline:
+                process.kill()
+                pytest.fail("the private redis-server did not start")
+            time.sleep(0.05)
+    try:
+        yield url, process
+    finally:
+        process.send_signal(signal.SIGCONT)
+        process.kill()
+        process.wait(timeout=10)
+
+
+def timed(call):  # noqa: ANN001, ANN201
+    started = time.monotonic()
+    result = call()
+    return result, time.monotonic() - started
+
+
+def test_hung_then_killed_redis_gives_bounded_answers(settings, private_redis):
+    url, process = private_redis
+    settings = dataclasses.replace(settings, redis_url=url)
+    client = create_app({"SETTINGS": settings, "TESTING": True}).test_client()
+    with db.session_scope(settings) as session:
+        auth = {"Authorization": f"Bearer {create_key(session, 'tenant-r')}"}
+    for gid in ("g0", "g1", "g2"):
+        make_group(client, auth, gid, 4)
+    assert request_profile(client, auth, "g0").status_code == 202
+    assert client.get("/readyz").json["checks"]["redis"]["ok"]
+
+    for fault, gid in ((signal.SIGSTOP, "g1"), (signal.SIGKILL, "g2")):
+        process.send_signal(fault)
+        redis_server._down_until.pop(url, None)  # each fault is met afresh, as its first request would be
+        r, took = timed(lambda: client.get("/readyz"))
+        assert took < BOUND_S, (fault, took)
+        assert r.status_code == 503 and not r.json["checks"]["redis"]["ok"]
+        assert r.json["checks"]["database"]["ok"]
+        redis_server._down_until.pop(url, None)
+        r, took = timed(lambda: client.put("/v1/users/someone", json={}, headers=auth))  # rate limit skipped
+        assert took < BOUND_S and r.status_code in (200, 201), (fault, took, r.json)
+        redis_server._down_until.pop(url, None)
+        r, took = timed(lambda gid=gid: request_profile(client, auth, gid))
+        assert took < BOUND_S, (fault, took)
+        assert r.status_code == 202 and r.json["status"] == "queued"  # stored; the sweeper sends it later
+        # Meanwhile other requests skip Redis without waiting on it at all.
+        path = f"/v1/profiles/{r.json['id']}"
+        r, took = timed(lambda path=path: client.get(path, headers=auth))
+        assert r.status_code == 200 and took < 0.5, took
