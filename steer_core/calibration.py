@@ -89,6 +89,15 @@ class Calibration:
 IDENTITY = Calibration()
 
 
+def recorded_calibration(metrics: Any) -> Calibration:
+    """The calibration a build recorded in a profile's metrics (`metrics["calibration"]`); the identity for
+    a profile built without one (fixed layer and strength)."""
+    recorded = metrics.get("calibration") if isinstance(metrics, dict) else None
+    if recorded is None:
+        return IDENTITY
+    return Calibration.from_json({k: recorded[k] for k in ("temperature", "lean") if k in recorded})
+
+
 class _Sample:
     """A sample's distributions and targets as padded arrays, for fast repeated alignment."""
 

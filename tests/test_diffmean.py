@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support import FIXTURES
+from support import FIXTURES, steering_alone
 
 from steer_core import build_profile, diffmean, intervention, load_items, summarize
 from steer_core.activations import answer_activations, reuse_answer_activations
@@ -85,12 +85,15 @@ def test_diffmean_raises_persona_matching_on_other_statements(default_lm):
     """20 statements an environmentalist rejects build the profile; 50 other such statements judge it.
 
     (The default 135M model answers "Yes" to nearly every statement, whatever its content, so the
-    persona's rejections are where it has room to move.)"""
+    persona's rejections are where it has room to move. A constant lean towards "No" matches them all,
+    so the build ships its calibration alone; the steering is judged by itself, `steering_alone`.)"""
     path = FIXTURES / "persona_environmentalist_rejects.jsonl"
     statements = load_items(path)
     train, judge = statements[:20], statements[20:70]
     assert len(judge) == 50
     profile = build_profile(default_lm, train, "diffmean")
+    assert profile.strength == 0 and profile.metrics["calibrated"]["matching_rate"] > 0.9, profile.metrics
+    profile = steering_alone(profile)
     assert profile.strength > 0, profile.metrics
     before = summarize(judge, answer_distributions(default_lm, judge))
     after = summarize(judge, answer_distributions(default_lm, judge, [intervention(profile, default_lm)]))

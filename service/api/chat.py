@@ -30,6 +30,7 @@ from service.errors import ApiError, not_found
 from service.openapi import api_route
 from service.protocol import (
     AppliedProfile,
+    CalibrationOut,
     ChatChoice,
     ChatCompletion,
     ChatCompletionChunk,
@@ -46,6 +47,7 @@ from service.protocol import (
     Usage,
 )
 from service.settings import Settings
+from steer_core.calibration import IDENTITY, Calibration, blend_calibration, recorded_calibration
 from steer_core.data import OpinionItem, make_item
 from steer_core.errors import SteerError
 from steer_core.metrics import summarize
@@ -444,12 +446,25 @@ def score_questions(body: ScoreRequest) -> ScoreResponse:
         dists = eng.score(items, rows, timeout=TOKEN_TIMEOUT_S)
     except (EngineStopped, TimeoutError) as exc:
         raise ApiError(503, "unavailable", str(exc)) from None
+    calibration = blend_calibration(applied_calibrations(resolved.applied)) if body.calibrated else IDENTITY
+    dists = calibration.apply_all(items, dists)
     scores = [QuestionScore(id=item.id, probs=[float(x) for x in p], answer=int(np.argmax(p)),
                             expected_ordinal=float(np.dot(p, item.ordinal)))
               for item, p in zip(items, dists, strict=True)]
     known = all(q.target is not None or q.answer is not None for q in body.questions)
     return ScoreResponse(model=base, scores=scores, metrics=summarize(items, dists) if known else None,
-                         steering=resolved.applied)
+                         steering=resolved.applied,
+                         calibration=None if calibration.is_identity else CalibrationOut(**calibration.to_json()))
+
+
+def applied_calibrations(applied: SteeringOut) -> list[tuple[Calibration, float]]:
+    """Each applied profile's output calibration (recorded by its build) with its blend weight."""
+    session, tenant = context.session(), tenant_id()
+    parts = []
+    for p in applied.profiles:
+        row = db.get_profile(session, tenant, p.id)
+        parts.append((recorded_calibration(row.metrics if row is not None else None), p.weight))
+    return parts
 
 
 @api_route(bp, "/v1/score", "POST", summary="answer distributions of multiple-choice questions under "
