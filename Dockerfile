@@ -21,6 +21,5 @@ RUN pip install -e . \
 USER pluristeer
 
 EXPOSE 8000
-HEALTHCHECK --interval=15s --timeout=5s --start-period=60s \
-    CMD python -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4)" || exit 1
+# No HEALTHCHECK here: the API and the workers are checked differently (docker-compose.yml has one each).
 CMD ["pluristeer", "serve", "--host", "0.0.0.0", "--port", "8000", "--workers", "2"]

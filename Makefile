@@ -5,14 +5,17 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_DIR := .pluristeer
 
-.PHONY: setup browser demo eval-demo test lint bench clean
+.PHONY: setup browser compose-tool demo eval-demo test lint bench clean
 
-# torch first, pinned to the CPU build this machine has on disk, so pip never pulls a multi-GB CUDA
-# build; pyproject.toml keeps a range so GPU hosts can install their own.
+TORCH_VERSION ?= 2.13.0
+
+# torch first, chosen for this machine (scripts/install_torch.sh: the CUDA build on a GPU host, else the
+# CPU build from PyTorch's CPU wheel index), so pip never pulls a multi-GB CUDA build onto a CPU host;
+# pyproject.toml keeps a range.
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet torch==2.13.0
+	bash scripts/install_torch.sh $(BIN) $(TORCH_VERSION)
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
@@ -42,7 +45,19 @@ browser:
 		fi; \
 	fi
 
-test: setup browser
+# tests/test_compose.py validates docker-compose.yml with the `docker-compose` tool (Debian's package; no
+# Docker daemon needed): install it when absent (root and apt-get), otherwise say what is missing.
+compose-tool:
+	@if ! command -v docker-compose >/dev/null; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker-compose; \
+		else \
+			echo "tests/test_compose.py needs the docker-compose tool (e.g. apt-get install docker-compose)"; \
+			exit 1; \
+		fi; \
+	fi
+
+test: setup browser compose-tool
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q
 

@@ -1,121 +1,296 @@
-"""Steering quality on OpinionsQA groups that disagree, for every registered method.
+"""Group-specific steering on OpinionsQA, judged so that flattening and letter position cannot pass.
 
-    .venv/bin/python bench/quality_opinionsqa.py [--attribute POLIDEOLOGY] [--groups Liberal Conservative]
-        [--train 20] [--judge 60] [--methods cold_fd diffmean ...] [--seed 0] [--threads N]
+    .venv/bin/python bench/quality_opinionsqa.py [--data DIR] [--pairs POLIDEOLOGY:Liberal:Conservative ...]
+        [--seeds 0 1 2] [--train 20] [--judge N] [--methods diffmean diffmean+contrast+orders ...]
+        [--persons K] [--person-method diffmean+orders] [--threads N]
 
-For each group: the same `--train` questions build one profile per method with `build_profile` (its own
-cross-validated search over layer and strength, default parameters; the best setting's out-of-fold gain
-is printed with its standard error), and `--judge` other questions judge it. The
-table shows the mean alignment (1 - W1 / span) of the unsteered model and of each method on the judge
-questions, per group. Data: ../shared/data/opinionsqa (every wave); without it the script says so and
-exits. Every method in `steer_core.METHODS` is included unless `--methods` narrows the list.
+For each attribute pair and seed the questions both groups answered are shuffled; `--train` of them
+build (every profile's own cross-validated search), the others judge (`--judge` caps how many, default
+all of them). A method is a registered method with options: `+contrast` builds on items that carry the
+other group's answers to the same questions (DiffMean weighs options by group minus other; COLD methods
+take loss `contrast`), `+orders` fits on every item also with its options reversed. Every number comes
+from `steer_core.evaluation` on the judge questions, in both option orders, beside `unsteered`,
+`uniform` and `calibrated` (the unsteered model with a temperature and ordinal lean fitted on each
+group's own build questions), with paired standard errors over questions.
+
+`--persons K` simulates K people per group and seed: a person answers each build question with one
+draw from the group's distribution; a profile built on those one-hot answers, the group's profile and
+their 50/50 blend are judged against the person's group on the judge questions beside `calibrated`
+fitted on the person's own answers.
+
+The targets (issue 13) are printed as pass/fail bars; a bar that fails stays a bar.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import random
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from steer_core import METHODS, build_profile, intervention, load_model, summarize  # noqa: E402
-from steer_core.data import load_opinionsqa  # noqa: E402
+from steer_core import METHODS, build_profile, load_model  # noqa: E402
+from steer_core.calibration import fit_calibration, sample_alignment  # noqa: E402
+from steer_core.data import load_opinionsqa, make_item, with_contrast  # noqa: E402
+from steer_core.evaluation import BOTH, ORDERS, evaluate, format_cross_table, paired_difference  # noqa: E402
+from steer_core.evaluation import read_orders as read_profile  # noqa: E402
+from steer_core.methods import intervention  # noqa: E402
 from steer_core.prompts import answer_distributions  # noqa: E402
+from steer_core.steering import compose  # noqa: E402
 
-OPINIONSQA = REPO.parent / "shared" / "data" / "opinionsqa"
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "opinionsqa"
+DEFAULT_PAIRS = ["POLIDEOLOGY:Liberal:Conservative", "RACE:Black:White", "AGE:18-29:65+"]
+DEFAULT_METHODS = ["diffmean", "diffmean+contrast+orders", "cold_kernel", "cold_kernel+contrast+orders"]
+OPTIONS = ("contrast", "orders")
+COLD_METHODS = ("cold_kernel", "cold_fd")
 
 
-def group_items(attribute: str, groups: list[str]) -> dict[str, list]:
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    method: str
+    contrast: bool
+    params: dict[str, Any]
+
+
+def parse_variant(text: str) -> Variant:
+    method, *options = text.split("+")
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; registered: {sorted(METHODS)}")
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown option {unknown[0]!r} in {text!r}; options: {', '.join(OPTIONS)}")
+    params: dict[str, Any] = {}
+    if "orders" in options:
+        params["orders"] = 2
+    if "contrast" in options and method in COLD_METHODS:
+        params["loss"] = "contrast"
+    if "contrast" in options and method not in (*COLD_METHODS, "diffmean"):
+        raise ValueError(f"{method} has no group-relative objective")
+    return Variant(text, method, "contrast" in options, params)
+
+
+def group_items(data: Path, attribute: str, groups: list[str]) -> dict[str, list]:
     """Each group's items over every wave, aligned by question id (same questions, same order)."""
-    waves = sorted(OPINIONSQA.glob("American_Trends_Panel_W*"))
+    waves = sorted(data.glob("American_Trends_Panel_W*"))
     by_group = {g: {it.id: it for wave in waves for it in load_opinionsqa(wave, attribute, g)} for g in groups}
     shared = sorted(set.intersection(*(set(d) for d in by_group.values())))
     return {g: [by_group[g][key] for key in shared] for g in groups}
 
 
+def pooled(estimates: list[tuple[float, float]]) -> tuple[float, float]:
+    """Mean of independent estimates (seeds) and its standard error."""
+    means = [m for m, _ in estimates]
+    return float(np.mean(means)), math.sqrt(sum(se * se for _, se in estimates)) / len(estimates)
+
+
+def spread(values: list[float]) -> tuple[float, float]:
+    """Mean and standard error over values (groups x seeds)."""
+    v = np.asarray(values, dtype=float)
+    return float(v.mean()), float(v.std(ddof=1) / math.sqrt(v.size)) if v.size > 1 else math.nan
+
+
+def bar(passed: bool, text: str) -> str:
+    return f"[{'PASS' if passed else 'FAIL'}] {text}"
+
+
+def person_items(items: list, rng: random.Random) -> list:
+    """One simulated person of the group: one draw from the group's distribution per question."""
+    return [make_item(it.question, it.options, answer=rng.choices(range(len(it.options)), it.target)[0],
+                      ordinal=it.ordinal, id=it.id) for it in items]
+
+
+def read_blend(lm, questions: list, profiles: list) -> dict[str, list[np.ndarray]]:  # noqa: ANN001
+    """Answer distributions under an equal-weight blend of `profiles`, in both orders (survey order)."""
+    from steer_core.evaluation import reverse_options
+
+    live = [p for p in profiles if p.strength != 0]
+    row = compose([(intervention(p, lm), 1.0 / len(profiles)) for p in live]) if live else None
+    out = {}
+    for order in ORDERS:
+        asked = questions if order == ORDERS[0] else [reverse_options(it) for it in questions]
+        dists = answer_distributions(lm, asked, row)
+        out[order] = dists if order == ORDERS[0] else [p[::-1].copy() for p in dists]
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--attribute", default="POLIDEOLOGY")
-    parser.add_argument("--groups", nargs="+", default=["Liberal", "Conservative"])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--pairs", nargs="+", default=DEFAULT_PAIRS, help="ATTRIBUTE:GroupA:GroupB")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--train", type=int, default=20)
-    parser.add_argument("--judge", type=int, default=60)
-    parser.add_argument("--methods", nargs="+", default=None)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--judge", type=int, default=0, help="judge questions per seed (0: all the others)")
+    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS)
+    parser.add_argument("--persons", type=int, default=0, help="simulated people per group and seed")
+    parser.add_argument("--person-method", default="diffmean+orders")
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     args = parser.parse_args()
-    if not OPINIONSQA.is_dir():
-        print(f"skipped: {OPINIONSQA} is not present (OpinionsQA data is not shipped with the repo)")
+    if not args.data.is_dir():
+        print(f"skipped: {args.data} is not present (OpinionsQA data is not shipped with the repo)")
         return 0
+    try:
+        variants = [parse_variant(m) for m in args.methods]
+        person_variant = parse_variant(args.person_method)
+        pairs = [tuple(p.split(":")) for p in args.pairs]
+        if any(len(p) != 3 for p in pairs):
+            raise ValueError("each pair is ATTRIBUTE:GroupA:GroupB")
+    except ValueError as exc:
+        parser.error(str(exc))
     torch.set_num_threads(args.threads)
-    methods = args.methods or sorted(METHODS)
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        parser.error(f"unknown methods {unknown}; registered: {sorted(METHODS)}")
     lm = load_model()
-    data = group_items(args.attribute, args.groups)
-    n = len(next(iter(data.values())))
-    order = list(range(n))
-    random.Random(args.seed).shuffle(order)
-    if args.train + args.judge > n:
-        parser.error(f"only {n} shared questions for {args.groups}")
-    train_idx, judge_idx = order[:args.train], order[args.train:args.train + args.judge]
-    print(f"model {lm.name}, {args.attribute} groups {args.groups}: {args.train} questions build, {args.judge} "
-          f"other questions judge (seed {args.seed}); methods {methods}")
+    print(f"model {lm.name}; pairs {args.pairs}; seeds {args.seeds}; {args.train} questions build, "
+          f"{args.judge or 'all other'} judge; methods {args.methods}")
 
-    table: dict[str, dict[str, float]] = {}
-    # cross[method][(built for, judged against)]: does a group's profile move answers toward that group
-    # rather than toward whatever any group would prefer?
-    cross: dict[str, dict[tuple[str, str], float]] = {m: {} for m in methods}
-    judges = {g: [items[i] for i in judge_idx] for g, items in data.items()}
-    # The same questions (prompts) for every group, only targets differ: one unsteered reading serves all.
-    unsteered = answer_distributions(lm, next(iter(judges.values())))
-    for group, items in data.items():
-        train = [items[i] for i in train_idx]
-        judge = judges[group]
-        row = {"unsteered": summarize(judge, unsteered)["alignment"]}
-        for method in methods:
-            start = time.perf_counter()
-            profile = build_profile(lm, train, method, seed=args.seed)
-            built = time.perf_counter() - start
-            dists = answer_distributions(lm, judge, [intervention(profile, lm)]) if profile.strength \
-                else unsteered
-            row[method] = summarize(judge, dists)["alignment"]
-            for other in data:
-                cross[method][(group, other)] = summarize(judges[other], dists)["alignment"]
-            m = profile.metrics
-            print(f"  {group:<13} {method:<12} layer {profile.layer:>2} strength {profile.strength:<6g} "
-                  f"held-out {m['unsteered']['alignment']:.4f} -> {m['steered']['alignment']:.4f} (best candidate "
-                  f"{m['gain']['alignment']:+.4f} +- {m['gain']['standard_error']:.4f}); "
-                  f"judge {row[method]:.4f} (unsteered {row['unsteered']:.4f}); build {built:.0f} s", flush=True)
-        table[group] = row
+    # results[variant][(pair, seed, group)] = gain vs calibrated / vs unsteered (mean, se) in both orders
+    gain_cal: dict[str, dict[tuple, tuple[float, float]]] = {v.name: {} for v in variants}
+    gain_unst: dict[str, dict[tuple, tuple[float, float]]] = {v.name: {} for v in variants}
+    gain_orig: dict[str, dict[tuple, tuple[float, float]]] = {v.name: {} for v in variants}
+    spec: dict[str, dict[tuple, float]] = {v.name: {} for v in variants}
+    contrast_r: dict[str, list[float]] = {v.name: [] for v in variants}
+    person_rows: list[dict[str, tuple[float, float]]] = []
+    for attribute, ga, gb in pairs:
+        data = group_items(args.data, attribute, [ga, gb])
+        n = len(data[ga])
+        for seed in args.seeds:
+            order = list(range(n))
+            random.Random(seed).shuffle(order)
+            judge_count = args.judge or n - args.train
+            if args.train + judge_count > n:
+                parser.error(f"only {n} shared questions for {attribute} {ga}/{gb}")
+            train_idx, judge_idx = order[:args.train], order[args.train:args.train + judge_count]
+            train = {g: [data[g][i] for i in train_idx] for g in (ga, gb)}
+            judge = {g: [data[g][i] for i in judge_idx] for g in (ga, gb)}
+            unsteered_train = answer_distributions(lm, train[ga])
+            calibrations = {g: fit_calibration(train[g], unsteered_train) for g in (ga, gb)}
+            profiles, own = {}, {}
+            for v in variants:
+                for g, other in ((ga, gb), (gb, ga)):
+                    items = with_contrast(train[g], [train[other]]) if v.contrast else train[g]
+                    start = time.perf_counter()
+                    p = build_profile(lm, items, v.method, v.params, seed=seed)
+                    profiles[f"{v.name}@{g}"], own[f"{v.name}@{g}"] = p, g
+                    print(f"  {attribute} seed {seed} {g:<13} {v.name:<28} layer {p.layer:>2} strength "
+                          f"{p.strength:<6g} out-of-fold gain {p.metrics['gain']['alignment']:+.4f} +- "
+                          f"{p.metrics['gain']['standard_error']:.4f}; build {time.perf_counter() - start:.0f} s",
+                          flush=True)
+            report = evaluate(lm, judge, profiles, own, calibrations, seed=seed)
+            print(f"\n{attribute} {ga} vs {gb}, seed {seed}\n{format_cross_table(report, BOTH)}\n", flush=True)
+            for v in variants:
+                for g in (ga, gb):
+                    cell = report["cells"][BOTH][f"{v.name}@{g}"][g]
+                    key = (attribute, seed, g)
+                    gain_cal[v.name][key] = (cell["gain_vs_calibrated"]["mean"],
+                                             cell["gain_vs_calibrated"]["standard_error"])
+                    gain_unst[v.name][key] = (cell["gain_vs_unsteered"]["mean"],
+                                              cell["gain_vs_unsteered"]["standard_error"])
+                    first = report["cells"][ORDERS[0]][f"{v.name}@{g}"][g]["gain_vs_unsteered"]
+                    gain_orig[v.name][key] = (first["mean"], first["standard_error"])
+                    spec[v.name][key] = report["specificity"][BOTH][f"{v.name}@{g}"]["mean"]
+                for c in report["steerability_contrast"]:
+                    if c["profiles"][0].split("@")[0] == v.name == c["profiles"][1].split("@")[0]:
+                        contrast_r[v.name].append(float(np.mean([c["r"][o] for o in ORDERS])))
+            if args.persons:
+                person_rows += judge_people(lm, args, person_variant, seed, train, judge, profiles, variants)
 
-    columns = ["unsteered", *methods]
-    print("\nmean alignment on the judge questions (higher is better; delta vs unsteered in brackets)")
-    print(f"{'group':<14}" + "".join(f"{c:>22}" for c in columns))
-    for group, row in table.items():
-        cells = [f"{row['unsteered']:.4f}"] + [f"{row[m]:.4f} ({row[m] - row['unsteered']:+.4f})" for m in methods]
-        print(f"{group:<14}" + "".join(f"{c:>22}" for c in cells))
-    print("\nprofiles judged against each group's answers (rows: built for; columns: judged against)")
-    for method in methods:
-        print(f"  {method}")
-        for built_for in data:
-            cells = "".join(f"{g[:12]:>14} {cross[method][(built_for, g)]:.4f} "
-                            f"({cross[method][(built_for, g)] - table[g]['unsteered']:+.4f})" for g in data)
-            print(f"    {built_for:<14}{cells}")
-    if "cold_fd" in methods:
-        for group, row in table.items():
-            checks = [f"beats unsteered: {row['cold_fd'] > row['unsteered']}"]
-            if "diffmean" in methods:
-                checks.append(f"matches or beats DiffMean: {row['cold_fd'] >= row['diffmean']}")
-            print(f"cold_fd on {group}: " + ", ".join(checks))
+    print("\nsummary over pairs and seeds (judge questions, both option orders)")
+    print(f"{'method':<30}{'gain vs calibrated':>22}{'gain vs unsteered':>22}{'original order only':>22}"
+          f"{'specificity':>20}{'contrast r':>12}")
+    summary = {}
+    for v in variants:
+        gc = pooled(list(gain_cal[v.name].values()))
+        gu = pooled(list(gain_unst[v.name].values()))
+        go = pooled(list(gain_orig[v.name].values()))
+        sp = spread(list(spec[v.name].values()))
+        r = float(np.nanmean(contrast_r[v.name])) if contrast_r[v.name] else math.nan
+        summary[v.name] = (gc, sp, r)
+        print(f"{v.name:<30}{gc[0]:>+13.4f} ± {gc[1]:.4f}{gu[0]:>+13.4f} ± {gu[1]:.4f}{go[0]:>+13.4f} ± {go[1]:.4f}"
+              f"{sp[0]:>+11.4f} ± {sp[1]:.4f}{r:>12.3f}")
+
+    best = max(variants, key=lambda v: summary[v.name][0][0]).name
+    print(f"\ntargets (issue 13), best method by mean gain over calibrated: {best}")
+    groups_seen = sorted({(a, g) for (a, _, g) in gain_cal[best]})
+    for attribute, g in groups_seen:
+        m, se = pooled([e for (a, _, h), e in gain_cal[best].items() if (a, h) == (attribute, g)])
+        print(bar(m > se, f"{best} above calibrated for {attribute} {g} by more than one paired SE: "
+                          f"{m:+.4f} ± {se:.4f} (mean over seeds)"))
+    sp = summary[best][1]
+    print(bar(sp[0] > 2 * sp[1], f"mean specificity > 0 by more than two SE over groups and seeds: "
+                                 f"{sp[0]:+.4f} ± {sp[1]:.4f}"))
+    print(bar(summary[best][2] >= 0.3, f"steerability contrast r >= 0.3: r = {summary[best][2]:.3f}"))
+    if "odesteer" in {v.method for v in variants}:
+        for v in (v for v in variants if v.method == "odesteer"):
+            worst = min(gain_unst[v.name].items(), key=lambda kv: kv[1][0] + kv[1][1])
+            print(bar(all(m > -se for m, se in gain_unst[v.name].values()),
+                      f"{v.name} never loses more than one SE against unsteered on judge questions (worst "
+                      f"{worst[0]}: {worst[1][0]:+.4f} ± {worst[1][1]:.4f})"))
+    print("[----] ODESteer above calibrated on persona items: not measured by this bench")
+    if person_rows:
+        print(f"\nsimulated people ({len(person_rows)}; profile {args.person_method}), alignment with the "
+              "person's group on judge questions, gain vs calibrated on the person's own answers:")
+        for row in ("person", "group", "blend"):
+            m, se = pooled([r[row] for r in person_rows])
+            print(f"  {row:<8}{m:+.4f} ± {se:.4f}")
+        m, se = pooled([r["person"] for r in person_rows])
+        print(bar(m > se, f"one-person profiles above calibrated for the person's group: {m:+.4f} ± {se:.4f}"))
+        m, se = pooled([r["blend_vs_person"] for r in person_rows])
+        m2, se2 = pooled([r["blend_vs_group"] for r in person_rows])
+        print(f"  blend - person {m:+.4f} ± {se:.4f}; blend - group {m2:+.4f} ± {se2:.4f}")
+        m, se = pooled([r["own_vs_other"] for r in person_rows])
+        print(f"  20 answers tell the person's group from the other: person profile's gain for own group minus "
+              f"for the other {m:+.4f} ± {se:.4f}")
     return 0
+
+
+def judge_people(lm, args, variant: Variant, seed: int, train: dict, judge: dict, profiles: dict,  # noqa: ANN001
+                 variants: list[Variant]) -> list[dict[str, tuple[float, float]]]:
+    """Simulated people of each group: their profile, the group's, and the blend, judged against the group
+    (alignment averaged over both option orders, paired differences over the judge questions)."""
+    rows = []
+    ga, gb = list(train)
+    group_variant = next((v for v in variants if v.method == variant.method), variants[0])
+    unsteered_train = answer_distributions(lm, train[ga])
+    unsteered = read_profile(lm, judge[ga], None)
+    for g, other in ((ga, gb), (gb, ga)):
+        group_readings = read_profile(lm, judge[g], profiles[f"{group_variant.name}@{g}"])
+        for k in range(args.persons):
+            answers = person_items(train[g], random.Random(f"{seed}:{g}:{k}"))
+            items = with_contrast(answers, [train[other]]) if variant.contrast else answers
+            person = build_profile(lm, items, variant.method, variant.params, seed=seed)
+            calibration = fit_calibration(answers, unsteered_train)  # all the person's own answers allow
+            readings = {"person": read_profile(lm, judge[g], person), "group": group_readings,
+                        "blend": read_blend(lm, judge[g], [person, profiles[f"{group_variant.name}@{g}"]])}
+
+            def both_orders(dists: dict[str, list[np.ndarray]], target: str = g) -> np.ndarray:
+                return np.mean([sample_alignment(judge[target], dists[o]) for o in ORDERS], axis=0)
+
+            calibrated = both_orders({o: calibration.apply_all(judge[g], unsteered[o]) for o in ORDERS})
+            a = {name: both_orders(r) for name, r in readings.items()}
+            own_gain = a["person"] - both_orders(unsteered)
+            other_gain = both_orders(readings["person"], other) - both_orders(unsteered, other)
+
+            def diff(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+                e = paired_difference(x, y)
+                return e.mean, e.standard_error
+
+            row = {"person": diff(a["person"], calibrated), "group": diff(a["group"], calibrated),
+                   "blend": diff(a["blend"], calibrated), "blend_vs_person": diff(a["blend"], a["person"]),
+                   "blend_vs_group": diff(a["blend"], a["group"]), "own_vs_other": diff(own_gain, other_gain)}
+            rows.append(row)
+            print(f"  person {k} of {g} (seed {seed}, strength {person.strength:g}): vs calibrated person "
+                  f"{row['person'][0]:+.4f}, group {row['group'][0]:+.4f}, blend {row['blend'][0]:+.4f}",
+                  flush=True)
+    return rows
 
 
 if __name__ == "__main__":

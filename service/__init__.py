@@ -3,18 +3,21 @@ needs it."""
 
 from __future__ import annotations
 
-from typing import Any
-
-from flask import Flask
+from typing import TYPE_CHECKING, Any
 
 from service.settings import Settings
+
+if TYPE_CHECKING:
+    from flask import Flask
 
 
 def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     """The API app. `test_config` may hold `SETTINGS` (a `Settings`) and any Flask config keys;
     without `SETTINGS` the settings come from the environment."""
+    from flask import Flask  # here, not at the top: the command line imports this package and stays fast
+
     from service import console, context, errors, observability, openapi
-    from service.api import chat, experiments, groups, health, keys, opinions, profiles, users
+    from service.api import chat, experiments, groups, health, keys, models, opinions, profiles, users
 
     app = Flask(__name__)
     config = dict(test_config or {})
@@ -27,7 +30,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     errors.register_error_handlers(app)
     observability.init_app(app)
     for bp in (health.bp, observability.bp, openapi.bp, keys.bp, users.bp, groups.bp, opinions.bp,
-               profiles.bp):
+               profiles.bp, models.bp):
         app.register_blueprint(bp)
     app.register_blueprint(experiments.bp)  # A/B tests (issue 7)
     chat.init_app(app)  # chat completions and scores; the generation engine starts with the first request

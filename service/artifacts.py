@@ -14,10 +14,11 @@ import re
 import tempfile
 import threading
 import time
-from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 
 import redis
+from cachetools import LRUCache
 
 from steer_core.profile import Profile
 
@@ -55,10 +56,14 @@ def check_sha(sha: str) -> str:
 
 
 class ArtifactStore:
-    """Content-addressed files under `root`: `root/ab/abcdef...` for sha256 `abcdef...`."""
+    """Content-addressed files under `root`: `root/ab/abcdef...` for sha256 `abcdef...`.
 
-    def __init__(self, root: str | Path) -> None:
+    `on_broken(sha, reason)` is told of every read that finds a file missing or corrupted (the API marks
+    the profiles that name it failed)."""
+
+    def __init__(self, root: str | Path, on_broken: Callable[[str, str], None] | None = None) -> None:
         self.root = Path(root)
+        self.on_broken = on_broken
 
     def path(self, sha: str) -> Path:
         sha = check_sha(sha)
@@ -93,13 +98,18 @@ class ArtifactStore:
         try:
             data = path.read_bytes()
         except FileNotFoundError:
-            raise ArtifactMissing(f"artifact {sha} is not in the store", sha) from None
+            raise self._broken(ArtifactMissing(f"artifact {sha} is not in the store", sha)) from None
         except OSError as exc:
-            raise ArtifactCorrupted(f"artifact {sha} cannot be read: {exc.strerror}", sha) from None
+            raise self._broken(ArtifactCorrupted(f"artifact {sha} cannot be read: {exc.strerror}", sha)) from None
         actual = sha256_hex(data)
         if actual != sha:
-            raise ArtifactCorrupted(f"artifact {sha} is corrupted: its bytes hash to {actual}", sha)
+            raise self._broken(ArtifactCorrupted(f"artifact {sha} is corrupted: its bytes hash to {actual}", sha))
         return data
+
+    def _broken(self, error: ArtifactError) -> ArtifactError:
+        if self.on_broken is not None:
+            self.on_broken(error.sha256, str(error))
+        return error
 
     def exists(self, sha: str) -> bool:
         return self.path(sha).is_file()
@@ -135,7 +145,8 @@ class ProfileCache:
         self.lru_size = max(0, int(lru_size))
         self.ttl = max(1, int(ttl))
         self.max_bytes = int(max_bytes)
-        self._lru: OrderedDict[str, Profile] = OrderedDict()
+        # cachetools' LRU is not thread-safe: every access holds `_lock`. An LRU of size 0 is never written.
+        self._lru: LRUCache[str, Profile] = LRUCache(maxsize=max(1, self.lru_size))
         self._lock = threading.Lock()
         self.lru_hits = 0
         self.redis_hits = 0
@@ -159,9 +170,6 @@ class ProfileCache:
             return
         with self._lock:
             self._lru[sha] = profile
-            self._lru.move_to_end(sha)
-            while len(self._lru) > self.lru_size:
-                self._lru.popitem(last=False)
 
     def _redis_usable(self) -> bool:
         return self.redis is not None and time.monotonic() >= self._redis_skip_until
@@ -212,9 +220,8 @@ class ProfileCache:
         """The profile stored under `sha`; raises `ArtifactMissing` / `ArtifactCorrupted` from the store."""
         sha = check_sha(sha)
         with self._lock:
-            profile = self._lru.get(sha)
+            profile = self._lru.get(sha)  # a hit becomes the most recently used
             if profile is not None:
-                self._lru.move_to_end(sha)
                 self.lru_hits += 1
                 return profile
         data = self._redis_get(sha)

@@ -1,7 +1,7 @@
 """`pluristeer`: the command line.
 
-Offline commands (`model fetch`, `build`, `eval`) use steer_core only; the service commands import the
-web app, the worker or the database lazily so `pluristeer eval` never needs Flask or Celery loaded.
+Every command imports what it needs when it runs (torch, transformers, Flask, Celery take seconds to
+load), so `--help` and argument errors answer at once and `pluristeer eval` never loads Flask or Celery.
 """
 
 from __future__ import annotations
@@ -15,7 +15,28 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from steer_core.defaults import DEFAULT_MODEL
 from steer_core.errors import SteerError
+
+# What each registered method does, for `--help` (tests hold this list equal to steer_core's registry).
+METHOD_HELP = {
+    "diffmean": "DiffMean (CAA), the baseline: the mean activation of the group's answers minus that of the "
+                "other answers, added at one layer (one constant vector)",
+    "cold_kernel": "COLD-Steer, kernel form (COLD-Kernel): the loss gradient with respect to the layer's "
+                   "activations, averaged over the sample, added against the gradient (unit kernel: one "
+                   "constant vector)",
+    "cold_fd": "COLD-Steer, finite-difference form (COLD-FD): one gradient step on the weights up to the "
+               "layer, seen through how it moves that layer's activations; input-dependent, costs one extra "
+               "pass through those layers per request",
+    "odesteer": "ODESteer: a barrier function fitted on sketched activations; steering follows its gradient "
+                "flow (an ODE) at the last position",
+}
+# Fields of the interchange format a table's columns can be mapped to (--question-column ...).
+COLUMN_ROLES = ("question", "options", "target", "answer", "ordinal", "id")
+POSITIONS_HELP = ("where the displacement is added: prompt = every prompt token (the default of most methods), "
+                  "last = the last prompt token and every generated token, all = every token")
+MODEL_HELP = (f"base model: {DEFAULT_MODEL} (the embedded default, fetched once), a Hugging Face hub id, a local "
+              "directory or a .gguf file")
 
 
 def _lazy(target: str) -> Callable[[argparse.Namespace], int]:
@@ -32,8 +53,11 @@ def _lazy(target: str) -> Callable[[argparse.Namespace], int]:
 
 
 def cmd_model_fetch(args: argparse.Namespace) -> int:
+    from transformers.utils import logging as transformers_logging
+
     from steer_core.models import fetch_default_model, load_model
 
+    transformers_logging.disable_progress_bar()  # one line of result, not a weight-loading bar
     start = time.perf_counter()
     path = fetch_default_model()
     lm = load_model(args.model)
@@ -42,10 +66,16 @@ def cmd_model_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_sample(args: argparse.Namespace) -> list:
+def _load_sample(args: argparse.Namespace, data: str | None = None, group: str | None = None) -> list:
+    """The items of `--data` (or `data`) for `--group` (or `group`), after --offset/--limit."""
     from steer_core.data import load_items
 
-    items = load_items(args.data, args.format, args.group)
+    columns = None
+    if any(getattr(args, f"{role}_column") for role in COLUMN_ROLES):
+        from steer_core.tables import Columns
+
+        columns = Columns(**{role: getattr(args, f"{role}_column") or role for role in COLUMN_ROLES})
+    items = load_items(data or args.data, args.format, group or args.group, columns=columns, split=args.split)
     if args.limit:
         items = items[args.offset:args.offset + args.limit]
     elif args.offset:
@@ -83,15 +113,15 @@ def _parse_params(pairs: Sequence[str]) -> dict[str, Any]:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from steer_core.build import build_profile
-    from steer_core.models import load_model
-
-    items = _load_sample(args)
+    items = _load_sample(args)  # bad input answers before torch loads
     params = _parse_params(args.param)
     for key in ("layer", "strength", "positions"):
         value = getattr(args, key)
         if value is not None:
             params[key] = value
+    from steer_core.build import build_profile
+    from steer_core.models import load_model
+
     out = Path(args.out)
     lm = load_model(args.model)
     update, close = _progress_bar()
@@ -108,6 +138,11 @@ def cmd_build(args: argparse.Namespace) -> int:
           f"T {profile.calibration.temperature:g} lean {profile.calibration.lean:g}")
     print(f"{m['evaluation']} alignment: unsteered {m['unsteered']['alignment']:.4f} -> "
           f"steered {m['steered']['alignment']:.4f}")
+    gain = dict(m.get("gain") or {})
+    error = gain.pop("standard_error", None)
+    for metric, value in gain.items():
+        print(f"best setting's out-of-fold gain in {metric}: {value:+.4f} ± {error:.4f} "
+              "(± one standard error; read the two together)")
     if "calibrated" in m:
         over = m["gain_vs_calibrated"]
         print(f"baselines: uniform {m['uniform']['alignment']:.4f}, calibrated {m['calibrated']['alignment']:.4f}; "
@@ -119,8 +154,6 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 def _eval_groups(args: argparse.Namespace) -> dict[str, list]:
     """Each target group's items: one group per `--data` file, or one per `--group` of one OpinionsQA wave."""
-    from steer_core.data import load_items
-
     if len(args.data) > 1 and args.group:
         raise SteerError("give several --data files (a group each) or one --data with several --group", "group")
     if len(args.data) > 1:
@@ -132,11 +165,7 @@ def _eval_groups(args: argparse.Namespace) -> dict[str, list]:
         name = group.split(":", 1)[-1] if group else Path(path).stem
         if name in groups:
             raise SteerError(f"two targets are both named {name!r}", "data")
-        items = load_items(path, args.format, group)
-        items = items[args.offset:args.offset + args.limit] if args.limit else items[args.offset:]
-        if not items:
-            raise SteerError(f"no items left in {path} after --offset/--limit", "data")
-        groups[name] = items
+        groups[name] = _load_sample(args, path, group)
     return groups
 
 
@@ -159,13 +188,13 @@ def _eval_profiles(specs: Sequence[str], groups: dict[str, list]) -> list[tuple[
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    groups = _eval_groups(args)  # bad input answers before torch loads
+    specs = _eval_profiles(args.profile, groups)
     from steer_core.evaluation import evaluate, format_cross_table
     from steer_core.folds import MIN_HELDOUT, MIN_TRAIN
     from steer_core.models import load_model
     from steer_core.profile import Profile
 
-    groups = _eval_groups(args)
-    specs = _eval_profiles(args.profile, groups)
     n = len(next(iter(groups.values())))
     if n < MIN_HELDOUT + MIN_TRAIN:
         raise SteerError(f"{n} questions are too few: the calibrated baseline is fitted out of fold and needs at "
@@ -195,38 +224,51 @@ def cmd_eval(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------- parser
 
 
-def _add_sample_args(p: argparse.ArgumentParser) -> None:
-    from steer_core.data import FORMATS
+def _add_sample_args(p: argparse.ArgumentParser, several: bool = False) -> None:
+    """The sample's arguments; `several`: repeatable --data (a group each, the same questions) and --group."""
+    from steer_core.data import FORMATS  # stdlib only: cheap
 
-    p.add_argument("--data", required=True, help="items file (or an OpinionsQA wave directory)")
+    p.add_argument("--data", required=True, action="append" if several else "store",
+                   help="items file (JSONL, CSV, Parquet), a saved Hugging Face dataset or OpinionsQA wave "
+                        "directory, or with --format hf a hub dataset name (downloaded: needs the network)"
+                        + ("; repeat for several groups' files on the same questions" if several else ""))
     p.add_argument("--format", choices=FORMATS, help="default: guessed from the file")
-    p.add_argument("--group", help="OpinionsQA group as ATTRIBUTE:Group, e.g. POLIDEOLOGY:Liberal")
+    for role in COLUMN_ROLES:
+        p.add_argument(f"--{role}-column", metavar="NAME",
+                       help=f"the table column holding each item's {role} (default: {role})")
+    p.add_argument("--split", default="train", help="the split of a Hugging Face dataset (default: train)")
+    p.add_argument("--group", action="append" if several else "store",
+                   help="OpinionsQA group as ATTRIBUTE:Group, e.g. POLIDEOLOGY:Liberal"
+                        + (" (repeat)" if several else ""))
     p.add_argument("--offset", type=int, default=0, help="skip this many items first")
     p.add_argument("--limit", type=int, default=0, help="use at most this many items")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from steer_core.data import FORMATS
-    from steer_core.models import DEFAULT_MODEL
+def _methods_epilog() -> str:
+    import textwrap
 
+    return "methods:\n" + "\n".join(textwrap.fill(text, 100, initial_indent=f"  {name:<13}", subsequent_indent=" " * 15)
+                                     for name, text in METHOD_HELP.items())
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pluristeer", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     model = sub.add_parser("model", help="manage the base model").add_subparsers(dest="action", required=True)
     fetch = model.add_parser("fetch", help="fetch and cache the default model")
-    fetch.add_argument("--model", default=DEFAULT_MODEL)
+    fetch.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
     fetch.set_defaults(func=cmd_model_fetch)
 
-    from steer_core import METHODS
-
-    build = sub.add_parser("build", help="build a profile offline from a file of opinion items")
-    build.add_argument("--method", required=True, choices=sorted(METHODS))
+    build = sub.add_parser("build", help="build a profile offline from a file of opinion items",
+                           epilog=_methods_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    build.add_argument("--method", required=True, choices=list(METHOD_HELP), help="steering method (below)")
     _add_sample_args(build)
     build.add_argument("--out", required=True, help="profile file to write (.safetensors)")
-    build.add_argument("--model", default=DEFAULT_MODEL)
+    build.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
     build.add_argument("--layer", type=int, help="fix the layer (default: chosen on held-out items)")
     build.add_argument("--strength", type=float, help="fix the strength (default: chosen on held-out items)")
-    build.add_argument("--positions", choices=("prompt", "last", "all"))
+    build.add_argument("--positions", choices=("prompt", "last", "all"), help=POSITIONS_HELP)
     build.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                        help="a method parameter, e.g. --param rank=8 (JSON values)")
     build.set_defaults(func=cmd_build)
@@ -235,15 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "uniform and calibrated baselines, in both option orders")
     ev.add_argument("--profile", action="append", default=[], metavar="PATH[@GROUP]",
                     help="profile file, optionally with the target group it was built for (repeat)")
-    ev.add_argument("--data", action="append", required=True,
-                    help="items file of one group (repeat: the same questions, a group each), or an OpinionsQA "
-                    "wave directory with several --group")
-    ev.add_argument("--format", choices=FORMATS, help="default: guessed from the file")
-    ev.add_argument("--group", action="append", help="OpinionsQA group as ATTRIBUTE:Group (repeat)")
-    ev.add_argument("--offset", type=int, default=0, help="skip this many questions first")
-    ev.add_argument("--limit", type=int, default=0, help="judge at most this many questions")
+    _add_sample_args(ev, several=True)
     ev.add_argument("--seed", type=int, default=0, help="folds of the calibrated baseline")
-    ev.add_argument("--model", default=DEFAULT_MODEL)
+    ev.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
     ev.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     ev.set_defaults(func=cmd_eval)
 

@@ -4,6 +4,7 @@ and the profile cache. Routes and GEN's chat blueprint get them from here, never
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -13,6 +14,8 @@ from sqlalchemy.orm import Session
 
 from service import db
 from service.settings import Settings
+
+log = logging.getLogger(__name__)
 
 EXTENSION = "pluristeer"
 
@@ -39,8 +42,18 @@ class ServiceState:
         if self._store is None:
             from service.artifacts import ArtifactStore
 
-            self._store = ArtifactStore(self.settings.artifact_dir)
+            self._store = ArtifactStore(self.settings.artifact_dir, on_broken=self._fail_profiles_of)
         return self._store
+
+    def _fail_profiles_of(self, sha256: str, reason: str) -> None:
+        """A stored artifact broke: its profiles become `failed` with the reason (asking again rebuilds)."""
+        try:
+            with db.session_scope(self.settings) as session:
+                failed = db.fail_broken_artifact(session, sha256, reason)
+            if failed:
+                log.error("profiles %s failed: %s", failed, reason)
+        except Exception:  # the read is refused either way; the next one tries again
+            log.exception("could not mark the profiles of a broken artifact failed")
 
     def profile_cache(self) -> Any:
         if self._cache is None:

@@ -44,7 +44,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 
-from steer_core.data import OpinionItem, make_item
+from steer_core.data import OpinionItem, make_item, question_key, with_contrast
 
 if TYPE_CHECKING:
     from service.settings import Settings
@@ -700,11 +700,45 @@ def request_profile(session: Session, tenant_id: int, kind: str, subject_id: int
         else:
             return row, True
     if existing.status == "failed":
+        if existing.artifact_sha256 is not None:
+            # A rebuild in place (its artifact broke): same id, the next version of the subject's profile.
+            existing.version = next_version(session, existing)
         existing.status, existing.error = "queued", None
         existing.progress = {"done": 0, "total": 0, "stage": "queued"}
         existing.started_at = existing.finished_at = None
         return existing, True
     return existing, False
+
+
+def next_version(session: Session, row: ProfileRow) -> int:
+    return (session.scalar(select(func.max(ProfileRow.version)).where(
+        ProfileRow.tenant_id == row.tenant_id, ProfileRow.subject_kind == row.subject_kind,
+        ProfileRow.subject_id == row.subject_id, ProfileRow.method == row.method,
+        ProfileRow.model == row.model)) or 0) + 1
+
+
+# The error of a profile whose artifact failed its check when read (`fail_broken_artifact`).
+BROKEN_ARTIFACT = "artifact unusable"
+
+
+def fail_broken_artifact(session: Session, sha256: str, reason: str) -> list[str]:
+    """Mark `failed` every ready profile whose artifact is `sha256` (it is missing or no longer hashes to
+    its name); asking for the same profile again rebuilds it in place. Not scoped to one tenant: the file
+    is shared by every profile that names it, and all of them are broken. Returns their ids."""
+    rows = list(session.scalars(select(ProfileRow).where(ProfileRow.artifact_sha256 == sha256,
+                                                         ProfileRow.status == "ready")))
+    now = utcnow()
+    for row in rows:
+        row.status, row.finished_at, row.updated_at = "failed", now, now
+        row.error = f"{BROKEN_ARTIFACT}: {reason}; request the same profile again to rebuild it"
+        row.progress = {**(row.progress or {}), "stage": "failed"}
+    return [row.id for row in rows]
+
+
+def count_broken_artifacts(session: Session) -> int:
+    """Failed profiles whose artifact broke, over all tenants (for /readyz; no ids, no tenants)."""
+    return int(session.scalar(select(func.count()).select_from(ProfileRow).where(
+        ProfileRow.status == "failed", ProfileRow.error.startswith(BROKEN_ARTIFACT))) or 0)
 
 
 def profiles_sharing_artifact(session: Session, sha256: str, exclude_id: str | None = None) -> int:
@@ -731,8 +765,40 @@ def profile_by_id(session: Session, profile_id: str) -> ProfileRow | None:
 
 
 def profile_items(session: Session, row: ProfileRow) -> list[OpinionItem]:
-    """The current sample of a profile's subject (what a build reads)."""
-    return subject_items(session, row.tenant_id, row.subject_kind, row.subject_id)
+    """The current sample of a profile's subject (what a build reads), with its contrast."""
+    return profile_sample(session, row.tenant_id, row.subject_kind, row.subject_id,
+                          (row.params or {}).get("contrast") or [])
+
+
+def profile_sample(session: Session, tenant_id: int, kind: str, subject_id: int,
+                   contrast: Sequence[dict[str, str]]) -> list[OpinionItem]:
+    """A subject's items, each carrying the pooled answers of the `contrast` subjects (`{"kind", "id"}`,
+    uid or gid) on the same question; no contrast: the items as they are. A contrast subject deleted since
+    the request adds nothing (the sample's hash then differs from the requested one, which the build
+    reports)."""
+    items = subject_items(session, tenant_id, kind, subject_id)
+    if not contrast:
+        return items
+    samples = []
+    for ref in contrast:
+        other = get_subject(session, tenant_id, ref["kind"], ref["id"])
+        if other is not None:
+            samples.append(subject_items(session, tenant_id, ref["kind"], other.id))
+    return with_contrast(items, samples)
+
+
+def groups_sharing_questions(session: Session, tenant_id: int, items: Sequence[OpinionItem],
+                             exclude: int | None = None) -> list[str]:
+    """The gids of the tenant's groups (but `exclude`) whose samples answer at least one of `items`'
+    questions, sorted."""
+    wanted = {question_key(it) for it in items}
+    out = []
+    for group in session.scalars(select(Group).where(Group.tenant_id == tenant_id).order_by(Group.gid)):
+        if group.id == exclude:
+            continue
+        if any(question_key(it) in wanted for it in subject_items(session, tenant_id, "group", group.id)):
+            out.append(group.gid)
+    return out
 
 
 @functools.cache

@@ -176,9 +176,10 @@ def show(profile: dict[str, Any]) -> None:
     if before is not None and after is not None:
         say(f"{metrics.get('evaluation', 'held-out')} alignment with the group: unsteered {before:.3f}, "
             f"steered {after:.3f}")
-    gain = metrics.get("gain") or {}
-    if gain.get("alignment") is not None and gain.get("standard_error") is not None:
-        say(f"best setting's gain: {gain['alignment']:+.3f} ± {gain['standard_error']:.3f} (standard error; "
-            "a gain within about two of them can be luck)")
+    gain = dict(metrics.get("gain") or {})
+    error = gain.pop("standard_error", None)
+    for metric, value in gain.items():
+        say(f"best setting's gain in {metric}: {value:+.3f} ± {error:.3f} (± one standard error; a gain "
+            "within about two of them can be luck)")
     if metrics.get("note"):
         say(metrics["note"])

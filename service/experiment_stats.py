@@ -21,6 +21,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 from scipy import stats
 
 CONFIDENCE = 0.95
@@ -81,29 +82,25 @@ def summarize_rewards(values: Sequence[float], kind: str, confidence: float = CO
     n = len(values)
     if n == 0:
         return RewardSummary(0, None, None, None, None, 0 if kind == "thumbs" else None)
-    mean = math.fsum(values) / n
-    std = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None
+    mean = _mean(values)
+    std = float(np.std(values, ddof=1)) if n > 1 else None
     if kind == "thumbs":
         successes = int(round(math.fsum(values)))
         low, high = wilson_interval(successes, n, confidence)
         return RewardSummary(n, mean, std, low, high, successes)
-    if n < 2:
-        return RewardSummary(n, mean, std, None, None)
-    assert std is not None
-    half = stats.t.ppf(0.5 + confidence / 2, n - 1) * std / math.sqrt(n)
-    return RewardSummary(n, mean, std, mean - half, mean + half)
+    if n < 2 or std == 0:
+        # scipy's interval of a constant sample is nan wide; the mean is then known exactly.
+        return RewardSummary(n, mean, std, None, None) if n < 2 else RewardSummary(n, mean, std, mean, mean)
+    interval = stats.ttest_1samp(values, 0.0).confidence_interval(confidence)
+    return RewardSummary(n, mean, std, float(interval.low), float(interval.high))
 
 
 def wilson_interval(successes: int, n: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
     """The Wilson score interval of a proportion `successes / n` (n > 0)."""
     if n <= 0 or not 0 <= successes <= n:
         raise ValueError("need 0 <= successes <= n and n > 0")
-    z = stats.norm.ppf(0.5 + confidence / 2)
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    interval = stats.binomtest(successes, n).proportion_ci(confidence, method="wilson")
+    return max(0.0, float(interval.low)), min(1.0, float(interval.high))
 
 
 # ------------------------------------------------------------------------------------------ comparisons
@@ -132,40 +129,36 @@ def welch_t_test(treatment: Sequence[float], control: Sequence[float],
     if n1 < 2 or n2 < 2:
         diff = _mean(treatment) - _mean(control) if n1 and n2 else None
         return Comparison("welch_t", diff, None, None, None, None)
-    m1, m2 = _mean(treatment), _mean(control)
-    v1 = math.fsum((x - m1) ** 2 for x in treatment) / (n1 - 1) / n1
-    v2 = math.fsum((x - m2) ** 2 for x in control) / (n2 - 1) / n2
-    diff = m1 - m2
-    se = math.sqrt(v1 + v2)
-    if se == 0:
+    diff = _mean(treatment) - _mean(control)
+    if np.var(treatment) == 0 and np.var(control) == 0:
         same = diff == 0
         return Comparison("welch_t", diff, diff, diff, 0.0 if same else math.copysign(math.inf, diff),
                           1.0 if same else 0.0, None)
-    df = (v1 + v2) ** 2 / (v1 ** 2 / (n1 - 1) + v2 ** 2 / (n2 - 1))
-    t = diff / se
-    p = float(2 * stats.t.sf(abs(t), df))
-    half = float(stats.t.ppf(0.5 + confidence / 2, df)) * se
-    return Comparison("welch_t", diff, diff - half, diff + half, t, p, df)
+    result = stats.ttest_ind(treatment, control, equal_var=False)
+    interval = result.confidence_interval(confidence)
+    return Comparison("welch_t", diff, float(interval.low), float(interval.high), float(result.statistic),
+                      float(result.pvalue), float(result.df))
 
 
 def two_proportion_z_test(successes_t: int, n_t: int, successes_c: int, n_c: int,
                           confidence: float = CONFIDENCE) -> Comparison:
-    """The pooled two-proportion z-test of p_t - p_c (the same p-value as a 2x2 chi-square test without
-    continuity correction); the interval is the unpooled Wald interval of the difference."""
+    """The pooled two-proportion z-test of p_t - p_c: the 2x2 chi-square test without continuity
+    correction (z is the signed square root of its statistic); the interval is the unpooled Wald interval
+    of the difference."""
     if n_t < 1 or n_c < 1:
         diff = successes_t / n_t - successes_c / n_c if n_t and n_c else None
         return Comparison("two_proportion_z", diff, None, None, None, None)
     p_t, p_c = successes_t / n_t, successes_c / n_c
     diff = p_t - p_c
-    pooled = (successes_t + successes_c) / (n_t + n_c)
-    se_pooled = math.sqrt(pooled * (1 - pooled) * (1 / n_t + 1 / n_c))
     z_crit = float(stats.norm.ppf(0.5 + confidence / 2))
     half = z_crit * math.sqrt(p_t * (1 - p_t) / n_t + p_c * (1 - p_c) / n_c)
-    if se_pooled == 0:  # everyone up (or down) on both sides: no evidence of a difference
+    pooled = (successes_t + successes_c) / (n_t + n_c)
+    if pooled in (0.0, 1.0):  # everyone up (or down) on both sides: no evidence of a difference
         return Comparison("two_proportion_z", diff, diff - half, diff + half, 0.0, 1.0)
-    z = diff / se_pooled
-    p = float(2 * stats.norm.sf(abs(z)))
-    return Comparison("two_proportion_z", diff, diff - half, diff + half, z, p)
+    table = [[successes_t, n_t - successes_t], [successes_c, n_c - successes_c]]
+    result = stats.chi2_contingency(table, correction=False)
+    z = math.copysign(math.sqrt(float(result.statistic)), diff)
+    return Comparison("two_proportion_z", diff, diff - half, diff + half, z, float(result.pvalue))
 
 
 def compare(treatment: Sequence[float], control: Sequence[float], kind: str,

@@ -20,8 +20,10 @@ from pydantic import (
     StrictBool,
     StrictFloat,
     StrictInt,
+    ValidationInfo,
     field_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from steer_core.data import OpinionItem
 
@@ -174,8 +176,15 @@ class ProfileCreate(Request):
                                                 "models")
     params: dict[str, Any] = Field(
         default_factory=dict,
-        description="layer, strength and positions fix what is otherwise chosen on held-out items; the "
-                    "method's own parameters are checked by the method")
+        description="layer, strength and positions fix what is otherwise chosen on held-out items; orders "
+                    "2 also fits on every item with its options reversed; the method's own parameters are "
+                    "checked by the method")
+    contrast: list[SubjectIn] | None = Field(
+        None, description="the users or groups this profile is to be told apart from: each item then carries "
+                          "their pooled answers to the same question, which group-relative objectives read "
+                          "(DiffMean weighs options by the group's share minus theirs; loss 'contrast'). "
+                          "Omitted: for a group, the tenant's other groups that answered any of the same "
+                          "questions; for a user, none. [] for none. Stored as params.contrast")
 
 
 class Progress(Response):
@@ -275,9 +284,37 @@ class ReadyCheck(Response):
 
 
 class Ready(Response):
-    status: Literal["ready", "not_ready"]
-    checks: dict[str, ReadyCheck]
+    status: Literal["ready", "not_ready"] = Field(description="database, redis and model all ok")
+    checks: dict[str, ReadyCheck] = Field(description="database, redis and model gate readiness; artifacts "
+                                                      "(profiles whose artifact broke) and, under `pluristeer up`, "
+                                                      "stack (its supervised processes) are reported only")
     model: str
+
+
+# --------------------------------------------------------------------------------------------- models
+
+class ModelSteering(Response):
+    """What a `<base>:<profile id>` model steers with (absent on the base model)."""
+
+    profile: str
+    subject: SubjectRef
+    method: str
+    version: int
+
+
+class ModelOut(Response):
+    """OpenAI's model object, plus `steering` on a profile's entry."""
+
+    id: str = Field(description="the base model, or `<base>:<profile id>`: pass it as a chat request's `model`")
+    object: Literal["model"] = "model"
+    created: int = Field(description="Unix seconds: the profile's creation (0 for the base model)")
+    owned_by: str
+    steering: ModelSteering | None = None
+
+
+class ModelList(Response):
+    object: Literal["list"] = "list"
+    data: list[ModelOut]
 
 
 OpinionsOut.model_rebuild()
@@ -344,6 +381,15 @@ class StreamOptions(Request):
     include_usage: bool = False
 
 
+# OpenAI chat fields this server does not implement -> the values that ask for what it does anyway.
+UNSUPPORTED_CHAT_FIELDS: dict[str, tuple[Any, ...]] = {
+    "n": (1,), "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "logprobs": (False,),
+    "top_logprobs": (0,), "tools": ([],), "tool_choice": ("none",), "functions": ([],), "function_call": ("none",),
+    "response_format": ({"type": "text"},), "logit_bias": ({},), "audio": (), "modalities": (["text"],),
+    "prediction": (), "reasoning_effort": (), "verbosity": (), "web_search_options": (),
+}
+
+
 class ChatCompletionRequest(Request):
     """OpenAI's chat completion request (n = 1, no tools) plus `steering`."""
 
@@ -360,10 +406,42 @@ class ChatCompletionRequest(Request):
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, max_length=MAX_ID_CHARS,
                              description="the tenant's user uid: their default profile and experiments")
-    n: Literal[1] = 1
-    presence_penalty: Literal[0, 0.0] = 0
-    frequency_penalty: Literal[0, 0.0] = 0
+    n: Any = Field(1, description="unsupported beyond 1")
+    presence_penalty: Any = Field(0, description="unsupported beyond 0")
+    frequency_penalty: Any = Field(0, description="unsupported beyond 0")
     steering: SteeringIn | None = None
+    # OpenAI metadata that cannot change the output: accepted and ignored.
+    metadata: dict[str, str] | None = Field(None, description="accepted and ignored")
+    store: bool | None = Field(None, description="accepted and ignored (nothing is stored)")
+    service_tier: str | None = Field(None, description="accepted and ignored")
+    prompt_cache_key: str | None = Field(None, description="accepted and ignored")
+    safety_identifier: str | None = Field(None, description="accepted and ignored")
+    parallel_tool_calls: bool | None = Field(None, description="accepted and ignored (no tools are called)")
+    # OpenAI fields this server does not implement: a 422 naming the field, unless the value asks for
+    # what the server does anyway (`tools: []`, `response_format: {"type": "text"}`, ...).
+    logprobs: Any = Field(None, description="unsupported")
+    top_logprobs: Any = Field(None, description="unsupported")
+    tools: Any = Field(None, description="unsupported: no tool calls")
+    tool_choice: Any = Field(None, description="unsupported beyond \"none\"")
+    functions: Any = Field(None, description="unsupported")
+    function_call: Any = Field(None, description="unsupported beyond \"none\"")
+    response_format: Any = Field(None, description="unsupported beyond {\"type\": \"text\"}")
+    logit_bias: Any = Field(None, description="unsupported beyond {}")
+    audio: Any = Field(None, description="unsupported")
+    modalities: Any = Field(None, description="unsupported beyond [\"text\"]")
+    prediction: Any = Field(None, description="unsupported")
+    reasoning_effort: Any = Field(None, description="unsupported")
+    verbosity: Any = Field(None, description="unsupported")
+    web_search_options: Any = Field(None, description="unsupported")
+
+    @field_validator(*UNSUPPORTED_CHAT_FIELDS)
+    @classmethod
+    def _unsupported(cls, value: Any, info: ValidationInfo) -> Any:
+        accepted = UNSUPPORTED_CHAT_FIELDS[info.field_name or ""]
+        if value is None or any(value == ok and type(value) is type(ok) for ok in accepted):
+            return value
+        raise PydanticCustomError("unsupported", "{field} is not supported by this server: it generates plain "
+                                  "text, one choice a request", {"field": info.field_name})
 
     @field_validator("temperature", "top_p")
     @classmethod

@@ -14,6 +14,7 @@ and each task refuses to do its work twice at once (see `worker.tasks`).
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from typing import Any
 
@@ -38,6 +39,11 @@ TASKS_MODULE = "worker.tasks"
 # kombu's Redis transport keeps one list per queue and priority step; the default step has the bare name.
 _PRIORITY_SEP = "\x06\x16"
 _PRIORITY_STEPS = (3, 6, 9)
+# A queued row this old with no message in the broker has lost it (the sweeper sends it again).
+RESEND_QUEUED_AFTER_S = 30.0
+# Messages a worker has taken but not acknowledged (acks late: until the task ends).
+_UNACKED = "unacked"
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 class BrokerUnavailable(RuntimeError):
@@ -166,6 +172,24 @@ def enqueue_offline_comparison(comparison_id: str, settings: Settings) -> None:
     so it goes where the models are: the `gpu` queue while a GPU worker listens. Raises `BrokerUnavailable`."""
     check_broker(settings, f"the offline comparison {comparison_id}")
     send(OFFLINE_TASK, [comparison_id], "gpu" if gpu_worker_listening(settings) else "cpu", settings)
+
+
+def pending_builds(settings: Settings) -> set[str]:
+    """Ids of the profiles whose build message is in the broker: waiting in a queue or held by a worker
+    (kombu's `unacked` hash). A `queued` row missing here has lost its message. Raises redis errors."""
+    client = redis_client(settings)
+    pipe = client.pipeline()
+    for queue in QUEUES:
+        pipe.lrange(queue, 0, -1)
+        for step in _PRIORITY_STEPS:
+            pipe.lrange(f"{queue}{_PRIORITY_SEP}{step}", 0, -1)
+    pipe.hvals(_UNACKED)
+    found: set[str] = set()
+    for messages in pipe.execute():
+        for raw in messages:
+            # A message's headers carry its arguments as text (`argsrepr`): the profile id appears as is.
+            found.update(_UUID.findall(raw.decode("utf-8", "replace")))
+    return found
 
 
 def queue_depths(settings: Settings) -> dict[str, int]:

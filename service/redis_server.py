@@ -158,6 +158,20 @@ def embedded_redis_pid() -> int | None:
         return None
 
 
+def restart_embedded_redis() -> int | None:
+    """Start the embedded server again after it died, on the same port and config (children keep their
+    `REDIS_URL`); returns its new process id, or None when this process started none or it still runs."""
+    with _lock:
+        embedded = _embedded
+        if embedded is None or embedded.process.poll() is None:
+            return None
+        process = subprocess.Popen([redis_executable(), str(embedded.directory / "redis.conf")],
+                                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                   preexec_fn=parent_death_signal())
+        embedded.process = process
+        return process.pid
+
+
 def stop_embedded_redis() -> None:
     """Stop the embedded server this process started (a no-op when there is none)."""
     global _embedded

@@ -17,6 +17,7 @@
 | `MAX_NEW_TOKENS` | `512` | upper bound of `max_tokens` in generation |
 | `DEFAULT_MAX_TOKENS` | `128` | `max_tokens` of a chat request that gives none |
 | `TOKENS_PER_MINUTE` | `20000` | prompt plus new tokens per tenant per minute (429 past it; 0: no budget) |
+| `PLURISTEER_STACK_STATUS` | unset | set by `pluristeer up`: the file where it reports its children (/readyz) |
 | `METRICS_TOKEN` | unset | when set, `/metrics` needs `Authorization: Bearer <it>` and adds cross-tenant counts |
 | `MAX_PROFILES_PER_REQUEST` | `8` | profiles in one blend |
 | `MAX_BATCH_SIZE` | `16` | rows the generation engine runs together |
@@ -31,7 +32,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from steer_core.models import DEFAULT_MODEL, pluristeer_home
+from steer_core.defaults import DEFAULT_MODEL, pluristeer_home
 
 
 def _env(name: str, default: Any, cast: type = str) -> Any:
@@ -59,6 +60,7 @@ class Settings:
     default_max_tokens: int = 128
     tokens_per_minute: int = 20_000
     metrics_token: str | None = None
+    stack_status_file: str | None = None
     max_profiles_per_request: int = 8
     max_batch_size: int = 16
     batch_wait_ms: int = 10
@@ -84,6 +86,7 @@ class Settings:
             "default_max_tokens": _env("DEFAULT_MAX_TOKENS", cls.default_max_tokens, int),
             "tokens_per_minute": _env("TOKENS_PER_MINUTE", cls.tokens_per_minute, int),
             "metrics_token": _env("METRICS_TOKEN", None),
+            "stack_status_file": _env("PLURISTEER_STACK_STATUS", None),
             "max_profiles_per_request": _env("MAX_PROFILES_PER_REQUEST", cls.max_profiles_per_request, int),
             "max_batch_size": _env("MAX_BATCH_SIZE", cls.max_batch_size, int),
             "batch_wait_ms": _env("BATCH_WAIT_MS", cls.batch_wait_ms, int),

@@ -7,6 +7,11 @@ API key (kept in `$PLURISTEER_HOME/up.json` and reused by the next `up` and by `
 prints the URL and the key, and stops everything it started on SIGINT (Ctrl-C) or SIGTERM. Both are
 handled explicitly: a non-interactive shell starts background jobs with SIGINT ignored, and Python keeps
 an inherited ignore, so `up &` in a script would otherwise never stop on `kill -INT`.
+
+It prints a key only when it creates one. It supervises what it started: a child that dies (the worker,
+the API, the embedded Redis) is started again after a backoff (1 s, doubling to 30 s; reset once it has
+run a minute), and where each stands is written to `$PLURISTEER_HOME/up-status.json`, which the API's
+/readyz reports.
 """
 
 from __future__ import annotations
@@ -20,13 +25,17 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from service.settings import Settings
 
 UP_FILE = "up.json"
+STATUS_FILE = "up-status.json"
+STATUS_ENV = "PLURISTEER_STACK_STATUS"  # read into Settings.stack_status_file
+RESTART_BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
+STABLE_AFTER_S = 60.0
 HEALTH_TIMEOUT_S = 180.0
 STOP_TIMEOUT_S = 20.0
 
@@ -67,14 +76,46 @@ def child_env(settings: Settings, redis_url: str) -> dict[str, str]:
 class Child:
     name: str
     process: subprocess.Popen[bytes]
+    command: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
 
     def alive(self) -> bool:
         return self.process.poll() is None
 
+    def pid(self) -> int | None:
+        return self.process.pid if self.alive() else None
 
-def start_child(name: str, command: list[str], env: dict[str, str]) -> Child:
-    """A child in its own process group (Ctrl-C reaches only `up`, which stops children in order) that
-    also gets SIGTERM if `up` itself is killed."""
+    def exit_code(self) -> int | None:
+        return self.process.returncode
+
+    def restart(self) -> None:
+        stop_child(self)  # whatever is left of its process group (pool processes)
+        self.process = _spawn(self.command, self.env)
+
+
+class EmbeddedRedisChild:
+    """The embedded Redis `up` started, supervised like a child (restarted on the same port)."""
+
+    name = "redis"
+
+    def alive(self) -> bool:
+        return self.pid() is not None
+
+    def pid(self) -> int | None:
+        from service.redis_server import embedded_redis_pid
+
+        return embedded_redis_pid()
+
+    def exit_code(self) -> int | None:
+        return None
+
+    def restart(self) -> None:
+        from service.redis_server import restart_embedded_redis
+
+        restart_embedded_redis()
+
+
+def _spawn(command: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
     from service.redis_server import parent_death_signal
 
     death = parent_death_signal()
@@ -84,8 +125,70 @@ def start_child(name: str, command: list[str], env: dict[str, str]) -> Child:
         if death is not None:
             death()
 
-    process = subprocess.Popen(command, env=env, preexec_fn=preexec)
-    return Child(name, process)
+    return subprocess.Popen(command, env=env, preexec_fn=preexec)
+
+
+def start_child(name: str, command: list[str], env: dict[str, str]) -> Child:
+    """A child in its own process group (Ctrl-C reaches only `up`, which stops children in order) that
+    also gets SIGTERM if `up` itself is killed."""
+    return Child(name, _spawn(command, env), command, env)
+
+
+@dataclass
+class _Watch:
+    failures: int = 0  # restarts since it last ran `STABLE_AFTER_S`
+    restarts: int = 0
+    started: float = field(default_factory=time.monotonic)
+    restart_at: float | None = None
+    last_exit: int | None = None
+
+
+class Supervisor:
+    """Restarts dead children with backoff and writes where each stands to `status_path` (JSON), which
+    /readyz reports. `up`'s loop calls `check()`."""
+
+    def __init__(self, children: list[Child | EmbeddedRedisChild], status_path: Path) -> None:
+        self.children = children
+        self.status_path = status_path
+        self.watch = {child.name: _Watch() for child in children}
+        self.write()
+
+    def check(self, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        changed = False
+        for child in self.children:
+            w = self.watch[child.name]
+            if child.alive():
+                if w.failures and now - w.started >= STABLE_AFTER_S:
+                    w.failures = 0
+                continue
+            if w.restart_at is None:
+                w.last_exit = child.exit_code()
+                delay = RESTART_BACKOFF_S[min(w.failures, len(RESTART_BACKOFF_S) - 1)]
+                w.restart_at = now + delay
+                print(f"the {child.name} exited (code {w.last_exit}); restarting it in {delay:.0f} s",
+                      file=sys.stderr, flush=True)
+                changed = True
+            elif now >= w.restart_at:
+                child.restart()
+                w.failures += 1
+                w.restarts += 1
+                w.started, w.restart_at = now, None
+                print(f"the {child.name} was restarted (pid {child.pid()})", file=sys.stderr, flush=True)
+                changed = True
+        if changed:
+            self.write()
+
+    def write(self) -> None:
+        children = {}
+        for child in self.children:
+            w = self.watch[child.name]
+            running = child.alive() and w.restart_at is None
+            children[child.name] = {"state": "running" if running else "restarting", "pid": child.pid(),
+                                    "restarts": w.restarts, "last_exit": w.last_exit}
+        tmp = self.status_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"children": children, "written_at": time.time()}))
+        os.replace(tmp, self.status_path)
 
 
 def stop_child(child: Child, timeout: float = STOP_TIMEOUT_S) -> None:
@@ -208,6 +311,8 @@ def run_up(args: Any) -> int:
         print(f"database: {_safe_url(settings.database_url)} (migrated)", flush=True)
         key, new = first_key(settings)
         env = child_env(settings, redis_url)
+        status_path = Path(settings.home) / STATUS_FILE
+        env[STATUS_ENV] = str(status_path)
         worker_cmd = [sys.executable, "-m", "service.cli", "worker",
                       "--concurrency", str(int(getattr(args, "build_workers", None) or 1))]
         queues = getattr(args, "queues", None)
@@ -226,12 +331,12 @@ def run_up(args: Any) -> int:
             print(f"API key:  the one created by an earlier run, in {path} (`pluristeer keys list` shows its "
                   "prefix)")
         print("demo:     pluristeer demo      Ctrl-C stops everything\n", flush=True)
+        supervised: list[Child | EmbeddedRedisChild] = list(children)
+        if embedded_redis_url():
+            supervised.append(EmbeddedRedisChild())
+        supervisor = Supervisor(supervised, status_path)
         while True:
-            for child in children:
-                if not child.alive():
-                    print(f"the {child.name} exited with code {child.process.returncode}; stopping",
-                          file=sys.stderr, flush=True)
-                    return 1
+            supervisor.check()
             time.sleep(0.5)
     except (KeyboardInterrupt, _Stop):
         print("\nstopping...", file=sys.stderr, flush=True)

@@ -23,6 +23,10 @@ tried on OpinionsQA (20 items, 3 folds) and stopped an ODESteer build that won b
 lost 0.09 on other questions, but also four COLD-FD and COLD-Kernel builds whose gains held on other
 questions (+0.035 to +0.071): with 20 items one standard error is about the size of a real gain.
 
+Option orders: with `orders = 2` every method fits on each item twice, in its options' order and
+reversed (letters re-assigned, targets permuted with them), so an option's letter cannot carry the
+signal; items are still judged in their own order.
+
 Why folds, not one held-out share: with 20 items a single split judges on 6, and which 6 decides the
 choice (on OpinionsQA a split whose 6 items the model answered badly shipped profiles that hurt the
 other questions); every item judging once spreads that luck over the whole sample.
@@ -45,7 +49,7 @@ from steer_core.calibration import (
     fit_calibration,
     sample_alignment,
 )
-from steer_core.data import OpinionItem, sample_hash
+from steer_core.data import OpinionItem, reverse_options, sample_hash
 from steer_core.errors import SteerError
 from steer_core.evaluation import paired_difference, uniform_distributions
 from steer_core.folds import FOLDS, HELDOUT_SHARE, MIN_HELDOUT, MIN_TRAIN, fold_indices, split_sample  # noqa: F401
@@ -61,6 +65,20 @@ Progress = Callable[[int, int, str], None]
 SELECTION_METRIC = "alignment"
 # A setting must beat unsteered by more than this much mean alignment to ship.
 MIN_GAIN = 1e-4
+ORDERS = (1, 2)  # fit on each item in its own option order only, or also reversed
+DEFAULT_ORDERS = 1
+
+
+def check_orders(orders: Any) -> int:
+    if isinstance(orders, bool) or orders not in ORDERS:
+        raise SteerError(f"must be one of {', '.join(map(str, ORDERS))} (2: also fit on each item with its "
+                         "options reversed)", "params.orders")
+    return int(orders)
+
+
+def in_orders(items: Sequence[OpinionItem], orders: int) -> list[OpinionItem]:
+    """The items a method fits on: each item, and with `orders = 2` also its options reversed."""
+    return list(items) + ([reverse_options(it) for it in items] if orders == 2 else [])
 
 
 def score(lm: LanguageModel, items: Sequence[OpinionItem], profile: Profile | None) -> dict[str, float]:
@@ -135,6 +153,7 @@ def build_profile(lm: LanguageModel, items: Sequence[OpinionItem], method: str,
     layer = params.pop("layer", None)
     strength = params.pop("strength", None)
     positions = check_positions(params.pop("positions", spec.default_positions))
+    orders = check_orders(params.pop("orders", DEFAULT_ORDERS))
     own = spec.check_params(params)
     if layer is not None:
         lm.check_layer(layer, "params.layer")
@@ -145,12 +164,12 @@ def build_profile(lm: LanguageModel, items: Sequence[OpinionItem], method: str,
 
     if layer is not None and strength is not None:
         report(0, 3, "fit")
-        profile = spec.fit(lm, items, [layer], own, positions)[layer]
+        profile = spec.fit(lm, in_orders(items, orders), [layer], own, positions)[layer]
         profile.strength = float(strength)
         report(1, 3, "score")
         before, after = score(lm, items, None), score(lm, items, profile)
         report(3, 3, "done")
-        profile.metrics = {"evaluation": "in-sample", "unsteered": before, "steered": after,
+        profile.metrics = {"evaluation": "in-sample", "orders": orders, "unsteered": before, "steered": after,
                            "search": None, "improved": after[SELECTION_METRIC] > before[SELECTION_METRIC]}
         profile.sample_hash = sample_hash(items)
         return profile
@@ -159,7 +178,7 @@ def build_profile(lm: LanguageModel, items: Sequence[OpinionItem], method: str,
     layers = [layer] if layer is not None else spec.layers(lm)
     total = 2 + len(folds) * (1 + len(layers))
     report(0, total, "fit")
-    full = spec.fit(lm, items, layers, own, positions)  # what ships; its grids name the candidates
+    full = spec.fit(lm, in_orders(items, orders), layers, own, positions)  # what ships; its grids name the candidates
     grids = {L: ([float(strength)] if strength is not None else spec.strengths(full[L], lm)) for L in layers}
     report(1, total, "score unsteered")
     unsteered = answer_distributions(lm, items)
@@ -169,7 +188,8 @@ def build_profile(lm: LanguageModel, items: Sequence[OpinionItem], method: str,
     for f, fold in enumerate(folds):
         held = set(fold)
         report(done, total, f"fold {f + 1}/{len(folds)}: fit")
-        fitted = spec.fit(lm, [it for i, it in enumerate(items) if i not in held], layers, own, positions)
+        fitted = spec.fit(lm, in_orders([it for i, it in enumerate(items) if i not in held], orders), layers, own,
+                          positions)
         done += 1
         judged = [items[i] for i in fold]
         for L in layers:
@@ -199,7 +219,7 @@ def build_profile(lm: LanguageModel, items: Sequence[OpinionItem], method: str,
     profile.sample_hash = sample_hash(items)
     best_alignment = chosen.best_items[SELECTION_METRIC]
     profile.metrics = {
-        "evaluation": "cross-validated", "folds": len(folds), "items": len(items),
+        "evaluation": "cross-validated", "folds": len(folds), "items": len(items), "orders": orders,
         "selection": "out-of-fold alignment over the calibrated unsteered model",
         **baselines,
         "steered": best_after if improved else baselines["calibrated"],

@@ -18,11 +18,14 @@ import json
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from steer_core.errors import SteerError
+
+if TYPE_CHECKING:
+    from steer_core.tables import Columns
 
 MAX_OPTIONS = 26  # one letter each
 REFUSAL_OPTIONS = {"refused"}
@@ -31,11 +34,15 @@ _TARGET_TOLERANCE = 1e-3
 
 @dataclass(frozen=True)
 class OpinionItem:
+    """`contrast`, when set, is the pooled answer distribution of the subjects this item's target is to be
+    told apart from (other groups on the same question); group-relative objectives read it."""
+
     question: str
     options: tuple[str, ...]
     target: tuple[float, ...]
     ordinal: tuple[float, ...]
     id: str | None = None
+    contrast: tuple[float, ...] | None = None
 
     @property
     def answer(self) -> int:
@@ -51,6 +58,8 @@ class OpinionItem:
                                "ordinal": list(self.ordinal), "target": list(self.target)}
         if self.id is not None:
             out = {"id": self.id, **out}
+        if self.contrast is not None:
+            out["contrast"] = list(self.contrast)
         return out
 
 
@@ -93,6 +102,35 @@ def make_item(question: Any, options: Any, target: Any = None, answer: Any = Non
     return OpinionItem(question=question.strip(), options=tuple(o.strip() for o in options),
                        target=tuple(float(p) for p in probs), ordinal=tuple(float(x) for x in positions),
                        id=None if id is None else str(id))
+
+
+def question_key(item: OpinionItem) -> tuple[str, tuple[str, ...]]:
+    """What makes two subjects' items the same question: its text and its options in order."""
+    return item.question, item.options
+
+
+def with_contrast(items: Sequence[OpinionItem], others: Sequence[Sequence[OpinionItem]]) -> list[OpinionItem]:
+    """`items` with `contrast` set to the mean target of the other subjects' items on the same question
+    (each subject counts once). An item no other subject answered gets its own target as its contrast:
+    there is nothing to tell apart there, so group-relative objectives take no signal from it."""
+    pooled: dict[tuple[str, tuple[str, ...]], list[tuple[float, ...]]] = {}
+    for sample in others:
+        for key, target in {question_key(it): it.target for it in sample}.items():
+            pooled.setdefault(key, []).append(target)
+    out = []
+    for it in items:
+        targets = pooled.get(question_key(it))
+        contrast = it.target if not targets else tuple(sum(col) / len(targets) for col in zip(*targets, strict=True))
+        out.append(replace(it, contrast=contrast))
+    return out
+
+
+def reverse_options(item: OpinionItem) -> OpinionItem:
+    """The same item with its options in reverse order (letters re-assigned; target, ordinal and contrast
+    permuted with them): a profile that learned letters rather than opinions answers it differently."""
+    contrast = None if item.contrast is None else item.contrast[::-1]
+    return replace(item, options=item.options[::-1], target=item.target[::-1], ordinal=item.ordinal[::-1],
+                   contrast=contrast)
 
 
 def _numbers(values: Any, n: int, field: str) -> list[float]:
@@ -265,16 +303,27 @@ def load_persona(path: str | Path) -> list[OpinionItem]:
     return items
 
 
-FORMATS = ("jsonl", "opinionsqa", "caa", "persona")
+FORMATS = ("jsonl", "csv", "parquet", "hf", "opinionsqa", "caa", "persona")
 
 
-def load_items(path: str | Path, format: str | None = None, group: str | None = None) -> list[OpinionItem]:
+def load_items(path: str | Path, format: str | None = None, group: str | None = None,
+               columns: Columns | None = None, split: str = "train") -> list[OpinionItem]:
     """Load a sample in any supported format. OpinionsQA needs `group` as `ATTRIBUTE:Group`,
-    e.g. `POLIDEOLOGY:Liberal`, and `path` the wave directory."""
+    e.g. `POLIDEOLOGY:Liberal`, and `path` the wave directory. CSV, Parquet, saved Hugging Face datasets
+    (`hf`; with `format="hf"` a path that does not exist is a hub name) and JSONL with `columns` go
+    through `steer_core.tables`."""
+    if format == "hf" and not Path(path).exists():
+        from steer_core.tables import load_table
+
+        return load_table(str(path), "hf", columns, split)
     path = Path(path)
     if not path.exists():
         raise SteerError(f"{path} does not exist", "data")
     fmt = format or _guess_format(path)
+    if fmt in ("csv", "parquet", "hf") or (fmt == "jsonl" and columns is not None):
+        from steer_core.tables import load_table
+
+        return load_table(path, fmt, columns, split)
     if fmt == "jsonl":
         return load_jsonl(path)
     if fmt == "persona":
@@ -291,9 +340,12 @@ def load_items(path: str | Path, format: str | None = None, group: str | None = 
 
 def _guess_format(path: Path) -> str:
     if path.is_dir():
-        return "opinionsqa"
+        saved = any((path / name).exists() for name in ("dataset_info.json", "dataset_dict.json", "state.json"))
+        return "hf" if saved else "opinionsqa"
     if path.suffix == ".json":
         return "caa"
+    if path.suffix in (".csv", ".parquet"):
+        return path.suffix[1:]
     with _open(path) as f:
         first = next((line for line in f if line.strip()), "{}")
     try:

@@ -2,6 +2,12 @@
 
 For a distribution target q over K options the chosen side weighs option k by q_k and the other side
 by (1 - q_k) / (K - 1); for one person's answer that is the answer against the mean of the others.
+
+When the items carry a `contrast` (the pooled answers of the groups to be told apart from), option k
+weighs q_k - c_k instead: the options the group picks more often than the others against those it picks
+less often, each item weighted by how far the group is from the others there (weights divided by the
+mean total variation, so strengths mean the same as without a contrast). What every group would say
+cancels, so the vector carries the group's own opinions rather than the model's over-confidence.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from torch import Tensor
 
 from steer_core.activations import answer_activations
 from steer_core.data import OpinionItem
+from steer_core.losses import contrasts
 from steer_core.methods import Method, no_params, register
 from steer_core.models import LanguageModel
 from steer_core.profile import Profile
@@ -24,9 +31,14 @@ STRENGTHS = [0.25, 0.5, 1.0, 2.0, 4.0]
 def fit(lm: LanguageModel, items: Sequence[OpinionItem], layers: Sequence[int], params: dict[str, Any],
         positions: str) -> dict[int, Profile]:
     acts = answer_activations(lm, items, layers)
-    counts = acts.valid.sum(dim=1, keepdim=True).float()
-    chosen = acts.target
-    others = (1.0 - acts.target) * acts.valid / (counts - 1.0)
+    if any(it.contrast is not None for it in items):
+        weight = acts.target - contrasts(items)
+        spread = 0.5 * weight.abs().sum(dim=1).mean().clamp(min=1e-12)
+        chosen, others = weight.clamp(min=0) / spread, (-weight).clamp(min=0) / spread
+    else:
+        counts = acts.valid.sum(dim=1, keepdim=True).float()
+        chosen = acts.target
+        others = (1.0 - acts.target) * acts.valid / (counts - 1.0)
     out = {}
     for layer in layers:
         z = acts.by_layer[layer]  # (N, K, D)

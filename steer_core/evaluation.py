@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from steer_core.calibration import IDENTITY, Calibration, calibrate_out_of_fold, sample_alignment
-from steer_core.data import OpinionItem
+from steer_core.data import OpinionItem, reverse_options
 from steer_core.folds import fold_indices
 
 if TYPE_CHECKING:
@@ -73,12 +73,6 @@ def paired_difference(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.n
 
 def uniform_distributions(items: Sequence[OpinionItem]) -> list[np.ndarray]:
     return [np.full(len(it.options), 1.0 / len(it.options)) for it in items]
-
-
-def reverse_options(item: OpinionItem) -> OpinionItem:
-    """The item with its options in reverse order; each option keeps its ordinal position and target share."""
-    return OpinionItem(question=item.question, options=item.options[::-1], target=item.target[::-1],
-                       ordinal=item.ordinal[::-1], id=item.id)
 
 
 def expected_ordinal(p: Sequence[float], ordinal: Sequence[float]) -> float:

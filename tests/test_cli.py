@@ -8,7 +8,7 @@ import sys
 
 from support import FIXTURES, make_tiny
 
-from service.cli import main
+from service.cli import METHOD_HELP, main
 
 
 def _tiny_dir(tmp_path):
@@ -24,7 +24,9 @@ def test_build_then_eval_the_cross_table(tmp_path, capsys):
     out = tmp_path / "p.safetensors"
     assert main(["build", "--method", "diffmean", "--data", urban, "--limit", "12", "--model", model,
                  "--out", str(out)]) == 0
-    assert out.exists() and "calibration" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert out.exists() and "calibration" in printed
+    assert "gain in alignment: " in printed and " ± " in printed, printed  # never a gain without its error
     common = ["--data", urban, "--data", rural, "--offset", "12", "--limit", "5", "--model", model]
     assert main(["eval", "--profile", f"{out}@opinions_group_urban", "--profile", str(out), *common, "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
@@ -73,3 +75,45 @@ def test_eval_refuses_a_profile_for_another_model(tmp_path, capsys):
 def test_console_script_is_installed():
     result = subprocess.run([sys.executable, "-m", "service.cli", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "build" in result.stdout and "up" in result.stdout
+
+
+# A fresh interpreter runs the command line and reports which heavy packages it loaded.
+_PROBE = """
+import sys
+from service.cli import METHOD_HELP, main
+try:
+    code = main(sys.argv[1:])
+except SystemExit as exc:
+    code = exc.code
+heavy = sorted(m for m in ("torch", "transformers", "flask", "celery", "sqlalchemy", "numpy") if m in sys.modules)
+print("HEAVY", heavy, file=sys.stderr)
+sys.exit(code)
+"""
+
+
+def _probe(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", _PROBE, *argv], capture_output=True, text=True, timeout=120)
+
+
+def test_help_and_input_errors_answer_without_loading_the_heavy_packages(tmp_path):
+    for argv in (["--help"], ["build", "--help"], ["up", "--help"], ["eval", "--help"]):
+        result = _probe(*argv)
+        assert result.returncode == 0, result.stderr
+        assert "HEAVY []" in result.stderr, (argv, result.stderr)
+    build_help = " ".join(_probe("build", "--help").stdout.split())  # argparse wraps to the terminal
+    for name in METHOD_HELP:
+        assert name in build_help
+    assert "--positions" in build_help and "last = the last prompt token" in build_help
+    assert "smollm2-135m-instruct" in build_help  # the default model is named
+
+    missing = _probe("build", "--method", "diffmean", "--data", str(tmp_path / "none.jsonl"),
+                     "--out", str(tmp_path / "p.safetensors"))
+    assert missing.returncode == 2 and "none.jsonl" in missing.stderr and "HEAVY []" in missing.stderr
+    wrong = _probe("build", "--method", "cold-steer", "--data", "x", "--out", "y")
+    assert wrong.returncode == 2 and "invalid choice" in wrong.stderr and "HEAVY []" in wrong.stderr
+
+
+def test_every_registered_method_is_documented_in_the_help():
+    from steer_core.methods import METHODS
+
+    assert set(METHOD_HELP) == set(METHODS)

@@ -14,7 +14,9 @@ from steer_core.data import (
     load_items,
     load_opinionsqa,
     make_item,
+    reverse_options,
     sample_hash,
+    with_contrast,
 )
 from steer_core.errors import SteerError
 
@@ -123,3 +125,27 @@ def test_sample_hash_depends_on_content_and_order():
     b = make_item("Q2", ["x", "y"], answer=1)
     assert sample_hash([a, b]) == sample_hash([a, b])
     assert sample_hash([a, b]) != sample_hash([b, a])
+
+
+def test_contrast_pools_the_other_subjects_on_the_same_question():
+    mine = [make_item("Q1", ["x", "y", "z"], target=[0.6, 0.3, 0.1]), make_item("Q2", ["x", "y"], answer=0),
+            make_item("Q3", ["x", "y"], answer=1)]
+    a = [make_item("Q1", ["x", "y", "z"], target=[0.2, 0.2, 0.6]), make_item("Q2", ["x", "y"], answer=1)]
+    b = [make_item("Q1", ["x", "y", "z"], target=[0.0, 0.4, 0.6]),
+         make_item("Q2", ["y", "x"], answer=0)]  # other options (or order): another question
+    out = with_contrast(mine, [a, b])
+    assert out[0].contrast == pytest.approx((0.1, 0.3, 0.6))
+    assert out[1].contrast == (0.0, 1.0)  # only `a` asked Q2 with these options
+    assert out[2].contrast == mine[2].target  # nobody else answered Q3: nothing to tell apart
+    assert out[0].target == mine[0].target
+    # The contrast is part of what a build reads, so it is part of the sample's hash.
+    assert sample_hash(out) != sample_hash(mine) and out[0].to_json()["contrast"] == list(out[0].contrast)
+
+
+def test_reverse_options_permute_everything_with_the_options():
+    it = with_contrast([make_item("Q", ["a", "b", "c"], target=[0.7, 0.2, 0.1], ordinal=[1, 2, 4])],
+                       [[make_item("Q", ["a", "b", "c"], target=[0.1, 0.3, 0.6])]])[0]
+    r = reverse_options(it)
+    assert r.options == ("c", "b", "a") and r.target == it.target[::-1] and r.ordinal == (4.0, 2.0, 1.0)
+    assert r.contrast == pytest.approx((0.6, 0.3, 0.1)) and r.question == it.question and r.answer == 2
+    assert reverse_options(r) == it

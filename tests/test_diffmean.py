@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from support import FIXTURES, steering_alone
@@ -22,6 +24,32 @@ def test_vector_is_chosen_minus_other_answers(tiny_lm):
     expected = torch.stack([z[n, it.answer] - (z[n].sum(0) - z[n, it.answer]) / 2 for n, it in enumerate(ITEMS)])
     profile = diffmean.fit(tiny_lm, ITEMS, [1], {}, "prompt")[1]
     torch.testing.assert_close(profile.tensors["vector"], expected.mean(0))
+
+
+def test_with_a_contrast_the_vector_weighs_each_option_by_the_group_minus_the_others(tiny_lm):
+    """Item 0: q = (0.7, 0.3), c = (0.4, 0.6); item 1: the group answers as the others do. Weights q - c
+    over the mean total variation (0.15): item 0 gives 2 (z_A - z_B), item 1 nothing; the mean over
+    the two items is z_A - z_B of item 0."""
+    items = [replace(make_item("Q0?", ["Yes", "No"], target=[0.7, 0.3]), contrast=(0.4, 0.6)),
+             replace(make_item("Q1?", ["Yes", "No"], target=[0.5, 0.5]), contrast=(0.5, 0.5))]
+    z = answer_activations(tiny_lm, items, [1]).by_layer[1]
+    profile = diffmean.fit(tiny_lm, items, [1], {}, "prompt")[1]
+    torch.testing.assert_close(profile.tensors["vector"], z[0, 0] - z[0, 1], rtol=1e-5, atol=1e-5)
+
+
+def test_fitting_also_in_reversed_order_leaves_nothing_for_a_letter_to_carry(tiny_lm):
+    """Options with the same text differ only by their letter: fitted on each item in one order the vector
+    is 'A rather than B'; fitted in both orders it is zero. (Reversal swaps the first and last letters; with
+    more than two options the middle ones keep their letters.)"""
+    items = [make_item(f"Pick one {i}?", ["this one", "this one"], answer=0) for i in range(6)]
+    once = build_profile(tiny_lm, items, "diffmean", {"layer": 1, "strength": 1.0})
+    both = build_profile(tiny_lm, items, "diffmean", {"layer": 1, "strength": 1.0, "orders": 2})
+    assert once.tensors["vector"].norm() > 0.1 * answer_activations(tiny_lm, items[:1], [1]).by_layer[1].norm()
+    assert both.tensors["vector"].norm() < 1e-4 * once.tensors["vector"].norm()
+    assert both.metrics["orders"] == 2 and once.metrics["orders"] == 1
+    with pytest.raises(SteerError) as info:
+        build_profile(tiny_lm, items, "diffmean", {"orders": 3})
+    assert info.value.field == "params.orders"
 
 
 def test_a_build_scope_reads_each_answer_text_once(tiny_lm):

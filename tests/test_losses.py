@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -12,13 +13,14 @@ from steer_core.errors import SteerError
 from steer_core.losses import (
     check_loss,
     completion_log_probs,
+    contrast_loss,
     dpo_loss,
     dpo_pair_weights,
     item_losses,
     letter_log_probs,
     soft_cross_entropy,
 )
-from steer_core.prompts import LETTERS, encode_items, format_prompt, option_log_probs
+from steer_core.prompts import LETTERS, encode_items, format_prompt, option_log_probs, option_token_ids
 
 ITEMS = [
     make_item("Is tea better than coffee?", ["Yes", "No"], answer=1),
@@ -95,13 +97,47 @@ def test_completion_log_probs_are_mean_token_log_probs(tiny_lm):
 
 
 def test_losses_are_differentiable_and_batched(tiny_lm):
-    for loss in ("ce", "dpo", "sft"):
-        logits = last_logits(tiny_lm, ITEMS).detach().requires_grad_(True)
-        batched = item_losses(tiny_lm, logits, ITEMS, loss)
-        one = torch.stack([item_losses(tiny_lm, logits[i:i + 1], [it], loss)[0] for i, it in enumerate(ITEMS)])
+    items = [replace(it, contrast=tuple(1 / len(it.options) for _ in it.options)) for it in ITEMS]
+    for loss in ("ce", "dpo", "sft", "contrast"):
+        logits = last_logits(tiny_lm, items).detach().requires_grad_(True)
+        batched = item_losses(tiny_lm, logits, items, loss)
+        one = torch.stack([item_losses(tiny_lm, logits[i:i + 1], [it], loss)[0] for i, it in enumerate(items)])
         torch.testing.assert_close(batched, one)
         (g,) = torch.autograd.grad(batched.sum(), logits)
         assert torch.isfinite(g).all() and g.abs().sum() > 0
+
+
+def test_contrast_loss_hand_worked():
+    """p = (3/4, 1/4); the group answers A, the others B: delta = log 3, loss = log(1 + 3^-beta)."""
+    log_p = torch.log(torch.tensor([[0.75, 0.25, 0.0]]))  # a third letter past the item's options: -inf
+    q, c = torch.tensor([[1.0, 0.0, 0.0]]), torch.tensor([[0.0, 1.0, 0.0]])
+    assert contrast_loss(log_p, q, c).item() == pytest.approx(math.log(1 + 3 ** -0.1), rel=1e-6)
+    # Where the group answers as the others do there is nothing to prefer: log 2, whatever p is.
+    same = torch.tensor([[0.6, 0.4, 0.0]])
+    assert contrast_loss(log_p, same, same).item() == pytest.approx(math.log(2), rel=1e-6)
+    # q = (0.5, 0.5), c = (0.25, 0.75): delta = 0.25 log(3/4) - 0.25 log(1/4) = 0.25 log 3.
+    q2, c2 = torch.tensor([[0.5, 0.5, 0.0]]), torch.tensor([[0.25, 0.75, 0.0]])
+    assert contrast_loss(log_p, q2, c2, beta=1.0).item() == pytest.approx(math.log(1 + 3 ** -0.25), rel=1e-6)
+
+
+def test_contrast_loss_gradient_points_from_the_others_to_the_group(tiny_lm):
+    """At the letter logits the gradient is -beta sigmoid(-beta delta) (q - c): no part of it flattens or
+    sharpens the answer the way any group would gain from."""
+    items = [replace(it, contrast=tuple(reversed(it.target))) for it in ITEMS]
+    logits = last_logits(tiny_lm, items).detach().requires_grad_(True)
+    losses = item_losses(tiny_lm, logits, items, "contrast")
+    (g,) = torch.autograd.grad(losses.sum(), logits)
+    lp = option_log_probs(tiny_lm, logits.detach(), items)
+    for n, it in enumerate(items):
+        diff = torch.tensor(it.target) - torch.tensor(it.contrast)
+        delta = (diff * lp[n, :len(diff)]).sum()
+        expected = -0.1 * torch.sigmoid(-0.1 * delta) * diff
+        ids = option_token_ids(tiny_lm.tokenizer, len(diff))
+        torch.testing.assert_close(g[n, ids], expected, rtol=1e-4, atol=1e-7)
+        assert g[n].abs().sum() == pytest.approx(g[n, ids].abs().sum().item(), rel=1e-5)  # letters only
+    with pytest.raises(SteerError) as info:
+        item_losses(tiny_lm, logits, ITEMS, "contrast")
+    assert info.value.field == "contrast" and "3 of 3 items" in info.value.message
 
 
 def test_unknown_loss_is_rejected():

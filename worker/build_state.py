@@ -107,9 +107,10 @@ def claim(settings: Settings, profile_id: str, task_id: str | None, label: str,
         except IntegrityError:
             session.rollback()  # another worker inserted this attempt number first
             return "busy"
-        items = profile_items(session, row)
+        items = profile_items(session, row)  # carrying the contrast subjects' answers, if any
+        params = {k: v for k, v in (row.params or {}).items() if k != "contrast"}
         result = Claim(profile_id=profile_id, attempt=number, method=row.method, model=row.model,
-                       params=dict(row.params or {}), sample_hash=row.sample_hash, items=items)
+                       params=params, sample_hash=row.sample_hash, items=items)
         session.commit()
         return result
     except BaseException:

@@ -2,10 +2,11 @@
 
 A build's heartbeat (`updated_at`, refreshed while it runs) older than `build_stale_after` means its
 worker is gone (SIGKILL, lost machine): the row goes back to `queued` and its build is sent again, or,
-after `MAX_LOST_ATTEMPTS` lost attempts, it is `failed` with that reason. A `queued` row that old had
-its message lost (Redis flushed, enqueue failed): it is sent again. Every worker sweeps once when it
-starts and then every few seconds to minutes; rows are taken with a conditional update, so two
-sweepers never re-queue the same row twice, and a duplicate message is harmless (see `claim`).
+after `MAX_LOST_ATTEMPTS` lost attempts, it is `failed` with that reason. A `queued` row older than
+`RESEND_QUEUED_AFTER_S` whose message is not in the broker (Redis flushed or restarted, an enqueue while
+it was down) is sent again: with a sweep at least every `RESEND_QUEUED_AFTER_S`, within a minute. Every
+worker sweeps once when it starts and then every few seconds; rows are taken with a conditional update,
+so two sweepers never re-queue the same row twice, and a duplicate message is harmless (see `claim`).
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ from datetime import datetime, timedelta
 from sqlalchemy import select, update
 
 from service.db import BuildAttempt, ProfileRow, session_scope, utcnow
+from service.queue import RESEND_QUEUED_AFTER_S
 from service.settings import Settings
 from worker.build_state import MAX_LOST_ATTEMPTS
 
 log = logging.getLogger(__name__)
 
 Enqueue = Callable[[str, str, Settings], None]
+PendingBuilds = Callable[[Settings], set[str]]
 
 
 @dataclass
@@ -35,26 +38,35 @@ class SweepReport:
 
 
 def sweep_interval(settings: Settings) -> float:
-    """How often a worker sweeps: often enough to notice a stale row soon after it becomes stale."""
-    return float(max(1.0, min(60.0, settings.build_stale_after / 3)))
+    """How often a worker sweeps: often enough to notice a stale row soon after it becomes stale, and a lost
+    queued message within a minute."""
+    return float(max(1.0, min(RESEND_QUEUED_AFTER_S, settings.build_stale_after / 3)))
 
 
-def sweep(settings: Settings, now: datetime | None = None, enqueue: Enqueue | None = None) -> SweepReport:
+def sweep(settings: Settings, now: datetime | None = None, enqueue: Enqueue | None = None,
+          pending: PendingBuilds | None = None) -> SweepReport:
     """Re-queue stale builds and re-send lost messages; return what was done."""
     if enqueue is None:
         from service.queue import enqueue_build as enqueue
+    if pending is None:
+        from service.queue import pending_builds as pending
     now = now or utcnow()
-    cutoff = now - timedelta(seconds=settings.build_stale_after)
+    cutoffs = {"building": now - timedelta(seconds=settings.build_stale_after),
+               "queued": now - timedelta(seconds=min(RESEND_QUEUED_AFTER_S, settings.build_stale_after))}
     report = SweepReport()
     to_send: list[tuple[str, str]] = []
     with session_scope(settings) as session:
         stale = session.execute(select(ProfileRow.id, ProfileRow.status, ProfileRow.method).where(
-            ProfileRow.status.in_(("building", "queued")), ProfileRow.updated_at < cutoff)).all()
+            ((ProfileRow.status == "building") & (ProfileRow.updated_at < cutoffs["building"]))
+            | ((ProfileRow.status == "queued") & (ProfileRow.updated_at < cutoffs["queued"])))).all()
+        in_broker = _in_broker(settings, pending) if any(s == "queued" for _, s, _ in stale) else set()
         for profile_id, status, method in stale:
+            if status == "queued" and (in_broker is None or profile_id in in_broker):
+                continue  # its message is waiting (or the broker cannot say: sending would fail too)
             # Conditional: only the sweeper whose update matches takes the row.
             taken = session.execute(
                 update(ProfileRow).where(ProfileRow.id == profile_id, ProfileRow.status == status,
-                                         ProfileRow.updated_at < cutoff)
+                                         ProfileRow.updated_at < cutoffs[status])
                 .values(status="queued", updated_at=now).execution_options(synchronize_session=False))
             if taken.rowcount != 1:
                 continue
@@ -90,3 +102,11 @@ def sweep(settings: Settings, now: datetime | None = None, enqueue: Enqueue | No
         log.info("sweeper: re-queued %s, re-sent %s, failed %s",
                  report.requeued, report.resent, report.failed)
     return report
+
+
+def _in_broker(settings: Settings, pending: PendingBuilds) -> set[str] | None:
+    try:
+        return pending(settings)
+    except Exception as exc:  # noqa: BLE001 - Redis down: nothing can be sent now; the next sweep retries
+        log.warning("sweeper: cannot read the broker's queues: %s", exc)
+        return None

@@ -77,8 +77,8 @@ def build_profile(self: Any, profile_id: str) -> dict[str, Any]:
             raise SteerError(f"this deployment's workers serve model {settings.model!r}, "
                              f"not {claimed.model!r}", "model")
         if sample_hash(claimed.items) != claimed.sample_hash:
-            raise SteerError("the subject's opinions changed after this profile was requested; request the "
-                             "profile again to build it from the current sample", "sample")
+            raise SteerError("the subject's opinions (or its contrast subjects') changed after this profile was "
+                             "requested; request the profile again to build it from the current sample", "sample")
         with heartbeat(settings, profile_id):
             progress(0, 0, "loading model")
             lm = get_model(settings.model)

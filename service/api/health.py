@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,11 @@ def healthz() -> Health:
 def readyz() -> tuple[Ready, int]:
     checks = {"database": _check_database(), "redis": _check_redis(), "model": _check_model()}
     ready = all(c.ok for c in checks.values())
+    # Reported, not gating: one broken profile or a worker being restarted must not take the API out of
+    # service (it still serves what it can).
+    checks["artifacts"] = _check_artifacts()
+    if context.settings().stack_status_file:
+        checks["stack"] = _check_stack(context.settings().stack_status_file)
     return Ready(status="ready" if ready else "not_ready", checks=checks,
                  model=context.settings().model), 200 if ready else 503
 
@@ -50,6 +56,33 @@ def _check_redis() -> ReadyCheck:
     except Exception as exc:
         note_redis_error(context.settings().redis_url)
         return ReadyCheck(ok=False, detail=f"unreachable: {type(exc).__name__}")
+
+
+def _check_stack(path: str) -> ReadyCheck:
+    """What `pluristeer up` reports of the processes it supervises (service.stack.Supervisor)."""
+    try:
+        children = json.loads(Path(path).read_text())["children"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return ReadyCheck(ok=False, detail=f"no status from `pluristeer up`: {type(exc).__name__}")
+    parts = []
+    for name, child in children.items():
+        part = f"{name} {child.get('state')}"
+        if child.get("restarts"):
+            part += f" (restarted {child['restarts']}x, last exit {child.get('last_exit')})"
+        parts.append(part)
+    return ReadyCheck(ok=all(c.get("state") == "running" for c in children.values()), detail="; ".join(parts))
+
+
+def _check_artifacts() -> ReadyCheck:
+    try:
+        with db.session_scope(context.settings()) as session:
+            broken = db.count_broken_artifacts(session)
+    except Exception as exc:
+        return ReadyCheck(ok=False, detail=f"unknown: {type(exc).__name__}")
+    if broken:
+        return ReadyCheck(ok=False, detail=f"{broken} profile(s) failed: their artifact is missing or corrupted "
+                                           "(request them again to rebuild)")
+    return ReadyCheck(ok=True, detail="no profile has a broken artifact")
 
 
 def model_status(name: str) -> dict[str, Any]:

@@ -24,7 +24,8 @@ from service.protocol import (
     SubjectRef,
 )
 from service.settings import Settings
-from steer_core.build import split_sample
+from steer_core.build import check_orders, split_sample
+from steer_core.data import OpinionItem, question_key
 from steer_core.errors import SteerError
 from steer_core.export import control_vector_gguf
 from steer_core.methods import check_positions, get_method
@@ -59,6 +60,8 @@ def check_params(method: str, params: dict[str, Any]) -> dict[str, Any]:
                 or not math.isfinite(strength) or strength < 0:
             raise SteerError("must be a finite number >= 0", "params.strength")
         fixed["strength"] = strength
+    if "orders" in params:
+        fixed["orders"] = check_orders(params.pop("orders"))
     if "positions" in params:
         try:
             fixed["positions"] = check_positions(params.pop("positions"))
@@ -70,6 +73,31 @@ def check_params(method: str, params: dict[str, Any]) -> dict[str, Any]:
         field = exc.field or "params"
         raise SteerError(exc.message, field if field.startswith("params") else f"params.{field}") from None
     return {**own, **fixed}
+
+
+def resolve_contrast(session: db.Session, tenant: int, body: ProfileCreate, subject_id: int,
+                     items: list[OpinionItem]) -> list[dict[str, str]]:
+    """The request's contrast subjects as stored (`{"kind", "id"}`, sorted, each once), checked: they exist,
+    are not the subject, and answered at least one of its questions. Omitted: the other groups that did."""
+    if body.contrast is None:
+        if body.subject.kind != "group":
+            return []
+        return [{"kind": "group", "id": gid} for gid in
+                db.groups_sharing_questions(session, tenant, items, exclude=subject_id)]
+    wanted = {question_key(it) for it in items}
+    refs: dict[tuple[str, str], dict[str, str]] = {}
+    for i, ref in enumerate(body.contrast):
+        field = f"contrast[{i}]"
+        if (ref.kind, ref.id) == (body.subject.kind, body.subject.id):
+            raise ApiError(422, "validation_error", "a subject cannot be its own contrast", field)
+        other = db.get_subject(session, tenant, ref.kind, ref.id)
+        if other is None:
+            raise ApiError(422, "validation_error", f"{ref.kind} {ref.id!r} does not exist", f"{field}.id")
+        if not any(question_key(it) in wanted for it in db.subject_items(session, tenant, ref.kind, other.id)):
+            raise ApiError(422, "validation_error", f"{ref.kind} {ref.id!r} answered none of the subject's "
+                           "questions (same text and options): there is nothing to tell apart", f"{field}.id")
+        refs[(ref.kind, ref.id)] = {"kind": ref.kind, "id": ref.id}
+    return [refs[key] for key in sorted(refs)]
 
 
 def profile_views(session: db.Session, rows: list[db.ProfileRow]) -> list[ProfileOut]:
@@ -110,6 +138,22 @@ def _get(profile_id: str) -> db.ProfileRow:
     return row
 
 
+def message_lost(profile_id: str, settings: Settings) -> bool:
+    """Whether a `queued` profile's build message is missing from the broker (asking again re-sends it).
+    False when the broker cannot say: then nothing could be sent anyway."""
+    from service.queue import pending_builds
+    from service.redis_server import note_redis_error, redis_down
+
+    if redis_down(settings.redis_url):
+        return False
+    try:
+        return profile_id not in pending_builds(settings)
+    except Exception as exc:  # noqa: BLE001 - a down Redis: the sweeper sends it once Redis is back
+        note_redis_error(settings.redis_url)
+        log.warning("cannot read the build queues: %s", exc)
+        return False
+
+
 def request_build(body: ProfileCreate) -> tuple[ProfileOut, int, dict[str, str]]:
     """Request the build of `body` for the request's tenant (the API's POST and the console's form)."""
     tenant = tenant_id()
@@ -121,10 +165,14 @@ def request_build(body: ProfileCreate) -> tuple[ProfileOut, int, dict[str, str]]
                        f"{', '.join(allowed_models(settings))}", "model")
     params = check_params(body.method, body.params)
     subject = find_subject(session, tenant, body.subject.kind, body.subject.id, "subject.id")
-    items = db.subject_items(session, tenant, body.subject.kind, subject.id)
-    if not items:
+    own = db.subject_items(session, tenant, body.subject.kind, subject.id)
+    if not own:
         raise ApiError(422, "validation_error", f"{body.subject.kind} {body.subject.id!r} has no opinion "
                        "items; POST them to .../opinions first", "subject")
+    contrast = resolve_contrast(session, tenant, body, subject.id, own)
+    if contrast:
+        params["contrast"] = contrast
+    items = db.profile_sample(session, tenant, body.subject.kind, subject.id, contrast)
     if not all(k in params for k in SEARCHED):
         try:
             split_sample(items)  # the same rule the build applies, refused now instead of failing later
@@ -134,8 +182,11 @@ def request_build(body: ProfileCreate) -> tuple[ProfileOut, int, dict[str, str]]
 
     row, enqueue = db.request_profile(session, tenant, body.subject.kind, subject.id, body.method, model,
                                       params, sample_hash(items))
+    resend = not enqueue and row.status == "queued" and message_lost(row.id, settings)
+    if resend:
+        row.updated_at = db.utcnow()
     session.commit()  # the worker must see the row before the message arrives
-    if enqueue:
+    if enqueue or resend:
         from service.queue import enqueue_build
 
         try:

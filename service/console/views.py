@@ -66,6 +66,25 @@ def _wants_json() -> bool:
     return request.is_json or request.headers.get("Accept", "").startswith("application/json")
 
 
+# Scripts only from the console's own file; no framing (its buttons delete and stop things).
+_SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+                               "img-src 'self' data:; frame-ancestors 'none'; form-action 'self'",
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+}
+
+
+@bp.after_request
+def _security_headers(response: Response) -> Response:
+    for name, value in _SECURITY_HEADERS.items():
+        response.headers.setdefault(name, value)
+    if response.mimetype == "text/html":
+        response.headers["Cache-Control"] = "no-store"  # pages hold tenant data and the CSRF token
+    return response
+
+
 @bp.context_processor
 def _globals() -> dict[str, Any]:
     return {"csrf_token": g.get("console_csrf"), "csrf_field": sessions.CSRF_FIELD, "fmt": _fmt,
@@ -106,6 +125,7 @@ def login() -> Any:
                            "the page", "csrf_token")
         key = active_key(context.session(), request.form.get("api_key", "").strip())
         if key is not None:
+            sessions.close_session(request.cookies.get(sessions.SESSION_COOKIE))  # one session per sign-in
             token, _ = sessions.open_session(key)
             context.session().commit()
             response = redirect(_safe_next(request.form.get("next")))
@@ -160,9 +180,26 @@ def profile_list() -> str:
 @bp.get("/profiles/<profile_id>")
 @sessions.signed_in
 def profile_page(profile_id: str) -> str:
-    view = profiles.profile_views(context.session(), [_profile_row(profile_id)])[0]
+    row = _profile_row(profile_id)
+    view = profiles.profile_views(context.session(), [row])[0]
     return render_template("console/profile.html", p=view, label=_progress_label(view), final=FINAL_STATUSES,
-                           tables=_metric_tables(view.metrics or {}), facts=_metric_facts(view.metrics or {}))
+                           tables=_metric_tables(view.metrics or {}), facts=_metric_facts(view.metrics or {}),
+                           calibration=_calibration(row))
+
+
+def _calibration(row: db.ProfileRow) -> str | None:
+    """The output calibration the profile carries (read from its artifact through the profile cache)."""
+    if row.status != "ready" or row.artifact_sha256 is None:
+        return None
+    from service.artifacts import ArtifactError
+
+    try:
+        calibration = context.profile_cache().load(row.artifact_sha256).calibration
+    except ArtifactError as exc:
+        return f"unavailable: {exc}"
+    if calibration.is_identity:
+        return "none (the identity)"
+    return ", ".join(f"{k} {_fmt(float(v))}" for k, v in calibration.to_json().items())
 
 
 @bp.get("/profiles/<profile_id>/status")
@@ -170,6 +207,17 @@ def profile_page(profile_id: str) -> str:
 def profile_status(profile_id: str) -> Response:
     view = profiles.profile_views(context.session(), [_profile_row(profile_id)])[0]
     return jsonify({"status": view.status, "label": _progress_label(view), "final": view.status in FINAL_STATUSES})
+
+
+@bp.get("/profiles/statuses")
+@sessions.signed_in
+def profile_statuses() -> Response:
+    """The status of each profile named in `ids` (comma-separated; the list page polls them in one request)."""
+    ids = [i for i in request.args.get("ids", "").split(",") if i][:PROFILES_SHOWN]
+    session = context.session()
+    rows = [r for r in (db.get_profile(session, tenant_id(), i) for i in ids) if r is not None]
+    return jsonify({v.id: {"status": v.status, "label": _progress_label(v), "final": v.status in FINAL_STATUSES}
+                    for v in profiles.profile_views(session, rows)})
 
 
 @bp.get("/profiles/<profile_id>/download")

@@ -189,9 +189,9 @@ def test_corrupted_artifact_is_reported_unavailable(client, auth, settings):
     path.write_bytes(bytes(raw))
     r = client.get(f"/v1/profiles/{pid}/artifact", headers=auth)
     assert r.status_code == 409 and r.json["error"]["type"] == "profile_unavailable"
-    path.unlink()
+    # The profile is failed from then on (test_broken_artifacts.py: the reason, /readyz, the rebuild).
     r = client.get(f"/v1/profiles/{pid}/artifact", headers=auth)
-    assert r.status_code == 409 and r.json["error"]["type"] == "profile_unavailable"
+    assert r.status_code == 409 and r.json["error"]["type"] == "profile_not_ready"
 
 
 def test_delete_removes_row_cache_and_unshared_file(client, auth, other_auth, settings, app, redis_url):

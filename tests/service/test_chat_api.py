@@ -261,7 +261,7 @@ def test_profiles_that_cannot_steer_are_refused(chat_client, auth, chat_settings
     ({"n": 2}, 422, "n"),
     ({"stop": ["a", "b", "c", "d", "e"]}, 422, "stop"),
     ({"model": "gpt-4"}, 422, "model"),
-    ({"logit_bias": {}}, 422, "logit_bias"),
+    ({"logit_bias": {"42": -100}}, 422, "logit_bias"),
     ({"steering": {"profiles": [{"id": "a"}] * 4}}, 422, "steering.profiles"),
     ({"steering": {"profiles": [{"id": "a", "weight": "1"}]}}, 422, "steering.profiles[0].weight"),
     ({"steering": {"positions": "middle"}}, 422, "steering.positions"),

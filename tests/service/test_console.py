@@ -46,7 +46,10 @@ def test_sign_in_sets_a_strict_httponly_session_cookie(client, tenant_key):
     cookie = next(h for h in r.headers.getlist("Set-Cookie") if h.startswith(sessions.SESSION_COOKIE + "="))
     assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and "Path=/console" in cookie
     assert tenant_key not in cookie  # the key never leaves the server again
-    assert client.get("/console/profiles").status_code == 200
+    page = client.get("/console/profiles")
+    assert page.status_code == 200
+    assert "frame-ancestors 'none'" in page.headers["Content-Security-Policy"]
+    assert page.headers["Cache-Control"] == "no-store"
 
 
 def test_wrong_key_and_forged_sign_in_are_refused(client, tenant_key):
@@ -86,7 +89,15 @@ def test_sign_out_and_revoked_keys_end_the_session(client, tenant_key, settings)
     client.set_cookie(sessions.SESSION_COOKIE, token, path="/console")
     assert client.get("/console/profiles").status_code == 302
 
+    # Signing in again replaces the session: the earlier cookie opens nothing.
     sign_in(client, tenant_key)
+    earlier = client.get_cookie(sessions.SESSION_COOKIE, path="/console").value
+    sign_in(client, tenant_key)
+    current = client.get_cookie(sessions.SESSION_COOKIE, path="/console").value
+    client.set_cookie(sessions.SESSION_COOKIE, earlier, path="/console")
+    assert client.get("/console/profiles").status_code == 302
+    client.set_cookie(sessions.SESSION_COOKIE, current, path="/console")
+    assert client.get("/console/profiles").status_code == 200
     from service.auth import revoke_key
 
     with db.session_scope(settings) as session:
@@ -110,6 +121,7 @@ def test_another_tenants_pages_are_not_found(client, auth, other_auth, tenant_ke
     exp = client.post("/v1/experiments", headers=auth, json={
         "name": "a/b", "variants": [{"name": "control"}, {"name": "urban", "profiles": [{"id": profile_id}]}]}).json
     sign_in(client, other_tenant_key)
+    assert client.get(f"/console/profiles/statuses?ids={profile_id}").json == {}
     pages = [f"/console/profiles/{profile_id}", f"/console/profiles/{profile_id}/status",
              f"/console/profiles/{profile_id}/download", "/console/subjects/group/urban",
              f"/console/experiments/{exp['id']}", f"/console/experiments/{exp['id']}/results.png"]
@@ -149,6 +161,10 @@ def test_upload_build_and_experiment_forms_use_the_api_functions(client, auth, t
     profile_id = r.headers["Location"].rsplit("/", 1)[1]
     built = client.get(f"/v1/profiles/{profile_id}", headers=auth).json
     assert built["status"] == "queued" and built["params"]["layer"] == 3 and built["params"]["strength"] == 1.5
+    listed = client.get("/console/profiles").text
+    assert f'data-profile-id="{profile_id}"' in listed  # the list follows it until it is final
+    assert client.get(f"/console/profiles/statuses?ids={profile_id},nope").json == {
+        profile_id: {"status": "queued", "label": "queued", "final": False}}
     r = client.post("/console/subjects/group/urban/build", data={"csrf_token": csrf, "method": "nope"})
     assert r.status_code == 422 and "unknown method" in r.text
 
@@ -172,13 +188,24 @@ def test_upload_build_and_experiment_forms_use_the_api_functions(client, auth, t
     page = client.get(f"/console/experiments/{exp_id}")
     assert page.status_code == 200 and "too little feedback" in page.text
     assert client.get(f"/console/experiments/{exp_id}/results.png").data[:8] == b"\x89PNG\r\n\x1a\n"
+    # Asking for the offline comparison queues it for a worker; the page follows it until it is stored.
+    page = client.get(f"/console/experiments/{exp_id}?offline=1")
+    assert page.status_code == 200 and "(queued)" in page.text and "data-reload" in page.text
 
 
 def test_the_profile_page_shows_whatever_the_build_recorded(client, auth, tenant_key, settings):
     """Baselines and gains with standard errors, in whatever entries the build wrote."""
+    import torch
+
+    from steer_core.calibration import Calibration
+    from steer_core.profile import Profile
+
     make_group(client, auth, "urban", n=6)
     profile_id = request_profile(client, auth, "urban", params={"layer": 3, "strength": 1.0}).json["id"]
-    mark_ready(settings, profile_id)
+    profile = Profile(method="diffmean", model_name=settings.model, model_fingerprint="test", layer=3,
+                      positions="prompt", strength=1.0, tensors={"vector": torch.ones(8)},
+                      calibration=Calibration(temperature=1.5, lean=-0.25))
+    mark_ready(settings, profile_id, profile.to_bytes())
     with db.session_scope(settings) as session:
         db.profile_by_id(session, profile_id).metrics = {
             "evaluation": "cross-validated", "folds": 3,
@@ -188,6 +215,7 @@ def test_the_profile_page_shows_whatever_the_build_recorded(client, auth, tenant
             "search": [{"layer": 3, "strength": 1.0, "alignment": 0.78}]}
     sign_in(client, tenant_key)
     page = client.get(f"/console/profiles/{profile_id}").text
+    assert '<dd id="calibration">temperature 1.500, lean -0.250</dd>' in page
     metrics = page[page.index('id="metrics"'):]
     for text in ("cross-validated", "0.710", "0.780", "0.400", "baselines", "uniform", "0.640", "calibrated",
                  "0.750", "alignment: 0.031 ± 0.012", "search (1 settings)"):

@@ -105,9 +105,12 @@ def shot(driver, folder: Path, name: str) -> None:
 
 
 def wait(driver, condition, timeout: float = 30):
+    """Poll `condition` until truthy; an element replaced by a page reload meanwhile is just polled again."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(driver, timeout, poll_frequency=0.2).until(condition)
+    ignored = (NoSuchElementException, StaleElementReferenceException)
+    return WebDriverWait(driver, timeout, poll_frequency=0.2, ignored_exceptions=ignored).until(condition)
 
 
 def css(driver, selector: str):
@@ -253,6 +256,8 @@ def test_playground_streams_both_answers_side_by_side(browser, stack, tenant, sc
     bars = {side: [float(e.text) for e in browser.find_elements("css selector", f"#bars-{side} .bar-value")]
             for side in ("unsteered", "steered")}
     print("playground bars:", bars)
+    # The steered side is really steered: the profile moves the answer distribution.
+    assert max(abs(a - b) for a, b in zip(bars["unsteered"], bars["steered"], strict=True)) > 0.005, bars
 
 
 def test_another_tenant_gets_404_and_csrf_less_posts_are_refused(browser, stack, tenant, screenshots):

@@ -6,12 +6,13 @@ from __future__ import annotations
 import os
 import signal
 from dataclasses import replace
+from hashlib import sha256
 
 import pytest
 from runtime import wait_for
 from worker_helpers import SMALL_ITEMS, attempts, get_profile, make_group, new_auth, request_build, stack_client
 
-from service import context, db
+from service import context
 from service.api.chat import stop_engine
 from service.artifacts import REDIS_PREFIX, ArtifactCorrupted
 from service.redis_server import _free_port, client_for
@@ -112,7 +113,8 @@ def test_redis_flushed_or_down_still_serves_profiles(worker_settings, running_wo
     assert r.status_code == 200 and r.headers["X-Artifact-SHA256"] == sha  # the rate limit lets it through
 
 
-def test_a_corrupted_artifact_is_reported_unavailable_not_applied(worker_settings, running_worker, ready_profile):
+def test_a_corrupted_artifact_fails_its_profile_and_a_rebuild_in_place_repairs_it(worker_settings, running_worker,
+                                                                                   ready_profile):
     auth, profile = ready_profile
     sha = profile["artifact"]["sha256"]
     app, client = stack_client(worker_settings)
@@ -125,24 +127,29 @@ def test_a_corrupted_artifact_is_reported_unavailable_not_applied(worker_setting
         damaged[-2] ^= 0xFF
         path.write_bytes(bytes(damaged))
         client_for(worker_settings.redis_url).delete(REDIS_PREFIX + sha)  # no good copy anywhere but memory
-        r = client.get(f"/v1/profiles/{profile['id']}/artifact", headers=auth)
-        assert r.status_code == 409, r.json
-        assert r.json["error"]["type"] == "profile_unavailable" and r.json["error"]["field"] == "artifact"
-        with app.app_context(), pytest.raises(ArtifactCorrupted):
-            context.profile_cache().load(sha)
         # Generation refuses to apply it: the request fails naming the profile, it is not run unsteered.
         r = client.post("/v1/score", json=score_body, headers=auth)
         assert r.status_code == 409, r.json
         assert r.json["error"]["type"] == "profile_unavailable" and profile["id"] in r.json["error"]["message"]
-        # The row still says ready; what is broken is its file, and nothing served it.
-        with db.session_scope(worker_settings) as session:
-            assert db.profile_by_id(session, profile["id"]).status == "ready"
-        path.write_bytes(original)
-        assert client.get(f"/v1/profiles/{profile['id']}/artifact", headers=auth).status_code == 200
+        with app.app_context(), pytest.raises(ArtifactCorrupted):
+            context.profile_cache().load(sha)
+        # The profile is failed with the reason, and readiness reports it.
+        failed = get_profile(client, auth, profile["id"])
+        assert failed["status"] == "failed" and "corrupted" in failed["error"], failed
+        assert not client.get("/readyz").json["checks"]["artifacts"]["ok"]
+        assert client.get(f"/v1/profiles/{profile['id']}/artifact", headers=auth).status_code == 409
+
+        # Asking for the same profile again rebuilds it in place: same id, next version, a good file.
+        again = request_build(client, auth, "g-ready")
+        assert again["id"] == profile["id"] and again["version"] == profile["version"] + 1
+        rebuilt = wait_for(ready(client, auth, profile["id"], running_worker), 300, 0.25, "the rebuilt profile")
+        r = client.get(f"/v1/profiles/{profile['id']}/artifact", headers=auth)
+        assert r.status_code == 200 and r.headers["X-Artifact-SHA256"] == rebuilt["artifact"]["sha256"]
         r = client.post("/v1/score", json=score_body, headers=auth)  # repaired: applied again
         assert r.status_code == 200, r.json
         assert [p["id"] for p in r.json["steering"]["profiles"]] == [profile["id"]]
+        assert client.get("/readyz").json["checks"]["artifacts"]["ok"]
     finally:
-        path.write_bytes(original)
+        if sha256(path.read_bytes()).hexdigest() != sha:
+            path.write_bytes(original)
         stop_engine(app)
-

@@ -74,6 +74,29 @@ def test_up_runs_the_stack_and_sigint_stops_everything(tmp_path, default_model_p
         names = " ".join(" ".join(p.cmdline()) for p in started)
         assert "redis-server" in names and "gunicorn" in names and "worker" in names, names
 
+        # Supervision: a worker or Redis killed with SIGKILL is started again, /readyz says so, and the API
+        # keeps answering meanwhile.
+        direct = psutil.Process(proc.pid).children()
+        for name, match in (("build worker", "service.cli worker"), ("redis", "redis-server")):
+            victim = next(p for p in direct if match in " ".join(p.cmdline()))
+            victim.kill()
+            victim.wait(timeout=30)
+            assert http_get(f"{url}/v1/profiles", saved["key"])[0] == 200
+
+            def restarted(name=name):
+                check = http_get(f"{url}/readyz")[1]["checks"]
+                return check["stack"]["ok"] and check["redis"]["ok"] and f"{name} running (restarted 1x" in \
+                    check["stack"]["detail"]
+
+            deadline = time.monotonic() + 60
+            while not restarted():
+                assert time.monotonic() < deadline, http_get(f"{url}/readyz")
+                time.sleep(0.5)
+            direct = psutil.Process(proc.pid).children()
+            assert any(match in " ".join(p.cmdline()) for p in direct) and proc.poll() is None
+        assert any("restarting it in" in line for line in lines)
+        started = psutil.Process(proc.pid).children(recursive=True)
+
         proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
         assert proc.wait(timeout=90) == 0, "".join(lines)[-3000:]
         gone, alive = psutil.wait_procs(started, timeout=30)

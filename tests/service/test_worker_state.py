@@ -152,3 +152,41 @@ def test_gpu_methods_go_to_the_gpu_queue_only_while_a_gpu_worker_listens(state_s
     finally:
         METHODS.pop("test-gpu-method", None)
         client.close()
+
+
+def test_sweeper_resends_a_lost_queued_message_within_a_minute_and_leaves_a_waiting_one(state_settings):
+    from service.queue import RESEND_QUEUED_AFTER_S, enqueue_build, pending_builds
+    from worker.sweeper import sweep_interval
+
+    lost = new_profile(state_settings)
+    items = [make_item(f"Tea {i}?", ["Yes", "No"], target=[0.4, 0.6], id=f"t{i}") for i in range(6)]
+    waiting, _ = requested_group_profile(state_settings, "tenant-w2", "g2", items, {"layer": 2, "strength": 1.0})
+    enqueue_build(waiting, "diffmean", state_settings)
+    assert pending_builds(state_settings) >= {waiting} and lost not in pending_builds(state_settings)
+    assert RESEND_QUEUED_AFTER_S + sweep_interval(replace(state_settings, build_stale_after=1800)) <= 60
+    soon = db.utcnow() + timedelta(seconds=RESEND_QUEUED_AFTER_S + 1)
+    report = sweep(state_settings, now=soon)
+    assert report.resent == [lost]  # the waiting one keeps its single message
+    assert queue_depths(state_settings)["cpu"] == 2 and pending_builds(state_settings) >= {lost, waiting}
+    assert sweep(state_settings, now=soon + timedelta(seconds=RESEND_QUEUED_AFTER_S + 1)).resent == []
+
+
+def test_asking_again_for_a_stuck_queued_profile_sends_it_again(state_settings):
+    from api_helpers import make_group, request_profile
+
+    from service import create_app
+    from service.auth import create_key
+    from service.redis_server import client_for
+
+    client = create_app({"SETTINGS": state_settings, "TESTING": True}).test_client()
+    with db.session_scope(state_settings) as session:
+        auth = {"Authorization": f"Bearer {create_key(session, 'tenant-q')}"}
+    make_group(client, auth, "g", 6)
+    first = request_profile(client, auth, "g")
+    assert first.status_code == 202 and queue_depths(state_settings)["cpu"] == 1
+    assert request_profile(client, auth, "g").json["id"] == first.json["id"]
+    assert queue_depths(state_settings)["cpu"] == 1  # its message is waiting: not sent twice
+    client_for(state_settings.redis_url).flushdb()  # the message is lost; the row still says queued
+    again = request_profile(client, auth, "g")
+    assert again.json["id"] == first.json["id"] and again.json["status"] == "queued"
+    assert queue_depths(state_settings)["cpu"] == 1  # sent again

@@ -40,6 +40,30 @@ function pollStatus(el) {
   setTimeout(tick, 1000);
 }
 
+// The profile list asks for all its unfinished profiles in one request, and reloads when one finishes.
+function pollStatuses(table) {
+  const cells = Array.from(table.querySelectorAll("[data-profile-id]"));
+  if (!cells.length) return;
+  const url = table.dataset.statuses + "?ids=" + cells.map((c) => c.dataset.profileId).join(",");
+  const tick = async () => {
+    try {
+      const response = await fetch(url, {credentials: "same-origin", headers: {"Accept": "application/json"}});
+      if (response.ok) {
+        const states = await response.json();
+        for (const cell of cells) {
+          const state = states[cell.dataset.profileId];
+          if (!state) continue;
+          cell.textContent = state.label;
+          cell.className = "status " + state.status;
+          if (state.final) { location.reload(); return; }
+        }
+      }
+    } catch (e) { /* the next tick retries */ }
+    setTimeout(tick, 2000);
+  };
+  setTimeout(tick, 2000);
+}
+
 function refreshImage(img) {
   const base = img.src.split("?")[0];
   setInterval(() => { img.src = base + "?t=" + Date.now(); }, Number(img.dataset.refresh));
@@ -141,7 +165,12 @@ async function scoreQuestion(form, playground) {
 
 document.addEventListener("DOMContentLoaded", () => {
   document.querySelectorAll("[data-poll]").forEach(pollStatus);
+  document.querySelectorAll("table[data-statuses]").forEach(pollStatuses);
   document.querySelectorAll("img[data-refresh]").forEach(refreshImage);
+  document.querySelectorAll("[data-reload]").forEach((el) => setTimeout(() => location.reload(), Number(el.dataset.reload)));
+  document.querySelectorAll("form[data-confirm]").forEach((form) => {
+    form.addEventListener("submit", (event) => { if (!confirm(form.dataset.confirm)) event.preventDefault(); });
+  });
   const playground = document.getElementById("playground");
   if (playground) {
     playground.querySelectorAll('input[type="range"]').forEach((input) => {
