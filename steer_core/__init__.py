@@ -1,4 +1,4 @@
-"""steer_core: steering profiles for causal LMs (DiffMean, COLD-Steer, ODESteer), as a plain library.
+"""steer_core: steering profiles for causal LMs (DiffMean, COLD-Steer, ODESteer, LoRA), as a plain library.
 
 The public names below load on first use (torch and transformers take seconds to import), so a program
 that needs only `steer_core.errors` or `steer_core.data` starts fast.

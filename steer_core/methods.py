@@ -80,4 +80,4 @@ def no_params(params: dict[str, Any]) -> dict[str, Any]:
 
 # The built-in methods register themselves on import. Importing them here means every user of the registry
 # sees all of them, whichever steer_core module it imported first.
-from steer_core import cold_fd, cold_kernel, diffmean, odesteer  # noqa: E402, F401, I001
+from steer_core import cold_fd, cold_kernel, diffmean, lora, odesteer  # noqa: E402, F401, I001

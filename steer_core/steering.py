@@ -16,6 +16,10 @@ Positions (per intervention):
 They are defined on absolute positions, so generation with and without the KV cache steers the same
 tokens.
 
+Low-rank adapters (`LowRankDelta`, LoRA profiles) change module outputs inside the blocks instead:
+`LowRankRows` adds each row's own ``(x A_i^T) B_i^T`` to every adapted Linear's output at every position,
+gathered per row in one batched product per module (rows without an adapter get zero factors).
+
 Note: transformers' `output_hidden_states` records block outputs before forward hooks change them; to
 see the steered residual stream, read the input of block `L + 1`.
 """
@@ -133,6 +137,99 @@ class Scaled:
         return cls(layer=first.layer, positions=first.positions, parts=tuple(weighted))
 
 
+@runtime_checkable
+class LowRankDelta(Protocol):
+    """An intervention that adds ``(x A^T) B^T`` to the output of Linear modules (a LoRA adapter) at every
+    position, rather than a displacement at a block's output. `layer` is the first block it changes."""
+
+    layer: int
+    positions: str
+
+    def low_rank(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """Module path -> (A (r, in), B (out, r)) with every scale folded into B."""
+        ...
+
+
+class LowRankRows:
+    """Forward hooks on the Linear modules that some row's low-rank deltas adapt: each adds, for every row,
+    ``(x_i A_i^T) B_i^T`` with that row's factors (a row's several deltas concatenated along the rank,
+    padded with zeros to the batch's largest rank) in two batched matmuls per module and call.
+
+    `active` is cleared while other interventions run their own passes through the blocks (COLD-FD's extra
+    pass), so those passes see the base weights whatever the batch holds."""
+
+    def __init__(self, lm: LanguageModel) -> None:
+        self.lm = lm
+        self.modules = dict(lm.model.named_modules())
+        self.active = True
+        self.first_block: dict[int, int] = {}  # batch row -> first block its deltas change
+        self._tables: dict[str, tuple[Tensor | None, Tensor, Tensor]] = {}
+        self._handles: dict[str, torch.utils.hooks.RemovableHandle] = {}
+        self._batch = 0
+
+    def plan(self, rows: Sequence[Sequence[LowRankDelta]]) -> None:
+        per_module: dict[str, dict[int, tuple[list[Tensor], list[Tensor]]]] = {}
+        self.first_block = {}
+        for i, row in enumerate(rows):
+            for iv in row:
+                self.first_block[i] = min(self.first_block.get(i, iv.layer), iv.layer)
+                for path, (a, b) in iv.low_rank().items():
+                    parts = per_module.setdefault(path, {}).setdefault(i, ([], []))
+                    parts[0].append(a)
+                    parts[1].append(b)
+        self._batch = len(rows)
+        tables: dict[str, tuple[Tensor | None, Tensor, Tensor]] = {}
+        for path, by_row in per_module.items():
+            module = self.modules.get(path)
+            if module is None:
+                raise SteerError(f"the model has no module {path!r} to adapt", "profile")
+            weight = module.weight
+            order = sorted(by_row)
+            a_rows = [torch.cat(by_row[i][0]) for i in order]
+            b_rows = [torch.cat(by_row[i][1], dim=1) for i in order]
+            rank = max(a.shape[0] for a in a_rows)
+            # (n, in, R) and (n, R, out): the transposes a batched x @ A^T @ B^T wants, zero-padded ranks.
+            a_t = torch.zeros(len(order), a_rows[0].shape[1], rank, dtype=weight.dtype, device=weight.device)
+            b_t = torch.zeros(len(order), rank, b_rows[0].shape[0], dtype=weight.dtype, device=weight.device)
+            for k, (a, b) in enumerate(zip(a_rows, b_rows, strict=True)):
+                a_t[k, :, :a.shape[0]] = a.T.to(a_t)
+                b_t[k, :b.shape[1], :] = b.T.to(b_t)
+            index = None if order == list(range(len(rows))) else torch.tensor(order, device=weight.device)
+            tables[path] = (index, a_t, b_t)
+        for path in [p for p in self._handles if p not in tables]:
+            self._handles.pop(path).remove()
+        for path in tables:
+            if path not in self._handles:
+                self._handles[path] = self.modules[path].register_forward_hook(self._make_hook(path))
+        self._tables = tables
+
+    def _make_hook(self, path: str):  # noqa: ANN202 - a torch hook
+        def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
+            table = self._tables.get(path)
+            if not self.active or table is None:
+                return None
+            index, a_t, b_t = table
+            x = args[0]
+            if x.shape[0] != self._batch:
+                raise RuntimeError(f"low-rank deltas planned for {self._batch} rows, batch has {x.shape[0]}")
+            flat = x.reshape(x.shape[0], -1, x.shape[-1])
+            if index is None:
+                delta = torch.bmm(torch.bmm(flat.to(a_t.dtype), a_t), b_t)
+                return output + delta.view(output.shape).to(output.dtype)
+            delta = torch.bmm(torch.bmm(flat[index].to(a_t.dtype), a_t), b_t)
+            out = output.clone()
+            out.view(x.shape[0], -1, out.shape[-1]).index_add_(0, index, delta.to(out.dtype))
+            return out
+
+        return hook
+
+    def remove(self) -> None:
+        for handle in self._handles.values():
+            handle.remove()
+        self._handles.clear()
+        self._tables = {}
+
+
 RowSteering = list[Intervention]
 
 
@@ -185,6 +282,7 @@ class SteeringHooks:
         self._constants: dict[int, list[tuple[str, Tensor]]] = {}
         # positions -> this forward call's (B, T) steered-position mask, None when it steers nothing
         self._masks: dict[str, Tensor | None] = {}
+        self._low_rank: LowRankRows | None = None
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._owner = threading.get_ident()
         with self._attach_lock:
@@ -214,8 +312,12 @@ class SteeringHooks:
         self._prompt_length = prompt_length
         plans: dict[int, dict[int, tuple[Intervention, list[int]]]] = {}
         constants: dict[tuple[int, str], Tensor] = {}
+        low_rank: list[list[LowRankDelta]] = [[] for _ in self._rows]
         for i, row in enumerate(self._rows):
             for iv in row:
+                if isinstance(iv, LowRankDelta):
+                    low_rank[i].append(iv)
+                    continue
                 if type(iv) is ConstantShift:  # exact type: a subclass may override displacement
                     table = constants.get((iv.layer, iv.positions))
                     if table is None:
@@ -229,6 +331,13 @@ class SteeringHooks:
         self._constants = {}
         for (layer, positions), table in constants.items():
             self._constants.setdefault(layer, []).append((positions, table.to(self.lm.device)))
+        if any(low_rank):
+            if self._low_rank is None:
+                self._low_rank = LowRankRows(self.lm)
+            self._low_rank.plan(low_rank)
+        elif self._low_rank is not None:
+            self._low_rank.remove()
+            self._low_rank = None
 
     def plan_every_row(self, row: RowSteering, prompt_length: int | None = None) -> None:
         """Steer every row of whatever batch comes next with the same `row`."""
@@ -269,6 +378,10 @@ class SteeringHooks:
                                   attention_mask=kwargs.get("attention_mask"),
                                   model_kwargs={k: v for k, v in kwargs.items() if k != "input_ids"})
         self._masks = {}
+        if self._low_rank is not None:
+            self._low_rank.active = True
+            for row, block in self._low_rank.first_block.items():
+                self._mark(block, torch.tensor([row]))
 
     def _capture_block0(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self.ctx.block0_args = args
@@ -295,6 +408,8 @@ class SteeringHooks:
                     shift = table.to(hidden.dtype).unsqueeze(1) * mask.unsqueeze(-1).to(hidden.dtype)
                     steered = steered + shift
                     self._mark(layer, table.abs().sum(dim=-1).nonzero().flatten())
+            if self._low_rank is not None:
+                self._low_rank.active = False  # passes the displacements run see the base weights
             for iv, rows in plan or ():
                 rows = rows.to(hidden.device)
                 full = self._mask(iv.positions, hidden.shape[0], hidden.device)
@@ -316,6 +431,8 @@ class SteeringHooks:
                     steered = hidden.clone()
                 steered.index_add_(0, rows, delta)
                 self._mark(layer, rows)
+            if self._low_rank is not None:
+                self._low_rank.active = True
             if steered is hidden:
                 return None
             return (steered, *output[1:]) if isinstance(output, tuple) else steered
@@ -331,6 +448,9 @@ class SteeringHooks:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        if self._low_rank is not None:
+            self._low_rank.remove()
+            self._low_rank = None
         with self._attach_lock:
             if self._attached.get(id(self.lm.model)) is self:
                 del self._attached[id(self.lm.model)]

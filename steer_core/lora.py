@@ -1,0 +1,440 @@
+"""LoRA profiles: a peft LoRA adapter trained on the sample, served per row as a low-rank delta.
+
+The adapter is a peft `LoraConfig` on the model's attention projections (peft's own default targets for
+the model type; every Linear of a block for types peft does not know) in blocks ``layer..n-1``, trained
+with the loss module COLD-Steer uses (`steer_core.losses`: ``ce`` to the target distribution, ``dpo``,
+``sft``), full batch with Adam, from a seeded initialization: the same sample gives the same adapter.
+
+Strength: the adapter's delta is multiplied by the strength (1 = as trained). The held-out search scores
+a small grid of strengths, which stands in for a grid of training lengths (a shorter run's delta is
+close to a scaled-down longer one) at no extra training. Positions: ``all`` only (an adapter changes
+every token's computation, prompt and generated alike).
+
+Storage: the profile's tensors are peft's on-disk state dict (``base_model.model.<module>.lora_A.weight``
+(r, in) and ``...lora_B.weight`` (out, r)) and its params hold the ``adapter_config.json`` content, so the
+artifact is a peft adapter (`peft_files` writes the folder). Serving never merges weights: the steering
+hooks add ``s_i * (x A_i^T) B_i^T`` to each adapted module's output for the rows that carry an adapter
+(`steer_core.steering.LowRankRows`), so rows with different adapters, steering profiles, blends and
+none share one batch.
+
+Training injects peft's LoRA layers into the model for the duration of the fit and takes them out
+again (the caller owns the model: a build runs on a worker, never beside a serving engine).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
+
+from steer_core.cold import block_of
+from steer_core.data import OpinionItem
+from steer_core.errors import SteerError
+from steer_core.losses import check_loss, item_losses
+from steer_core.methods import Method, register
+from steer_core.models import LanguageModel
+from steer_core.profile import Profile
+from steer_core.prompts import encode_items
+
+DEFAULT_RANK = 4
+MAX_RANK = 64
+DEFAULT_STEPS = 12
+MAX_STEPS = 500
+DEFAULT_LR = 1e-2
+TRAIN_BATCH = 20
+# The delta as trained times these: the held-out search's stand-in for shorter and longer training.
+STRENGTHS = [0.5, 1.0, 1.5]
+ADAPTER_NAME = "pluristeer"
+PEFT_PREFIX = "base_model.model."
+
+
+# ---------------------------------------------------------------------------------------------- targets
+
+def _linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear | Conv1D)
+
+
+def target_names(lm: LanguageModel) -> list[str]:
+    """Leaf names of the modules an adapter targets: peft's default for this model type, else every Linear
+    of a decoder block."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
+
+    block = lm.blocks[0]
+    linear = {name.rsplit(".", 1)[-1] for name, m in block.named_modules() if name and _linear(m)}
+    known = DEFAULTS.get(getattr(lm.model.config, "model_type", ""), [])
+    chosen = [n for n in known if n in linear]
+    return chosen or sorted(linear)
+
+
+def target_modules(lm: LanguageModel, layer: int, names: Sequence[str]) -> dict[str, nn.Module]:
+    """Module path -> module of every Linear named in `names` in blocks ``layer..n-1``."""
+    out: dict[str, nn.Module] = {}
+    for j in range(layer, lm.num_layers):
+        for name, module in lm.blocks[j].named_modules():
+            if name and _linear(module) and name.rsplit(".", 1)[-1] in names:
+                out[f"{lm.block_path}.{j}.{name}"] = module
+    return out
+
+
+def lora_config(lm: LanguageModel, layer: int, rank: int, alpha: float, names: Sequence[str]) -> Any:
+    """The peft `LoraConfig` of an adapter on `names` in blocks ``layer..n-1``."""
+    from peft import LoraConfig
+
+    extra: dict[str, Any] = {}
+    if layer > 0:
+        extra = {"layers_to_transform": list(range(layer, lm.num_layers)),
+                 "layers_pattern": lm.block_path.rsplit(".", 1)[-1]}
+    fan_in_fan_out = any(isinstance(m, Conv1D) for m in target_modules(lm, layer, names).values())
+    return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(names), bias="none",
+                      task_type="CAUSAL_LM", fan_in_fan_out=fan_in_fan_out, base_model_name_or_path=lm.name,
+                      inference_mode=True, **extra)
+
+
+def config_dict(config: Any) -> dict[str, Any]:
+    """`adapter_config.json`'s content (what `LoraConfig.save_pretrained` writes)."""
+    out = config.to_dict()
+    for key, value in out.items():
+        if isinstance(value, set):
+            out[key] = sorted(value)
+    return json.loads(json.dumps(out, default=str))
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+def _inject(lm: LanguageModel, config: Any) -> list[tuple[nn.Module, str, nn.Module]]:
+    """peft's LoRA layers in place of the targeted modules; returns (parent, name, original) to restore."""
+    from peft import inject_adapter_in_model
+    from peft.tuners.lora import LoraLayer
+
+    inject_adapter_in_model(config, lm.model, adapter_name=ADAPTER_NAME)
+    swapped = []
+    for path, module in list(lm.model.named_modules()):
+        if isinstance(module, LoraLayer):
+            parent_path, _, name = path.rpartition(".")
+            swapped.append((lm.model.get_submodule(parent_path), name, module))
+    return swapped
+
+
+def _remove(lm: LanguageModel, swapped: list[tuple[nn.Module, str, nn.Module]]) -> None:
+    for parent, name, layer in swapped:
+        setattr(parent, name, layer.get_base_layer())
+    lm.model.__dict__.pop("peft_config", None)  # inject_adapter_in_model leaves its config on the model
+
+
+def train_adapter(lm: LanguageModel, items: Sequence[OpinionItem], layer: int, params: dict[str, Any],
+                  seed: int = 0) -> tuple[dict[str, Tensor], dict[str, Any], list[float]]:
+    """Train one adapter on `items`; returns (peft state dict, adapter config dict, loss per step).
+
+    The model is unchanged afterwards (its modules and their `requires_grad` flags restored)."""
+    names = params["target_modules"] or target_names(lm)
+    config = lora_config(lm, layer, params["rank"], params["alpha"], names)
+    all_params = list(lm.model.parameters())
+    saved = [p.requires_grad for p in all_params]
+    with torch.random.fork_rng(devices=[]):  # peft initializes lora_A from the global generator
+        torch.manual_seed(seed)
+        swapped = _inject(lm, config)
+    try:
+        for p in all_params:
+            p.requires_grad_(False)
+        trainable = []
+        for _, _, wrapped in swapped:
+            for p in (wrapped.lora_A[ADAPTER_NAME].weight, wrapped.lora_B[ADAPTER_NAME].weight):
+                p.data = p.data.to(device=lm.device, dtype=torch.float32)
+                p.requires_grad_(True)
+                trainable.append(p)
+        optimizer = torch.optim.Adam(trainable, lr=params["lr"])
+        chunks = [items[i:i + TRAIN_BATCH] for i in range(0, len(items), TRAIN_BATCH)]
+        inputs = [block_inputs(lm, encode_items(lm, chunk), layer) for chunk in chunks]
+        losses: list[float] = []
+        with torch.enable_grad():
+            for _ in range(params["steps"]):
+                optimizer.zero_grad(set_to_none=True)
+                total = 0.0
+                for chunk, (args, kwargs) in zip(chunks, inputs, strict=True):
+                    logits = last_logits_from(lm, layer, args, kwargs)
+                    loss = item_losses(lm, logits, chunk, params["loss"]).sum() / len(items)
+                    loss.backward()
+                    total += float(loss.detach())
+                optimizer.step()
+                losses.append(total)
+        state: dict[str, Tensor] = {}
+        for parent, name, wrapped in swapped:
+            path = _path_of(lm, parent, name)
+            state[f"{PEFT_PREFIX}{path}.lora_A.weight"] = wrapped.lora_A[ADAPTER_NAME].weight.detach().float().cpu()
+            state[f"{PEFT_PREFIX}{path}.lora_B.weight"] = wrapped.lora_B[ADAPTER_NAME].weight.detach().float().cpu()
+    finally:
+        _remove(lm, swapped)
+        for p, flag in zip(all_params, saved, strict=True):
+            p.requires_grad_(flag)
+    return state, config_dict(config), losses
+
+
+class _Captured(Exception):
+    pass
+
+
+@torch.no_grad()
+def block_inputs(lm: LanguageModel, batch: Any, layer: int) -> tuple[tuple, dict]:
+    """What block `layer` is called with for `batch` (the model stops there). The blocks below the adapter
+    never change, so training runs them once, not once per step."""
+    box: dict[str, Any] = {}
+
+    def stop(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        box["args"], box["kwargs"] = args, {k: v for k, v in kwargs.items() if k not in ("past_key_values", "cache")}
+        raise _Captured
+
+    handle = lm.blocks[layer].register_forward_pre_hook(stop, with_kwargs=True)
+    try:
+        lm.model(**batch, use_cache=False)
+    except _Captured:
+        pass
+    finally:
+        handle.remove()
+    return box["args"], box["kwargs"]
+
+
+def final_norm(lm: LanguageModel) -> nn.Module:
+    """The norm between the last block and the LM head: the child of the blocks' parent whose class is a
+    norm (`model.norm`, `transformer.ln_f`, `gpt_neox.final_layer_norm`)."""
+    parent = lm.model.get_submodule(lm.block_path.rpartition(".")[0])
+    norms = [m for name, m in parent.named_children() if "norm" in type(m).__name__.lower()]
+    if len(norms) != 1:
+        raise SteerError(f"cannot find the final norm of {type(lm.model).__name__}", "model")
+    return norms[0]
+
+
+def last_logits_from(lm: LanguageModel, layer: int, args: tuple, kwargs: dict) -> Tensor:
+    """(B, vocab) logits at the last position, running blocks ``layer..n-1`` from block `layer`'s inputs."""
+    hidden, rest = args[0] if args else kwargs["hidden_states"], args[1:]
+    kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+    for block in lm.blocks[layer:]:
+        out = block(hidden, *rest, **kwargs)
+        hidden = out[0] if isinstance(out, tuple) else out
+    return lm.model.get_output_embeddings()(final_norm(lm)(hidden[:, -1:, :]))[:, -1, :]
+
+
+def _path_of(lm: LanguageModel, parent: nn.Module, name: str) -> str:
+    for path, module in lm.model.named_modules():
+        if module is parent:
+            return f"{path}.{name}" if path else name
+    raise RuntimeError(f"module {name!r} is not in the model")
+
+
+# ---------------------------------------------------------------------------------------------- the method
+
+def check_params(params: dict[str, Any]) -> dict[str, Any]:
+    """Validate LoRA's own params and fill in the defaults: ``rank`` (1..MAX_RANK, default 4), ``alpha``
+    (> 0, default 2 * rank), ``steps`` (1..MAX_STEPS), ``lr`` (> 0), ``loss`` (``ce`` | ``dpo`` | ``sft``),
+    ``target_modules`` (leaf module names, default: found from the model)."""
+    params = dict(params)
+    rank = params.pop("rank", DEFAULT_RANK)
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= MAX_RANK:
+        raise SteerError(f"must be an integer in 1..{MAX_RANK}", "params.rank")
+    alpha = params.pop("alpha", 2 * rank)
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha) or alpha <= 0:
+        raise SteerError("must be a finite number > 0", "params.alpha")
+    steps = params.pop("steps", DEFAULT_STEPS)
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
+        raise SteerError(f"must be an integer in 1..{MAX_STEPS}", "params.steps")
+    lr = params.pop("lr", DEFAULT_LR)
+    if isinstance(lr, bool) or not isinstance(lr, int | float) or not math.isfinite(lr) or not 0 < lr <= 1:
+        raise SteerError("must be a number in (0, 1]", "params.lr")
+    targets = params.pop("target_modules", None)
+    if targets is not None and (not isinstance(targets, list) or not targets
+                                or not all(isinstance(t, str) and t for t in targets)):
+        raise SteerError("must be a non-empty list of module names (or null to find them from the model)",
+                         "params.target_modules")
+    out = {"rank": rank, "alpha": float(alpha), "steps": steps, "lr": float(lr),
+           "loss": check_loss(params.pop("loss", "ce")), "target_modules": targets}
+    if params:
+        name = next(iter(params))
+        raise SteerError(f"unknown parameter {name!r}", f"params.{name}")
+    return out
+
+
+def fit(lm: LanguageModel, items: Sequence[OpinionItem], layers: Sequence[int], params: dict[str, Any],
+        positions: str) -> dict[int, Profile]:
+    """One adapter per candidate first block (each trained from the same seed)."""
+    if positions != "all":
+        raise SteerError("lora adapters change every position's computation: positions must be 'all'",
+                         "params.positions")
+    if params["target_modules"] is not None:
+        for layer in layers:
+            if not target_modules(lm, lm.check_layer(layer, "params.layer"), params["target_modules"]):
+                raise SteerError("no Linear module of the model's blocks has one of these names",
+                                 "params.target_modules")
+    out = {}
+    for layer in layers:
+        lm.check_layer(layer, "params.layer")
+        state, config, losses = train_adapter(lm, items, layer, params)
+        if not all(torch.isfinite(t).all() for t in state.values()) or not math.isfinite(losses[-1]):
+            raise SteerError("training diverged (NaN or inf); lower params.lr", "params.lr")
+        out[layer] = Profile(method="lora", model_name=lm.name, model_fingerprint=lm.fingerprint, layer=layer,
+                             positions=positions, strength=1.0, tensors=state,
+                             params={**params, "target_modules": config["target_modules"],
+                                     "adapter_config": config, "train_loss": losses[-1],
+                                     "train_loss_start": losses[0]})
+    return out
+
+
+def factors(profile: Profile) -> dict[str, tuple[Tensor, Tensor]]:
+    """Module path -> (A (r, in), B (out, r) times the adapter's scaling ``alpha / r``) of a LoRA profile."""
+    config = profile.params["adapter_config"]
+    scaling = float(config["lora_alpha"]) / float(config["r"])
+    if config.get("use_rslora"):
+        scaling = float(config["lora_alpha"]) / math.sqrt(float(config["r"]))
+    out: dict[str, tuple[Tensor, Tensor]] = {}
+    for key, a in profile.tensors.items():
+        if not key.endswith(".lora_A.weight"):
+            continue
+        path = key[len(PEFT_PREFIX):-len(".lora_A.weight")]
+        b = profile.tensors[key[:-len("lora_A.weight")] + "lora_B.weight"]
+        out[path] = (a, b * scaling)
+    return out
+
+
+@dataclass(frozen=True, eq=False)
+class LoraShift:
+    """An adapter's per-row delta ``coef * (x A^T) B^T`` on each module in `factors` (the steering hooks
+    apply it through `LowRankRows`; it adds nothing at a block's output). `layer` is the first adapted
+    block."""
+
+    layer: int
+    positions: str
+    factors: dict[str, tuple[Tensor, Tensor]]  # module path -> (A (r, in), B (out, r)), scaling folded in
+    coef: float = 1.0
+
+    def low_rank(self) -> dict[str, tuple[Tensor, Tensor]]:
+        if self.coef == 1.0:
+            return self.factors
+        return {path: (a, self.coef * b) for path, (a, b) in self.factors.items()}
+
+    def displacement(self, hidden: Tensor, ctx: Any, rows: Tensor) -> Tensor:
+        raise RuntimeError("a LoRA adapter is applied to module outputs by the steering hooks, not added to "
+                           "a block's output")
+
+    @classmethod
+    def blend(cls, weighted: Sequence[tuple[LoraShift, float]]) -> LoraShift:
+        """One adapter for a weighted mix: the factors of each module concatenated along the rank (each
+        part's B scaled by its weight), so the mix's delta is the weighted sum of the parts' deltas."""
+        merged: dict[str, tuple[list[Tensor], list[Tensor]]] = {}
+        for iv, w in weighted:
+            for path, (a, b) in iv.low_rank().items():
+                parts = merged.setdefault(path, ([], []))
+                parts[0].append(a)
+                parts[1].append(w * b)
+        first = weighted[0][0]
+        return cls(layer=min(iv.layer for iv, _ in weighted), positions=first.positions,
+                   factors={p: (torch.cat(a), torch.cat(b, dim=1)) for p, (a, b) in merged.items()})
+
+
+def intervention(profile: Profile, lm: LanguageModel) -> LoraShift:
+    modules = dict(lm.model.named_modules())
+    fs = factors(profile)
+    for path, (a, b) in fs.items():
+        module = modules.get(path)
+        if module is None or not _linear(module):
+            raise SteerError(f"the adapter targets {path!r}, which is not a Linear module of this model", "profile")
+        out_f, in_f = _shape(module)
+        if a.shape[1] != in_f or b.shape[0] != out_f:
+            raise SteerError(f"the adapter's factors for {path!r} do not fit its {out_f}x{in_f} weight", "profile")
+    return LoraShift(layer=profile.layer, positions=profile.positions, factors=fs, coef=float(profile.strength))
+
+
+def _shape(module: nn.Module) -> tuple[int, int]:
+    """(out, in) features of a Linear or a GPT-2 Conv1D."""
+    w = module.weight
+    return (int(w.shape[1]), int(w.shape[0])) if isinstance(module, Conv1D) else (int(w.shape[0]), int(w.shape[1]))
+
+
+# ---------------------------------------------------------------------------------------------- import
+
+MAX_IMPORT_BYTES = 64 << 20
+_A_SUFFIX, _B_SUFFIX = ".lora_A.weight", ".lora_B.weight"
+
+
+def imported_profile(config: Any, weights: bytes, lm: LanguageModel, max_rank: int = MAX_RANK,
+                     max_bytes: int = MAX_IMPORT_BYTES, aliases: Sequence[str] = ()) -> Profile:
+    """A tenant's own peft LoRA adapter (``adapter_config.json`` content and ``adapter_model.safetensors``
+    bytes) as a LoRA profile for `lm`, checked: safetensors only (a pickle is refused unread), a plain LoRA
+    (no DoRA, no saved modules, no per-module rank patterns) for this base model (`lm.name` or one of
+    `aliases`), every tensor a (A, B) pair of a Linear module of a decoder block with that module's shapes,
+    rank and size within the caps. Errors name the field: ``adapter_config.<key>`` or ``adapter_model``."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load as st_load
+
+    if len(weights) > max_bytes:
+        raise SteerError(f"the adapter has {len(weights)} bytes; at most {max_bytes} are accepted", "adapter_model")
+    if weights[:2] == b"PK" or weights[:1] == b"\x80":
+        raise SteerError("this is a pickle (torch.save) file; only safetensors is accepted", "adapter_model")
+    if not isinstance(config, dict):
+        raise SteerError("must be the JSON object of adapter_config.json", "adapter_config")
+
+    def bad(key: str, message: str) -> SteerError:
+        return SteerError(message, f"adapter_config.{key}")
+
+    if config.get("peft_type") != "LORA":
+        raise bad("peft_type", "must be 'LORA'")
+    base = config.get("base_model_name_or_path")
+    if base not in (lm.name, *aliases):
+        raise bad("base_model_name_or_path", f"the adapter was made for {base!r}; this server serves "
+                  f"{lm.name!r}" + (f" ({', '.join(aliases)})" if aliases else ""))
+    rank = config.get("r")
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= max_rank:
+        raise bad("r", f"must be an integer in 1..{max_rank}")
+    alpha = config.get("lora_alpha", rank)
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha) or alpha <= 0:
+        raise bad("lora_alpha", "must be a finite number > 0")
+    for key in ("use_dora", "modules_to_save", "rank_pattern", "alpha_pattern", "trainable_token_indices"):
+        if config.get(key):
+            raise bad(key, "is not supported: only plain LoRA adapters of Linear modules are imported")
+    if config.get("bias", "none") != "none":
+        raise bad("bias", "must be 'none'")
+    try:
+        tensors = st_load(weights)
+    except (SafetensorError, ValueError) as exc:
+        raise SteerError(f"not a safetensors file: {exc}", "adapter_model") from None
+    modules = dict(lm.model.named_modules())
+    blocks: list[int] = []
+    out: dict[str, Tensor] = {}
+    for key, t in tensors.items():
+        if not key.startswith(PEFT_PREFIX) or not key.endswith((_A_SUFFIX, _B_SUFFIX)):
+            raise SteerError(f"tensor {key!r} is not a LoRA factor ('base_model.model.<module>.lora_A.weight' "
+                             "or '.lora_B.weight')", "adapter_model")
+        path = key[len(PEFT_PREFIX):-len(_A_SUFFIX)]
+        module = modules.get(path)
+        block = block_of(lm, path)
+        if module is None or not _linear(module) or block is None:
+            raise SteerError(f"tensor {key!r}: {path!r} is not a Linear module of a decoder block of {lm.name!r}",
+                             "adapter_model")
+        if not t.is_floating_point() or not torch.isfinite(t).all():
+            raise SteerError(f"tensor {key!r} must hold finite floating-point numbers", "adapter_model")
+        out_f, in_f = _shape(module)
+        want = (rank, in_f) if key.endswith(_A_SUFFIX) else (out_f, rank)
+        if tuple(t.shape) != want:
+            raise SteerError(f"tensor {key!r} has shape {tuple(t.shape)}; a rank-{rank} adapter of {path!r} "
+                             f"({out_f}x{in_f}) needs {want}", "adapter_model")
+        other = key[:-len(_A_SUFFIX)] + (_B_SUFFIX if key.endswith(_A_SUFFIX) else _A_SUFFIX)
+        if other not in tensors:
+            raise SteerError(f"tensor {key!r} has no {other.rsplit('.', 2)[-2]} partner", "adapter_model")
+        blocks.append(block)
+        out[key] = t.float().contiguous()
+    if not out:
+        raise SteerError("the adapter has no tensors", "adapter_model")
+    clean = {k: v for k, v in config.items() if isinstance(k, str)}
+    clean.update({"r": rank, "lora_alpha": alpha, "inference_mode": True})
+    return Profile(method="lora", model_name=lm.name, model_fingerprint=lm.fingerprint, layer=min(blocks),
+                   positions="all", strength=1.0, tensors=out,
+                   params={"rank": rank, "alpha": float(alpha), "target_modules": config.get("target_modules"),
+                           "adapter_config": clean, "imported": True})
+
+
+METHOD = register(Method(name="lora", fit=fit, intervention=intervention,
+                         strengths=lambda profile, lm: list(STRENGTHS), check_params=check_params,
+                         default_positions="all", layers=lambda lm: [0]))

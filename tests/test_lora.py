@@ -1,0 +1,250 @@
+"""LoRA profiles on tiny random models: real peft adapters, per-row serving, export to peft's own loader."""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import tarfile
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from support import FIXTURES, make_tiny, residual_after
+
+from steer_core import build_profile, load_items
+from steer_core import lora as lo
+from steer_core.errors import SteerError
+from steer_core.export import cold_fd_as_lora, peft_archive, peft_files
+from steer_core.losses import item_losses
+from steer_core.methods import intervention
+from steer_core.profile import Profile
+from steer_core.prompts import encode, encode_items, last_logits_only
+from steer_core.steering import ConstantShift, apply, compose
+
+ITEMS = load_items(FIXTURES / "opinions_group_rural.jsonl")
+PROMPTS = ["The weather today is", "A much longer prompt that needs no padding at all, it says", "Hi",
+           "Tell me about trains"]
+
+
+def _fit(lm, items=ITEMS[:6], layer=1, **params):
+    checked = lo.check_params({"steps": 3, "lr": 0.01, **params})
+    return lo.fit(lm, items, [layer], checked, "all")[layer]
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_lm):
+    """Two different adapters on the tiny llama (blocks 1..3 and 0..3)."""
+    return _fit(tiny_lm, ITEMS[:6], layer=1), _fit(tiny_lm, ITEMS[6:12], layer=0, rank=2)
+
+
+def _logits(lm, batch, rows=None):
+    with torch.no_grad():
+        if rows is None:
+            return lm.model(**batch).logits
+        with apply(lm, rows):
+            return lm.model(**batch).logits
+
+
+def test_training_leaves_the_model_as_it_was(tiny_lm):
+    batch = encode(tiny_lm, PROMPTS)
+    before = _logits(tiny_lm, batch)
+    modules = {name: type(m) for name, m in tiny_lm.model.named_modules()}
+    flags = [p.requires_grad for p in tiny_lm.model.parameters()]
+    _fit(tiny_lm)
+    assert {name: type(m) for name, m in tiny_lm.model.named_modules()} == modules
+    assert [p.requires_grad for p in tiny_lm.model.parameters()] == flags
+    assert torch.equal(_logits(tiny_lm, batch), before)
+
+
+def test_adapter_is_peft_shaped_seeded_and_lowers_the_loss(tiny_lm, adapters):
+    profile = adapters[0]
+    config = profile.params["adapter_config"]
+    assert config["peft_type"] == "LORA" and config["r"] == 4 and config["target_modules"] == ["q_proj", "v_proj"]
+    assert config["layers_to_transform"] == [1, 2, 3]
+    keys = sorted(profile.tensors)
+    assert len(keys) == 2 * 2 * 3  # (A, B) x (q, v) x blocks 1..3
+    a = profile.tensors["base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"]
+    b = profile.tensors["base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight"]
+    assert a.shape == (4, 64) and b.shape == (64, 4) and b.abs().sum() > 0
+    assert profile.params["train_loss"] < profile.params["train_loss_start"]
+    again = _fit(tiny_lm, ITEMS[:6], layer=1)
+    assert all(torch.equal(again.tensors[k], profile.tensors[k]) for k in keys)
+
+
+def test_first_training_loss_is_the_unsteered_models_loss(tiny_lm):
+    """Training runs the blocks above the adapter from cached inputs: its step-0 loss (B = 0) must be the
+    full model's."""
+    items = ITEMS[:6]
+    batch = encode_items(tiny_lm, items)
+    with torch.no_grad():
+        logits = tiny_lm.model(**batch, **last_logits_only(tiny_lm)).logits[:, -1, :]
+    expected = float(item_losses(tiny_lm, logits, items).mean())
+    _, _, losses = lo.train_adapter(tiny_lm, items, 2, lo.check_params({"steps": 1}))
+    assert losses[0] == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox", "qwen2"])
+def test_served_adapter_equals_peft_loading_the_exported_folder(family, tmp_path):
+    lm = make_tiny(family)
+    profile = _fit(lm, layer=1)
+    profile.strength = 1.5
+    for name, data in peft_files(profile).items():
+        (tmp_path / name).write_bytes(data)
+    batch = encode(lm, PROMPTS)
+    served = _logits(lm, batch, [[intervention(profile, lm)]] * len(PROMPTS))
+    assert not torch.allclose(served, _logits(lm, batch), atol=1e-4)
+    base = make_tiny(family)  # peft wraps the modules of the model it loads into
+    peft_model = PeftModel.from_pretrained(base.model, str(tmp_path)).eval()
+    with torch.no_grad():
+        reference = peft_model(**batch).logits
+    torch.testing.assert_close(served, reference, atol=2e-5, rtol=1e-4)
+
+
+def test_every_row_of_a_mixed_batch_equals_the_row_alone(tiny_lm, adapters):
+    a, b = (intervention(p, tiny_lm) for p in adapters)
+    shift = ConstantShift(2, "prompt", torch.randn(tiny_lm.hidden_size, generator=torch.Generator().manual_seed(1)))
+    rows = [[a], [b], None, [shift], compose([(a, 0.5), (b, -1.0), (shift, 1.0)])]
+    prompts = PROMPTS + ["One more prompt"]
+    batch = encode(tiny_lm, prompts[:len(rows)])
+    mixed = _logits(tiny_lm, batch, rows)
+    for i, row in enumerate(rows):
+        alone = encode(tiny_lm, [prompts[i]])
+        own = _logits(tiny_lm, alone, [row])[0]
+        width = int(alone["attention_mask"].sum())
+        torch.testing.assert_close(mixed[i, -width:], own[-width:], atol=2e-5, rtol=1e-4)
+    assert not torch.allclose(mixed[0, -1], mixed[1, -1], atol=1e-3)
+
+
+def test_blend_weight_scales_the_adapters_delta(tiny_lm, adapters):
+    batch = encode(tiny_lm, PROMPTS)
+    a = intervention(adapters[0], tiny_lm)
+    half = adapters[0]
+    half_profile = Profile(**{**half.metadata(), "tensors": half.tensors, "strength": 0.5})
+    blended = _logits(tiny_lm, batch, compose([(a, 0.5)]))
+    torch.testing.assert_close(blended, _logits(tiny_lm, batch, [intervention(half_profile, tiny_lm)]),
+                               atol=1e-5, rtol=1e-5)
+    zero = _logits(tiny_lm, batch, compose([(a, 0.0)]))
+    torch.testing.assert_close(zero, _logits(tiny_lm, batch), atol=1e-6, rtol=0)
+
+
+def test_generation_with_an_adapter_matches_peft(tmp_path):
+    lm = make_tiny("llama")
+    profile = _fit(lm, layer=0)
+    for name, data in peft_files(profile).items():
+        (tmp_path / name).write_bytes(data)
+    batch = encode(lm, PROMPTS[:2])
+    with torch.no_grad(), apply(lm, [intervention(profile, lm)]):
+        ours = lm.model.generate(**batch, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    peft_model = PeftModel.from_pretrained(make_tiny("llama").model, str(tmp_path)).eval()
+    with torch.no_grad():
+        theirs = peft_model.generate(**batch, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(ours, theirs)
+
+
+def test_build_chooses_a_strength_by_cross_validation(tiny_lm):
+    profile = build_profile(tiny_lm, ITEMS[:8], "lora", {"steps": 2, "layer": 2})
+    assert profile.method == "lora" and profile.positions == "all" and profile.layer == 2
+    assert profile.metrics["evaluation"] == "cross-validated"
+    assert {s["strength"] for s in profile.metrics["search"]} == set(lo.STRENGTHS)
+    assert profile.strength in [0.0, *lo.STRENGTHS]
+    again = Profile.from_bytes(profile.to_bytes())
+    assert again.params["adapter_config"] == profile.params["adapter_config"]
+
+
+@pytest.mark.parametrize("params, field", [
+    ({"rank": 0}, "params.rank"), ({"rank": lo.MAX_RANK + 1}, "params.rank"), ({"alpha": -1}, "params.alpha"),
+    ({"steps": 0}, "params.steps"), ({"lr": 0}, "params.lr"), ({"loss": "mse"}, "params.loss"),
+    ({"target_modules": "q_proj"}, "params.target_modules"), ({"dropout": 0.1}, "params.dropout"),
+    ({"target_modules": ["nothing_like_this"]}, "params.target_modules"), ({"positions": "prompt"}, "positions"),
+])
+def test_bad_params_name_the_field(tiny_lm, params, field):
+    with pytest.raises(SteerError) as err:
+        build_profile(tiny_lm, ITEMS[:6], "lora", {"layer": 1, "strength": 1.0, **params})
+    assert err.value.field.endswith(field)
+
+
+def test_peft_archive_round_trips(tiny_lm, adapters):
+    data = peft_archive(adapters[0])
+    assert data == peft_archive(adapters[0])  # same profile, same bytes
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        names = sorted(tar.getnames())
+        files = {n: tar.extractfile(n).read() for n in names}
+    assert names == ["adapter/adapter_config.json", "adapter/adapter_model.safetensors"]
+    assert files["adapter/adapter_model.safetensors"] == peft_files(adapters[0])["adapter_model.safetensors"]
+
+
+def test_cold_fd_profile_exports_as_the_update_it_steps_along(tmp_path):
+    lm = make_tiny("llama")
+    cold = build_profile(lm, ITEMS[:6], "cold_fd", {"layer": 1, "strength": 0.05, "rank": 4})
+    adapter = cold_fd_as_lora(cold)
+    config = adapter.params["adapter_config"]
+    assert config["layers_to_transform"] == [0, 1] and "down_proj" in config["target_modules"]
+    for name, data in peft_files(adapter).items():
+        (tmp_path / name).write_bytes(data)
+    batch = encode(lm, PROMPTS)
+    served = _logits(lm, batch, [[intervention(adapter, lm)]] * len(PROMPTS))
+    peft_model = PeftModel.from_pretrained(make_tiny("llama").model, str(tmp_path)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(served, peft_model(**batch).logits, atol=2e-5, rtol=1e-4)
+
+
+def test_exported_update_moves_layer_L_by_the_profiles_displacement_to_first_order(tiny_lm):
+    """Without the parts LoRA cannot carry (embedding rows, norm gains), the adapter's change of Z_L is the
+    profile's displacement ``s J(x) d`` up to second-order terms."""
+    cold = build_profile(tiny_lm, ITEMS[:6], "cold_fd", {"layer": 1, "strength": 1e-3, "rank": 4, "mode": "jvp"})
+    cold.tensors = {k: (torch.zeros_like(v) if k == "embedding:rows" else v) for k, v in cold.tensors.items()
+                    if not k.startswith("param:")}
+    batch = encode(tiny_lm, PROMPTS)
+    base = residual_after(tiny_lm, batch, 1)
+    displaced = residual_after(tiny_lm, batch, 1, [[intervention(cold, tiny_lm)]] * len(PROMPTS)) - base
+    moved = residual_after(tiny_lm, batch, 1, [[intervention(cold_fd_as_lora(cold), tiny_lm)]] * len(PROMPTS)) - base
+    real = batch["attention_mask"].bool()
+    assert displaced[real].norm() > 0
+    torch.testing.assert_close(moved[real], displaced[real], rtol=0, atol=0.02 * float(displaced[real].abs().max()))
+
+
+def _peft_files(profile):
+    files = peft_files(profile)
+    return json.loads(files["adapter_config.json"]), files["adapter_model.safetensors"]
+
+
+def test_import_takes_an_exported_adapter_back(tiny_lm, adapters):
+    config, weights = _peft_files(adapters[0])
+    imported = lo.imported_profile(config, weights, tiny_lm)
+    assert imported.layer == 1 and imported.method == "lora" and imported.params["imported"]
+    batch = encode(tiny_lm, PROMPTS)
+    torch.testing.assert_close(_logits(tiny_lm, batch, [intervention(imported, tiny_lm)]),
+                               _logits(tiny_lm, batch, [intervention(adapters[0], tiny_lm)]), atol=1e-6, rtol=0)
+
+
+def _rejected(lm, config, weights, **caps):
+    with pytest.raises(SteerError) as err:
+        lo.imported_profile(config, weights, lm, **caps)
+    return err.value.field
+
+
+def test_import_refuses_pickles_wrong_shapes_other_models_and_big_ranks(tiny_lm, adapters):
+    config, weights = _peft_files(adapters[0])
+    buffer = io.BytesIO()
+    torch.save(st_load(weights), buffer)  # what a .bin adapter is: a zip of pickles
+    assert _rejected(tiny_lm, config, buffer.getvalue()) == "adapter_model"
+    assert _rejected(tiny_lm, config, pickle.dumps({"a": 1})) == "adapter_model"
+    assert _rejected(tiny_lm, config, b"not a file") == "adapter_model"
+    tensors = st_load(weights)
+    key = next(k for k in tensors if k.endswith("lora_A.weight"))
+    assert _rejected(tiny_lm, config, st_save({**tensors, key: tensors[key][:, :10].contiguous()})) == "adapter_model"
+    assert _rejected(tiny_lm, config, st_save({"lm_head.weight": torch.zeros(2, 2)})) == "adapter_model"
+    assert _rejected(tiny_lm, {**config, "base_model_name_or_path": "meta-llama/Llama-3-8B"}, weights) \
+        == "adapter_config.base_model_name_or_path"
+    assert _rejected(tiny_lm, {**config, "r": 128}, weights) == "adapter_config.r"
+    assert _rejected(tiny_lm, config, weights, max_rank=2) == "adapter_config.r"
+    assert _rejected(tiny_lm, {**config, "use_dora": True}, weights) == "adapter_config.use_dora"
+    assert _rejected(tiny_lm, {**config, "peft_type": "IA3"}, weights) == "adapter_config.peft_type"
+    assert _rejected(tiny_lm, config, weights, max_bytes=100) == "adapter_model"
+    # Another architecture's adapter: same names, other shapes.
+    other = make_tiny("qwen2")
+    other.model.model.layers[1].self_attn.q_proj = torch.nn.Linear(64, 32)
+    assert _rejected(other, {**config, "base_model_name_or_path": other.name}, weights) == "adapter_model"
