@@ -30,6 +30,8 @@ METHOD_HELP = {
                "pass through those layers per request",
     "odesteer": "ODESteer: a barrier function fitted on sketched activations; steering follows its gradient "
                 "flow (an ODE) at the last position",
+    "lora": "LoRA: a peft low-rank adapter trained on the sample with COLD-Steer's losses (a fine-tuning "
+            "baseline; positions all), served per row without merging weights",
 }
 # Fields of the interchange format a table's columns can be mapped to (--question-column ...).
 COLUMN_ROLES = ("question", "options", "target", "answer", "ordinal", "id")

@@ -14,10 +14,13 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import wraps
+from pathlib import Path
 from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, request
@@ -46,19 +49,24 @@ class RouteSpec:
     responses: dict[int, type[BaseModel] | str | None] = field(default_factory=dict)
     auth: bool = True
     errors: tuple[int, ...] = ()
+    uploads: tuple[str, ...] = ()
 
 
 def api_route(bp: Blueprint, rule: str, method: str, *, summary: str, body: type[BaseModel] | None = None,
               query: type[BaseModel] | None = None,
               responses: dict[int, type[BaseModel] | str | None] | None = None, auth: bool = True,
-              errors: tuple[int, ...] = (), tag: str | None = None) -> Callable[[Callable[..., Any]], Any]:
+              errors: tuple[int, ...] = (), tag: str | None = None,
+              uploads: tuple[str, ...] = ()) -> Callable[[Callable[..., Any]], Any]:
     """Register `view` on `bp` at `rule` for `method`; see the module docstring.
 
     `responses` maps status codes to a response model, a media type string (binary or streamed bodies)
     or None (no body). The view receives `body=` and `query=` keyword arguments when those are given.
+    `uploads` are media types the route also takes as a file body: a request with one of them gets
+    `body=None` and reads its file with `receive_upload`.
     """
     spec = RouteSpec(rule=rule, methods=[method.upper()], summary=summary, tag=tag or bp.name, body=body,
-                     query=query, responses=dict(responses or {200: None}), auth=auth, errors=errors)
+                     query=query, responses=dict(responses or {200: None}), auth=auth, errors=errors,
+                     uploads=uploads)
 
     def decorate(view: Callable[..., Any]) -> Any:
         @wraps(view)
@@ -70,7 +78,7 @@ def api_route(bp: Blueprint, rule: str, method: str, *, summary: str, body: type
             check_path_args(path_args)
             kwargs = dict(path_args)
             if body is not None:
-                kwargs["body"] = parse_body(body)
+                kwargs["body"] = None if request.mimetype in uploads else parse_body(body)
             if query is not None:
                 kwargs["query"] = parse_query(query)
             result = view(**kwargs)
@@ -173,6 +181,30 @@ def read_body() -> bytes:
             raise RequestEntityTooLarge()
         return raw
     return request.get_data(cache=True)
+
+
+def receive_upload(limit: int, suffix: str = "") -> Path:
+    """The request's body streamed to a temporary file (the caller deletes it), 413 past `limit` bytes."""
+    # This route's own limit, not MAX_CONTENT_LENGTH's. One byte more: werkzeug cuts a chunked body at its
+    # limit without a word, and the byte past `limit` is what tells an over-limit body apart.
+    request.max_content_length = limit + 1
+    fd, name = tempfile.mkstemp(prefix="pluristeer-upload-", suffix=suffix)
+    path = Path(name)
+    try:
+        size = 0
+        with os.fdopen(fd, "wb") as f:
+            while chunk := request.stream.read(1 << 16):
+                size += len(chunk)
+                if size > limit:
+                    raise ApiError(413, "payload_too_large", f"the upload is larger than the limit of {limit} bytes "
+                                   "(MAX_UPLOAD_BYTES)", "body")
+                f.write(chunk)
+        if size == 0:
+            raise ApiError(400, "invalid_body", "the uploaded file is empty", "body")
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return path
 
 
 def parse_body(model: type[BaseModel]) -> BaseModel:
@@ -290,12 +322,64 @@ def route_specs(app: Flask) -> list[tuple[str, str, RouteSpec | None]]:
     return out
 
 
+_TEXT_PATTERN = "^[^\\u0000]*$"
+_INTEGER_BOUNDS = {"minimum": -MAX_JSON_INTEGER, "maximum": MAX_JSON_INTEGER}
+_NUMBER_BOUNDS = {"minimum": -MAX_JSON_NUMBER, "maximum": MAX_JSON_NUMBER}
+JSON_VALUE = "JsonValue"
+_BOUND_KEYWORDS = {"ge": "minimum", "le": "maximum", "gt": "exclusiveMinimum", "lt": "exclusiveMaximum"}
+_JSON_SCALAR: dict[str, Any] = {"anyOf": [{"type": "string", "pattern": _TEXT_PATTERN},
+                                          {"type": "integer", **_INTEGER_BOUNDS},
+                                          {"type": "number", **_NUMBER_BOUNDS}, {"type": "boolean"},
+                                          {"type": "null"}]}
+# Free-form values (attributes, params) as the document states them: scalars, or lists and objects of them
+# (read_json accepts nesting up to MAX_JSON_DEPTH).
+JSON_VALUE_SCHEMA: dict[str, Any] = {
+    "description": "any JSON value within the API's bounds",
+    "anyOf": [*_JSON_SCALAR["anyOf"], {"type": "array", "items": _JSON_SCALAR},
+              {"type": "object", "additionalProperties": _JSON_SCALAR}]}
+
+
+def state_json_bounds(schema: Any) -> None:
+    """Write `read_json`'s bounds into a request schema (in place): text without NUL, integers within 64
+    bits, other numbers within +-MAX_JSON_NUMBER, free-form values as `JsonValue`."""
+    if isinstance(schema, list):
+        for sub in schema:
+            state_json_bounds(sub)
+        return
+    if not isinstance(schema, dict):
+        return
+    # pydantic leaves a number union's bounds as ge/le beside the union: move them into its branches.
+    bounds = {_BOUND_KEYWORDS[k]: schema.pop(k) for k in list(schema) if k in _BOUND_KEYWORDS}
+    for branch in schema.get("anyOf", []) if bounds else ():
+        if branch.get("type") in ("integer", "number"):
+            branch.update(bounds)
+    kind = schema.get("type")
+    if kind == "string" and "pattern" not in schema and "enum" not in schema and "const" not in schema:
+        schema["pattern"] = _TEXT_PATTERN
+    elif kind in ("integer", "number"):
+        for key, value in (_INTEGER_BOUNDS if kind == "integer" else _NUMBER_BOUNDS).items():
+            schema.setdefault(key, value)
+    elif kind == "object" and schema.get("additionalProperties") is True:
+        schema["additionalProperties"] = {"$ref": f"#/components/schemas/{JSON_VALUE}"}
+    for key in ("properties", "$defs"):
+        for sub in schema.get(key, {}).values():
+            state_json_bounds(sub)
+    for key in ("items", "additionalProperties", "anyOf", "oneOf", "allOf"):
+        if key in schema:
+            state_json_bounds(schema[key])
+
+
 def openapi_document(app: Flask) -> dict[str, Any]:
     schemas: dict[str, Any] = {}
 
     def ref(model: type[BaseModel], mode: str) -> dict[str, Any]:
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}", mode=mode)
-        for name, sub in schema.pop("$defs", {}).items():
+        defs = schema.pop("$defs", {})
+        if mode == "validation":  # what read_json holds every request body to
+            for sub in (schema, *defs.values()):
+                state_json_bounds(sub)
+            schemas.setdefault(JSON_VALUE, JSON_VALUE_SCHEMA)
+        for name, sub in defs.items():
             schemas.setdefault(name, sub)
         schemas.setdefault(model.__name__, schema)
         return {"$ref": f"#/components/schemas/{model.__name__}"}
@@ -315,13 +399,16 @@ def openapi_document(app: Flask) -> dict[str, Any]:
             qschema = spec.query.model_json_schema()
             required = set(qschema.get("required", []))
             for name, prop in qschema.get("properties", {}).items():
+                state_json_bounds(prop)
                 params.append({"name": name, "in": "query", "required": name in required, "schema": prop,
                                **({"description": prop["description"]} if "description" in prop else {})})
         if params:
             op["parameters"] = params
         if spec.body is not None:
             op["requestBody"] = {"required": True,
-                                 "content": {"application/json": {"schema": ref(spec.body, "validation")}}}
+                                 "content": {"application/json": {"schema": ref(spec.body, "validation")},
+                                             **{kind: {"schema": {"type": "string", "format": "binary"}}
+                                                for kind in spec.uploads}}}
         responses: dict[str, Any] = {}
         for status, kind in spec.responses.items():
             entry: dict[str, Any] = {"description": _describe(status)}

@@ -124,6 +124,18 @@ class OpinionsPost(Request):
     items: list[OpinionIn] = Field(min_length=1, max_length=MAX_ITEMS_PER_REQUEST)
 
 
+class OpinionsUploadQuery(Request):
+    """How an uploaded table (CSV, JSONL or Parquet body) maps onto opinion items: the column of each field."""
+
+    model_config = ConfigDict(extra="forbid", strict=False)
+    question_column: str = "question"
+    options_column: str = "options"
+    target_column: str = "target"
+    answer_column: str = "answer"
+    ordinal_column: str = "ordinal"
+    id_column: str = "id"
+
+
 class OpinionOut(Response):
     id: str
     question: str
@@ -169,9 +181,15 @@ class SubjectIn(Request):
     id: str = Field(pattern=ID_PATTERN)
 
 
+def _registered_methods(schema: dict[str, Any]) -> None:
+    from steer_core.methods import METHODS
+
+    schema["enum"] = sorted(METHODS)
+
+
 class ProfileCreate(Request):
     subject: SubjectIn
-    method: str = Field(description="a registered method, e.g. diffmean")
+    method: str = Field(description="a registered method", json_schema_extra=_registered_methods)
     model: str | None = Field(None, description="base model; default and only choices: the deployment's "
                                                 "models")
     params: dict[str, Any] = Field(
@@ -185,6 +203,14 @@ class ProfileCreate(Request):
                           "(DiffMean weighs options by the group's share minus theirs; loss 'contrast'). "
                           "Omitted: for a group, the tenant's other groups that answered any of the same "
                           "questions; for a user, none. [] for none. Stored as params.contrast")
+
+
+class ProfileImport(Request):
+    subject: SubjectIn
+    adapter_config: dict[str, Any] = Field(description="the content of peft's adapter_config.json (a LoRA "
+                                                       "adapter for the served base model)")
+    adapter_model: str = Field(description="adapter_model.safetensors, base64-encoded (safetensors only: "
+                                           "pickled .bin adapters are refused)")
 
 
 class Progress(Response):
@@ -247,7 +273,7 @@ class ProfileList(Response):
 
 class ArtifactQuery(Request):
     model_config = ConfigDict(extra="forbid", strict=False)
-    format: Literal["safetensors", "gguf"] = "safetensors"
+    format: Literal["safetensors", "gguf", "peft"] = "safetensors"
 
 
 # ----------------------------------------------------------------------------------------------- keys

@@ -8,6 +8,7 @@
 | `ARTIFACT_DIR` | `$PLURISTEER_HOME/artifacts` | durable, content-addressed profile store |
 | `PLURISTEER_MODEL` | `smollm2-135m-instruct` | the base model served and built against |
 | `MAX_BODY_BYTES` | `1048576` | larger request bodies get 413 |
+| `MAX_UPLOAD_BYTES` | `67108864` | larger uploaded files (CSV, JSONL, Parquet opinions) get 413 |
 | `RATE_LIMIT_PER_MINUTE` | `600` | requests per key per minute (429 past it) |
 | `PROFILE_CACHE_TTL` | `3600` | seconds a profile stays in Redis |
 | `PROFILE_CACHE_MAX_BYTES` | `67108864` | larger artifacts are not put in Redis |
@@ -50,6 +51,7 @@ class Settings:
     artifact_dir: Path = Path()
     model: str = DEFAULT_MODEL
     max_body_bytes: int = 1 << 20
+    max_upload_bytes: int = 64 << 20
     rate_limit_per_minute: int = 600
     profile_cache_ttl: int = 3600
     profile_cache_max_bytes: int = 64 << 20
@@ -62,6 +64,10 @@ class Settings:
     metrics_token: str | None = None
     stack_status_file: str | None = None
     max_profiles_per_request: int = 8
+    # POST /v1/profiles/import: the largest LoRA rank and adapter file accepted (the request body is also
+    # capped by max_body_bytes, base64 adding a third).
+    max_adapter_rank: int = 64
+    max_adapter_bytes: int = 64 << 20
     max_batch_size: int = 16
     batch_wait_ms: int = 10
     console_session_ttl: int = 8 * 3600
@@ -76,6 +82,7 @@ class Settings:
             "artifact_dir": Path(_env("ARTIFACT_DIR", str(home / "artifacts"))),
             "model": _env("PLURISTEER_MODEL", DEFAULT_MODEL),
             "max_body_bytes": _env("MAX_BODY_BYTES", cls.max_body_bytes, int),
+            "max_upload_bytes": _env("MAX_UPLOAD_BYTES", cls.max_upload_bytes, int),
             "rate_limit_per_minute": _env("RATE_LIMIT_PER_MINUTE", cls.rate_limit_per_minute, int),
             "profile_cache_ttl": _env("PROFILE_CACHE_TTL", cls.profile_cache_ttl, int),
             "profile_cache_max_bytes": _env("PROFILE_CACHE_MAX_BYTES", cls.profile_cache_max_bytes, int),
@@ -88,6 +95,8 @@ class Settings:
             "metrics_token": _env("METRICS_TOKEN", None),
             "stack_status_file": _env("PLURISTEER_STACK_STATUS", None),
             "max_profiles_per_request": _env("MAX_PROFILES_PER_REQUEST", cls.max_profiles_per_request, int),
+            "max_adapter_rank": _env("MAX_ADAPTER_RANK", cls.max_adapter_rank, int),
+            "max_adapter_bytes": _env("MAX_ADAPTER_BYTES", cls.max_adapter_bytes, int),
             "max_batch_size": _env("MAX_BATCH_SIZE", cls.max_batch_size, int),
             "batch_wait_ms": _env("BATCH_WAIT_MS", cls.batch_wait_ms, int),
             "console_session_ttl": _env("CONSOLE_SESSION_TTL", cls.console_session_ttl, int),

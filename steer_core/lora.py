@@ -1,7 +1,8 @@
 """LoRA profiles: a peft LoRA adapter trained on the sample, served per row as a low-rank delta.
 
 The adapter is a peft `LoraConfig` on the model's attention projections (peft's own default targets for
-the model type; every Linear of a block for types peft does not know) in blocks ``layer..n-1``, trained
+the model type; every Linear of a block for types peft does not know) in blocks ``layer..n-1`` (by default
+the upper half: training then runs the lower, frozen half once rather than once per step), trained
 with the loss module COLD-Steer uses (`steer_core.losses`: ``ce`` to the target distribution, ``dpo``,
 ``sft``), full batch with Adam, from a seeded initialization: the same sample gives the same adapter.
 
@@ -437,4 +438,4 @@ def imported_profile(config: Any, weights: bytes, lm: LanguageModel, max_rank: i
 
 METHOD = register(Method(name="lora", fit=fit, intervention=intervention,
                          strengths=lambda profile, lm: list(STRENGTHS), check_params=check_params,
-                         default_positions="all", layers=lambda lm: [0]))
+                         default_positions="all", layers=lambda lm: [lm.num_layers // 2]))

@@ -18,6 +18,7 @@ from service.protocol import (
     ArtifactQuery,
     ArtifactRef,
     ProfileCreate,
+    ProfileImport,
     ProfileList,
     ProfileListQuery,
     ProfileOut,
@@ -27,7 +28,7 @@ from service.settings import Settings
 from steer_core.build import check_orders, split_sample
 from steer_core.data import OpinionItem, question_key
 from steer_core.errors import SteerError
-from steer_core.export import control_vector_gguf
+from steer_core.export import cold_fd_as_lora, control_vector_gguf, peft_archive
 from steer_core.methods import check_positions, get_method
 from steer_core.profile import Profile
 
@@ -264,18 +265,70 @@ def artifact_download(profile_id: str, fmt: str) -> Response:
                        "exists once it is ready", "id")
     data = context.artifact_store().get(row.artifact_sha256)  # verifies the sha256; errors -> 409 unavailable
     etag = row.artifact_sha256
+    filename, mimetype = f"{row.id}.{fmt}", "application/octet-stream"
     if fmt == "gguf":
         data = control_vector_gguf(Profile.from_bytes(data))  # SteerError (field "format") -> 422
         etag += "-gguf"
-    response = current_app.response_class(data, mimetype="application/octet-stream")
-    response.headers["Content-Disposition"] = f'attachment; filename="{row.id}.{fmt}"'
+    elif fmt == "peft":
+        profile = Profile.from_bytes(data)
+        if profile.method == "cold_fd":
+            profile = cold_fd_as_lora(profile)  # SteerError (field "format") -> 422
+        data = peft_archive(profile)  # SteerError for other methods
+        etag += "-peft"
+        filename, mimetype = f"{row.id}.peft.tar.gz", "application/gzip"
+    response = current_app.response_class(data, mimetype=mimetype)
+    response.headers["Content-Disposition"] = f'attachment; filename="{filename}"'
     response.headers["ETag"] = f'"{etag}"'
     response.headers["X-Artifact-SHA256"] = row.artifact_sha256
     return response
 
 
-@api_route(bp, "/v1/profiles/<profile_id>/artifact", "GET", summary="download the profile: safetensors, or with "
-           "format=gguf a llama.cpp control vector (constant-vector profiles; llama.cpp adds it at every position)",
+@api_route(bp, "/v1/profiles/<profile_id>/artifact", "GET", summary="download the profile: safetensors; with "
+           "format=gguf a llama.cpp control vector (constant-vector profiles; llama.cpp adds it at every position); "
+           "with format=peft a peft LoRA adapter folder as .tar.gz (lora profiles, and cold_fd profiles as the "
+           "low-rank update they step along)",
            query=ArtifactQuery, responses={200: "application/octet-stream"}, errors=(404, 409, 422))
 def get_artifact(profile_id: str, query: ArtifactQuery) -> Response:
     return artifact_download(profile_id, query.format)
+
+
+@api_route(bp, "/v1/profiles/import", "POST", summary="import a peft LoRA adapter for the served base model as a "
+           "ready lora profile of a user or group (safetensors only; shapes, base model, rank and size checked)",
+           body=ProfileImport, responses={201: ProfileOut, 200: ProfileOut}, errors=(404, 422))
+def import_profile(body: ProfileImport) -> tuple[ProfileOut, int, dict[str, str]]:
+    import base64
+    import binascii
+
+    from service.api.chat import engine
+    from steer_core.lora import imported_profile
+
+    tenant = tenant_id()
+    settings = context.settings()
+    session = context.session()
+    subject = find_subject(session, tenant, body.subject.kind, body.subject.id, "subject.id")
+    if len(body.adapter_model) > 4 * (settings.max_adapter_bytes // 3 + 1):
+        raise ApiError(422, "validation_error", f"the adapter is larger than {settings.max_adapter_bytes} bytes",
+                       "adapter_model")
+    try:
+        weights = base64.b64decode(body.adapter_model, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(422, "validation_error", "must be base64", "adapter_model") from None
+    lm = engine().lm  # the served model: its module shapes and fingerprint (read only)
+    profile = imported_profile(body.adapter_config, weights, lm, max_rank=settings.max_adapter_rank,
+                               max_bytes=settings.max_adapter_bytes, aliases=(settings.model,))
+    profile.model_name = settings.model
+    data = profile.to_bytes()
+    sha, size = context.artifact_store().put(data)
+    params = {"imported": True, "artifact": sha}
+    row, new = db.request_profile(session, tenant, body.subject.kind, subject.id, "lora", settings.model, params,
+                                  sha)
+    if new or row.status != "ready":
+        row.status, row.artifact_sha256, row.artifact_size = "ready", sha, size
+        row.chosen = {"layer": profile.layer, "strength": profile.strength, "positions": profile.positions,
+                      "rank": profile.params["rank"]}
+        row.metrics = {"evaluation": "imported", "note": "an imported adapter: no held-out scores"}
+        row.progress = {"done": 1, "total": 1, "stage": "imported"}
+        row.finished_at = db.utcnow()
+    session.flush()
+    view = profile_views(session, [row])[0]
+    return view, 201 if new else 200, {"Location": url_for("profiles.get_profile", profile_id=row.id)}

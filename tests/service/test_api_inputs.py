@@ -137,13 +137,14 @@ def test_a_chunked_body_over_the_limit_is_413_under_gunicorn(tmp_path, redis_url
     from service.auth import create_key
     from service.stack import child_env, gunicorn_command
 
-    settings = stack_settings(tmp_path / "stack", redis_url, max_body_bytes=4096)
+    settings = stack_settings(tmp_path / "stack", redis_url, max_body_bytes=4096, max_upload_bytes=4096)
     with db.session_scope(settings) as session:
         key = create_key(session, "t")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**child_env(settings, redis_url), "MAX_BODY_BYTES": "4096", "PYTHONPATH": str(REPO)}
+    env = {**child_env(settings, redis_url), "MAX_BODY_BYTES": "4096", "MAX_UPLOAD_BYTES": "4096",
+           "PYTHONPATH": str(REPO)}
     command = gunicorn_command("127.0.0.1", port, 1)
     command[command.index("--threads") + 1] = "2"
     server = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -160,16 +161,22 @@ def test_a_chunked_body_over_the_limit_is_413_under_gunicorn(tmp_path, redis_url
                     pytest.fail("gunicorn did not start")
                 time.sleep(0.2)
 
-        def chunked_put(uid: str, body: bytes) -> int:
+        def chunked(method: str, path: str, body: bytes, content_type: str = "application/json") -> int:
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-            conn.request("PUT", f"/v1/users/{uid}", body=iter([body[i:i + 1000] for i in range(0, len(body), 1000)]),
-                         headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json",
+            conn.request(method, path, body=iter([body[i:i + 1000] for i in range(0, len(body), 1000)]),
+                         headers={"Authorization": f"Bearer {key}", "Content-Type": content_type,
                                   "Transfer-Encoding": "chunked"}, encode_chunked=True)
             return conn.getresponse().status
 
         big = json.dumps({"attributes": {"bio": "x" * 8000}}).encode()
-        assert chunked_put("big", big) == 413
-        assert chunked_put("small", json.dumps({"attributes": {"bio": "x" * 100}}).encode()) == 201
+        assert chunked("PUT", "/v1/users/big", big) == 413
+        assert chunked("PUT", "/v1/users/small", json.dumps({"attributes": {"bio": "x" * 100}}).encode()) == 201
+        # An uploaded table has its own limit, held the same way.
+        rows = "".join(f'Question {i}?,"[""Yes"", ""No""]",Yes\n' for i in range(200))
+        table = ("question,options,answer\n" + rows).encode()
+        assert len(table) > 4096
+        assert chunked("POST", "/v1/users/small/opinions", table, "text/csv") == 413
+        assert chunked("POST", "/v1/users/small/opinions", table[:table.index(b"Question 20?")], "text/csv") == 201
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
         conn.request("GET", "/v1/users/big", headers={"Authorization": f"Bearer {key}"})
         assert conn.getresponse().status == 404
