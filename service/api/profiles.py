@@ -298,6 +298,8 @@ def get_artifact(profile_id: str, query: ArtifactQuery) -> Response:
 def import_profile(body: ProfileImport) -> tuple[ProfileOut, int, dict[str, str]]:
     import base64
     import binascii
+    import hashlib
+    import json
 
     from service.api.chat import engine
     from steer_core.lora import imported_profile
@@ -317,12 +319,12 @@ def import_profile(body: ProfileImport) -> tuple[ProfileOut, int, dict[str, str]
     profile = imported_profile(body.adapter_config, weights, lm, max_rank=settings.max_adapter_rank,
                                max_bytes=settings.max_adapter_bytes, aliases=(settings.model,))
     profile.model_name = settings.model
-    data = profile.to_bytes()
-    sha, size = context.artifact_store().put(data)
-    params = {"imported": True, "artifact": sha}
-    row, new = db.request_profile(session, tenant, body.subject.kind, subject.id, "lora", settings.model, params,
-                                  sha)
+    # The same upload again is the same profile (the stored artifact carries a creation time, the upload not).
+    upload = hashlib.sha256(json.dumps(body.adapter_config, sort_keys=True).encode() + weights).hexdigest()
+    row, new = db.request_profile(session, tenant, body.subject.kind, subject.id, "lora", settings.model,
+                                  {"imported": True, "upload": upload}, upload)
     if new or row.status != "ready":
+        sha, size = context.artifact_store().put(profile.to_bytes())
         row.status, row.artifact_sha256, row.artifact_size = "ready", sha, size
         row.chosen = {"layer": profile.layer, "strength": profile.strength, "positions": profile.positions,
                       "rank": profile.params["rank"]}

@@ -9,6 +9,7 @@ import io
 import json
 import pickle
 import tarfile
+import time
 
 import pytest
 import torch
@@ -64,6 +65,7 @@ def test_an_imported_adapter_steers_chat_and_exports_back(app, auth, tiny_lm, ad
     assert r.status_code == 201, r.json
     pid = r.json["id"]
     assert r.json["status"] == "ready" and r.json["method"] == "lora" and r.json["chosen"]["rank"] == 4
+    time.sleep(1.1)  # a stored profile records its creation time: the same upload must still be one profile
     again = client.post("/v1/profiles/import", json=_body(config, weights), headers=auth)
     assert again.status_code == 200 and again.json["id"] == pid
 

@@ -1,0 +1,156 @@
+"""LoRA profiles against COLD-FD and DiffMean on the default model (CPU): quality, build cost, serving cost.
+
+    nice -n 10 .venv/bin/python bench/bench_lora.py [--threads 2] [--items 20] [--heldout 40] [--tokens 32]
+                                                     [--reps 3] [--group Liberal] [--skip-builds]
+
+Everything is measured side by side in this one run. Targets (issue 15):
+1. throughput of 16 rows with 16 distinct LoRA adapters vs the same 16 rows unsteered, batched: >= 0.8x
+   (the adapters have the trained adapter's shapes, rank 4 on q/v of the upper half, with random factors:
+   serving cost does not depend on the values);
+2. the same 20 items built with `lora`, `cold_fd` and `diffmean` (default params, cross-validated): build
+   seconds, and held-out alignment gain over `calibrated` (the unsteered model through a temperature and
+   ordinal lean fitted on the 20 training items) on other questions of the same group, with paired standard
+   errors; the project's goal "COLD-FD >= 95% of LoRA's gain at <= 1/10 of its build time" is reported
+   whichever way it comes out;
+3. LoRA build from 20 items < 60 s; the adapter's size (stored and as a peft folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from service.engine import GenerationEngine, SamplingParams  # noqa: E402
+from steer_core import build_profile, load_items, load_model  # noqa: E402
+from steer_core.calibration import fit_calibration  # noqa: E402
+from steer_core.data import load_opinionsqa  # noqa: E402
+from steer_core.evaluation import ORIGINAL, evaluate  # noqa: E402
+from steer_core.export import peft_files  # noqa: E402
+from steer_core.lora import LoraShift, target_modules, target_names  # noqa: E402
+from steer_core.prompts import answer_distributions  # noqa: E402
+
+SHARED = REPO.parent / "shared" / "data"
+WAVES = sorted((SHARED / "opinionsqa").glob("American_Trends_Panel_W*"))
+FIXTURE = REPO / "tests" / "fixtures" / "opinions_group_rural.jsonl"
+
+
+def opinion_items(group: str) -> tuple[list, str]:
+    if WAVES:
+        items = load_opinionsqa(WAVES[0], "POLIDEOLOGY", group)
+        source = f"OpinionsQA {WAVES[0].name} POLIDEOLOGY:{group}"
+    else:
+        items, source = load_items(FIXTURE), f"{FIXTURE.name} (../shared/data absent)"
+    random.Random(0).shuffle(items)
+    return items, source
+
+
+def random_adapters(lm, n: int, rank: int = 4) -> list[LoraShift]:
+    layer = lm.num_layers // 2
+    modules = target_modules(lm, layer, target_names(lm))
+    out = []
+    for seed in range(n):
+        g = torch.Generator().manual_seed(seed)
+        factors = {}
+        for path, m in modules.items():
+            out_f, in_f = m.weight.shape
+            factors[path] = (torch.randn(rank, in_f, generator=g) / in_f ** 0.5,
+                             torch.randn(out_f, rank, generator=g) * 1e-3)
+        out.append(LoraShift(layer=layer, positions="all", factors=factors))
+    return out
+
+
+def throughput(lm, tokens: int, reps: int) -> None:
+    print(f"\n== 16 rows, 16 distinct LoRA adapters vs 16 unsteered rows ({tokens} tokens each, greedy) ==")
+    engine = GenerationEngine(lm, max_batch_size=16, batch_wait_ms=200, max_new_tokens=tokens)
+    sampling = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
+    topics = ["rain", "trains", "farms", "taxes", "schools", "news", "gardens", "votes", "hospitals", "shops",
+              "sports", "houses", "rivers", "music", "bread", "bikes"]
+    prompts = [engine.tokenize_chat([{"role": "user", "content": f"Write about {t}."}]) for t in topics]
+    adapters = random_adapters(lm, 16)
+
+    def run(steering) -> float:
+        start = time.perf_counter()
+        handles = [engine.submit(p, sampling, s) for p, s in zip(prompts, steering, strict=True)]
+        for h in handles:
+            h.result(600)
+        return 16 * tokens / (time.perf_counter() - start)
+
+    try:
+        run([None] * 16)  # warm-up
+        ratios, plain_tps, lora_tps = [], [], []
+        for _ in range(reps):
+            plain = run([None] * 16)
+            steered = run([[a] for a in adapters])
+            plain_tps.append(plain)
+            lora_tps.append(steered)
+            ratios.append(steered / plain)
+        print(f"unsteered {statistics.median(plain_tps):.1f} tok/s, 16 LoRA rows {statistics.median(lora_tps):.1f} "
+              f"tok/s; ratio (median of {reps} interleaved reps) {statistics.median(ratios):.3f} "
+              f"[range {min(ratios):.3f}..{max(ratios):.3f}], target >= 0.8; largest batch "
+              f"{engine.stats.largest_batch}")
+    finally:
+        engine.stop()
+
+
+def builds(lm, items, source: str, n_train: int, n_heldout: int, group: str) -> None:
+    train, heldout = items[:n_train], items[n_train:n_train + n_heldout]
+    print(f"\n== {n_train} training items, {len(heldout)} held-out questions: {source} ==")
+    profiles, seconds = {}, {}
+    for method in ("lora", "cold_fd", "diffmean"):
+        start = time.perf_counter()
+        profiles[method] = build_profile(lm, train, method)
+        seconds[method] = time.perf_counter() - start
+        p = profiles[method]
+        print(f"{method:9s} build {seconds[method]:7.1f} s  layer {p.layer} strength {p.strength:g}  "
+              f"cv gain {p.metrics.get('gain')}", flush=True)
+    calibration = fit_calibration(train, answer_distributions(lm, train))
+    report = evaluate(lm, {group: heldout}, profiles, own={m: group for m in profiles},
+                      calibrations={group: calibration}, orders=(ORIGINAL,))
+    cells = report["cells"][ORIGINAL]
+    gains = {}
+    for row in ("unsteered", "uniform", "calibrated", *profiles):
+        c = cells[row][group]
+        g = c["gain_vs_calibrated"]
+        gains[row] = g["mean"]
+        print(f"{row:10s} held-out alignment {c['alignment']['mean']:.4f}  gain vs calibrated "
+              f"{g['mean']:+.4f} ± {g['standard_error']:.4f}")
+    lora, cold = gains["lora"], gains["cold_fd"]
+    share = cold / lora if lora > 0 else float("nan")
+    time_ratio = seconds["cold_fd"] / seconds["lora"]
+    met = lora > 0 and share >= 0.95 and time_ratio <= 0.1
+    print(f"COLD-FD gain / LoRA gain = {share:.2f} (LoRA gain {lora:+.4f}); COLD-FD build / LoRA build = "
+          f"{time_ratio:.2f}; goal (>= 0.95 at <= 0.10): {'met' if met else 'not met'}")
+    files = peft_files(profiles["lora"])
+    print(f"LoRA build {seconds['lora']:.1f} s (target < 60 s); adapter {profiles['lora'].nbytes() / 1e6:.2f} MB "
+          f"stored, peft folder {sum(len(v) for v in files.values()) / 1e6:.2f} MB")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--items", type=int, default=20)
+    parser.add_argument("--heldout", type=int, default=40)
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--group", default="Liberal")
+    parser.add_argument("--skip-builds", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    lm = load_model()
+    throughput(lm, args.tokens, args.reps)
+    if not args.skip_builds:
+        items, source = opinion_items(args.group)
+        builds(lm, items, source, args.items, args.heldout, args.group)
+
+
+if __name__ == "__main__":
+    main()
