@@ -2,6 +2,10 @@
 batching cost.
 
     .venv/bin/python bench/bench_generation.py [--threads 2] [--tokens 64] [--reps 5] [--skip-cold]
+                                               [--only-scoring]
+
+Requests reach the engine as the service sends them: plain-data steering plans naming profiles by their
+artifact digest, resolved on the engine thread from an in-memory profile source.
 
 Every ratio compares configurations measured side by side in this one run, interleaved rep by rep (a busy
 machine slows both sides alike). Each ratio is printed by wall clock and by the process's CPU time (the work
@@ -13,7 +17,9 @@ ratio of medians and the per-rep range beside it. Every request generates exactl
 2. 16 concurrent requests each with a different profile vs the same 16 unsteered, batched: throughput at
    least 0.9x;
 3. batched vs one-at-a-time for 16 concurrent requests: throughput at least 2x;
-4. a blend of 4 COLD-FD profiles vs 1 COLD-FD profile: time at most 1.2x.
+4. a blend of 4 COLD-FD profiles vs 1 COLD-FD profile: time at most 1.2x;
+5. (issue 14) p95 inter-token latency of 8 streams while 256-question `score` requests run back to back, vs
+   the same 8 streams alone: at most 1.5x (`--only-scoring` runs this part alone).
 
 The profiles are real: DiffMean fitted on the repo's urban-group fixture at the 16 middle layers (one
 profile per layer, the middle layer's for the single-profile runs), and COLD-FD (default parameters: fd,
@@ -26,22 +32,24 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import os
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from service.engine import GenerationEngine, SamplingParams  # noqa: E402
-from steer_core import get_method, intervention, load_items, load_model  # noqa: E402
+from service.engine import GenerationEngine, GenerationResult, PlannedProfile, SamplingParams, SteeringPlan  # noqa: E402
+from steer_core import Profile, get_method, load_items, load_model  # noqa: E402
 from steer_core.models import LanguageModel  # noqa: E402
-from steer_core.steering import RowSteering, compose  # noqa: E402
 
 FIXTURES = REPO / "tests" / "fixtures"
 TOPICS = ["city life", "the countryside", "public transport", "farming", "taxes", "schools", "the internet",
@@ -58,22 +66,41 @@ def prompts(engine: GenerationEngine, n: int) -> list[list[int]]:
     return out
 
 
-def diffmean_rows(lm: LanguageModel, n: int, positions: str) -> list[RowSteering]:
-    """n DiffMean profiles fitted in one pass on the urban fixture, one per layer of the middle n layers,
-    each as one row's steering."""
+class MemoryProfiles:
+    """Profiles by artifact digest (the service reads them from its profile cache the same way)."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, bytes] = {}
+
+    def __call__(self, digest: str) -> Profile:
+        return Profile.from_bytes(self.data[digest])
+
+    def add(self, profile: Profile) -> str:
+        data = profile.to_bytes()
+        digest = hashlib.sha256(data).hexdigest()
+        self.data[digest] = data
+        return digest
+
+
+def plan(*weighted: tuple[str, float], positions: str | None = None) -> SteeringPlan:
+    return SteeringPlan(tuple(PlannedProfile(d, w, positions) for d, w in weighted))
+
+
+def diffmean_digests(lm: LanguageModel, store: MemoryProfiles, n: int) -> list[str]:
+    """n DiffMean profiles fitted in one pass on the urban fixture, one per layer of the middle n layers."""
     items = load_items(FIXTURES / "opinions_group_urban.jsonl")[:10]
     first = max(0, lm.num_layers // 2 - n // 2)
     layers = list(range(first, min(lm.num_layers, first + n)))
-    profiles = get_method("diffmean").fit(lm, items, layers, {}, positions)
-    rows = []
+    profiles = get_method("diffmean").fit(lm, items, layers, {}, "prompt")
+    digests = []
     for layer in layers:
         profiles[layer].strength = 2.0
-        rows.append(compose([(intervention(profiles[layer], lm), 1.0)]))
+        digests.append(store.add(profiles[layer]))
     middle = layers.index(lm.num_layers // 2) if lm.num_layers // 2 in layers else 0
-    return rows[middle:] + rows[:middle]  # the middle layer's profile first
+    return digests[middle:] + digests[:middle]  # the middle layer's profile first
 
 
-def cold_fd_interventions(lm: LanguageModel, n: int, layer: int) -> list:
+def cold_fd_digests(lm: LanguageModel, store: MemoryProfiles, n: int, layer: int) -> list[str]:
     items = load_items(FIXTURES / "opinions_group_urban.jsonl") + load_items(FIXTURES / "opinions_group_rural.jsonl")
     spec = get_method("cold_fd")
     params = spec.check_params({})
@@ -82,7 +109,7 @@ def cold_fd_interventions(lm: LanguageModel, n: int, layer: int) -> list:
         subset = items[10 * k:10 * k + 10]
         profile = spec.fit(lm, subset, [layer], params, "prompt")[layer]
         profile.strength = 0.1
-        out.append(intervention(profile, lm))
+        out.append(store.add(profile))
     return out
 
 
@@ -98,12 +125,12 @@ def timed(fn: Callable[[], object]) -> Timing:
     return Timing(time.perf_counter() - wall, time.process_time() - cpu)
 
 
-def run_one(engine: GenerationEngine, prompt: list[int], sampling: SamplingParams, steering: RowSteering | None):
+def run_one(engine: GenerationEngine, prompt: list[int], sampling: SamplingParams, steering: SteeringPlan | None):
     return lambda: engine.generate(prompt, sampling, steering, timeout=3600)
 
 
 def run_many(engine: GenerationEngine, batch: Sequence[list[int]], sampling: SamplingParams,
-             steering: Sequence[RowSteering | None]):
+             steering: Sequence[SteeringPlan | None]):
     def go() -> None:
         handles = [engine.submit(p, sampling, s) for p, s in zip(batch, steering, strict=True)]
         for h in handles:
@@ -158,6 +185,83 @@ def report(title: str, times: dict[str, list[Timing]], per: float, target: tuple
         print(f"     {part}")
 
 
+def stream_gaps(engine: GenerationEngine, batch: Sequence[list[int]], sampling: SamplingParams) -> list[float]:
+    """Submit one stream per prompt at once; the seconds between consecutive text chunks of each stream, as
+    its client reads them."""
+    handles = [engine.submit(p, sampling) for p in batch]
+    gaps: list[list[float]] = [[] for _ in handles]
+
+    def read(i: int) -> None:
+        last = None
+        while True:
+            item = handles[i].next(3600)
+            now = time.perf_counter()
+            if last is not None:
+                gaps[i].append(now - last)
+            last = now
+            if isinstance(item, GenerationResult):
+                return
+
+    readers = [threading.Thread(target=read, args=(i,)) for i in range(len(handles))]
+    for t in readers:
+        t.start()
+    for t in readers:
+        t.join()
+    return [g for per in gaps for g in per]
+
+
+def streams_under_scoring(engine: GenerationEngine, batch: Sequence[list[int]], sampling: SamplingParams,
+                          reps: int) -> None:
+    """5. p95 gap between tokens of 8 streams, alone and while 256-question score requests run back to back
+    (started before the streams, kept running until they end), interleaved rep by rep."""
+    items = load_items(FIXTURES / "opinions_group_urban.jsonl") + load_items(FIXTURES / "opinions_group_rural.jsonl")
+    questions = (items * (256 // len(items) + 1))[:256]
+    alone_p95: list[float] = []
+    loaded_p95: list[float] = []
+    all_alone: list[float] = []
+    all_loaded: list[float] = []
+    scored = 0
+    scoring_seconds = 0.0
+    stream_gaps(engine, batch, sampling)  # warm-up
+    engine.score(questions[:32], timeout=3600)
+    for _ in range(reps):
+        gaps = stream_gaps(engine, batch, sampling)
+        all_alone += gaps
+        alone_p95.append(float(np.percentile(gaps, 95)))
+        running = threading.Event()
+        running.set()
+        done: list[int] = []
+
+        def score_load(running: threading.Event = running, done: list[int] = done) -> None:
+            while running.is_set():
+                done.append(len(engine.score(questions, timeout=3600).distributions))
+
+        scorer = threading.Thread(target=score_load)
+        began = time.perf_counter()
+        before = engine.stats.score_batches
+        scorer.start()
+        while engine.stats.score_batches == before:  # the score load is running before the streams start
+            time.sleep(0.001)
+        gaps = stream_gaps(engine, batch, sampling)
+        running.clear()
+        scorer.join()
+        scoring_seconds += time.perf_counter() - began
+        scored += sum(done)
+        all_loaded += gaps
+        loaded_p95.append(float(np.percentile(gaps, 95)))
+    ratios = [b / a for a, b in zip(alone_p95, loaded_p95, strict=True)]
+    print(f"\n5. {len(batch)} streams, gap between tokens alone and under 256-question score requests "
+          f"(score batch {engine.score_batch_size}, scoring share {engine.score_share}); all reps pooled:")
+    for name, gaps in (("alone", all_alone), ("under scoring load", all_loaded)):
+        p50, p95, p99 = (1000 * float(np.percentile(gaps, q)) for q in (50, 95, 99))
+        print(f"  {name:<20} p50 {p50:7.1f} ms  p95 {p95:7.1f} ms  p99 {p99:7.1f} ms  max {1000 * max(gaps):7.1f} ms"
+              f"  ({len(gaps)} gaps)")
+    print(f"  questions scored while streams and scoring shared the engine: {scored} in {scoring_seconds:.1f} s")
+    ok = statistics.median(ratios) <= 1.5
+    print(f"  => p95 gap under scoring load / alone, target <= 1.5x: {statistics.median(ratios):.3f}x "
+          f"({'met' if ok else 'NOT met'}; median of per-rep ratios, reps {min(ratios):.3f}..{max(ratios):.3f})")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -165,6 +269,7 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--skip-cold", action="store_true", help="skip the COLD-FD blend part (fitting takes "
                         "a few minutes on CPU)")
+    parser.add_argument("--only-scoring", action="store_true", help="run part 5 (streams under scoring load) only")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     lm = load_model()
@@ -174,14 +279,19 @@ def main() -> int:
     print(f"model {lm.name} ({lm.num_layers} layers), {lm.device}, {lm.dtype}, {torch.get_num_threads()} threads; "
           f"{args.tokens} new tokens per request, greedy; {args.reps} reps; steering layer {layer}")
     sampling = SamplingParams(max_tokens=args.tokens, temperature=0.0, ignore_eos=True)
-    batched = GenerationEngine(lm, max_batch_size=n, batch_wait_ms=10, max_new_tokens=args.tokens)
-    serial = GenerationEngine(lm, max_batch_size=1, batch_wait_ms=10, max_new_tokens=args.tokens)
+    store = MemoryProfiles()
+    batched = GenerationEngine(lm, profiles=store, max_batch_size=n, batch_wait_ms=10, max_new_tokens=args.tokens)
     batch = prompts(batched, n)
+    if args.only_scoring:
+        streams_under_scoring(batched, batch[:8], sampling, args.reps)
+        batched.stop()
+        return 0
+    serial = GenerationEngine(lm, profiles=store, max_batch_size=1, batch_wait_ms=10, max_new_tokens=args.tokens)
     t0 = time.perf_counter()
-    rows_prompt = diffmean_rows(lm, n, "prompt")
-    rows_all = [[dataclasses.replace(iv, positions="all") for iv in row] for row in rows_prompt]
-    print(f"fitted {n} DiffMean profiles (layers {min(iv.layer for r in rows_prompt for iv in r)}.."
-          f"{max(iv.layer for r in rows_prompt for iv in r)}) in {time.perf_counter() - t0:.1f} s")
+    digests = diffmean_digests(lm, store, n)
+    rows_prompt = [plan((d, 1.0)) for d in digests]
+    rows_all = [plan((d, 1.0), positions="all") for d in digests]
+    print(f"fitted {n} DiffMean profiles in {time.perf_counter() - t0:.1f} s")
 
     # 1. one request: unsteered vs one constant vector
     times = interleaved({
@@ -220,11 +330,10 @@ def main() -> int:
         print("\n4. COLD-FD blend: skipped (--skip-cold)")
     else:
         t0 = time.perf_counter()
-        cold = cold_fd_interventions(lm, 4, layer)
+        cold = cold_fd_digests(lm, store, 4, layer)
         print(f"\nfitted 4 COLD-FD profiles in {time.perf_counter() - t0:.1f} s")
-        one = compose([(cold[0], 1.0)])
-        four = compose([(iv, 0.25) for iv in cold])
-        assert len(four) == 1, "a blend of COLD-FD profiles at one layer must be one intervention"
+        one = plan((cold[0], 1.0))
+        four = plan(*[(d, 0.25) for d in cold])
         prefill = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
         times = interleaved({
             "unsteered": run_one(batched, batch[1], sampling, None),
@@ -240,6 +349,10 @@ def main() -> int:
         }, 4 * args.reps)  # short runs: more reps
         report("   prefill alone (where all of COLD-FD's cost is)", times, 1,
                ("blend of 4 COLD-FD profiles", "1 COLD-FD profile", 1.2), unit="ms")
+        steering, _ = batched.interventions.resolve(four)  # cached by the runs above
+        assert steering is not None and len(steering) == 1, "a COLD-FD blend at one layer is one intervention"
+
+    streams_under_scoring(batched, batch[:8], sampling, args.reps)
     batched.stop()
     print(f"\nload average at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())} "
           f"({os.cpu_count()} CPUs)")

@@ -29,13 +29,14 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from service.engine import GenerationEngine, SamplingParams  # noqa: E402
+from service.engine import GenerationEngine, PlannedProfile, SamplingParams, SteeringPlan  # noqa: E402
 from steer_core import build_profile, load_items, load_model  # noqa: E402
 from steer_core.calibration import fit_calibration  # noqa: E402
 from steer_core.data import load_opinionsqa  # noqa: E402
 from steer_core.evaluation import ORIGINAL, evaluate  # noqa: E402
 from steer_core.export import peft_files  # noqa: E402
-from steer_core.lora import LoraShift, target_modules, target_names  # noqa: E402
+from steer_core.lora import PEFT_PREFIX, target_modules, target_names  # noqa: E402
+from steer_core.profile import Profile  # noqa: E402
 from steer_core.prompts import answer_distributions  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data"
@@ -53,29 +54,33 @@ def opinion_items(group: str) -> tuple[list, str]:
     return items, source
 
 
-def random_adapters(lm, n: int, rank: int = 4) -> list[LoraShift]:
+def random_adapters(lm, n: int, rank: int = 4) -> list[Profile]:
+    """n LoRA profiles with random factors (peft's tensor names, scaling alpha / r = 1)."""
     layer = lm.num_layers // 2
     modules = target_modules(lm, layer, target_names(lm))
     out = []
     for seed in range(n):
         g = torch.Generator().manual_seed(seed)
-        factors = {}
+        tensors = {}
         for path, m in modules.items():
             out_f, in_f = m.weight.shape
-            factors[path] = (torch.randn(rank, in_f, generator=g) / in_f ** 0.5,
-                             torch.randn(out_f, rank, generator=g) * 1e-3)
-        out.append(LoraShift(layer=layer, positions="all", factors=factors))
+            tensors[f"{PEFT_PREFIX}{path}.lora_A.weight"] = torch.randn(rank, in_f, generator=g) / in_f ** 0.5
+            tensors[f"{PEFT_PREFIX}{path}.lora_B.weight"] = torch.randn(out_f, rank, generator=g) * 1e-3
+        out.append(Profile(method="lora", model_name=lm.name, model_fingerprint=lm.fingerprint, layer=layer,
+                           positions="all", strength=1.0, tensors=tensors,
+                           params={"adapter_config": {"r": rank, "lora_alpha": rank}}))
     return out
 
 
 def throughput(lm, tokens: int, reps: int) -> None:
     print(f"\n== 16 rows, 16 distinct LoRA adapters vs 16 unsteered rows ({tokens} tokens each, greedy) ==")
-    engine = GenerationEngine(lm, max_batch_size=16, batch_wait_ms=200, max_new_tokens=tokens)
+    adapters = {f"adapter-{i}": p for i, p in enumerate(random_adapters(lm, 16))}  # names stand in for digests
+    engine = GenerationEngine(lm, profiles=adapters.__getitem__, max_batch_size=16, batch_wait_ms=200,
+                              max_new_tokens=tokens)
     sampling = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
     topics = ["rain", "trains", "farms", "taxes", "schools", "news", "gardens", "votes", "hospitals", "shops",
               "sports", "houses", "rivers", "music", "bread", "bikes"]
     prompts = [engine.tokenize_chat([{"role": "user", "content": f"Write about {t}."}]) for t in topics]
-    adapters = random_adapters(lm, 16)
 
     def run(steering) -> float:
         start = time.perf_counter()
@@ -89,7 +94,7 @@ def throughput(lm, tokens: int, reps: int) -> None:
         ratios, plain_tps, lora_tps = [], [], []
         for _ in range(reps):
             plain = run([None] * 16)
-            steered = run([[a] for a in adapters])
+            steered = run([SteeringPlan((PlannedProfile(name),)) for name in adapters])
             plain_tps.append(plain)
             lora_tps.append(steered)
             ratios.append(steered / plain)

@@ -1,19 +1,28 @@
-"""The generation engine: one thread owns the model and runs every request of the process.
+"""The generation engine: one thread owns the model and every tensor, and runs every request of the process.
 
-Request threads never touch the model. They tokenize (on their own copy of the tokenizer), then hand the
-engine a prompt, sampling parameters and a steering plan (`steer_core.RowSteering`, already composed from
-weighted profiles) with `submit`, and read text chunks from the `GenerationHandle` they get back.
+Request threads never touch torch. They tokenize (on their own copy of the tokenizer), then hand the engine
+a prompt, sampling parameters and a plain-data steering plan (`service.engine_api.SteeringPlan`: artifact
+digests, weights, positions) with `submit` or `score`, and read what comes back from a `GenerationHandle`.
 
-The engine thread batches concurrent requests dynamically: when it is idle it waits at most
-`batch_wait_ms` after the first arrival to fill a batch; while a batch runs, new requests are prefilled
-between decode steps and concatenated into it (their KV caches left-padded to a common length), up to
-`max_batch_size` rows. Every row keeps its own steering through `SteeringHooks.plan` (one row per
-request); a batch with no steered row runs with no hooks at all. A row that finishes (stop token, stop
-string, `max_tokens`), is cancelled (client gone) or fails leaves the batch at the next step; an
-intervention that raises fails only the rows it steers.
+The engine thread resolves plans: it loads each profile through the profile source (the service's profile
+cache: LRU, Redis, artifact store), builds its intervention for the served model, composes the blend,
+and keeps both in one bounded `InterventionCache`. A plan that cannot steer fails its own request
+(`SteeringRejected`) before it takes a batch slot.
 
-Scoring (`score`) runs on the same thread, between decode steps, through the one answer reader
-`steer_core.prompts.answer_distributions`.
+Batching is dynamic: when the engine is idle it waits at most `batch_wait_ms` after the first arrival to
+fill a batch; while a batch runs, new requests are prefilled between decode steps and concatenated into it
+(their KV caches left-padded to a common length), up to `max_batch_size` rows. Every row keeps its own
+steering through `SteeringHooks.plan`; a batch with no steered row runs with no hooks at all. A row that
+finishes (stop token, stop string, `max_tokens`), is cancelled (client gone), passes its deadline or
+fails leaves the batch at the next step; an intervention that raises fails only the rows it steers.
+
+Scoring shares the loop: a score request is read in batches of `score_batch_size` questions through the
+one answer reader (`steer_core.prompts.answer_distributions`), at most one batch per step. While rows are
+decoding, scoring gets about `score_share` of the engine's time (after a scoring batch, decode steps run
+until they have used the rest), so streams keep flowing under scoring load; an idle engine scores flat out.
+
+At most `max_queue` requests wait for the engine; beyond that `submit` and `score` raise `EngineBusy` at
+once. `stop` ends every request it has admitted with a result or an error.
 """
 
 from __future__ import annotations
@@ -34,11 +43,26 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from service.engine_api import (
+    AppliedProfile,
+    DeadlineExceeded,
+    EngineBusy,
+    EngineStopped,
+    GenerationFailed,
+    PlannedProfile,
+    SteeringPlan,
+    SteeringRejected,
+)
+from service.interventions import InterventionCache, ProfileSource
 from steer_core.data import OpinionItem
 from steer_core.errors import SteerError
 from steer_core.models import LanguageModel
 from steer_core.prompts import answer_distributions, format_prompt
 from steer_core.steering import RowSteering, SteeringHooks
+
+__all__ = ["AppliedProfile", "DeadlineExceeded", "EngineBusy", "EngineStopped", "GenerationEngine",
+           "GenerationFailed", "GenerationHandle", "GenerationResult", "InterventionCache", "PlannedProfile",
+           "ProfileSource", "SamplingParams", "Scored", "SteeringPlan", "SteeringRejected", "TextChunk"]
 
 FINISH_REASONS = ("stop", "length", "cancelled")
 
@@ -82,29 +106,31 @@ class GenerationResult:
     completion_tokens: int
 
 
-class GenerationFailed(RuntimeError):
-    """This request's row failed; the other rows of its batch went on."""
+@dataclass(frozen=True)
+class Scored:
+    """Answer distributions of a score request, and what steered each item."""
+
+    distributions: list[np.ndarray]
+    applied: list[tuple[AppliedProfile, ...]]
 
 
-class EngineStopped(RuntimeError):
-    """The engine was stopped before the request finished."""
-
-
-_DONE, _CHUNK, _ERROR = "done", "chunk", "error"
+_STARTED, _DONE, _CHUNK, _ERROR = "started", "done", "chunk", "error"
 _BATCH_SERIALS = itertools.count()
 
 
 class GenerationHandle:
-    """What a request thread holds: an iterator of text chunks, the final result, and `cancel`."""
+    """What a request thread holds: the steering the engine applied, text chunks as they come, the final
+    result, and `cancel`."""
 
-    def __init__(self, request_id: int, prompt_tokens: int) -> None:
+    def __init__(self, request_id: int, prompt_tokens: int, deadline: float) -> None:
         self.id = request_id
         self.prompt_tokens = prompt_tokens
+        self.deadline = deadline  # time.monotonic() past which the engine drops the request
+        self.applied: tuple[AppliedProfile, ...] | None = None  # set once the engine resolved the plan
         self._events: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._cancelled = threading.Event()
         self._result: GenerationResult | None = None
         self._error: BaseException | None = None
-        self._chunks: list[str] = []
 
     def cancel(self) -> None:
         """Ask the engine to drop this request; its batch slot is freed at the next step."""
@@ -114,26 +140,57 @@ class GenerationHandle:
     def cancelled(self) -> bool:
         return self._cancelled.is_set()
 
-    def chunks(self, timeout: float | None = None) -> Iterator[TextChunk]:
-        """Text chunks as they are generated; ends when the request finishes, raises if it failed.
+    def next(self, timeout: float | None = None) -> TextChunk | GenerationResult | None:
+        """The next text chunk, or the result once the request finished; None when nothing came within
+        `timeout` seconds. Raises the request's error (`SteeringRejected`, `GenerationFailed`, ...)."""
+        while True:
+            if self._error is not None:
+                raise self._error
+            if self._result is not None:
+                return self._result
+            try:
+                kind, value = self._events.get(timeout=timeout)
+            except queue.Empty:
+                return None
+            if kind == _STARTED:
+                self.applied = value
+            elif kind == _CHUNK:
+                return value
+            elif kind == _DONE:
+                self._result = value
+            else:
+                self._error = value
 
-        `timeout` bounds the wait for each chunk (TimeoutError past it).
-        """
-        while self._result is None:
+    def started(self, timeout: float | None = None) -> tuple[AppliedProfile, ...] | None:
+        """What the engine applied once it accepted the request's steering; raises what it refused it
+        with; None when neither happened within `timeout` seconds."""
+        while self.applied is None:
             if self._error is not None:
                 raise self._error
             try:
                 kind, value = self._events.get(timeout=timeout)
             except queue.Empty:
-                raise TimeoutError("no output from the generation engine in time") from None
-            if kind == _CHUNK:
-                self._chunks.append(value.text)
-                yield value
-            elif kind == _DONE:
-                self._result = value
-            else:
+                return None
+            if kind == _STARTED:
+                self.applied = value
+            elif kind == _ERROR:
                 self._error = value
-                raise value
+            else:  # a request is started before it produces anything
+                raise RuntimeError(f"unexpected {kind} event before the request started")
+        return self.applied
+
+    def chunks(self, timeout: float | None = None) -> Iterator[TextChunk]:
+        """Text chunks as they are generated; ends when the request finishes, raises if it failed.
+
+        `timeout` bounds the wait for each chunk (TimeoutError past it).
+        """
+        while True:
+            item = self.next(timeout)
+            if item is None:
+                raise TimeoutError("no output from the generation engine in time")
+            if isinstance(item, GenerationResult):
+                return
+            yield item
 
     def result(self, timeout: float | None = None) -> GenerationResult:
         """Wait for the whole generation (`timeout` per chunk) and return it."""
@@ -151,14 +208,18 @@ class EngineStats:
     """Counters a request thread may read at any time (for /metrics and tests)."""
 
     active_rows: int = 0  # rows in the running batch
+    queued: int = 0  # requests waiting for the engine (generation rows and score requests)
     steps: int = 0  # decode steps run
     prefills: int = 0  # prefill calls run
     tokens: int = 0  # tokens generated
-    finished: int = 0  # requests finished (any reason, failures included)
+    finished: int = 0  # generation requests finished (any reason, failures included)
     failed: int = 0
     cancelled: int = 0
+    expired: int = 0  # requests dropped at their deadline (counted in `failed` too)
+    rejected: int = 0  # requests whose steering plan could not be resolved (never admitted)
     largest_batch: int = 0
     steered_steps: int = 0  # forward calls that ran with steering hooks attached
+    score_batches: int = 0  # scoring batches run
 
 
 @dataclass(eq=False)
@@ -166,11 +227,13 @@ class _Row:
     handle: GenerationHandle
     prompt_ids: list[int]
     sampling: SamplingParams
-    steering: RowSteering | None
+    plan: SteeringPlan | None
     max_tokens: int
     generator: torch.Generator | None
+    steering: RowSteering | None = None  # the plan, resolved on the engine thread
     generated: list[int] = field(default_factory=list)
     sent: int = 0  # characters of the decoded text already sent
+    queued: bool = True  # counted in the engine's queue
 
 
 @dataclass(eq=False)
@@ -281,28 +344,45 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
 @dataclass(eq=False)
 class _ScoreJob:
     items: list[OpinionItem]
-    steering: list[RowSteering | None] | None
+    plans: list[SteeringPlan | None]
+    deadline: float
+    steering: list[RowSteering | None] = field(default_factory=list)
+    applied: list[tuple[AppliedProfile, ...]] = field(default_factory=list)
+    results: list[np.ndarray] = field(default_factory=list)
     done: threading.Event = field(default_factory=threading.Event)
-    result: list[np.ndarray] | None = None
     error: BaseException | None = None
+    queued: bool = True
 
 
 _STOP = object()
 
 
 class GenerationEngine:
-    """Owns `lm` on one thread and serves generation and scoring requests from any thread."""
+    """Owns `lm` on one thread and serves generation and scoring requests from any thread.
 
-    def __init__(self, lm: LanguageModel, *, max_batch_size: int = 16, batch_wait_ms: float = 10.0,
-                 max_new_tokens: int = 512) -> None:
+    `profiles` loads a profile by its artifact digest (plans name profiles that way); without it only
+    unsteered requests are served.
+    """
+
+    def __init__(self, lm: LanguageModel, *, profiles: ProfileSource | None = None, max_batch_size: int = 16,
+                 batch_wait_ms: float = 10.0, max_new_tokens: int = 512, max_queue: int = 256,
+                 request_timeout_s: float = 300.0, score_batch_size: int = 16, score_share: float = 0.25,
+                 cache_size: int = 128) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
+        if not 0.0 < score_share <= 1.0:
+            raise ValueError("score_share must be in (0, 1]")
         self.lm = lm
         self.max_batch_size = max_batch_size
         self.batch_wait = max(0.0, batch_wait_ms) / 1000.0
         self.max_new_tokens = max_new_tokens
+        self.max_queue = max(1, max_queue)
+        self.request_timeout_s = request_timeout_s
+        self.score_batch_size = max(1, score_batch_size)
+        self.score_share = score_share
         self.context_length = context_length(lm)
         self.stats = EngineStats()
+        self.interventions = InterventionCache(lm, profiles, cache_size)
         self._stop_ids = _stop_token_ids(lm)
         # Request threads tokenize on their own copy: a fast tokenizer must not be used by two threads
         # while one changes its padding settings (the engine's scoring does).
@@ -310,14 +390,16 @@ class GenerationEngine:
         self._tokenizer_lock = threading.Lock()
         self._inbox: queue.Queue[Any] = queue.Queue()
         self._backlog: deque[_Row] = deque()
+        self._scores: deque[_ScoreJob] = deque()
+        self._score_debt = 0.0  # seconds of decoding owed before the next scoring batch
         self._batch: _Batch | None = None
         self._hooks: SteeringHooks | None = None
         self._planned: tuple[int, int] | None = None
         self._hook_failures: dict[int, Exception] = {}
         self._next_id = 0
-        self._id_lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        self._start_lock = threading.Lock()
+        # Guards starting, stopping, ids and the queue count: nothing enters the inbox after a stop.
+        self._lock = threading.Lock()
         self._stopped = False
         params = inspect.signature(lm.model.forward).parameters
         self._logits_to_keep = "logits_to_keep" in params
@@ -330,31 +412,40 @@ class GenerationEngine:
 
     def start(self) -> GenerationEngine:
         """Start the engine thread (once; later calls do nothing)."""
-        with self._start_lock:
-            if self._stopped:
-                raise EngineStopped("the generation engine was stopped")
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="generation-engine", daemon=True)
-                self._thread.start()
+        with self._lock:
+            self._start_locked()
         return self
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Stop the engine thread; unfinished requests fail with `EngineStopped`."""
-        with self._start_lock:
+    def _start_locked(self) -> None:
+        if self._stopped:
+            raise EngineStopped("the generation engine was stopped")
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="generation-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> bool:
+        """Stop the engine thread. Every request it admitted ends: unfinished ones fail with
+        `EngineStopped`. False when the thread did not end within `timeout` (it is stuck in a model call;
+        it still fails what it holds when that call returns)."""
+        with self._lock:
             self._stopped = True
             thread = self._thread
+            if thread is not None:
+                self._inbox.put(_STOP)  # the last item: nothing is queued after a stop
         if thread is not None:
-            self._inbox.put(_STOP)
             thread.join(timeout)
+            if thread.is_alive():
+                return False
         self._fail_everything(EngineStopped("the generation engine was stopped"))
+        return True
 
     @property
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
     def queue_depth(self) -> int:
-        """Requests submitted and not yet running (approximate: read from another thread)."""
-        return self._inbox.qsize() + len(self._backlog)
+        """Requests submitted and not yet running or finished."""
+        return self.stats.queued
 
     def tokenize_chat(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
         """Prompt token ids for chat `messages` (`role`, `content`), ending where the assistant speaks."""
@@ -373,57 +464,77 @@ class GenerationEngine:
             tok = self._request_tokenizer
             return len(tok.encode(format_prompt(tok, item), add_special_tokens=not tok.chat_template))
 
-    def submit(self, prompt_ids: Sequence[int], sampling: SamplingParams,
-               steering: RowSteering | None = None) -> GenerationHandle:
-        """Queue one generation; returns at once. `steering` is this row's composed steering (None: none)."""
+    def _enqueue(self, item: _Row | _ScoreJob) -> None:
+        with self._lock:
+            self._start_locked()
+            if self.stats.queued >= self.max_queue:
+                retry = 1 + self.stats.queued // self.max_batch_size
+                raise EngineBusy(f"the generation engine has {self.stats.queued} requests waiting; retry later",
+                                 retry_after=retry)
+            self.stats.queued += 1
+            self._inbox.put(item)
+
+    def _leave_queue(self, item: _Row | _ScoreJob) -> None:
+        if item.queued:
+            item.queued = False
+            with self._lock:
+                self.stats.queued -= 1
+
+    def _deadline(self, timeout: float | None) -> float:
+        return time.monotonic() + (self.request_timeout_s if timeout is None else timeout)
+
+    def submit(self, prompt_ids: Sequence[int], sampling: SamplingParams, plan: SteeringPlan | None = None,
+               timeout: float | None = None) -> GenerationHandle:
+        """Queue one generation; returns at once. `plan` is this row's steering (None: none); the request
+        is dropped `timeout` seconds from now (default `request_timeout_s`) if it has not finished."""
         sampling.check(self.max_new_tokens)
         if not prompt_ids:
             raise SteerError("the prompt is empty", "prompt")
         if len(prompt_ids) >= self.context_length:
             raise SteerError(f"the prompt has {len(prompt_ids)} tokens; this model's context is "
                              f"{self.context_length} tokens", "prompt")
-        if steering:
-            for iv in steering:
-                self.lm.check_layer(iv.layer)
-        self.start()
-        with self._id_lock:
+        with self._lock:
             self._next_id += 1
-            handle = GenerationHandle(self._next_id, len(prompt_ids))
+            handle = GenerationHandle(self._next_id, len(prompt_ids), self._deadline(timeout))
         generator = None
         if sampling.temperature > 0:
             seed = sampling.seed if sampling.seed is not None else int.from_bytes(os.urandom(7), "little")
             generator = torch.Generator().manual_seed(seed)
         row = _Row(handle=handle, prompt_ids=[int(t) for t in prompt_ids], sampling=sampling,
-                   steering=list(steering) if steering else None,
+                   plan=plan if plan else None,
                    max_tokens=min(sampling.max_tokens, self.context_length - len(prompt_ids)),
                    generator=generator)
-        self._inbox.put(row)
+        self._enqueue(row)
         return handle
 
-    def generate(self, prompt_ids: Sequence[int], sampling: SamplingParams,
-                 steering: RowSteering | None = None, timeout: float | None = None) -> GenerationResult:
-        """`submit` and wait for the result."""
-        handle = self.submit(prompt_ids, sampling, steering)
+    def generate(self, prompt_ids: Sequence[int], sampling: SamplingParams, plan: SteeringPlan | None = None,
+                 timeout: float | None = None) -> GenerationResult:
+        """`submit` and wait for the result (`timeout` per chunk)."""
+        handle = self.submit(prompt_ids, sampling, plan)
         try:
             return handle.result(timeout)
         except TimeoutError:
             handle.cancel()
             raise
 
-    def score(self, items: Sequence[OpinionItem], steering: Sequence[RowSteering | None] | None = None,
-              timeout: float | None = None) -> list[np.ndarray]:
-        """Answer distributions of `items` (one steering per item, or None), read on the engine thread."""
-        if steering is not None and len(steering) != len(items):
-            raise ValueError(f"steering has {len(steering)} rows for {len(items)} items")
-        job = _ScoreJob(items=list(items), steering=list(steering) if steering is not None else None)
-        self.start()
-        self._inbox.put(job)
-        if not job.done.wait(timeout):
-            raise TimeoutError("scoring did not finish in time")
+    def score(self, items: Sequence[OpinionItem], plan: SteeringPlan | Sequence[SteeringPlan | None] | None = None,
+              timeout: float | None = None) -> Scored:
+        """Answer distributions of `items` under `plan` (one for every item, or one per item), read on the
+        engine thread between decode steps."""
+        if plan is None or isinstance(plan, SteeringPlan):
+            plans: list[SteeringPlan | None] = [plan if plan else None] * len(items)
+        else:
+            plans = [p if p else None for p in plan]
+            if len(plans) != len(items):
+                raise ValueError(f"{len(plans)} plans for {len(items)} items")
+        job = _ScoreJob(items=list(items), plans=plans, deadline=self._deadline(timeout))
+        self._enqueue(job)
+        # The engine drops the job at its deadline; the margin covers one scoring batch in flight.
+        if not job.done.wait(max(0.0, job.deadline - time.monotonic()) + 60.0):
+            raise DeadlineExceeded("scoring did not finish in time")
         if job.error is not None:
             raise job.error
-        assert job.result is not None
-        return job.result
+        return Scored(distributions=job.results, applied=job.applied)
 
     # ---- the engine thread ---------------------------------------------------------------------------
 
@@ -438,26 +549,33 @@ class GenerationEngine:
         self._remove_hooks()
 
     def _step(self) -> bool:
-        """One round: admit new work, prefill it, one decode step. False once stopped."""
-        new_rows, jobs, stop = self._admit()
-        for job in jobs:
-            self._run_score(job)
+        """One round: admit new work, prefill it, one decode step, at most one scoring batch. False once
+        stopped."""
+        rows, stop = self._admit()
         if stop:
+            self._shutdown(rows)
             return False
-        if new_rows:
-            self._prefill(new_rows)
+        if rows:
+            self._prefill(rows)
         if self._batch is not None:
+            started = time.perf_counter()
             self._decode()
+            self._score_debt -= time.perf_counter() - started
         if self._batch is None:
+            self._score_debt = 0.0  # nobody is waiting for tokens: score flat out
+        if self._scores and self._score_debt <= 0:
+            spent = self._score_batch()
+            if self._batch is not None:
+                self._score_debt += spent * (1.0 - self.score_share) / self.score_share
+        if self._batch is None and not self._scores:
             self._remove_hooks()  # idle: the model is left unsteered
         self.stats.active_rows = len(self._batch.rows) if self._batch is not None else 0
         return True
 
-    def _admit(self) -> tuple[list[_Row], list[_ScoreJob], bool]:
+    def _admit(self) -> tuple[list[_Row], bool]:
+        """Take what arrived (resolving its steering), and the rows that fit into the batch."""
         running = len(self._batch.rows) if self._batch is not None else 0
         room = self.max_batch_size - running
-        rows: list[_Row] = []
-        jobs: list[_ScoreJob] = []
         stop = False
 
         def take(item: Any) -> None:
@@ -465,15 +583,16 @@ class GenerationEngine:
             if item is _STOP:
                 stop = True
             elif isinstance(item, _ScoreJob):
-                jobs.append(item)
-            else:
+                if self._resolve_job(item):
+                    self._scores.append(item)
+            elif self._resolve_row(item):
                 self._backlog.append(item)
 
-        if running == 0 and not self._backlog:
+        if running == 0 and not self._backlog and not self._scores:
             take(self._inbox.get())  # idle: sleep until something arrives
             deadline = time.monotonic() + self.batch_wait
             # Bounded wait: give concurrent requests a moment to join the first batch.
-            while not stop and not jobs and len(self._backlog) < room:
+            while not stop and not self._scores and len(self._backlog) < room:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
@@ -486,13 +605,47 @@ class GenerationEngine:
                 take(self._inbox.get_nowait())
             except queue.Empty:
                 break
-        while self._backlog and len(rows) < room:
+        now = time.monotonic()
+        rows: list[_Row] = []
+        kept: deque[_Row] = deque()
+        while self._backlog:
             row = self._backlog.popleft()
             if row.handle.cancelled:
                 self._finish(row, "cancelled")
-            else:
+            elif now > row.handle.deadline:
+                self._expire(row)
+            elif len(rows) < room:
                 rows.append(row)
-        return rows, jobs, stop
+            else:
+                kept.append(row)
+        self._backlog = kept
+        return rows, stop
+
+    def _resolve_row(self, row: _Row) -> bool:
+        try:
+            row.steering, applied = self.interventions.resolve(row.plan)
+        except Exception as exc:
+            self._reject(row, exc)
+            return False
+        row.handle._put(_STARTED, applied)
+        return True
+
+    def _resolve_job(self, job: _ScoreJob) -> bool:
+        try:
+            for plan in job.plans:
+                steering, applied = self.interventions.resolve(plan)
+                job.steering.append(steering)
+                job.applied.append(applied)
+        except Exception as exc:
+            self._end_job(job, exc)
+            return False
+        return True
+
+    def _reject(self, row: _Row, exc: BaseException) -> None:
+        self._leave_queue(row)
+        self.stats.rejected += 1
+        row.handle._put(_ERROR, exc if isinstance(exc, SteeringRejected | SteerError)
+                        else _wrapped(exc))
 
     def _forward(self, input_ids: Tensor, mask: Tensor, steering: list[RowSteering | None] | None,
                  prompt_length: int, cache: Any = None, plan_key: tuple[int, int] | None = None) -> Any:
@@ -535,6 +688,8 @@ class GenerationEngine:
         return plans if any(plans) else None
 
     def _prefill(self, rows: list[_Row]) -> None:
+        for row in rows:
+            self._leave_queue(row)
         width = max(len(r.prompt_ids) for r in rows)
         ids = torch.full((len(rows), width), self._pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -586,12 +741,16 @@ class GenerationEngine:
         logits = logits.float()
         finite = torch.isfinite(logits).all(dim=-1).tolist()
         greedy = logits.argmax(dim=-1).tolist()
+        now = time.monotonic()
         on_cpu = None
         keep: list[int] = []
         nxt: list[int] = []
         for i, row in enumerate(batch.rows):
             if row.handle.cancelled:
                 self._finish(row, "cancelled")
+                continue
+            if now > row.handle.deadline:
+                self._expire(row)
                 continue
             if i in failures:
                 self._fail(row, failures[i])
@@ -659,6 +818,7 @@ class GenerationEngine:
                                         clean_up_tokenization_spaces=False)
 
     def _finish(self, row: _Row, reason: str, text: str | None = None) -> None:
+        self._leave_queue(row)
         if text is None:
             text = self._decode_text(row)
         if len(text) > row.sent and reason != "cancelled":
@@ -672,13 +832,16 @@ class GenerationEngine:
             self.stats.cancelled += 1
 
     def _fail(self, row: _Row, exc: BaseException) -> None:
-        if not isinstance(exc, GenerationFailed | SteerError | EngineStopped):
-            wrapped = GenerationFailed(f"generation failed: {type(exc).__name__}: {exc}")
-            wrapped.__cause__ = exc
-            exc = wrapped
+        self._leave_queue(row)
+        if not isinstance(exc, GenerationFailed | SteerError | EngineStopped | DeadlineExceeded):
+            exc = _wrapped(exc)
         row.handle._put(_ERROR, exc)
         self.stats.finished += 1
         self.stats.failed += 1
+
+    def _expire(self, row: _Row) -> None:
+        self.stats.expired += 1
+        self._fail(row, DeadlineExceeded("the request did not finish before its deadline"))
 
     def _fail_batch(self, exc: BaseException) -> None:
         batch, self._batch = self._batch, None
@@ -688,29 +851,67 @@ class GenerationEngine:
                 self._fail(row, exc)
         self.stats.active_rows = 0
 
-    def _fail_everything(self, exc: BaseException) -> None:
-        if self.running:
-            return  # the thread still owns its state
+    def _shutdown(self, admitted: list[_Row]) -> None:
+        """The stop arrived: end every request this thread holds, those admitted in this round included."""
+        stopped = EngineStopped("the generation engine was stopped")
+        for row in admitted:
+            self._fail(row, stopped)
+        self._fail_held(stopped)
+
+    def _fail_held(self, exc: BaseException) -> None:
         self._fail_batch(exc)
         while self._backlog:
             self._fail(self._backlog.popleft(), exc)
+        while self._scores:
+            self._end_job(self._scores.popleft(), exc)
         while True:
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
                 break
             if isinstance(item, _ScoreJob):
-                item.error = exc
-                item.done.set()
+                self._end_job(item, exc)
             elif isinstance(item, _Row):
                 self._fail(item, exc)
 
-    def _run_score(self, job: _ScoreJob) -> None:
+    def _fail_everything(self, exc: BaseException) -> None:
+        if self.running:
+            return  # the thread still owns its state
+        self._fail_held(exc)
+
+    def _end_job(self, job: _ScoreJob, exc: BaseException | None = None) -> None:
+        self._leave_queue(job)
+        job.error = exc
+        job.done.set()
+
+    def _score_batch(self) -> float:
+        """Read the next batch of the oldest score request; the seconds it took."""
+        job = self._scores[0]
+        if time.monotonic() > job.deadline:
+            self._scores.popleft()
+            self._end_job(job, DeadlineExceeded("scoring did not finish before its deadline"))
+            return 0.0
+        start = len(job.results)
+        items = job.items[start:start + self.score_batch_size]
+        steering = job.steering[start:start + self.score_batch_size]
         # answer_distributions attaches its own hooks; the engine's must be off meanwhile.
         self._remove_hooks()
+        began = time.perf_counter()
         try:
-            job.result = answer_distributions(self.lm, job.items, job.steering)
+            job.results.extend(answer_distributions(self.lm, items, steering if any(steering) else None,
+                                                    batch_size=len(items)))
         except Exception as exc:
-            job.error = exc
-        finally:
-            job.done.set()
+            self._scores.popleft()
+            self._end_job(job, exc)
+            return time.perf_counter() - began
+        self.stats.score_batches += 1
+        if len(job.results) == len(job.items):
+            self._scores.popleft()
+            self._end_job(job)
+        return time.perf_counter() - began
+
+
+def _wrapped(exc: BaseException) -> GenerationFailed:
+    wrapped = GenerationFailed(f"generation failed: {type(exc).__name__}: {exc}")
+    wrapped.__cause__ = exc
+    return wrapped

@@ -1,4 +1,6 @@
-"""Wire errors. Every failure leaves the API as `{"error": {"type", "message", "field"}}`, from here only."""
+"""Wire errors. Every failure leaves the API as `{"error": {"type", "message", "field"}}`, from here only:
+`api_error` is the one map from an exception to its wire error, used by the app's error handlers and by
+event streams (whose headers are already sent when a failure comes)."""
 
 from __future__ import annotations
 
@@ -6,7 +8,7 @@ import logging
 import re
 from typing import Any
 
-from flask import Flask, Response, jsonify
+from flask import Flask, Response, current_app, has_app_context, jsonify
 from pydantic import ValidationError
 from sqlalchemy.exc import IntegrityError
 from werkzeug.exceptions import HTTPException
@@ -34,6 +36,9 @@ class ApiError(Exception):
         self.message = message
         self.field = field
         self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"type": self.type, "message": self.message, "field": self.field}
 
 
 def not_found(what: str, field: str | None = None) -> ApiError:
@@ -75,45 +80,64 @@ def validation_error(exc: ValidationError, prefix: str | None = None) -> ApiErro
     return ApiError(422, "validation_error", message, field)
 
 
-def register_error_handlers(app: Flask) -> None:
-    @app.errorhandler(ApiError)
-    def _api_error(exc: ApiError) -> Response:
-        return error_response(exc.status, exc.type, exc.message, exc.field, exc.headers)
+def api_error(exc: BaseException) -> ApiError:
+    """The wire error of any exception (an unexpected one is logged and becomes a bare 500)."""
+    from service.artifacts import ArtifactError
+    from service.engine_api import (
+        MODEL_MISMATCH,
+        UNAVAILABLE,
+        DeadlineExceeded,
+        EngineBusy,
+        EngineStopped,
+        GenerationFailed,
+        SteeringRejected,
+    )
 
-    @app.errorhandler(SteerError)
-    def _steer_error(exc: SteerError) -> Response:
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, SteerError):
         # Bad content that parsed fine (a target that does not sum to 1, an unknown method): 422.
-        return error_response(422, "validation_error", exc.message, exc.field)
-
-    @app.errorhandler(ValidationError)
-    def _validation_error(exc: ValidationError) -> Response:
-        err = validation_error(exc)
-        return error_response(err.status, err.type, err.message, err.field)
-
-    @app.errorhandler(HTTPException)
-    def _http_error(exc: HTTPException) -> Response:
+        return ApiError(422, "validation_error", exc.message, exc.field)
+    if isinstance(exc, ValidationError):
+        return validation_error(exc)
+    if isinstance(exc, HTTPException):
         status = exc.code or 500
         message = exc.description or exc.name
         if status == 413:
-            limit = app.config.get("MAX_CONTENT_LENGTH")
+            limit = current_app.config.get("MAX_CONTENT_LENGTH") if has_app_context() else None
             message = f"the request body is larger than the limit of {limit} bytes"
         headers = {k: v for k, v in exc.get_headers() if k.lower() in ("allow", "retry-after")}
-        return error_response(status, _HTTP_TYPES.get(status, "error"), message,
-                              "body" if status == 413 else None, headers)
-
-    @app.errorhandler(IntegrityError)
-    def _integrity(exc: IntegrityError) -> Response:
+        return ApiError(status, _HTTP_TYPES.get(status, "error"), message, "body" if status == 413 else None,
+                        headers)
+    if isinstance(exc, IntegrityError):
         # Two requests raced to create the same thing (a uid, an item id); the loser may simply retry.
         log.info("integrity conflict: %s", exc.orig)
-        return error_response(409, "conflict", "a concurrent request changed the same resource; retry")
+        return ApiError(409, "conflict", "a concurrent request changed the same resource; retry")
+    if isinstance(exc, ArtifactError):
+        # A missing or corrupted artifact is never applied or served: the profile is unavailable.
+        return ApiError(409, "profile_unavailable", f"the profile's artifact is unavailable: {exc}", "artifact")
+    if isinstance(exc, SteeringRejected):
+        if exc.reason == UNAVAILABLE:
+            return ApiError(409, "profile_unavailable", str(exc), exc.field)
+        if exc.reason == MODEL_MISMATCH:
+            return ApiError(422, "profile_model_mismatch", str(exc), exc.field)
+        return ApiError(422, "validation_error", str(exc), exc.field)
+    if isinstance(exc, EngineBusy):
+        return ApiError(503, "unavailable", str(exc), headers={"Retry-After": str(exc.retry_after)})
+    if isinstance(exc, DeadlineExceeded):
+        return ApiError(503, "deadline_exceeded", str(exc), headers={"Retry-After": "5"})
+    if isinstance(exc, EngineStopped):
+        return ApiError(503, "unavailable", str(exc), headers={"Retry-After": "5"})
+    if isinstance(exc, GenerationFailed):
+        return ApiError(500, "generation_failed", str(exc))
+    if isinstance(exc, TimeoutError):
+        return ApiError(503, "unavailable", str(exc) or "timed out", headers={"Retry-After": "5"})
+    log.error("unhandled error", exc_info=exc)
+    return ApiError(500, "internal_error", "internal server error")
 
+
+def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(Exception)
-    def _unexpected(exc: Exception) -> Response:
-        from service.artifacts import ArtifactError
-
-        if isinstance(exc, ArtifactError):
-            # A missing or corrupted artifact is never applied or served: the profile is unavailable.
-            return error_response(409, "profile_unavailable", f"the profile's artifact is unavailable: {exc}",
-                                  "artifact")
-        log.exception("unhandled error")
-        return error_response(500, "internal_error", "internal server error")
+    def _any_error(exc: Exception) -> Response:
+        err = api_error(exc)
+        return error_response(err.status, err.type, err.message, err.field, err.headers)

@@ -421,8 +421,9 @@ class ChatCompletionRequest(Request):
 
     model: str = Field(description="the served base model, or `<base>:<profile id>` for one profile")
     messages: list[ChatMessageIn] = Field(min_length=1)
-    max_tokens: StrictInt | None = Field(None, ge=1, description="new tokens at most (default and "
-                                                                 "limit: the deployment's MAX_NEW_TOKENS)")
+    max_tokens: StrictInt | None = Field(None, ge=1, description="new tokens at most (default: the "
+                                                                 "deployment's DEFAULT_MAX_TOKENS; limit: its "
+                                                                 "MAX_NEW_TOKENS)")
     max_completion_tokens: StrictInt | None = Field(None, ge=1, description="same as max_tokens")
     temperature: Number = Field(1.0, ge=0, le=2, description="0 is greedy")
     top_p: Number = Field(1.0, gt=0, le=1)

@@ -7,6 +7,7 @@ failing the whole API.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
@@ -21,19 +22,56 @@ log = logging.getLogger(__name__)
 
 WINDOW_S = 60
 PREFIX = "pluristeer:ratelimit:"
+TOKEN_PREFIX = "pluristeer:tokens:"
 
 
-def hit(client: redis.Redis, key_id: str, limit: int, now: float | None = None) -> tuple[bool, int, int]:
-    """Count one request of `key_id`. Returns (allowed, remaining, seconds until the window resets)."""
+def hit(client: redis.Redis, key_id: str, limit: int, now: float | None = None, amount: int = 1,
+        prefix: str = PREFIX) -> tuple[bool, int, int]:
+    """Count `amount` (one request, or tokens) against `key_id`'s window. Returns (allowed, remaining, seconds
+    until the window resets). A refused amount is not counted, so a smaller request may still pass."""
     now = time.time() if now is None else now
     window = int(now // WINDOW_S)
-    name = f"{PREFIX}{key_id}:{window}"
+    name = f"{prefix}{key_id}:{window}"
     pipe = client.pipeline()
-    pipe.incr(name)
+    pipe.incrby(name, amount)
     pipe.expire(name, WINDOW_S + 5)
     count = int(pipe.execute()[0])
     reset = max(1, math.ceil((window + 1) * WINDOW_S - now))
+    if count > limit and amount > 1:
+        client.decrby(name, amount)
+        count -= amount
+        return False, max(0, limit - count), reset
     return count <= limit, max(0, limit - count), reset
+
+
+def charge_tokens(tenant_id: int, tokens: int) -> None:
+    """Count a generation's prompt plus requested new tokens against its tenant's per-minute budget
+    (`TOKENS_PER_MINUTE`; 0 or less: none); 429 with `Retry-After` past it. Like the request limit, it lets
+    requests through while Redis is unavailable."""
+    settings = context.settings()
+    limit = settings.tokens_per_minute
+    if limit <= 0:
+        return
+    from service.observability import record_rate_limit
+
+    if redis_down(settings.redis_url):
+        record_rate_limit("redis_unavailable")
+        return
+    # Tenant ids are per database: the database's URL keeps two deployments on one Redis apart.
+    tenant_key = hashlib.sha256(f"{settings.database_url}|{tenant_id}".encode()).hexdigest()[:32]
+    try:
+        allowed, remaining, reset = hit(context.redis_client(), tenant_key, limit, amount=tokens,
+                                        prefix=TOKEN_PREFIX)
+    except redis.RedisError as exc:
+        note_redis_error(settings.redis_url)
+        log.warning("token budget not applied for %.0f s, Redis unavailable: %s", DOWN_BACKOFF_S, exc)
+        record_rate_limit("redis_unavailable")
+        return
+    if not allowed:
+        record_rate_limit("token_budget")
+        raise ApiError(429, "token_budget", f"this request needs {tokens} tokens (prompt plus max_tokens) and "
+                       f"{remaining} of this tenant's {limit} a minute are left; retry in {reset} s or ask for "
+                       "fewer", "max_tokens", {"Retry-After": str(reset)})
 
 
 def enforce(key_id: str) -> None:

@@ -43,14 +43,14 @@ masks (Gemma 2/3 alternating sliding windows).
 
 from __future__ import annotations
 
+import hashlib
 import math
 import threading
-import weakref
-from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+import cachetools
 import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
@@ -94,44 +94,58 @@ def _steered_below(ctx: ForwardContext, layer: int, rows: Tensor) -> bool:
 
 
 class _UnitCache:
-    """The last few unit displacements ``J(x) d`` by (direction, input). The held-out search scores one
+    """The last few unit displacements ``J(x) d`` by content: (the direction's digest, the model's
+    fingerprint, the pass's settings, the sha256 of the input rows). The held-out search scores one
     profile at several strengths on the same prompts; ``dZ`` is linear in the strength, so one extra pass
-    serves them all. Global and small (it holds a few (n, T, D) tensors), so serving pays nothing."""
+    serves them all. Small (it holds a few (n, T, D) tensors), so serving pays nothing."""
 
     size = 4
 
     def __init__(self) -> None:
-        self.entries: OrderedDict[tuple, Tensor] = OrderedDict()
+        self.entries: cachetools.LRUCache[tuple, Tensor] = cachetools.LRUCache(self.size)
         self.lock = threading.Lock()  # a build thread and a serving thread may share the process
 
     def get(self, key: tuple) -> Tensor | None:
         with self.lock:
-            hit = self.entries.get(key)
-            if hit is not None:
-                self.entries.move_to_end(key)
-            return hit
+            return self.entries.get(key)
 
     def put(self, key: tuple, value: Tensor) -> None:
         with self.lock:
             self.entries[key] = value
-            while len(self.entries) > self.size:
-                self.entries.popitem(last=False)
-
-    def forget(self, direction: int) -> None:
-        with self.lock:
-            for key in [k for k in self.entries if k[0] == direction]:
-                del self.entries[key]
 
 
 _UNIT_CACHE = _UnitCache()
 
 
-def _input_key(ctx: ForwardContext, rows: Tensor) -> tuple | None:
+def _input_digest(ctx: ForwardContext, rows: Tensor) -> str | None:
     if ctx.input_ids is None:
         return None
-    ids = ctx.input_ids[rows.to(ctx.input_ids.device)].cpu()
-    mask = ctx.attention_mask[rows.to(ctx.attention_mask.device)].cpu() if ctx.attention_mask is not None else None
-    return (tuple(ids.shape), hash(ids.numpy().tobytes()), None if mask is None else hash(mask.numpy().tobytes()))
+    digest = hashlib.sha256()
+    ids = ctx.input_ids[rows.to(ctx.input_ids.device)].cpu().to(torch.int64).contiguous()
+    digest.update(repr(tuple(ids.shape)).encode())
+    digest.update(ids.numpy().tobytes())
+    if ctx.attention_mask is not None:
+        mask = ctx.attention_mask[rows.to(ctx.attention_mask.device)].cpu().to(torch.int64).contiguous()
+        digest.update(mask.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def tensors_digest(tensors: dict[str, Tensor], *extra: object) -> str:
+    """sha256 of named tensors (names, dtypes, shapes and bytes) and `extra` values."""
+    digest = hashlib.sha256(repr(extra).encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _on(pert: Perturbation, device: torch.device, dtype: torch.dtype) -> Perturbation:
+    """`pert` on `device` in `dtype` (itself when it already is)."""
+    rows = pert.embedding_rows
+    if rows.device == device and rows.dtype == dtype:
+        return pert
+    return pert.map(lambda t: t.to(device=device, dtype=dtype))
 
 
 @dataclass(frozen=True, eq=False)
@@ -139,27 +153,21 @@ class ColdFDShift:
     """``coef * J(x) d`` added at the prompt positions of layer `layer`.
 
     ``d`` is a direction in ``theta_<=L`` (a profile's calibrated unit direction, or a blend's weighted
-    sum); `scale` is its size in those units (1 for one profile, the sum of |weight x strength| for a
-    blend), so the fd step ``eps / scale`` moves ``Z_L`` by about `eps` of its norm. `direction`, when
-    set, names the stored direction so unit displacements can be reused across strengths.
+    sum), built on the served model's device in the dtype its pass runs in; `scale` is its size in those
+    units (1 for one profile, the sum of |weight x strength| for a blend), so the fd step ``eps / scale``
+    moves ``Z_L`` by about `eps` of its norm. `direction`, when set, is the content digest of the stored
+    direction, so unit displacements can be reused across strengths. The model is the one the steering
+    hooks run (`ForwardContext.model`).
     """
 
     layer: int
     positions: str
-    lm: LanguageModel
     perturbation: Perturbation
     coef: float = 1.0
     scale: float = 1.0
     mode: str = DEFAULT_MODE
     eps: float = DEFAULT_EPS
-    direction: int | None = None
-    _cast: dict[Any, Perturbation] = field(default_factory=dict, repr=False)
-
-    def _on(self, device: torch.device, dtype: torch.dtype) -> Perturbation:
-        key = (str(device), dtype)
-        if key not in self._cast:
-            self._cast[key] = self.perturbation.map(lambda t: t.to(device=device, dtype=dtype))
-        return self._cast[key]
+    direction: str | None = None
 
     def displacement(self, hidden: Tensor, ctx: ForwardContext, rows: Tensor) -> Tensor:
         if self.coef == 0 or self.scale == 0:
@@ -169,39 +177,42 @@ class ColdFDShift:
                              "(prefill in chunks is not supported)", "positions")
         if not ctx.block0_args and "hidden_states" not in ctx.block0_kwargs:
             raise RuntimeError("the steering hooks did not capture block 0's inputs")
+        lm = ctx.model
+        if lm is None:
+            raise RuntimeError("the steering hooks did not record the model")
         key = None
         if self.direction is not None:
-            inputs = _input_key(ctx, rows)
-            key = None if inputs is None else (self.direction, id(self.lm.model), self.layer, self.mode, self.eps,
+            inputs = _input_digest(ctx, rows)
+            key = None if inputs is None else (self.direction, lm.fingerprint, self.layer, self.mode, self.eps,
                                                hidden.dtype, inputs)
         unit = _UNIT_CACHE.get(key) if key is not None else None
         if unit is None:
-            unit = self._unit(hidden, ctx, rows)
+            unit = self._unit(lm, hidden, ctx, rows)
             if key is not None:
                 _UNIT_CACHE.put(key, unit)
         return self.coef * unit
 
-    def _unit(self, hidden: Tensor, ctx: ForwardContext, rows: Tensor) -> Tensor:
+    def _unit(self, lm: LanguageModel, hidden: Tensor, ctx: ForwardContext, rows: Tensor) -> Tensor:
         """``J(x) d`` for the batch rows `rows` (one extra pass through blocks 0..L)."""
         batch = int((ctx.block0_args[0] if ctx.block0_args else ctx.block0_kwargs["hidden_states"]).shape[0])
         select = None if len(rows) == batch and bool((rows.cpu() == torch.arange(batch)).all()) else rows
         ids = ctx.input_ids[rows.to(ctx.input_ids.device)] if ctx.input_ids is not None else None
         # The jvp runs in the served dtype; the fd difference needs fp32 (a step of eps rounds away in bf16).
-        dtype = self.lm.dtype if self.mode == "jvp" else torch.float32
+        dtype = pass_dtype(lm, self.mode)
         cast = None if self.mode == "jvp" else dtype
         args = prepare_inputs(ctx.block0_args, select, batch, cast)
         kwargs = prepare_inputs(ctx.block0_kwargs, select, batch, cast)
+        pert = _on(self.perturbation, hidden.device, dtype)
         if self.mode == "jvp":
-            _, tan = tangents(self.lm, args, kwargs, ids, self._on(hidden.device, dtype), self.layer, dtype)
+            _, tan = tangents(lm, args, kwargs, ids, pert, self.layer, dtype)
             return tan[self.layer]
         tau = self.eps / self.scale
-        pert = self._on(hidden.device, dtype)
-        moved = run_blocks(self.lm, args, kwargs, ids, pert, tau, self.layer, dtype)[self.layer]
-        served_fp32 = hidden.dtype == torch.float32 and self.lm.dtype == torch.float32
+        moved = run_blocks(lm, args, kwargs, ids, pert, tau, self.layer, dtype)[self.layer]
+        served_fp32 = hidden.dtype == torch.float32 and lm.dtype == torch.float32
         if served_fp32 and not _steered_below(ctx, self.layer, rows):
             base = hidden  # the served pass is this very fp32 computation
         else:
-            base = run_blocks(self.lm, args, kwargs, ids, None, 0.0, self.layer, dtype)[self.layer]
+            base = run_blocks(lm, args, kwargs, ids, None, 0.0, self.layer, dtype)[self.layer]
         return (moved - base) / tau
 
     @classmethod
@@ -210,13 +221,13 @@ class ColdFDShift:
         factors concatenate) and the mix costs one extra pass."""
         first = weighted[0][0]
         for iv, _ in weighted:
-            if iv.lm is not first.lm or iv.layer != first.layer or iv.positions != first.positions:
-                raise SteerError("COLD-FD profiles blend only for one model, layer and positions", "profiles")
+            if iv.layer != first.layer or iv.positions != first.positions:
+                raise SteerError("COLD-FD profiles blend only at one layer and positions", "profiles")
         pert = Perturbation.combine([(iv.perturbation, w * iv.coef) for iv, w in weighted])
         scale = sum(abs(w * iv.coef) * iv.scale for iv, w in weighted)
         # A mix is exact with jvp; fd stays when every part asked for it.
         mode = "fd" if all(iv.mode == "fd" for iv, _ in weighted) else "jvp"
-        return cls(layer=first.layer, positions=first.positions, lm=first.lm, perturbation=pert, coef=1.0,
+        return cls(layer=first.layer, positions=first.positions, perturbation=pert, coef=1.0,
                    scale=scale, mode=mode, eps=min(iv.eps for iv, _ in weighted))
 
 
@@ -319,44 +330,23 @@ def fit(lm: LanguageModel, items: Sequence[OpinionItem], layers: Sequence[int], 
     return out
 
 
-# id(profile tensor) -> (a weak reference to it, its scales, its unit direction, that direction's copies
-# per device and dtype): one per stored profile, shared by every intervention made from it (the search
-# makes one per strength; a server one per request).
-_DIRECTIONS: dict[int, tuple[weakref.ref, tuple[float, float], Perturbation, dict]] = {}
-
-
-def _unit_direction(profile: Profile) -> tuple[int, Perturbation, dict]:
-    """The profile's calibrated unit direction (and its cache of device copies), built once per stored
-    tensor set and forgotten when the profile's tensors are."""
-    rows = profile.tensors["embedding:rows"]
-    p = profile.params
-    scales = (float(p["unit_scale"]), float(p["embedding_scale"]))
-    key = id(rows)
-    known = _DIRECTIONS.get(key)
-    if known is not None and known[0]() is rows and known[1] == scales:
-        return key, known[2], known[3]
-    unit = Perturbation.from_tensors(profile.tensors, scales[1]).scaled(scales[0])
-    _UNIT_CACHE.forget(key)
-    if known is None or known[0]() is not rows:
-        weakref.finalize(rows, _forget_direction, key)
-    casts: dict = {}
-    _DIRECTIONS[key] = (weakref.ref(rows), scales, unit, casts)
-    return key, unit, casts
-
-
-def _forget_direction(key: int) -> None:
-    _DIRECTIONS.pop(key, None)
-    _UNIT_CACHE.forget(key)
+def pass_dtype(lm: LanguageModel, mode: str) -> torch.dtype:
+    """The dtype of the extra pass: the served one for the jvp, fp32 for fd (a step of eps rounds away in
+    bf16)."""
+    return lm.dtype if mode == "jvp" else torch.float32
 
 
 def intervention(profile: Profile, lm: LanguageModel) -> ColdFDShift:
-    """The profile as a `ColdFDShift` at its own strength (its unit direction is shared with every other
-    intervention made from the same stored tensors)."""
+    """The profile as a `ColdFDShift` at its own strength, its calibrated unit direction built on the
+    model's device in the dtype of its pass."""
     p = profile.params
-    direction, unit, casts = _unit_direction(profile)
-    return ColdFDShift(layer=profile.layer, positions=profile.positions, lm=lm, perturbation=unit,
-                       coef=float(profile.strength), mode=p.get("mode", DEFAULT_MODE),
-                       eps=float(p.get("eps", DEFAULT_EPS)), direction=direction, _cast=casts)
+    scales = (float(p["unit_scale"]), float(p["embedding_scale"]))
+    mode = p.get("mode", DEFAULT_MODE)
+    unit = Perturbation.from_tensors(profile.tensors, scales[1]).scaled(scales[0])
+    return ColdFDShift(layer=profile.layer, positions=profile.positions,
+                       perturbation=_on(unit, lm.device, pass_dtype(lm, mode)),
+                       coef=float(profile.strength), mode=mode, eps=float(p.get("eps", DEFAULT_EPS)),
+                       direction=tensors_digest(profile.tensors, scales))
 
 
 def candidate_layers(lm: LanguageModel) -> list[int]:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -70,7 +70,6 @@ class Barrier:
     coef: Tensor  # (n_components,) fp32
     intercept: float
     prior_offset: float  # log((1 - pi) / pi)
-    _forms: dict[str, tuple[Tensor | None, Tensor]] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.coef.shape != (self.sketch.n_components,):
@@ -88,24 +87,22 @@ class Barrier:
 
     def unit_form(self, device: torch.device) -> tuple[Tensor | None, Tensor] | None:
         """`(A, c)` with `d h / d a^ = a^ A + c` exactly (A None for degree 1), or None where the form
-        does not pay off (degree > 2, very wide models). Cached per device."""
+        does not pay off (degree > 2, very wide models). Computed on each call: a flow folds it into its
+        field once, when it is built."""
         sk = self.sketch
         if sk.degree > 2 or (sk.degree == 2 and sk.dim > QUADRATIC_MAX_DIM):
             return None
-        key = str(device)
-        if key not in self._forms:
-            idx, sign, w = sk.index_hash.long().cpu(), sk.bit_hash.float().cpu(), self.coef.float().cpu()
-            if sk.degree == 1:  # h = w . (C x): the gradient is C^T w, a constant
-                lifted = sign[0] * w[idx[0]]
-                form: tuple[Tensor | None, Tensor] = (None, sk.gamma ** 0.5 * lifted[:-1])
-            else:  # h = x^T M x with M[i, j] = s1_i s2_j w[(h1_i + h2_j) mod n]; grad_x = (M + M^T) x
-                n = sk.n_components
-                m = sign[0].unsqueeze(1) * sign[1].unsqueeze(0) * w[(idx[0].unsqueeze(1) + idx[1].unsqueeze(0)) % n]
-                q = m + m.T
-                # x = [sqrt(gamma) a^, sqrt(coef0)]  =>  dh/da^ = gamma Q_aa a^ + sqrt(gamma coef0) Q_a1
-                form = (sk.gamma * q[:-1, :-1], (sk.gamma * sk.coef0) ** 0.5 * q[:-1, -1])
-            self._forms[key] = tuple(None if t is None else t.contiguous().to(device) for t in form)  # type: ignore
-        return self._forms[key]
+        idx, sign, w = sk.index_hash.long().cpu(), sk.bit_hash.float().cpu(), self.coef.float().cpu()
+        if sk.degree == 1:  # h = w . (C x): the gradient is C^T w, a constant
+            lifted = sign[0] * w[idx[0]]
+            return None, (sk.gamma ** 0.5 * lifted[:-1]).contiguous().to(device)
+        # h = x^T M x with M[i, j] = s1_i s2_j w[(h1_i + h2_j) mod n]; grad_x = (M + M^T) x
+        n = sk.n_components
+        m = sign[0].unsqueeze(1) * sign[1].unsqueeze(0) * w[(idx[0].unsqueeze(1) + idx[1].unsqueeze(0)) % n]
+        q = m + m.T
+        # x = [sqrt(gamma) a^, sqrt(coef0)]  =>  dh/da^ = gamma Q_aa a^ + sqrt(gamma coef0) Q_a1
+        return ((sk.gamma * q[:-1, :-1]).contiguous().to(device),
+                ((sk.gamma * sk.coef0) ** 0.5 * q[:-1, -1]).contiguous().to(device))
 
     def to_tensors(self) -> dict[str, Tensor]:
         return {**self.sketch.tensors(), "coef": self.coef.float().cpu(),

@@ -57,6 +57,7 @@ class ForwardContext:
     # layer -> batch rows whose block output the hooks changed in this call (a method that re-runs
     # blocks 0..L from block 0's inputs needs to know when Z_L is no longer the unsteered one).
     steered: dict[int, Tensor] = field(default_factory=dict)
+    model: LanguageModel | None = None  # the model being run (for methods that re-run its blocks)
 
     def position_mask(self, positions: str, rows: Tensor | None = None) -> Tensor:
         """(n, T) boolean mask of the positions of this call that `positions` steers."""
@@ -257,7 +258,8 @@ class SteeringHooks:
     """Forward hooks on one model that steer each row of each batch by its own plan.
 
     Only one `SteeringHooks` may be attached to a model at a time: a second one (another thread
-    steering the same model) raises instead of silently mixing displacements.
+    steering the same model) raises instead of silently mixing displacements. The model's own hook
+    table says whether one is attached; there is no registry beside it.
 
     Plain `ConstantShift`s are summed per (layer, positions) into one (batch, hidden) table when a plan
     is set, so a batch whose rows each carry a different constant vector costs one add per steered
@@ -265,9 +267,6 @@ class SteeringHooks:
     `on_error(rows, exc)` (the batch rows it steers) and skipped, so a serving engine can fail those
     rows' requests alone; without it the exception propagates.
     """
-
-    _attached: dict[int, SteeringHooks] = {}
-    _attach_lock = threading.Lock()
 
     def __init__(self, lm: LanguageModel,
                  on_error: Callable[[Tensor, Exception], None] | None = None) -> None:
@@ -285,11 +284,9 @@ class SteeringHooks:
         self._low_rank: LowRankRows | None = None
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._owner = threading.get_ident()
-        with self._attach_lock:
-            if id(lm.model) in self._attached:
-                raise RuntimeError("this model is already being steered by another SteeringHooks; "
-                                   "one engine thread must own the model")
-            self._attached[id(lm.model)] = self
+        if attached_hooks(lm) is not None:
+            raise RuntimeError("this model is already being steered by another SteeringHooks; "
+                               "one engine thread must own the model")
         try:
             self._handles.append(lm.model.register_forward_pre_hook(self._capture_call, with_kwargs=True))
             self._handles.append(lm.blocks[0].register_forward_pre_hook(self._capture_block0, with_kwargs=True))
@@ -376,7 +373,8 @@ class SteeringHooks:
             raise RuntimeError(f"steering planned for {len(self._rows)} rows, batch has {batch}")
         self.ctx = ForwardContext(past_length=past, prompt_length=prompt, seq_length=seq, input_ids=input_ids,
                                   attention_mask=kwargs.get("attention_mask"),
-                                  model_kwargs={k: v for k, v in kwargs.items() if k != "input_ids"})
+                                  model_kwargs={k: v for k, v in kwargs.items() if k != "input_ids"},
+                                  model=self.lm)
         self._masks = {}
         if self._low_rank is not None:
             self._low_rank.active = True
@@ -451,9 +449,15 @@ class SteeringHooks:
         if self._low_rank is not None:
             self._low_rank.remove()
             self._low_rank = None
-        with self._attach_lock:
-            if self._attached.get(id(self.lm.model)) is self:
-                del self._attached[id(self.lm.model)]
+
+
+def attached_hooks(lm: LanguageModel) -> SteeringHooks | None:
+    """The `SteeringHooks` attached to `lm`, read from the model's own pre-hooks."""
+    for hook in lm.model._forward_pre_hooks.values():
+        owner = getattr(hook, "__self__", None)
+        if isinstance(owner, SteeringHooks):
+            return owner
+    return None
 
 
 @contextmanager

@@ -78,7 +78,7 @@ def test_jvp_equals_a_float64_finite_difference_of_the_real_parameters(family, h
     profile = fitted(lm, layer=2, strength=0.3, mode="jvp", rank=4)
     iv = intervention(profile, lm)
     shift, mask = observed_shift(lm, [iv])
-    pert = iv._on(lm.device, torch.float64).scaled(iv.coef)
+    pert = iv.perturbation.scaled(iv.coef)  # built on the model's device in its (float64) dtype
     batch = encode_items(lm, PROMPTS)
     with torch.no_grad():
         z = {}

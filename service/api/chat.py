@@ -1,32 +1,45 @@
 """Generation under steering: `POST /v1/chat/completions` (OpenAI-compatible, SSE streaming) and
 `POST /v1/score` (answer distributions of multiple-choice questions).
 
-Routes are thin: parse, resolve the request's steering to one `RowSteering` (profiles through the
-profile cache, checked for tenant, status and model), hand it to the process's `GenerationEngine`
-(started with the first request that needs it), and turn the result into JSON or an event stream.
-The engine's thread owns the model; nothing here touches it.
+Routes are thin: parse, turn the request's steering into a plain-data `SteeringPlan` (profiles checked
+for tenant, status and model in the database; artifacts named by digest), hand it to the process's
+`GenerationEngine` (started with the first request that needs it), and turn what comes back into JSON
+or an event stream. The engine's thread loads the profiles and owns every tensor; nothing here touches
+torch. A client that goes away (streaming or not) cancels its row; every request has a deadline.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
+import select
+import socket
 import threading
 import time
 import uuid
-from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from flask import Blueprint, Flask, Response, current_app
+from flask import Blueprint, Flask, Response, current_app, request
 
 from service import context, db
 from service.auth import tenant_id
-from service.engine import EngineStopped, GenerationEngine, GenerationFailed, GenerationHandle, SamplingParams
-from service.errors import ApiError, not_found
+from service.engine import (
+    AppliedProfile as EngineApplied,
+)
+from service.engine import (
+    DeadlineExceeded,
+    GenerationEngine,
+    GenerationHandle,
+    GenerationResult,
+    PlannedProfile,
+    SamplingParams,
+    SteeringPlan,
+    TextChunk,
+)
+from service.errors import ApiError, api_error, not_found
 from service.openapi import api_route
 from service.protocol import (
     AppliedProfile,
@@ -38,7 +51,6 @@ from service.protocol import (
     ChatDelta,
     ChatMessageOut,
     ChunkChoice,
-    ProfileWeight,
     QuestionScore,
     ScoreRequest,
     ScoreResponse,
@@ -46,21 +58,24 @@ from service.protocol import (
     SteeringOut,
     Usage,
 )
+from service.ratelimit import charge_tokens
 from service.settings import Settings
 from steer_core.calibration import IDENTITY, Calibration, blend_calibration, recorded_calibration
 from steer_core.data import OpinionItem, make_item
 from steer_core.errors import SteerError
 from steer_core.metrics import summarize
 from steer_core.models import LanguageModel
-from steer_core.steering import Intervention, RowSteering, compose
 
 log = logging.getLogger(__name__)
 
 bp = Blueprint("chat", __name__)
 
 ENGINE = "pluristeer.engine"
-# Seconds a request waits for the engine's next token before giving up (and freeing its slot).
-TOKEN_TIMEOUT_S = 300.0
+# Seconds a request may take from submission to its last token; past it the engine drops the row and the
+# client gets 503 with Retry-After.
+REQUEST_TIMEOUT_S = 300.0
+# How often a waiting request thread checks whether its client is still connected.
+POLL_S = 0.05
 # Methods whose displacement exists at prefill only (COLD-FD needs the whole prompt in one call).
 PROMPT_ONLY_METHODS = frozenset({"cold_fd"})
 
@@ -68,42 +83,56 @@ PROMPT_ONLY_METHODS = frozenset({"cold_fd"})
 # ------------------------------------------------------------------------------------------- the engine
 
 class EngineSlot:
-    """The app's generation engine, created by the first request that needs it (loading the model)."""
+    """The app's generation engine, created by the first request that needs it (loading the model).
+
+    A stop that cannot end the engine's thread (stuck in a model call) leaves the slot dead: no second
+    engine may start on the same model while the first one may still run it.
+    """
 
     def __init__(self, app: Flask) -> None:
         self.app = app
         self.lock = threading.Lock()
         self.engine: GenerationEngine | None = None
         self.error: str | None = None
-        # (artifact sha256, model fingerprint, positions override) -> (intervention, profile layer, strength),
-        # most recent last
-        self.interventions: OrderedDict[tuple[str, str, str | None], tuple[Intervention, int, float]] = OrderedDict()
-        self.interventions_lock = threading.Lock()
+        self.dead: str | None = None
 
     def get(self) -> GenerationEngine:
         with self.lock:
+            if self.dead is not None:
+                raise ApiError(503, "unavailable", self.dead, headers={"Retry-After": "60"})
             if self.engine is None:
-                settings: Settings = context.state(self.app).settings
+                state = context.state(self.app)
+                settings: Settings = state.settings
                 try:
                     lm = self.app.config.get("GENERATION_MODEL") or _load(settings.model)
                 except SteerError as exc:
                     self.error = f"cannot load {settings.model!r}: {exc.message}"
                     raise ApiError(503, "unavailable", self.error, "model") from None
-                self.engine = GenerationEngine(lm, max_batch_size=settings.max_batch_size,
-                                               batch_wait_ms=settings.batch_wait_ms,
-                                               max_new_tokens=settings.max_new_tokens).start()
+                self.engine = GenerationEngine(
+                    lm, profiles=lambda sha: state.profile_cache().load(sha),
+                    max_batch_size=settings.max_batch_size, batch_wait_ms=settings.batch_wait_ms,
+                    max_new_tokens=settings.max_new_tokens, max_queue=4 * settings.max_batch_size,
+                    request_timeout_s=REQUEST_TIMEOUT_S, cache_size=max(1, settings.profile_lru_size)).start()
                 self.error = None
             return self.engine
 
     def probe(self) -> dict[str, Any]:
         engine = self.engine
-        return {"loaded": engine is not None and engine.running, "error": self.error}
+        return {"loaded": self.dead is None and engine is not None and engine.running,
+                "error": self.dead or self.error}
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 30.0) -> bool:
+        """Stop the engine; False (and the slot dead) when its thread did not end in time."""
         with self.lock:
-            if self.engine is not None:
-                self.engine.stop()
-                self.engine = None
+            if self.engine is None:
+                return True
+            if not self.engine.stop(timeout):
+                self.dead = ("the generation engine could not be stopped (a model call did not return); "
+                             "restart the process")
+                log.error(self.dead)
+                return False
+            self.engine = None
+            return True
 
 
 def _load(name: str) -> LanguageModel:
@@ -131,11 +160,11 @@ def engine(app: Flask | None = None) -> GenerationEngine:
     return (app or current_app).extensions[ENGINE].get()
 
 
-def stop_engine(app: Flask) -> None:
-    """Stop the app's engine thread (tests, shutdown); a later request starts a new one."""
+def stop_engine(app: Flask, timeout: float = 30.0) -> bool:
+    """Stop the app's engine thread (tests, shutdown); a later request starts a new one unless the stop
+    failed (False: the slot is dead)."""
     slot: EngineSlot | None = app.extensions.get(ENGINE)
-    if slot is not None:
-        slot.stop()
+    return slot.stop(timeout) if slot is not None else True
 
 
 class _EngineCollector:
@@ -157,7 +186,9 @@ class _EngineCollector:
         finished = CounterMetricFamily("pluristeer_generation_requests", "generation requests finished",
                                        labels=["outcome"])
         if stats:
-            finished.add_metric(["failed"], stats.failed)
+            finished.add_metric(["rejected"], stats.rejected)
+            finished.add_metric(["expired"], stats.expired)
+            finished.add_metric(["failed"], stats.failed - stats.expired)
             finished.add_metric(["cancelled"], stats.cancelled)
             finished.add_metric(["completed"], stats.finished - stats.failed - stats.cancelled)
         yield finished
@@ -166,9 +197,20 @@ class _EngineCollector:
 # ------------------------------------------------------------------------------------------- steering
 
 @dataclass
-class Resolved:
-    steering: RowSteering | None
+class Planned:
+    """A request's steering as the engine takes it, and what the response reports about it."""
+
+    plan: SteeringPlan | None
     applied: SteeringOut
+    rows: list[tuple[db.ProfileRow, float]]
+
+    def report(self, found: Sequence[EngineApplied]) -> SteeringOut:
+        """The response's `steering`, with each profile's layer and strength as the engine found them."""
+        self.applied.profiles = [
+            AppliedProfile(id=row.id, weight=weight, version=row.version, method=row.method, layer=info.layer,
+                           strength=info.strength)
+            for (row, weight), info in zip(self.rows, found, strict=True)]
+        return self.applied
 
 
 @dataclass
@@ -189,9 +231,8 @@ def parse_model(name: str | None, settings: Settings, field: str = "model") -> t
                    f"(or '{settings.model}:<profile id>')", field)
 
 
-def resolve_steering(eng: GenerationEngine, spec: SteeringIn | None, shorthand: str | None,
-                     user: str | None) -> Resolved:
-    """The request's blend as one `RowSteering`, checked for this tenant, status and model."""
+def plan_steering(spec: SteeringIn | None, shorthand: str | None, user: str | None) -> Planned:
+    """The request's blend as a plan, each profile checked for this tenant, status and model."""
     session = context.session()
     settings = context.settings()
     tenant = tenant_id()
@@ -225,14 +266,18 @@ def resolve_steering(eng: GenerationEngine, spec: SteeringIn | None, shorthand: 
                        f"blend, got {len(refs)}", "steering.profiles")
     positions = spec.positions if spec is not None else None
     out.positions = positions
-    weighted: list[tuple[Intervention, float]] = []
+    rows: list[tuple[db.ProfileRow, float]] = []
+    entries: list[PlannedProfile] = []
     for ref in refs:
         row = _ready_profile(session, tenant, settings, ref)
-        iv, layer, strength = _intervention(eng, row, positions, ref.field)
-        weighted.append((iv, ref.weight))
-        out.profiles.append(AppliedProfile(id=row.id, weight=ref.weight, version=row.version, method=row.method,
-                                           layer=layer, strength=strength))
-    return Resolved(steering=compose(weighted) if weighted else None, applied=out)
+        if positions not in (None, "prompt") and row.method in PROMPT_ONLY_METHODS:
+            raise ApiError(422, "validation_error", f"{row.method} profiles steer prompt positions only",
+                           "steering.positions")
+        assert row.artifact_sha256 is not None
+        entries.append(PlannedProfile(digest=row.artifact_sha256, weight=ref.weight, positions=positions,
+                                      field=ref.field, name=f"profile {row.id}"))
+        rows.append((row, ref.weight))
+    return Planned(plan=SteeringPlan(tuple(entries)) if entries else None, applied=out, rows=rows)
 
 
 def _user_refs(session: db.Session, tenant: int, settings: Settings, uid: str,
@@ -268,109 +313,117 @@ def _ready_profile(session: db.Session, tenant: int, settings: Settings, ref: _R
     return row
 
 
-def _intervention(eng: GenerationEngine, row: db.ProfileRow, positions: str | None,
-                  field: str) -> tuple[Intervention, int, float]:
-    """The profile's intervention at its own strength (cached per artifact), with its layer and strength."""
-    from service.artifacts import ArtifactError
-    from steer_core.methods import intervention
-
-    slot: EngineSlot = current_app.extensions[ENGINE]
-    sha = row.artifact_sha256
-    assert sha is not None
-    key = (sha, eng.lm.fingerprint, positions)
-    with slot.interventions_lock:
-        cached = slot.interventions.get(key)
-        if cached is not None:
-            slot.interventions.move_to_end(key)
-            return cached
-    if positions not in (None, "prompt") and row.method in PROMPT_ONLY_METHODS:
-        raise ApiError(422, "validation_error", f"{row.method} profiles steer prompt positions only",
-                       "steering.positions")
-    try:
-        profile = context.profile_cache().load(sha)  # LRU -> Redis -> store; every read checks the sha256
-    except ArtifactError as exc:
-        raise ApiError(409, "profile_unavailable", f"profile {row.id}'s artifact is unavailable: {exc}",
-                       field) from None
-    try:
-        iv = intervention(profile, eng.lm)  # checks the model fingerprint and the layer
-    except SteerError as exc:
-        raise ApiError(422, "profile_model_mismatch", f"profile {row.id}: {exc.message}", field) from None
-    if positions is not None and positions != iv.positions:
-        if not dataclasses.is_dataclass(iv):
-            raise ApiError(422, "validation_error", f"{row.method} profiles cannot change positions",
-                           "steering.positions")
-        iv = dataclasses.replace(iv, positions=positions)  # type: ignore[type-var]
-    entry = (iv, profile.layer, float(profile.strength))
-    with slot.interventions_lock:
-        slot.interventions[key] = entry
-        while len(slot.interventions) > max(1, context.settings().profile_lru_size):
-            slot.interventions.popitem(last=False)
-    return entry
-
-
-def score_blend(items: Sequence[OpinionItem], blend: Sequence[tuple[str, float]],
-                field: str = "steering") -> list[np.ndarray]:
-    """Answer distributions of `items` under a blend of this tenant's profiles `[(id, weight)]`, read on the
-    serving engine (for experiments' offline comparison; call inside a request)."""
-    eng = engine()
-    spec = SteeringIn(profiles=[ProfileWeight(id=pid, weight=float(w)) for pid, w in blend])
-    try:
-        resolved = resolve_steering(eng, spec, None, None)
-    except ApiError as exc:
-        if exc.field and exc.field.startswith("steering.profiles"):
-            exc.field = field
-        raise
-    rows = [resolved.steering] * len(items) if resolved.steering else None
-    return eng.score(items, rows, timeout=TOKEN_TIMEOUT_S)
-
-
 # ------------------------------------------------------------------------------------------- the routes
 
 def complete_chat(body: ChatCompletionRequest) -> Any:
     """A chat completion (or its SSE stream) for the request's tenant: the API and the console's playground."""
     settings = context.settings()
     base, shorthand = parse_model(body.model, settings)
-    max_tokens = body.max_completion_tokens or body.max_tokens or settings.max_new_tokens
+    max_tokens = body.max_completion_tokens or body.max_tokens or min(settings.default_max_tokens,
+                                                                      settings.max_new_tokens)
     field = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
     if body.max_tokens and body.max_completion_tokens and body.max_tokens != body.max_completion_tokens:
         raise ApiError(422, "validation_error", "max_tokens and max_completion_tokens disagree", "max_tokens")
     if max_tokens > settings.max_new_tokens:
         raise ApiError(422, "validation_error", f"at most {settings.max_new_tokens} new tokens", field)
     eng = engine()
-    resolved = resolve_steering(eng, body.steering, shorthand, body.user)
+    planned = plan_steering(body.steering, shorthand, body.user)
     prompt = eng.tokenize_chat([{"role": m.role, "content": m.text()} for m in body.messages])
     if len(prompt) >= eng.context_length:
         raise ApiError(422, "validation_error", f"the messages are {len(prompt)} tokens; the model's context is "
                        f"{eng.context_length} tokens", "messages")
+    charge_tokens(tenant_id(), len(prompt) + max_tokens)  # the tenant's per-minute token budget
     sampling = SamplingParams(max_tokens=max_tokens, temperature=float(body.temperature), top_p=float(body.top_p),
                               seed=body.seed, stop=body.stop_strings())
     response_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
-    if body.stream:
-        _record_exposure(resolved.applied, response_id)
-    # Nothing below reads the database: end the transaction now, not after a long generation (an
-    # experiment's first assignment would otherwise hold SQLite's write lock meanwhile).
+    # Nothing below reads the database until the engine answers: end the transaction now, not after a long
+    # wait (an experiment's first assignment would otherwise hold SQLite's write lock meanwhile).
     context.session().commit()
-    handle = eng.submit(prompt, sampling, resolved.steering)
+    gone = client_gone_check()
+    handle = eng.submit(prompt, sampling, planned.plan, timeout=REQUEST_TIMEOUT_S)
+    try:
+        applied = planned.report(_started(handle, gone))
+    except BaseException:
+        handle.cancel()
+        raise
     if body.stream:
+        _record_exposure(applied, response_id)
+        context.session().commit()
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        events = _events(handle, response_id, created, base, resolved.applied, include_usage)
+        events = _events(handle, gone, response_id, created, base, applied, include_usage)
         return Response(events, mimetype="text/event-stream",
                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     try:
-        result = handle.result(TOKEN_TIMEOUT_S)
-    except (GenerationFailed, EngineStopped, TimeoutError) as exc:
-        raise ApiError(500 if not isinstance(exc, EngineStopped) else 503, "generation_failed", str(exc)) from None
+        result = _result(handle, gone)
     finally:
         handle.cancel()  # no-op when finished
-    _record_exposure(resolved.applied, response_id)
+    _record_exposure(applied, response_id)
     return ChatCompletion(
         id=response_id, object="chat.completion", created=created, model=base,
         choices=[ChatChoice(index=0, message=ChatMessageOut(role="assistant", content=result.text),
                             finish_reason="length" if result.finish_reason == "length" else "stop")],
         usage=Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
                     total_tokens=result.prompt_tokens + result.completion_tokens),
-        steering=resolved.applied)
+        steering=applied)
+
+
+class ClientGone(ApiError):
+    """The client closed its connection; its request was cancelled (nobody reads this answer)."""
+
+    def __init__(self) -> None:
+        super().__init__(499, "client_closed_request", "the client closed the connection")
+
+
+def client_gone_check() -> Callable[[], bool]:
+    """A check, usable after the view returned, of whether this request's client closed its connection.
+
+    Reads the connection the WSGI server exposes (gunicorn's and werkzeug's): a socket that is readable
+    and yields no byte was closed by the peer. Where the server exposes none, the check says "connected".
+    """
+    sock = request.environ.get("gunicorn.socket") or request.environ.get("werkzeug.socket")
+    if not isinstance(sock, socket.socket):
+        return lambda: False
+
+    def gone() -> bool:
+        try:
+            readable, _, _ = select.select([sock], [], [], 0)
+            if not readable:
+                return False
+            return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            return False
+        except (OSError, ValueError):  # closed or reset
+            return True
+
+    return gone
+
+
+def _started(handle: GenerationHandle, gone: Callable[[], bool]) -> tuple[EngineApplied, ...]:
+    """What the engine applied, once it took the request (raises what it refused it with)."""
+    while True:
+        applied = handle.started(POLL_S)
+        if applied is not None:
+            return applied
+        _check_waiting(handle, gone)
+
+
+def _check_waiting(handle: GenerationHandle, gone: Callable[[], bool]) -> None:
+    if gone():
+        handle.cancel()
+        raise ClientGone()
+    if time.monotonic() > handle.deadline + POLL_S * 20:  # the engine drops it at the deadline itself
+        handle.cancel()
+        raise DeadlineExceeded("the request did not finish before its deadline")
+
+
+def _result(handle: GenerationHandle, gone: Callable[[], bool]) -> GenerationResult:
+    while True:
+        item = handle.next(POLL_S)
+        if isinstance(item, GenerationResult):
+            return item
+        if item is None:
+            _check_waiting(handle, gone)
 
 
 @api_route(bp, "/v1/chat/completions", "POST", summary="chat completion under steering (OpenAI-compatible; "
@@ -389,10 +442,10 @@ def _record_exposure(applied: SteeringOut, response_id: str) -> None:
                                 applied.user, response_id)
 
 
-def _events(handle: GenerationHandle, response_id: str, created: int, model: str, applied: SteeringOut,
-            include_usage: bool) -> Iterator[str]:
-    """The SSE stream. Runs after the view returned (no request context); when the client goes away the
-    server closes this generator and `finally` frees the batch slot."""
+def _events(handle: GenerationHandle, gone: Callable[[], bool], response_id: str, created: int, model: str,
+            applied: SteeringOut, include_usage: bool) -> Iterator[str]:
+    """The SSE stream. Runs after the view returned (no request context). A client that goes away
+    cancels the row at once (checked before each write and while waiting); `finally` frees the slot."""
 
     def event(choices: list[ChunkChoice], **extra: Any) -> str:
         chunk = ChatCompletionChunk(id=response_id, object="chat.completion.chunk", created=created, model=model,
@@ -401,19 +454,29 @@ def _events(handle: GenerationHandle, response_id: str, created: int, model: str
 
     try:
         yield event([ChunkChoice(index=0, delta=ChatDelta(role="assistant", content=""))], steering=applied)
-        for chunk in handle.chunks(TOKEN_TIMEOUT_S):
-            yield event([ChunkChoice(index=0, delta=ChatDelta(content=chunk.text))])
-        result = handle.result(TOKEN_TIMEOUT_S)
-        finish = "length" if result.finish_reason == "length" else "stop"
-        yield event([ChunkChoice(index=0, delta=ChatDelta(), finish_reason=finish)])
-        if include_usage:
-            yield event([], usage=Usage(prompt_tokens=result.prompt_tokens,
-                                        completion_tokens=result.completion_tokens,
-                                        total_tokens=result.prompt_tokens + result.completion_tokens))
-    except (GenerationFailed, EngineStopped, TimeoutError, SteerError) as exc:
+        while True:
+            item = handle.next(POLL_S)
+            if item is None:
+                _check_waiting(handle, gone)
+                continue
+            if gone():
+                handle.cancel()
+                return
+            if isinstance(item, TextChunk):
+                yield event([ChunkChoice(index=0, delta=ChatDelta(content=item.text))])
+                continue
+            finish = "length" if item.finish_reason == "length" else "stop"
+            yield event([ChunkChoice(index=0, delta=ChatDelta(), finish_reason=finish)])
+            if include_usage:
+                yield event([], usage=Usage(prompt_tokens=item.prompt_tokens,
+                                            completion_tokens=item.completion_tokens,
+                                            total_tokens=item.prompt_tokens + item.completion_tokens))
+            break
+    except ClientGone:
+        return
+    except Exception as exc:
         # Headers are gone: the error travels as an event, the way OpenAI streams report one.
-        kind = "validation_error" if isinstance(exc, SteerError) else "generation_failed"
-        yield f"data: {json.dumps({'error': {'type': kind, 'message': str(exc), 'field': None}})}\n\n"
+        yield f"data: {json.dumps({'error': api_error(exc).body()})}\n\n"
     finally:
         handle.cancel()
     yield "data: [DONE]\n\n"
@@ -440,20 +503,18 @@ def score_questions(body: ScoreRequest) -> ScoreResponse:
         if eng.score_prompt_tokens(item) >= eng.context_length:
             raise ApiError(422, "validation_error", f"the question's prompt is longer than the model's context "
                            f"({eng.context_length} tokens)", f"questions[{i}].question")
-    resolved = resolve_steering(eng, body.steering, shorthand, body.user)
-    rows = [resolved.steering] * len(items) if resolved.steering else None
-    try:
-        dists = eng.score(items, rows, timeout=TOKEN_TIMEOUT_S)
-    except (EngineStopped, TimeoutError) as exc:
-        raise ApiError(503, "unavailable", str(exc)) from None
-    calibration = blend_calibration(applied_calibrations(resolved.applied)) if body.calibrated else IDENTITY
-    dists = calibration.apply_all(items, dists)
+    planned = plan_steering(body.steering, shorthand, body.user)
+    context.session().commit()
+    scored = eng.score(items, planned.plan, timeout=REQUEST_TIMEOUT_S)
+    steering = planned.report(scored.applied[0] if scored.applied else ())
+    calibration = blend_calibration(applied_calibrations(steering)) if body.calibrated else IDENTITY
+    dists = calibration.apply_all(items, scored.distributions)
     scores = [QuestionScore(id=item.id, probs=[float(x) for x in p], answer=int(np.argmax(p)),
                             expected_ordinal=float(np.dot(p, item.ordinal)))
               for item, p in zip(items, dists, strict=True)]
     known = all(q.target is not None or q.answer is not None for q in body.questions)
     return ScoreResponse(model=base, scores=scores, metrics=summarize(items, dists) if known else None,
-                         steering=resolved.applied,
+                         steering=steering,
                          calibration=None if calibration.is_identity else CalibrationOut(**calibration.to_json()))
 
 

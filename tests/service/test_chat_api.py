@@ -18,10 +18,9 @@ from support import FIXTURES
 
 from service import db
 from service.api import chat
-from service.engine import SamplingParams
+from service.engine import EngineStopped, PlannedProfile, SamplingParams, SteeringPlan
 from steer_core.data import load_items
 from steer_core.profile import Profile
-from steer_core.steering import ConstantShift, compose
 
 sqlite_only = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 LAYER = 2
@@ -46,16 +45,15 @@ def _ready(client, auth, settings, lm, seed: int, gid: str = "urban") -> str:
     return r.json["id"]
 
 
-def _shift(lm, seed: int) -> ConstantShift:
-    return ConstantShift(LAYER, "prompt", _vector(lm, seed))
-
-
-def _direct(app, blend, messages=HELLO, max_tokens: int = 8) -> str:
-    """What the engine generates for `messages` under `blend` [(intervention, weight)], greedy."""
+def _direct(app, settings, blend, messages=HELLO, max_tokens: int = 8) -> str:
+    """What the engine generates for `messages` under `blend` [(profile id, weight)], greedy, given the
+    plan directly."""
     eng = chat.engine(app)
-    steering = compose(blend) if blend else None
+    with db.session_scope(settings) as session:
+        digests = [db.profile_by_id(session, pid).artifact_sha256 for pid, _ in blend]
+    plan = SteeringPlan(tuple(PlannedProfile(d, w) for d, (_, w) in zip(digests, blend, strict=True)))
     return eng.generate(eng.tokenize_chat(messages), SamplingParams(max_tokens=max_tokens, temperature=0.0),
-                        steering, timeout=120).text
+                        plan, timeout=120).text
 
 
 def _chat(client, auth, settings, max_tokens: int = 8, **extra):
@@ -127,8 +125,8 @@ def test_the_openai_client_works_unchanged_sync_and_streaming(live_server, chat_
     resp = api.chat.completions.create(model=chat_settings.model, messages=HELLO, max_tokens=8, temperature=0,
                                        extra_body=steering)
     text = resp.choices[0].message.content
-    assert text == _direct(chat_app, [(_shift(tiny_lm, 1), 1.0)])
-    assert text != _direct(chat_app, []), "the profile should change the greedy text"
+    assert text == _direct(chat_app, chat_settings, [(pid, 1.0)])
+    assert text != _direct(chat_app, chat_settings, []), "the profile should change the greedy text"
     assert resp.choices[0].finish_reason == "length" and resp.usage.completion_tokens == 8
     applied = resp.model_extra["steering"]
     assert applied["source"] == "request" and [p["id"] for p in applied["profiles"]] == [pid]
@@ -157,7 +155,7 @@ def test_zero_weight_blend_equals_unsteered(chat_app, chat_client, auth, chat_se
     assert plain.status_code == zero.status_code == half.status_code == 200
     assert zero.json["choices"][0]["message"]["content"] == plain.json["choices"][0]["message"]["content"]
     assert half.json["choices"][0]["message"]["content"] == \
-        _direct(chat_app, [(_shift(tiny_lm, 1), 0.5), (_shift(tiny_lm, 2), -0.25)], max_tokens=12)
+        _direct(chat_app, chat_settings, [(a, 0.5), (b, -0.25)], max_tokens=12)
     assert plain.json["steering"]["source"] == "none" and zero.json["steering"]["source"] == "request"
 
 
@@ -316,12 +314,12 @@ def test_a_users_default_profile_and_their_groups_profiles(chat_app, chat_client
     default = _chat(chat_client, auth, chat_settings, user="u1")
     assert default.json["steering"]["source"] == "user"
     assert [p["id"] for p in default.json["steering"]["profiles"]] == [mine]
-    assert default.json["choices"][0]["message"]["content"] == _direct(chat_app, [(_shift(tiny_lm, 1), 1.0)])
+    assert default.json["choices"][0]["message"]["content"] == _direct(chat_app, chat_settings, [(mine, 1.0)])
 
     blended = _chat(chat_client, auth, chat_settings, user="u1", steering={"groups_weight": 0.5})
     assert [(p["id"], p["weight"]) for p in blended.json["steering"]["profiles"]] == [(mine, 1.0), (rural, 0.5)]
     assert blended.json["choices"][0]["message"]["content"] == \
-        _direct(chat_app, [(_shift(tiny_lm, 1), 1.0), (_shift(tiny_lm, 2), 0.5)])
+        _direct(chat_app, chat_settings, [(mine, 1.0), (rural, 0.5)])
 
     explicit = _chat(chat_client, auth, chat_settings, user="u1", steering={"profiles": []})
     assert explicit.json["steering"]["source"] == "request" and explicit.json["steering"]["profiles"] == []
@@ -338,7 +336,9 @@ def test_score_reads_the_answer_distributions_under_steering(chat_app, chat_clie
                          headers=auth)
     assert r.status_code == 200, r.json
     items = load_items(FIXTURES / "opinions_group_urban.jsonl")[:3]
-    want = chat.engine(chat_app).score(items, [[_shift(tiny_lm, 1)]] * 3, timeout=60)
+    with db.session_scope(chat_settings) as session:
+        digest = db.profile_by_id(session, pid).artifact_sha256
+    want = chat.engine(chat_app).score(items, SteeringPlan((PlannedProfile(digest),)), timeout=60).distributions
     got = [s["probs"] for s in r.json["scores"]]
     for g, w in zip(got, want, strict=True):
         assert g == pytest.approx(w.tolist(), abs=1e-6)
@@ -363,3 +363,82 @@ def test_readiness_and_metrics_report_the_engine(chat_client, auth, chat_setting
     assert chat_client.get("/readyz").json["checks"]["model"]["detail"] == "loaded in this process"
     metrics = chat_client.get("/metrics").get_data(as_text=True)
     assert "pluristeer_generation_tokens_total 3.0" in metrics
+
+
+class _Gate:
+    """Holds the engine thread inside its next model call until `open`."""
+
+    def __init__(self, lm) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self._handle = lm.model.register_forward_pre_hook(self._wait)
+
+    def _wait(self, *args) -> None:
+        self.entered.set()
+        assert self.release.wait(60), "the gate was never opened"
+
+    def open(self) -> None:
+        self.release.set()
+        self._handle.remove()
+
+
+@sqlite_only
+def test_a_client_that_gives_up_on_a_plain_request_cancels_its_row(live_server, chat_app, chat_settings, tenant_key):
+    import http.client
+
+    eng = chat.engine(chat_app)
+    # 20 ms per model call: the 400 tokens would take 8 s; the client gives up after 1 s.
+    slow = eng.lm.model.register_forward_pre_hook(lambda *a: time.sleep(0.02))
+    try:
+        body = json.dumps({"model": chat_settings.model, "messages": HELLO, "max_tokens": 400, "temperature": 0})
+        url = urlparse(live_server)
+        client = http.client.HTTPConnection(url.hostname, url.port, timeout=1.0)
+        client.request("POST", "/v1/chat/completions", body=body,
+                       headers={"Authorization": f"Bearer {tenant_key}", "Content-Type": "application/json"})
+        with pytest.raises(TimeoutError):
+            client.getresponse()
+        client.close()  # the client gives up
+        _wait(lambda: eng.stats.cancelled == 1, timeout=5.0)
+        assert eng.stats.active_rows == 0 and eng.stats.tokens < 200
+    finally:
+        slow.remove()
+    metrics = chat_app.test_client().get("/metrics").get_data(as_text=True)
+    assert 'pluristeer_generation_requests_total{outcome="cancelled"} 1.0' in metrics
+
+
+@sqlite_only
+def test_a_full_queue_answers_503_with_retry_after(chat_app, chat_client, auth, chat_settings, tiny_lm):
+    eng = chat.engine(chat_app)
+    gate = _Gate(tiny_lm)
+    try:
+        prompt = eng.tokenize_chat(HELLO)
+        sampling = SamplingParams(max_tokens=2, temperature=0.0)
+        handles = [eng.submit(prompt, sampling)]
+        assert gate.entered.wait(30)
+        handles += [eng.submit(prompt, sampling) for _ in range(eng.max_queue)]
+        r = _chat(chat_client, auth, chat_settings)
+        assert r.status_code == 503 and int(r.headers["Retry-After"]) >= 1
+        assert r.json["error"]["type"] == "unavailable"
+    finally:
+        gate.open()
+    assert all(h.result(60).completion_tokens == 2 for h in handles)
+    assert _chat(chat_client, auth, chat_settings).status_code == 200
+
+
+@sqlite_only
+def test_an_engine_that_cannot_stop_leaves_the_slot_dead(chat_app, chat_client, auth, chat_settings, tiny_lm):
+    eng = chat.engine(chat_app)
+    gate = _Gate(tiny_lm)
+    try:
+        handle = eng.submit(eng.tokenize_chat(HELLO), SamplingParams(max_tokens=50, temperature=0.0,
+                                                                     ignore_eos=True))
+        assert gate.entered.wait(30)
+        assert chat.stop_engine(chat_app, timeout=0.1) is False
+        r = _chat(chat_client, auth, chat_settings)
+        assert r.status_code == 503 and "could not be stopped" in r.json["error"]["message"]
+        assert "could not be stopped" in chat_client.get("/readyz").json["checks"]["model"]["detail"]
+    finally:
+        gate.open()
+    with pytest.raises(EngineStopped):
+        handle.result(30)
+    assert _chat(chat_client, auth, chat_settings).status_code == 503, "no second engine on the same model"

@@ -1,22 +1,35 @@
 """The generation engine on tiny random models: batching never changes a row's tokens, each row keeps its
-own steering (constant vectors, COLD-FD, ODESteer), failures and cancellations stay in their row."""
+own steering (every method, blends), plans are resolved on the engine thread only, failures and
+cancellations stay in their row, scoring interleaves with decoding, the queue is bounded, and a stop
+ends every request it admitted."""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import threading
 import time
-from dataclasses import dataclass
 
 import pytest
 import torch
 from support import FIXTURES, make_tiny
 
-from service.engine import GenerationEngine, GenerationFailed, SamplingParams
+from service.engine import (
+    DeadlineExceeded,
+    EngineBusy,
+    EngineStopped,
+    GenerationEngine,
+    GenerationFailed,
+    PlannedProfile,
+    SamplingParams,
+    SteeringPlan,
+    SteeringRejected,
+)
 from steer_core.data import load_items
 from steer_core.errors import SteerError
-from steer_core.methods import get_method
+from steer_core.methods import METHODS, get_method, intervention
+from steer_core.profile import Profile
 from steer_core.prompts import answer_distributions
-from steer_core.steering import ConstantShift, compose
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 CHATS = ["Hello there", "Tell me a long story about a dog who lived near the sea and liked to swim", "Why?"]
@@ -25,6 +38,45 @@ LAYER = 2
 
 def _vector(lm, seed: int, scale: float = 4.0) -> torch.Tensor:
     return scale * torch.randn(lm.hidden_size, generator=torch.Generator().manual_seed(seed))
+
+
+class Profiles:
+    """Profiles by artifact digest, read the way the service's profile cache reads them (bytes parsed per
+    load); records the thread of every load."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, bytes] = {}
+        self.objects: dict[str, Profile] = {}
+        self.threads: list[int] = []
+
+    def __call__(self, digest: str) -> Profile:
+        self.threads.append(threading.get_ident())
+        if digest in self.objects:
+            return self.objects[digest]
+        return Profile.from_bytes(self.data[digest])
+
+    def add_unstorable(self, profile: Profile) -> str:
+        """A profile that `to_bytes` would refuse (non-finite tensors), as a corrupted store could serve."""
+        digest = hashlib.sha256(repr(profile).encode()).hexdigest()
+        self.objects[digest] = profile
+        return digest
+
+    def add(self, profile: Profile) -> str:
+        data = profile.to_bytes()
+        digest = hashlib.sha256(data).hexdigest()
+        self.data[digest] = data
+        return digest
+
+    def vector(self, lm, layer: int, positions: str, vector: torch.Tensor) -> str:
+        """A DiffMean profile whose displacement is `vector` (a constant shift)."""
+        return self.add(Profile(method="diffmean", model_name=lm.name, model_fingerprint=lm.fingerprint,
+                                layer=layer, positions=positions, strength=1.0, tensors={"vector": vector}))
+
+
+def plan(*entries: str | tuple[str, float]) -> SteeringPlan:
+    """A plan of digests, each with weight 1 or (digest, weight)."""
+    return SteeringPlan(tuple(PlannedProfile(e) if isinstance(e, str) else PlannedProfile(e[0], e[1])
+                              for e in entries))
 
 
 def _prompt(engine: GenerationEngine, text: str) -> list[int]:
@@ -41,9 +93,14 @@ def _hooks(lm) -> set[tuple[str, int]]:
 
 
 @pytest.fixture
-def engine(tiny_lm):
+def profiles():
+    return Profiles()
+
+
+@pytest.fixture
+def engine(tiny_lm, profiles):
     before = _hooks(tiny_lm)
-    eng = GenerationEngine(tiny_lm, max_batch_size=8, batch_wait_ms=30, max_new_tokens=64)
+    eng = GenerationEngine(tiny_lm, profiles=profiles, max_batch_size=8, batch_wait_ms=30, max_new_tokens=64)
     yield eng
     eng.stop()
     assert _hooks(tiny_lm) == before, "the engine left hooks behind"
@@ -53,11 +110,29 @@ def _solo(engine, prompt, steering=None, sampling=GREEDY):
     return engine.generate(prompt, sampling, steering, timeout=60).token_ids
 
 
-def test_concurrent_rows_with_different_steering_get_the_tokens_they_get_alone(engine, tiny_lm):
+class Gate:
+    """Holds the engine thread inside its next model call until `open` (a stuck or slow forward)."""
+
+    def __init__(self, lm) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self._handle = lm.model.register_forward_pre_hook(self._wait)
+
+    def _wait(self, *args) -> None:
+        self.entered.set()
+        assert self.release.wait(60), "the gate was never opened"
+
+    def open(self) -> None:
+        self.release.set()
+        self._handle.remove()
+
+
+def test_concurrent_rows_with_different_steering_get_the_tokens_they_get_alone(engine, tiny_lm, profiles):
     prompts = [_prompt(engine, c) for c in CHATS]
-    steering = [[ConstantShift(LAYER, "prompt", _vector(tiny_lm, 1))],
+    steering = [plan(profiles.vector(tiny_lm, LAYER, "prompt", _vector(tiny_lm, 1))),
                 None,
-                [ConstantShift(1, "all", _vector(tiny_lm, 2)), ConstantShift(3, "last", _vector(tiny_lm, 3))]]
+                plan(profiles.vector(tiny_lm, 1, "all", _vector(tiny_lm, 2)),
+                     profiles.vector(tiny_lm, 3, "last", _vector(tiny_lm, 3)))]
     alone = [_solo(engine, p, s) for p, s in zip(prompts, steering, strict=True)]
     assert alone[0] != _solo(engine, prompts[0]), "the steering should change the greedy tokens"
     handles = [engine.submit(p, GREEDY, s) for p, s in zip(prompts, steering, strict=True)]
@@ -66,10 +141,10 @@ def test_concurrent_rows_with_different_steering_get_the_tokens_they_get_alone(e
     assert engine.stats.largest_batch == 3
 
 
-def test_a_request_joining_a_running_batch_gets_its_own_tokens(engine, tiny_lm):
+def test_a_request_joining_a_running_batch_gets_its_own_tokens(engine, tiny_lm, profiles):
     long_run = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
     p0, p1 = _prompt(engine, CHATS[0]), _prompt(engine, CHATS[1])
-    s1 = [ConstantShift(LAYER, "all", _vector(tiny_lm, 4))]
+    s1 = plan(profiles.vector(tiny_lm, LAYER, "all", _vector(tiny_lm, 4)))
     alone0, alone1 = _solo(engine, p0, sampling=long_run), _solo(engine, p1, s1)
     first = engine.submit(p0, long_run)
     chunks = first.chunks(60)
@@ -83,21 +158,23 @@ def test_a_request_joining_a_running_batch_gets_its_own_tokens(engine, tiny_lm):
 @pytest.mark.parametrize("family", ["mistral", "gemma", "gpt2", "gpt_neox"])
 def test_batching_is_exact_for_every_family(family):
     lm = make_tiny(family, seed=1)
-    engine = GenerationEngine(lm, max_batch_size=4, batch_wait_ms=30)
+    profiles = Profiles()
+    engine = GenerationEngine(lm, profiles=profiles, max_batch_size=4, batch_wait_ms=30)
     try:
         prompts = [_prompt(engine, c) for c in CHATS]
-        steering = [None, [ConstantShift(1, "prompt", _vector(lm, 5))], None]
+        steering = [None, plan(profiles.vector(lm, 1, "prompt", _vector(lm, 5))), None]
         alone = [_solo(engine, p, s) for p, s in zip(prompts, steering, strict=True)]
         handles = [engine.submit(p, GREEDY, s) for p, s in zip(prompts, steering, strict=True)]
         assert [h.result(60).token_ids for h in handles] == alone
+        assert engine.stats.largest_batch == 3
     finally:
         engine.stop()
 
 
-def test_zero_weight_blend_generates_the_unsteered_tokens(engine, tiny_lm):
+def test_zero_weight_blend_generates_the_unsteered_tokens(engine, tiny_lm, profiles):
     prompt = _prompt(engine, CHATS[1])
-    blend = compose([(ConstantShift(LAYER, "prompt", _vector(tiny_lm, 6)), 0.0),
-                     (ConstantShift(1, "all", _vector(tiny_lm, 7)), 0.0)])
+    blend = plan((profiles.vector(tiny_lm, LAYER, "prompt", _vector(tiny_lm, 6)), 0.0),
+                 (profiles.vector(tiny_lm, 1, "all", _vector(tiny_lm, 7)), 0.0))
     steps_before = engine.stats.steered_steps
     assert _solo(engine, prompt, blend) == _solo(engine, prompt)
     assert engine.stats.steered_steps > steps_before, "the zero blend must really run through the hooks"
@@ -113,36 +190,49 @@ def test_the_unsteered_path_registers_no_hooks(engine, tiny_lm):
     assert engine.stats.steered_steps == 0
 
 
-@dataclass(frozen=True, eq=False)
-class Exploding:
-    """An intervention that fails, as a corrupt or buggy profile would."""
-
-    layer: int
-    positions: str = "prompt"
-
-    def displacement(self, hidden, ctx, rows):
-        raise RuntimeError("boom")
-
-    @classmethod
-    def blend(cls, weighted):
-        return weighted[0][0]
+def _broken_kernel(lm) -> Profile:
+    """A linear-kernel COLD profile whose anchors have the wrong width: its displacement raises, as a
+    corrupt or buggy profile would."""
+    return Profile(method="cold_kernel", model_name=lm.name, model_fingerprint=lm.fingerprint, layer=LAYER,
+                   positions="prompt", strength=1.0,
+                   tensors={"anchors": torch.randn(3, lm.hidden_size + 1), "grads": torch.randn(3, lm.hidden_size)},
+                   params={"kernel": "linear", "loss": "ce", "unit_scale": 1.0})
 
 
-def test_a_failing_row_fails_only_its_own_request(engine, tiny_lm):
+def test_a_failing_row_fails_only_its_own_request(engine, tiny_lm, profiles):
     good = _prompt(engine, CHATS[1])
-    shift = [ConstantShift(LAYER, "prompt", _vector(tiny_lm, 8))]
+    shift = plan(profiles.vector(tiny_lm, LAYER, "prompt", _vector(tiny_lm, 8)))
     alone = _solo(engine, good, shift)
-    bad = engine.submit(_prompt(engine, CHATS[0]), GREEDY, [Exploding(LAYER)])
+    bad = engine.submit(_prompt(engine, CHATS[0]), GREEDY, plan(profiles.add(_broken_kernel(tiny_lm))))
     infinite = engine.submit(_prompt(engine, CHATS[2]), GREEDY,
-                             [ConstantShift(LAYER, "prompt", torch.full((tiny_lm.hidden_size,), float("inf")))])
+                             plan(profiles.add_unstorable(dataclasses.replace(
+                                 profiles(shift.profiles[0].digest),
+                                 tensors={"vector": torch.full((tiny_lm.hidden_size,), float("inf"))}))))
     fine = engine.submit(good, GREEDY, shift)
-    with pytest.raises(GenerationFailed, match="boom"):
+    with pytest.raises(GenerationFailed, match="shapes"):
         bad.result(60)
     with pytest.raises(GenerationFailed, match="non-finite"):
         infinite.result(60)
     assert fine.result(60).token_ids == alone
     assert engine.stats.failed == 2
     assert engine.generate(good, GREEDY, shift, timeout=60).token_ids == alone  # the engine goes on
+
+
+def test_plans_that_cannot_steer_are_refused_before_they_run(engine, tiny_lm, profiles):
+    prompt = _prompt(engine, CHATS[0])
+    other_model = profiles.add(Profile(method="diffmean", model_name="x", model_fingerprint="0" * 16, layer=LAYER,
+                                       positions="prompt", strength=1.0, tensors={"vector": _vector(tiny_lm, 1)}))
+    deep = profiles.vector(tiny_lm, 99, "prompt", _vector(tiny_lm, 1))
+    cases = [(SteeringPlan((PlannedProfile("f" * 64, field="steering.profiles[0].id"),)), "unavailable",
+              "steering.profiles[0].id"),
+             (SteeringPlan((PlannedProfile(other_model, field="model"),)), "model_mismatch", "model"),
+             (plan(deep), "model_mismatch", "steering")]
+    for bad, reason, field in cases:
+        handle = engine.submit(prompt, GREEDY, bad)
+        with pytest.raises(SteeringRejected) as info:
+            handle.started(60)
+        assert (info.value.reason, info.value.field) == (reason, field)
+    assert engine.stats.rejected == 3 and engine.stats.prefills == 0 and engine.queue_depth() == 0
 
 
 def test_cancel_frees_the_slot(engine):
@@ -201,77 +291,214 @@ def test_bad_requests_name_the_field(engine):
         engine.submit(prompt * 400, GREEDY)
     assert info.value.field == "prompt"
     with pytest.raises(SteerError) as info:
-        engine.submit(prompt, GREEDY, [ConstantShift(99, "prompt", torch.zeros(64))])
-    assert info.value.field == "layer"
-    with pytest.raises(SteerError) as info:
         engine.submit(prompt, SamplingParams(max_tokens=8, temperature=float("nan")))
     assert info.value.field == "temperature"
 
 
-def test_scores_on_the_engine_thread_equal_the_answer_reader(engine, tiny_lm):
+def test_scores_on_the_engine_thread_equal_the_answer_reader(engine, tiny_lm, profiles):
     items = load_items(FIXTURES / "opinions_group_urban.jsonl")[:3]
-    shift = [ConstantShift(LAYER, "prompt", _vector(tiny_lm, 9))]
-    want = answer_distributions(tiny_lm, items, [shift, None, shift])  # before the engine owns the model
+    vector = _vector(tiny_lm, 9)
+    shift = plan(profiles.vector(tiny_lm, LAYER, "prompt", vector))
+    direct = [intervention(profiles(shift.profiles[0].digest), tiny_lm)]
+    want = answer_distributions(tiny_lm, items, [direct, None, direct])  # before the engine owns the model
     # generation keeps running while scores are read between its steps
     running = engine.submit(_prompt(engine, CHATS[0]), SamplingParams(max_tokens=40, temperature=0.0,
                                                                       ignore_eos=True), shift)
     got = engine.score(items, [shift, None, shift], timeout=60)
     running.result(60)
-    for g, w in zip(got, want, strict=True):
+    for g, w in zip(got.distributions, want, strict=True):
         assert g.tolist() == pytest.approx(w.tolist(), abs=1e-6)
+    assert [[a.layer for a in applied] for applied in got.applied] == [[LAYER], [], [LAYER]]
 
 
-def test_request_threads_never_run_the_model(engine, tiny_lm):
-    """Many threads submitting at once: all work happens on the one engine thread."""
+def test_scoring_interleaves_with_decoding(tiny_lm, profiles):
+    """A long score request is read one batch per step between decode steps: a stream submitted with it
+    finishes long before it does (one batch per step bounds the batches read meanwhile)."""
+    engine = GenerationEngine(tiny_lm, profiles=profiles, score_batch_size=1, score_share=0.25)
+    try:
+        items = load_items(FIXTURES / "opinions_group_urban.jsonl")
+        many = (items * (64 // len(items) + 1))[:64]
+        stream = engine.submit(_prompt(engine, CHATS[0]), SamplingParams(max_tokens=20, temperature=0.0,
+                                                                         ignore_eos=True))
+        next(stream.chunks(60))  # decoding
+        scored: dict = {}
+        scorer = threading.Thread(target=lambda: scored.setdefault("out", engine.score(many, timeout=600)))
+        scorer.start()
+        stream.result(60)
+        read_meanwhile = engine.stats.score_batches
+        steps = engine.stats.steps
+        scorer.join(600)
+        assert len(scored["out"].distributions) == 64
+        assert read_meanwhile <= steps + 1 and read_meanwhile < 64
+    finally:
+        engine.stop()
+
+
+def test_request_threads_never_touch_torch(engine, tiny_lm, profiles, monkeypatch):
+    """Many threads submitting steered requests at once: every model call, profile load and intervention
+    build happens on the one engine thread."""
     seen: set[int] = set()
+    built: list[int] = []
+    diffmean = METHODS["diffmean"]
+
+    def recorded(profile, lm):
+        built.append(threading.get_ident())
+        return diffmean.intervention(profile, lm)
+
+    monkeypatch.setitem(METHODS, "diffmean", dataclasses.replace(diffmean, intervention=recorded))
+    digests = [profiles.vector(tiny_lm, LAYER, "prompt", _vector(tiny_lm, seed)) for seed in (11, 12)]
     handle = tiny_lm.model.register_forward_pre_hook(lambda *a: seen.add(threading.get_ident()))
     try:
         results: list[list[int]] = []
         prompt = _prompt(engine, CHATS[2])
 
-        def client() -> None:
-            results.append(engine.generate(prompt, GREEDY, timeout=60).token_ids)
+        def client(i: int) -> None:
+            results.append(engine.generate(prompt, GREEDY, plan(digests[i % 2]), timeout=60).token_ids)
 
-        threads = [threading.Thread(target=client) for _ in range(6)]
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(6)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
     finally:
         handle.remove()
-    assert len(results) == 6 and all(r == results[0] for r in results)
+    assert len(results) == 6 and len({tuple(r) for r in results}) == 2
     assert seen == {engine._thread.ident}
+    assert set(built) == set(profiles.threads) == {engine._thread.ident}
+    assert len(built) == 2, "each profile's intervention is built once and cached"
 
 
-def _tiny_profiles(lm, method: str, params: dict, positions: str):
-    items = load_items(FIXTURES / "opinions_group_urban.jsonl")[:4]
+def _fitted(lm, method: str, params: dict, positions: str, strength: float | None = None, n: int = 4) -> Profile:
+    items = load_items(FIXTURES / "opinions_group_urban.jsonl")[:n]
     spec = get_method(method)
     profile = spec.fit(lm, items, [LAYER], spec.check_params(params), positions)[LAYER]
+    if strength is not None:
+        profile.strength = strength
     return profile
 
 
-def test_every_method_steers_its_own_row_in_a_shared_batch(tiny_lm):
-    """COLD-FD (an extra pass through blocks 0..L at prefill), ODESteer (a flow at the last position of
-    every call) and a constant vector, each on its own row of one batch, give each row's solo tokens."""
-    from steer_core.methods import intervention
-
-    cold = _tiny_profiles(tiny_lm, "cold_fd", {"mode": "jvp", "rank": 4}, "prompt")
-    cold.strength = 0.5
-    ode = _tiny_profiles(tiny_lm, "odesteer", {"n_components": 512}, "last")
+def test_every_method_and_blend_steers_its_own_row_in_a_shared_batch(tiny_lm, profiles):
+    """DiffMean, COLD-Kernel (unit and linear), COLD-FD (an extra pass through blocks 0..L at prefill),
+    ODESteer (a flow at the last position of every call) and blends, each on its own row of one batch,
+    give each row's solo tokens."""
+    ode = _fitted(tiny_lm, "odesteer", {"n_components": 512}, "last")
     ode.strength = float(ode.tensors["activation_norm"]) * 0.5
-    steering = [compose([(intervention(cold, tiny_lm), 1.0)]), compose([(intervention(ode, tiny_lm), 1.0)]),
-                [ConstantShift(LAYER, "all", _vector(tiny_lm, 10))], None]
-    engine = GenerationEngine(tiny_lm, max_batch_size=8, batch_wait_ms=50)
+    ode2 = _fitted(tiny_lm, "odesteer", {"n_components": 512, "seed": 3}, "last", n=3)
+    ode2.strength = ode.strength
+    digests = {
+        "diffmean": profiles.add(_fitted(tiny_lm, "diffmean", {}, "prompt", strength=4.0)),
+        "kernel_unit": profiles.add(_fitted(tiny_lm, "cold_kernel", {"kernel": "unit"}, "all", strength=0.5)),
+        "kernel_linear": profiles.add(_fitted(tiny_lm, "cold_kernel", {"kernel": "linear"}, "last", strength=0.5)),
+        "cold_fd": profiles.add(_fitted(tiny_lm, "cold_fd", {"mode": "jvp", "rank": 4}, "prompt", strength=0.5)),
+        "cold_fd_fd": profiles.add(_fitted(tiny_lm, "cold_fd", {"mode": "fd", "rank": 4}, "prompt", strength=0.5,
+                                           n=3)),
+        "odesteer": profiles.add(ode),
+        "odesteer2": profiles.add(ode2),
+    }
+    steering = [plan(digests["diffmean"]), plan(digests["kernel_unit"]), plan(digests["kernel_linear"]),
+                plan(digests["cold_fd"]), plan(digests["odesteer"]),
+                plan((digests["cold_fd"], 0.7), (digests["cold_fd_fd"], -0.4)),  # one COLD-FD pass
+                plan((digests["odesteer"], 0.5), (digests["odesteer2"], 0.5)),  # one barrier
+                plan((digests["diffmean"], 0.5), (digests["cold_fd"], 1.0), (digests["odesteer"], 0.5)), None]
+    engine = GenerationEngine(tiny_lm, profiles=profiles, max_batch_size=16, batch_wait_ms=100)
     try:
-        prompts = [_prompt(engine, c) for c in (CHATS[0], CHATS[1], CHATS[2], CHATS[1])]
+        chats = CHATS * 3
+        prompts = [_prompt(engine, chats[i]) for i in range(len(steering))]
         unsteered = [_solo(engine, p) for p in prompts]
         alone = [_solo(engine, p, s) for p, s in zip(prompts, steering, strict=True)]
-        assert alone[0] != unsteered[0] and alone[1] != unsteered[1], "each method should change its tokens"
+        changed = [a != u for a, u, s in zip(alone, unsteered, steering, strict=True) if s is not None]
+        assert sum(changed) >= len(changed) - 1, f"the steering should change the tokens: {changed}"
+        assert engine.stats.largest_batch == 1
         handles = [engine.submit(p, GREEDY, s) for p, s in zip(prompts, steering, strict=True)]
         assert [h.result(60).token_ids for h in handles] == alone
+        assert engine.stats.largest_batch == len(steering)
     finally:
         engine.stop()
 
+
+def test_the_queue_is_bounded_and_requests_expire(tiny_lm, profiles):
+    engine = GenerationEngine(tiny_lm, profiles=profiles, max_batch_size=2, max_queue=2)
+    gate = Gate(tiny_lm)
+    try:
+        prompt = _prompt(engine, CHATS[0])
+        running = engine.submit(prompt, GREEDY)
+        assert gate.entered.wait(30)  # the engine thread is inside its first model call
+        waiting = [engine.submit(prompt, GREEDY), engine.submit(prompt, GREEDY, timeout=0.01)]
+        with pytest.raises(EngineBusy) as info:
+            engine.submit(prompt, GREEDY)
+        assert info.value.retry_after >= 1 and engine.stats.queued == 2
+        time.sleep(0.05)
+        gate.open()
+        assert running.result(60).completion_tokens == GREEDY.max_tokens
+        assert waiting[0].result(60).completion_tokens == GREEDY.max_tokens
+        with pytest.raises(DeadlineExceeded):
+            waiting[1].result(60)
+        assert engine.stats.expired == 1 and engine.stats.queued == 0
+        assert engine.generate(prompt, GREEDY, timeout=60).completion_tokens == GREEDY.max_tokens
+    finally:
+        gate.open()
+        engine.stop()
+
+
+def test_a_stop_ends_every_admitted_request(tiny_lm, profiles):
+    """Requests that arrive while the engine is busy are admitted in the same round as the stop: each
+    ends with an error, none waits for a timeout."""
+    engine = GenerationEngine(tiny_lm, profiles=profiles, max_batch_size=2)
+    gate = Gate(tiny_lm)
+    try:
+        prompt = _prompt(engine, CHATS[0])
+        shift = plan(profiles.vector(tiny_lm, LAYER, "prompt", _vector(tiny_lm, 1)))
+        first = engine.submit(prompt, GREEDY)
+        assert gate.entered.wait(30)
+        late = [engine.submit(prompt, GREEDY, shift) for _ in range(4)]
+        items = load_items(FIXTURES / "opinions_group_urban.jsonl")[:2]
+        scored: dict = {}
+        scorer = threading.Thread(target=lambda: scored.setdefault("error", _error_of(engine.score, items, shift)))
+        scorer.start()
+        while engine.stats.queued < 5:
+            time.sleep(0.005)
+        stopper = threading.Thread(target=engine.stop)
+        stopper.start()
+        while engine._inbox.qsize() < 6:  # the stop is queued behind them
+            time.sleep(0.005)
+        gate.open()
+        stopper.join(60)
+        scorer.join(60)
+        for handle in [first, *late]:
+            with pytest.raises(EngineStopped):
+                handle.result(5)
+        assert isinstance(scored["error"], EngineStopped)
+        assert not engine.running and engine.stats.queued == 0
+        with pytest.raises(EngineStopped):
+            engine.submit(prompt, GREEDY)
+    finally:
+        gate.open()
+        engine.stop()
+
+
+def _error_of(fn, *args):
+    try:
+        fn(*args, timeout=60)
+    except Exception as exc:
+        return exc
+    return None
+
+
+def test_a_stop_that_cannot_join_reports_it(tiny_lm, profiles):
+    engine = GenerationEngine(tiny_lm, profiles=profiles)
+    gate = Gate(tiny_lm)
+    try:
+        handle = engine.submit(_prompt(engine, CHATS[0]), GREEDY)
+        assert gate.entered.wait(30)
+        assert engine.stop(timeout=0.1) is False and engine.running
+        gate.open()
+        with pytest.raises(EngineStopped):
+            handle.result(30)
+        engine._thread.join(30)
+        assert not engine.running
+    finally:
+        gate.open()
+        engine.stop()
 
 
 @pytest.mark.model
@@ -286,9 +513,10 @@ def test_real_model_concurrent_profiles_match_each_alone(default_lm):
         return 16.0 * v / v.norm()
 
     layer = default_lm.num_layers // 2
-    steering = [[ConstantShift(layer, "prompt", contrast("city", "farm"))],
-                [ConstantShift(layer, "prompt", contrast("rural", "urban"))]]
-    engine = GenerationEngine(default_lm, max_batch_size=4, batch_wait_ms=100)
+    profiles = Profiles()
+    steering = [plan(profiles.vector(default_lm, layer, "prompt", contrast("city", "farm"))),
+                plan(profiles.vector(default_lm, layer, "prompt", contrast("rural", "urban")))]
+    engine = GenerationEngine(default_lm, profiles=profiles, max_batch_size=4, batch_wait_ms=100)
     sampling = SamplingParams(max_tokens=8, temperature=0.0)
     try:
         prompt = _prompt(engine, "Is it better to live in a big city or in the countryside? Answer briefly.")

@@ -17,13 +17,12 @@ from api_helpers import make_group, mark_ready, profile_bytes, request_profile
 from safetensors.torch import load as st_load
 from support import FIXTURES
 
-from service import create_app
+from service import create_app, db
 from service.api import chat
-from service.engine import SamplingParams
+from service.engine import PlannedProfile, SamplingParams, SteeringPlan
 from steer_core import lora
 from steer_core.data import load_items
 from steer_core.export import peft_files
-from steer_core.methods import intervention
 
 sqlite_only = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 HELLO = [{"role": "user", "content": "Hello, who are you?"}]
@@ -76,7 +75,9 @@ def test_an_imported_adapter_steers_chat_and_exports_back(app, auth, tiny_lm, ad
     eng = chat.engine(app)
     prompt = eng.tokenize_chat(HELLO)
     greedy = SamplingParams(max_tokens=8, temperature=0.0)
-    expected = eng.generate(prompt, greedy, [intervention(adapter, tiny_lm)], timeout=120).text
+    with db.session_scope(app.config["SETTINGS"]) as session:
+        digest = db.profile_by_id(session, pid).artifact_sha256
+    expected = eng.generate(prompt, greedy, SteeringPlan((PlannedProfile(digest),)), timeout=120).text
     assert r.json["choices"][0]["message"]["content"] == expected
     assert expected != eng.generate(prompt, greedy, None, timeout=120).text
 

@@ -9,13 +9,13 @@ import torch
 from peft import PeftModel
 from support import FIXTURES
 
-from service.engine import GenerationEngine, SamplingParams
+from service.engine import GenerationEngine, PlannedProfile, SamplingParams, SteeringPlan
 from steer_core import lora
 from steer_core.data import load_items
 from steer_core.export import peft_files
 from steer_core.methods import intervention
+from steer_core.profile import Profile
 from steer_core.prompts import answer_distributions, encode_items, last_logits_only, option_log_probs
-from steer_core.steering import ConstantShift, compose
 
 ITEMS = load_items(FIXTURES / "opinions_group_rural.jsonl")
 CHATS = ["Hello, who are you?", "Tell me about trains and buses in a small town.", "Hi", "What is rain?"]
@@ -29,12 +29,18 @@ def _adapter(lm, items, layer, strength, **params):
 
 
 def test_every_row_of_a_mixed_engine_batch_gets_its_tokens_alone(tiny_lm):
-    a = intervention(_adapter(tiny_lm, ITEMS[:6], 0, 3.0), tiny_lm)
-    b = intervention(_adapter(tiny_lm, ITEMS[6:12], 2, 3.0, rank=2), tiny_lm)
-    shift = ConstantShift(2, "prompt", 4.0 * torch.randn(tiny_lm.hidden_size,
-                                                         generator=torch.Generator().manual_seed(3)))
-    steering = [[a], [b], None, compose([(a, 0.5), (shift, 1.0), (b, -0.5)])]
-    engine = GenerationEngine(tiny_lm, max_batch_size=4, batch_wait_ms=200)
+    stored = {"a": _adapter(tiny_lm, ITEMS[:6], 0, 3.0), "b": _adapter(tiny_lm, ITEMS[6:12], 2, 3.0, rank=2),
+              "shift": Profile(method="diffmean", model_name=tiny_lm.name, model_fingerprint=tiny_lm.fingerprint,
+                               layer=2, positions="prompt", strength=1.0,
+                               tensors={"vector": 4.0 * torch.randn(tiny_lm.hidden_size,
+                                                                    generator=torch.Generator().manual_seed(3))})}
+
+    def plan(*weighted: tuple[str, float]) -> SteeringPlan:
+        return SteeringPlan(tuple(PlannedProfile(name, w) for name, w in weighted))
+
+    steering = [plan(("a", 1.0)), plan(("b", 1.0)), None, plan(("a", 0.5), ("shift", 1.0), ("b", -0.5))]
+    # Plans name profiles by artifact digest; here the names stand in for digests.
+    engine = GenerationEngine(tiny_lm, profiles=stored.__getitem__, max_batch_size=4, batch_wait_ms=200)
     try:
         prompts = [engine.tokenize_chat([{"role": "user", "content": c}]) for c in CHATS]
         alone = [engine.generate(p, LONG, s, timeout=120).token_ids for p, s in zip(prompts, steering, strict=True)]

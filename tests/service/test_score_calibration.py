@@ -9,7 +9,7 @@ from support import FIXTURES
 
 from service import db
 from service.api import chat
-from steer_core import build_profile, intervention, load_items
+from steer_core import build_profile, load_items
 
 sqlite_only = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 
@@ -46,17 +46,18 @@ def test_score_applies_the_calibration_the_build_recorded(served, settings, auth
 
     questions = fixture_items("opinions_group_urban.jsonl")[8:11]
     judged = items[8:11]
-    raw = chat.engine(served).score(judged, [[intervention(built, tiny_lm)]] * 3, timeout=60)
     steering = {"profiles": [{"id": pid}]}
+    raw = client.post("/v1/score", json={"questions": questions, "steering": steering, "calibrated": False},
+                      headers=auth)
+    assert raw.status_code == 200 and raw.json["calibration"] is None
+    plain = client.post("/v1/score", json={"questions": questions}, headers=auth)
+    assert plain.json["calibration"] is None  # nothing steers, nothing calibrates
     r = client.post("/v1/score", json={"questions": questions, "steering": steering}, headers=auth)
     assert r.status_code == 200, r.json
     assert r.json["calibration"] == built.calibration.to_json()
-    for score, item, p in zip(r.json["scores"], judged, raw, strict=True):
-        assert score["probs"] == pytest.approx(built.calibration.apply(p, item.ordinal).tolist(), abs=1e-6)
-    r = client.post("/v1/score", json={"questions": questions, "steering": steering, "calibrated": False},
-                    headers=auth)
-    assert r.status_code == 200 and r.json["calibration"] is None
-    for score, p in zip(r.json["scores"], raw, strict=True):
-        assert score["probs"] == pytest.approx(p.tolist(), abs=1e-6)
+    for score, item, unmapped in zip(r.json["scores"], judged, raw.json["scores"], strict=True):
+        expected = built.calibration.apply(unmapped["probs"], item.ordinal)
+        assert score["probs"] == pytest.approx(expected.tolist(), abs=1e-6)
+        assert score["probs"] != pytest.approx(unmapped["probs"], abs=1e-4)
     bad = client.post("/v1/score", json={"questions": questions, "calibrated": "yes please"}, headers=auth)
     assert bad.status_code == 422 and bad.json["error"]["field"] == "calibrated"
