@@ -233,7 +233,9 @@ class ProfileOut(Response):
     error: str | None
     chosen: dict[str, Any] | None = Field(description="hyperparameters the build chose (layer, strength, "
                                                       "...)")
-    metrics: dict[str, Any] | None = Field(description="held-out alignment before/after and the search")
+    metrics: dict[str, Any] | None = Field(description="out-of-fold metrics: the baselines (unsteered, uniform, "
+                                           "calibrated), steered, gains over unsteered and over calibrated with "
+                                           "standard errors, the output calibration, the search")
     artifact: ArtifactRef | None
     sample_hash: str
     version: int
@@ -577,6 +579,14 @@ class ScoreRequest(Request):
     questions: list[ScoreQuestion] = Field(min_length=1, max_length=MAX_SCORE_QUESTIONS)
     steering: SteeringIn | None = None
     user: str | None = Field(None, max_length=MAX_ID_CHARS)
+    calibrated: bool = Field(True, description="apply the steering profiles' own output calibration (a "
+                                               "temperature and ordinal lean their builds fitted; a blend pools "
+                                               "them by weight); false: the raw steered distribution")
+
+
+class CalibrationOut(Response):
+    temperature: float
+    lean: float
 
 
 class QuestionScore(Response):
@@ -593,6 +603,8 @@ class ScoreResponse(Response):
         None, description="alignment, total variation, KL, accuracy, ... when every question has a target or "
                           "an answer (steer_core.metrics.summarize)")
     steering: SteeringOut
+    calibration: CalibrationOut | None = Field(
+        None, description="the output calibration applied to every distribution (none: the identity)")
 
 
 # ============================================================================================= experiments
@@ -740,10 +752,19 @@ class ControlComparison(Response):
     significant: bool | None = Field(description="p_value < alpha")
 
 
+class Gain(Response):
+    mean: float
+    standard_error: float | None = Field(description="paired over the items (none for a single item)")
+
+
 class OfflineScores(Response):
     alignment: float
     total_variation: float
     kl: float
+    gain_vs_unsteered: Gain | None = Field(None, description="mean alignment gain over the unsteered model")
+    gain_vs_calibrated: Gain | None = Field(
+        None, description="mean alignment gain over the unsteered model with an output calibration fitted on "
+                          "these items out of fold (what flattening alone gives; none under 4 items)")
 
 
 class VariantResult(Response):
