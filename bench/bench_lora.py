@@ -11,13 +11,15 @@ Everything is measured side by side in this one run. Targets (issue 15):
    seconds, and held-out alignment gain over `calibrated` (the unsteered model through a temperature and
    ordinal lean fitted on the 20 training items) on other questions of the same group, with paired standard
    errors; the project's goal "COLD-FD >= 95% of LoRA's gain at <= 1/10 of its build time" is reported
-   whichever way it comes out;
+   whichever way it comes out; beside them the COLD-FD profile exported as a peft adapter (`cold_fd_peft`,
+   the low-rank update it steps along, scaled by its strength), so the export's loss is measured too;
 3. LoRA build from 20 items < 60 s; the adapter's size (stored and as a peft folder).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import random
 import statistics
 import sys
@@ -34,7 +36,7 @@ from steer_core import build_profile, load_items, load_model  # noqa: E402
 from steer_core.calibration import fit_calibration  # noqa: E402
 from steer_core.data import load_opinionsqa  # noqa: E402
 from steer_core.evaluation import ORIGINAL, evaluate  # noqa: E402
-from steer_core.export import peft_files  # noqa: E402
+from steer_core.export import cold_fd_as_lora, peft_files  # noqa: E402
 from steer_core.lora import PEFT_PREFIX, target_modules, target_names  # noqa: E402
 from steer_core.profile import Profile  # noqa: E402
 from steer_core.prompts import answer_distributions  # noqa: E402
@@ -117,6 +119,10 @@ def builds(lm, items, source: str, n_train: int, n_heldout: int, group: str) -> 
         p = profiles[method]
         print(f"{method:9s} build {seconds[method]:7.1f} s  layer {p.layer} strength {p.strength:g}  "
               f"cv gain {p.metrics.get('gain')}", flush=True)
+    # The COLD-FD profile's update as the peft adapter a multi-LoRA server would serve (its calibration kept,
+    # so the two differ only in steering vs weight update).
+    profiles["cold_fd_peft"] = dataclasses.replace(cold_fd_as_lora(profiles["cold_fd"]),
+                                                   calibration=profiles["cold_fd"].calibration)
     calibration = fit_calibration(train, answer_distributions(lm, train))
     report = evaluate(lm, {group: heldout}, profiles, own={m: group for m in profiles},
                       calibrations={group: calibration}, orders=(ORIGINAL,))
@@ -128,6 +134,8 @@ def builds(lm, items, source: str, n_train: int, n_heldout: int, group: str) -> 
         gains[row] = g["mean"]
         print(f"{row:10s} held-out alignment {c['alignment']['mean']:.4f}  gain vs calibrated "
               f"{g['mean']:+.4f} ± {g['standard_error']:.4f}")
+    print(f"cold_fd exported as peft adapter vs the cold_fd profile: gain difference "
+          f"{gains['cold_fd_peft'] - gains['cold_fd']:+.4f}")
     lora, cold = gains["lora"], gains["cold_fd"]
     share = cold / lora if lora > 0 else float("nan")
     time_ratio = seconds["cold_fd"] / seconds["lora"]

@@ -32,7 +32,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     for bp in (health.bp, observability.bp, openapi.bp, keys.bp, users.bp, groups.bp, opinions.bp,
                profiles.bp, models.bp):
         app.register_blueprint(bp)
-    app.register_blueprint(experiments.bp)  # A/B tests (issue 7)
+    app.register_blueprint(experiments.bp)  # A/B tests
     chat.init_app(app)  # chat completions and scores; the generation engine starts with the first request
-    console.init_app(app)  # the web console under /console (issue 17)
+    console.init_app(app)  # the web console under /console
     return app

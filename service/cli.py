@@ -68,7 +68,8 @@ def cmd_model_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_sample(args: argparse.Namespace) -> list:
+def _load_sample(args: argparse.Namespace, data: str | None = None, group: str | None = None) -> list:
+    """The items of `--data` (or `data`) for `--group` (or `group`), after --offset/--limit."""
     from steer_core.data import load_items
 
     columns = None
@@ -76,7 +77,7 @@ def _load_sample(args: argparse.Namespace) -> list:
         from steer_core.tables import Columns
 
         columns = Columns(**{role: getattr(args, f"{role}_column") or role for role in COLUMN_ROLES})
-    items = load_items(args.data, args.format, args.group, columns=columns, split=args.split)
+    items = load_items(data or args.data, args.format, group or args.group, columns=columns, split=args.split)
     if args.limit:
         items = items[args.offset:args.offset + args.limit]
     elif args.offset:
@@ -135,7 +136,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     m = profile.metrics
     print(f"{args.method} profile from {len(items)} items in {time.perf_counter() - start:.1f} s -> {out} "
           f"({out.stat().st_size / 1e6:.2f} MB)")
-    print(f"layer {profile.layer}, strength {profile.strength:g}, positions {profile.positions}")
+    print(f"layer {profile.layer}, strength {profile.strength:g}, positions {profile.positions}; calibration "
+          f"T {profile.calibration.temperature:g} lean {profile.calibration.lean:g}")
     print(f"{m['evaluation']} alignment: unsteered {m['unsteered']['alignment']:.4f} -> "
           f"steered {m['steered']['alignment']:.4f}")
     gain = dict(m.get("gain") or {})
@@ -143,78 +145,103 @@ def cmd_build(args: argparse.Namespace) -> int:
     for metric, value in gain.items():
         print(f"best setting's out-of-fold gain in {metric}: {value:+.4f} ± {error:.4f} "
               "(± one standard error; read the two together)")
+    if "calibrated" in m:
+        over = m["gain_vs_calibrated"]
+        print(f"baselines: uniform {m['uniform']['alignment']:.4f}, calibrated {m['calibrated']['alignment']:.4f}; "
+              f"best setting vs calibrated {over['alignment']:+.4f} ± {over['standard_error']:.4f}")
     if m.get("note"):
         print(m["note"])
     return 0
 
 
+def _eval_groups(args: argparse.Namespace) -> dict[str, list]:
+    """Each target group's items: one group per `--data` file, or one per `--group` of one OpinionsQA wave."""
+    if len(args.data) > 1 and args.group:
+        raise SteerError("give several --data files (a group each) or one --data with several --group", "group")
+    if len(args.data) > 1:
+        sources = [(d, None) for d in args.data]
+    else:
+        sources = [(args.data[0], g) for g in args.group or [None]]
+    groups: dict[str, list] = {}
+    for path, group in sources:
+        name = group.split(":", 1)[-1] if group else Path(path).stem
+        if name in groups:
+            raise SteerError(f"two targets are both named {name!r}", "data")
+        groups[name] = _load_sample(args, path, group)
+    return groups
+
+
+def _eval_profiles(specs: Sequence[str], groups: dict[str, list]) -> list[tuple[str, str, str | None]]:
+    """(name, path, own group) of each `--profile PATH[@GROUP]`."""
+    out: list[tuple[str, str, str | None]] = []
+    for spec in specs:
+        path, own = spec, None
+        if "@" in spec and "/" not in spec.rsplit("@", 1)[1]:
+            path, own = spec.rsplit("@", 1)
+            if own not in groups:
+                raise SteerError(f"{own!r} is not one of the targets ({', '.join(groups)})", "profile")
+        taken = {n for n, _, _ in out}
+        name, k = Path(path).stem, 1
+        while name in taken:  # the same file twice, or two files of one name
+            k += 1
+            name = f"{Path(path).stem}#{k}"
+        out.append((name, path, own))
+    return out
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
-    items = _load_sample(args)  # bad input answers before torch loads
-    from steer_core.methods import intervention
-    from steer_core.metrics import summarize
+    groups = _eval_groups(args)  # bad input answers before torch loads
+    specs = _eval_profiles(args.profile, groups)
+    from steer_core.evaluation import evaluate, format_cross_table
+    from steer_core.folds import MIN_HELDOUT, MIN_TRAIN
     from steer_core.models import load_model
     from steer_core.profile import Profile
-    from steer_core.prompts import answer_distributions
 
+    n = len(next(iter(groups.values())))
+    if n < MIN_HELDOUT + MIN_TRAIN:
+        raise SteerError(f"{n} questions are too few: the calibrated baseline is fitted out of fold and needs at "
+                         f"least {MIN_HELDOUT + MIN_TRAIN}", "data")
     lm = load_model(args.model)
-    profiles = [(Path(p).stem, Profile.load(p, lm)) for p in args.profile]
-    columns: dict[str, list] = {}
-    update, close = _progress_bar()
+    profiles = {name: Profile.load(path, lm) for name, path, _ in specs}
     try:
-        runs = [("unsteered", None)] + [(name, [intervention(p, lm)]) for name, p in profiles]
-        for i, (name, steering) in enumerate(runs):
-            columns[name] = answer_distributions(
-                lm, items, steering, progress=lambda d, t, i=i, n=name: update(i * t + d, len(runs) * t, n))
-    finally:
-        close()
-    summary = {name: summarize(items, dists) for name, dists in columns.items()}
+        report = evaluate(lm, groups, profiles, own={name: own for name, _, own in specs}, seed=args.seed)
+    except ValueError as exc:
+        if isinstance(exc, SteerError):
+            raise
+        raise SteerError(str(exc), "data") from None
     if args.json:
-        names = list(columns)
-        report = {
-            "summary": summary,
-            "profiles": {name: {"method": p.method, "layer": p.layer, "strength": p.strength} for name, p in profiles},
-            "items": [{"id": it.id, "target": list(it.target),
-                       **{name: [round(float(x), 6) for x in columns[name][k]] for name in names}}
-                      for k, it in enumerate(items)],
-        }
-        if len(profiles) == 1:  # the documented shape for one profile: "steered"
-            report["summary"]["steered"] = report["summary"].pop(profiles[0][0])
-            for row in report["items"]:
-                row["steered"] = row.pop(profiles[0][0])
         json.dump(report, sys.stdout)
         print()
         return 0
-    _print_table(summary, len(items), profiles)
+    for name, p in profiles.items():
+        own = report["profiles"][name]["own_group"]
+        print(f"{name}: {p.method} layer {p.layer} strength {p.strength:g}, calibration T {p.calibration.temperature:g}"
+              f" lean {p.calibration.lean:g}" + (f", built for {own}" if own else ""))
+    for order in report["orders"]:
+        print()
+        print(format_cross_table(report, order))
     return 0
-
-
-def _print_table(summary: dict[str, dict[str, float]], n_items: int, profiles: list) -> None:
-    metrics = list(next(iter(summary.values())))
-    names = list(summary)
-    width = max(12, *(len(n) for n in names))
-    print(f"{n_items} items; " + "; ".join(f"{n}: {p.method} layer {p.layer} strength {p.strength:g}"
-                                          for n, p in profiles))
-    print(f"{'metric':<16}" + "".join(f"{n:>{width + 2}}" for n in names))
-    for metric in metrics:
-        arrow = "(lower is better)" if metric in ("total_variation", "kl") else ""
-        print(f"{metric:<16}" + "".join(f"{summary[n][metric]:>{width + 2}.4f}" for n in names) + f"  {arrow}")
 
 
 # ---------------------------------------------------------------------------------------------- parser
 
 
-def _add_sample_args(p: argparse.ArgumentParser) -> None:
+def _add_sample_args(p: argparse.ArgumentParser, several: bool = False) -> None:
+    """The sample's arguments; `several`: repeatable --data (a group each, the same questions) and --group."""
     from steer_core.data import FORMATS  # stdlib only: cheap
 
-    p.add_argument("--data", required=True,
+    p.add_argument("--data", required=True, action="append" if several else "store",
                    help="items file (JSONL, CSV, Parquet), a saved Hugging Face dataset or OpinionsQA wave "
-                        "directory, or with --format hf a hub dataset name (downloaded: needs the network)")
+                        "directory, or with --format hf a hub dataset name (downloaded: needs the network)"
+                        + ("; repeat for several groups' files on the same questions" if several else ""))
     p.add_argument("--format", choices=FORMATS, help="default: guessed from the file")
     for role in COLUMN_ROLES:
         p.add_argument(f"--{role}-column", metavar="NAME",
                        help=f"the table column holding each item's {role} (default: {role})")
     p.add_argument("--split", default="train", help="the split of a Hugging Face dataset (default: train)")
-    p.add_argument("--group", help="OpinionsQA group as ATTRIBUTE:Group, e.g. POLIDEOLOGY:Liberal")
+    p.add_argument("--group", action="append" if several else "store",
+                   help="OpinionsQA group as ATTRIBUTE:Group, e.g. POLIDEOLOGY:Liberal"
+                        + (" (repeat)" if several else ""))
     p.add_argument("--offset", type=int, default=0, help="skip this many items first")
     p.add_argument("--limit", type=int, default=0, help="use at most this many items")
 
@@ -248,9 +275,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a method parameter, e.g. --param rank=8 (JSON values)")
     build.set_defaults(func=cmd_build)
 
-    ev = sub.add_parser("eval", help="unsteered vs steered on a file's items, side by side")
-    ev.add_argument("--profile", action="append", default=[], help="profile file (repeat to compare methods)")
-    _add_sample_args(ev)
+    ev = sub.add_parser("eval", help="profiles against groups on the same questions, beside the unsteered, "
+                        "uniform and calibrated baselines, in both option orders")
+    ev.add_argument("--profile", action="append", default=[], metavar="PATH[@GROUP]",
+                    help="profile file, optionally with the target group it was built for (repeat)")
+    _add_sample_args(ev, several=True)
+    ev.add_argument("--seed", type=int, default=0, help="folds of the calibrated baseline")
     ev.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
     ev.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     ev.set_defaults(func=cmd_eval)

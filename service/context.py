@@ -1,5 +1,5 @@
 """Per-app and per-request resources: settings, the request's database session, Redis, the artifact store
-and the profile cache. Routes and GEN's chat blueprint get them from here, never by building their own.
+and the profile cache. Routes, the chat blueprint included, get them from here, never by building their own.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ class ServiceState:
         self._redis: redis.Redis | None = None
         self._store: Any = None
         self._cache: Any = None
-        # GEN's engine registers a probe here: () -> {"loaded": bool, ...}; see `model_status`.
+        # The generation engine registers a probe here: () -> {"loaded": bool, ...}; see `model_status`.
         self.model_probe: Callable[[], dict[str, Any]] | None = None
 
     def redis(self) -> redis.Redis:

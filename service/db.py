@@ -258,7 +258,7 @@ class BuildAttempt(Base):
     profile: Mapped[ProfileRow] = relationship(back_populates="attempts")
 
 
-# --- experiments (issue 7): A/B tests between blends of profiles ---
+# --- experiments: A/B tests between blends of profiles ---
 
 EXPERIMENT_STATUSES = ("running", "paused", "stopped")
 REWARD_KINDS = ("thumbs", "rating", "number")
@@ -560,7 +560,7 @@ def group_members(session: Session, tenant_id: int, group_id: int) -> list[User]
 
 
 def user_groups(session: Session, tenant_id: int, user_id: int) -> list[Group]:
-    """The groups a user belongs to (GEN blends a user's default profile with their groups')."""
+    """The groups a user belongs to (a chat request blends a user's default profile with their groups')."""
     return list(session.scalars(
         select(Group).join(GroupMember, GroupMember.group_id == Group.id)
         .where(GroupMember.user_id == user_id, Group.tenant_id == tenant_id).order_by(Group.gid)))

@@ -32,7 +32,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service import db
-from service.protocol import OfflineComparison, OfflineScores
+from service.protocol import Gain, OfflineComparison, OfflineScores
 from steer_core.data import OpinionItem, sample_hash
 
 log = logging.getLogger(__name__)
@@ -184,13 +184,29 @@ def compute(session: Session, row: db.OfflineComparisonRow, model: str, scorer: 
 
 
 def score(found: Inputs, scorer: Scorer) -> OfflineResult:
-    """Each variant's mean alignment, total variation and KL on the inputs' items, under its blend."""
+    """Each variant's mean alignment, total variation and KL on the inputs' items, under its blend (with its
+    profiles' calibration), and its alignment gains over the unsteered and calibrated baselines."""
+    from steer_core.calibration import sample_alignment
+    from steer_core.evaluation import baseline_alignments, paired_difference
+    from steer_core.folds import MIN_HELDOUT, MIN_TRAIN
     from steer_core.metrics import summarize
 
+    def gain(after: np.ndarray, before: np.ndarray) -> Gain:
+        d = paired_difference(after, before)
+        return Gain(mean=d.mean, standard_error=None if np.isnan(d.standard_error) else d.standard_error)
+
+    items = found.items
+    unsteered = scorer(items, [])
+    enough = len(items) >= MIN_HELDOUT + MIN_TRAIN  # the calibrated baseline is fitted out of fold
+    baselines = baseline_alignments(items, unsteered) if enough else {"unsteered": sample_alignment(items, unsteered)}
     scores: dict[str, OfflineScores] = {}
     for name, blend in found.blends.items():
-        m = summarize(found.items, scorer(found.items, blend))
-        scores[name] = OfflineScores(alignment=m["alignment"], total_variation=m["total_variation"], kl=m["kl"])
+        dists = scorer(items, blend) if blend else unsteered
+        m, aligned = summarize(items, dists), sample_alignment(items, dists)
+        scores[name] = OfflineScores(
+            alignment=m["alignment"], total_variation=m["total_variation"], kl=m["kl"],
+            gain_vs_unsteered=gain(aligned, baselines["unsteered"]),
+            gain_vs_calibrated=gain(aligned, baselines["calibrated"]) if enough else None)
     detail = (f"{len(found.items)} {found.evaluation} opinion items of the scope group"
               + (" (in no compared profile's sample)" if found.evaluation == "held-out" else
                  " (every scope item is in a compared profile's sample: these scores flatter those profiles)"))

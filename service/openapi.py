@@ -423,6 +423,8 @@ def openapi_document(app: Flask) -> dict[str, Any]:
             error_codes |= {400, 413, 422}
         if spec.query is not None:
             error_codes.add(422)
+        if params and any(p["in"] == "path" for p in params):
+            error_codes |= {404, 422}  # a malformed or unknown id (check_path_args, the view's lookup)
         if spec.auth:
             error_codes |= {401, 429}
         for status in sorted(error_codes):

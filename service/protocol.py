@@ -2,8 +2,6 @@
 
 Request models forbid unknown fields, so a typo is a 422 naming the field instead of silently ignored
 input. `/openapi.json` is generated from these classes, so what is documented is what is enforced.
-
-GEN appends the chat and score schemas in the marked section at the end of this file.
 """
 
 from __future__ import annotations
@@ -235,7 +233,9 @@ class ProfileOut(Response):
     error: str | None
     chosen: dict[str, Any] | None = Field(description="hyperparameters the build chose (layer, strength, "
                                                       "...)")
-    metrics: dict[str, Any] | None = Field(description="held-out alignment before/after and the search")
+    metrics: dict[str, Any] | None = Field(description="out-of-fold metrics: the baselines (unsteered, uniform, "
+                                           "calibrated), steered, gains over unsteered and over calibrated with "
+                                           "standard errors, the output calibration, the search")
     artifact: ArtifactRef | None
     sample_hash: str
     version: int
@@ -344,8 +344,8 @@ class ModelList(Response):
 OpinionsOut.model_rebuild()
 
 
-# ============================================================================================== chat (GEN)
-# Chat and score schemas (issue 6) are appended below this line.
+# ==================================================================================================== chat
+# Chat completions and scores.
 
 Role = Literal["system", "developer", "user", "assistant"]
 MAX_STOP_STRINGS = 4
@@ -579,6 +579,14 @@ class ScoreRequest(Request):
     questions: list[ScoreQuestion] = Field(min_length=1, max_length=MAX_SCORE_QUESTIONS)
     steering: SteeringIn | None = None
     user: str | None = Field(None, max_length=MAX_ID_CHARS)
+    calibrated: bool = Field(True, description="apply the steering profiles' own output calibration (a "
+                                               "temperature and ordinal lean their builds fitted; a blend pools "
+                                               "them by weight); false: the raw steered distribution")
+
+
+class CalibrationOut(Response):
+    temperature: float
+    lean: float
 
 
 class QuestionScore(Response):
@@ -595,10 +603,12 @@ class ScoreResponse(Response):
         None, description="alignment, total variation, KL, accuracy, ... when every question has a target or "
                           "an answer (steer_core.metrics.summarize)")
     steering: SteeringOut
+    calibration: CalibrationOut | None = Field(
+        None, description="the output calibration applied to every distribution (none: the identity)")
 
 
-# ======================================================================================= experiments (AB)
-# A/B testing schemas (issue 7).
+# ============================================================================================= experiments
+# A/B tests.
 
 VARIANT_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,63}$"
 MAX_VARIANTS = 16
@@ -742,10 +752,19 @@ class ControlComparison(Response):
     significant: bool | None = Field(description="p_value < alpha")
 
 
+class Gain(Response):
+    mean: float
+    standard_error: float | None = Field(description="paired over the items (none for a single item)")
+
+
 class OfflineScores(Response):
     alignment: float
     total_variation: float
     kl: float
+    gain_vs_unsteered: Gain | None = Field(None, description="mean alignment gain over the unsteered model")
+    gain_vs_calibrated: Gain | None = Field(
+        None, description="mean alignment gain over the unsteered model with an output calibration fitted on "
+                          "these items out of fold (what flattening alone gives; none under 4 items)")
 
 
 class VariantResult(Response):

@@ -4,9 +4,10 @@
 opinion questions, so this two-parameter map alone raises alignment for any group; a profile carries
 its own (fitted out of fold on its sample) and steering is judged by what it adds on top.
 
-Fits maximize mean alignment (the metric every build selects on) over log T and b: a coarse grid, then
-Nelder-Mead from its best point. Alignment here is computed for a whole sample at once (a padded array,
-W1 from cumulative sums on the sorted ordinal positions), the same number `metrics.ordinal_alignment` gives.
+Fits minimize the targets' cross-entropy (a proper scoring rule, convex in 1/T and b). Whether the lean
+is worth fitting is decided by out-of-fold alignment, the metric every build selects on; alignment here is
+computed for a whole sample at once (a padded array, W1 from cumulative sums on the sorted ordinal
+positions), the same number `metrics.ordinal_alignment` gives.
 """
 
 from __future__ import annotations
@@ -24,8 +25,6 @@ from steer_core.errors import SteerError
 
 MIN_TEMPERATURE, MAX_TEMPERATURE = 0.05, 50.0
 MAX_LEAN = 5.0
-_LOG_T_GRID = np.log(np.geomspace(0.25, 16.0, 13))
-_LEAN_GRID = np.linspace(-2.0, 2.0, 9)
 _FLOOR = 1e-12
 
 
@@ -90,6 +89,15 @@ class Calibration:
 IDENTITY = Calibration()
 
 
+def recorded_calibration(metrics: Any) -> Calibration:
+    """The calibration a build recorded in a profile's metrics (`metrics["calibration"]`); the identity for
+    a profile built without one (fixed layer and strength)."""
+    recorded = metrics.get("calibration") if isinstance(metrics, dict) else None
+    if recorded is None:
+        return IDENTITY
+    return Calibration.from_json({k: recorded[k] for k in ("temperature", "lean") if k in recorded})
+
+
 class _Sample:
     """A sample's distributions and targets as padded arrays, for fast repeated alignment."""
 
@@ -142,23 +150,31 @@ def sample_alignment(items: Sequence[OpinionItem], dists: Sequence[Sequence[floa
 
 
 def fit_calibration(items: Sequence[OpinionItem], dists: Sequence[Sequence[float]], lean: bool = True) -> Calibration:
-    """The temperature (and lean, when `lean`) that maximize mean alignment of `dists` calibrated, on `items`."""
+    """The temperature (and lean, when `lean`) that minimize the mean cross-entropy of the targets under the
+    calibrated `dists`. The logits `log(p) / T + b z` are linear in (1/T, b), so the loss is convex: one
+    optimum, found the same way whatever scale the readings come in (a reading flattened by T0 gets T / T0)."""
     s = _Sample(items, dists)
-    bounds = np.array([[math.log(MIN_TEMPERATURE), math.log(MAX_TEMPERATURE)], [-MAX_LEAN, MAX_LEAN]])
-    dims = 2 if lean else 1
+    log_p = np.where(np.isfinite(s.log_p), s.log_p, 0.0)
+    valid = np.isfinite(s.log_p)
+    weight = 1.0 / len(items)
 
-    def params(x: np.ndarray) -> tuple[float, float]:
-        x = np.clip(np.resize(x, 2) if lean else np.array([x[0], 0.0]), bounds[:, 0], bounds[:, 1])
-        return float(x[0]), float(x[1])
+    def loss(x: np.ndarray) -> tuple[float, np.ndarray]:
+        inv_t, b = float(x[0]), float(x[1]) if lean else 0.0
+        logits = np.where(valid, inv_t * log_p + b * s.z, -np.inf)
+        top = logits.max(axis=1, keepdims=True)
+        lse = top[:, 0] + np.log(np.exp(logits - top).sum(axis=1))
+        probs = np.exp(logits - lse[:, None])
+        ce = float((s.q * (lse[:, None] - np.where(valid, logits, 0.0))).sum() * weight)
+        grad_t = float(((probs - s.q) * log_p).sum() * weight)
+        grad_b = float(((probs - s.q) * s.z).sum() * weight)
+        return ce, np.array([grad_t, grad_b] if lean else [grad_t])
 
-    def loss(x: np.ndarray) -> float:
-        return -float(s.alignment(s.calibrated(*params(x))).mean())
-
-    grid = [np.array([t, b])[:dims] for t in _LOG_T_GRID for b in (_LEAN_GRID if lean else [0.0])]
-    start = min(grid, key=loss)
-    result = minimize(loss, start, method="Nelder-Mead", options={"xatol": 1e-4, "fatol": 1e-9, "maxiter": 400})
-    log_t, b = params(result.x if result.fun <= loss(start) else start)
-    return Calibration(temperature=round(math.exp(log_t), 6), lean=round(b, 6))
+    bounds = [(1.0 / MAX_TEMPERATURE, 1.0 / MIN_TEMPERATURE)] + ([(-MAX_LEAN, MAX_LEAN)] if lean else [])
+    x0 = np.array([1.0, 0.0] if lean else [1.0])
+    result = minimize(loss, x0, jac=True, method="L-BFGS-B", bounds=bounds, options={"ftol": 1e-12, "gtol": 1e-9})
+    inv_t = float(np.clip(result.x[0], *bounds[0]))
+    b = float(np.clip(result.x[1], -MAX_LEAN, MAX_LEAN)) if lean else 0.0
+    return Calibration(temperature=round(1.0 / inv_t, 6), lean=round(b, 6))
 
 
 def calibrate_out_of_fold(items: Sequence[OpinionItem], dists: Sequence[Sequence[float]],
@@ -177,10 +193,22 @@ def calibrate_out_of_fold(items: Sequence[OpinionItem], dists: Sequence[Sequence
 
 
 def choose_calibration(items: Sequence[OpinionItem], dists: Sequence[Sequence[float]],
-                       folds: Sequence[Sequence[int]]) -> tuple[Calibration, list[np.ndarray]]:
-    """Temperature alone, or temperature and lean, whichever aligns better out of fold; returns the choice
-    fitted on every item (what ships) and the out-of-fold calibrated distributions (what judges it)."""
+                       folds: Sequence[Sequence[int]]) -> tuple[Calibration, list[np.ndarray], bool]:
+    """Temperature alone, or temperature and lean, whichever aligns better out of fold. Returns the choice
+    fitted on every item (what ships), the out-of-fold calibrated distributions (what judges it) and
+    whether the lean is fitted."""
     by_lean = {lean: calibrate_out_of_fold(items, dists, folds, lean) for lean in (False, True)}
     scores = {lean: float(sample_alignment(items, d).mean()) for lean, d in by_lean.items()}
     lean = scores[True] > scores[False]
-    return fit_calibration(items, dists, lean), by_lean[lean]
+    return fit_calibration(items, dists, lean), by_lean[lean], lean
+
+
+def blend_calibration(parts: Sequence[tuple[Calibration, float]]) -> Calibration:
+    """The calibration of a blend of profiles: 1/T and the lean averaged with the blend's |weights| (the
+    maps are log-linear, so this pools them on the same scale the steering blends on); identity for none."""
+    total = sum(abs(w) for _, w in parts)
+    if total == 0:
+        return IDENTITY
+    inv_t = sum(abs(w) / c.temperature for c, w in parts) / total
+    lean = sum(abs(w) * c.lean for c, w in parts) / total
+    return Calibration(temperature=1.0 / inv_t, lean=lean)

@@ -103,6 +103,20 @@ def steerability_contrast(items_a: Sequence[OpinionItem], items_b: Sequence[Opin
     return float(np.corrcoef(moved, wanted)[0, 1])
 
 
+def baseline_alignments(items: Sequence[OpinionItem], unsteered: Sequence[np.ndarray],
+                        calibration: Calibration | None = None,
+                        folds: Sequence[Sequence[int]] | None = None) -> dict[str, np.ndarray]:
+    """Per-question alignment of the three baselines: `unsteered`, `uniform` and `calibrated` (`calibration`
+    applied when given, else one fitted on these questions out of `folds`, by default 3 seeded folds)."""
+    if calibration is not None:
+        calibrated = calibration.apply_all(items, unsteered)
+    else:
+        calibrated = calibrate_out_of_fold(items, unsteered, folds if folds is not None else fold_indices(len(items)))
+    return {"unsteered": sample_alignment(items, unsteered),
+            "uniform": sample_alignment(items, uniform_distributions(items)),
+            "calibrated": sample_alignment(items, calibrated)}
+
+
 def _check_same_questions(groups: Mapping[str, Sequence[OpinionItem]]) -> int:
     if not groups:
         raise ValueError("need at least one group")
@@ -141,16 +155,11 @@ def evaluate_readings(groups: Mapping[str, Sequence[OpinionItem]], unsteered: Re
     # alignment[order][row][group]: one value per question
     alignment: dict[str, dict[str, dict[str, np.ndarray]]] = {}
     for order in orders:
-        base = list(unsteered[order])
-        table: dict[str, dict[str, np.ndarray]] = {"unsteered": {}, "uniform": {}, "calibrated": {}}
+        table: dict[str, dict[str, np.ndarray]] = {name: {} for name in BASELINES}
         for g, items in groups.items():
-            if calibrations is not None and g in calibrations:
-                calibrated = calibrations[g].apply_all(items, base)
-            else:
-                calibrated = calibrate_out_of_fold(items, base, folds)  # type: ignore[arg-type]
-            table["unsteered"][g] = sample_alignment(items, base)
-            table["uniform"][g] = sample_alignment(items, uniform_distributions(items))
-            table["calibrated"][g] = sample_alignment(items, calibrated)
+            given = calibrations.get(g) if calibrations is not None else None
+            for name, values in baseline_alignments(items, list(unsteered[order]), given, folds).items():
+                table[name][g] = values
         for name, readings in profiles.items():
             table[name] = {g: sample_alignment(items, readings[order]) for g, items in groups.items()}
         alignment[order] = table

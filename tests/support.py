@@ -91,3 +91,12 @@ def residual_after(lm: LanguageModel, batch: dict, layer: int, steering=None) ->
     finally:
         handle.remove()
     return seen[0]
+
+
+def steering_alone(profile):
+    """`profile` at the strength whose uncalibrated steering judged best out of fold at its layer (from the
+    build's search): what the method's steering does by itself, where the build shipped strength 0 because
+    its calibration alone did as well (one-sided persona samples, which a constant lean answers)."""
+    rows = [row for row in profile.metrics["search"] if row["layer"] == profile.layer]
+    profile.strength = max(rows, key=lambda row: row["uncalibrated_alignment"])["strength"]
+    return profile

@@ -12,6 +12,7 @@ from safetensors.torch import save as st_save
 from steer_core.calibration import (
     IDENTITY,
     Calibration,
+    blend_calibration,
     calibrate_out_of_fold,
     choose_calibration,
     fit_calibration,
@@ -87,8 +88,8 @@ def test_out_of_fold_never_reads_an_items_own_target():
 
 def test_choose_calibration_keeps_the_lean_when_it_helps():
     items, dists = _random_sample(np.random.default_rng(3), 18, Calibration(2.0, 1.2))
-    chosen, out_of_fold = choose_calibration(items, dists, fold_indices(len(items)))
-    assert chosen.lean == pytest.approx(1.2, abs=0.05)
+    chosen, out_of_fold, lean = choose_calibration(items, dists, fold_indices(len(items)))
+    assert lean and chosen.lean == pytest.approx(1.2, abs=0.05)
     assert len(out_of_fold) == len(items)
     assert sample_alignment(items, out_of_fold).mean() > sample_alignment(items, dists).mean()
 
@@ -120,3 +121,11 @@ def test_profiles_store_their_calibration():
     meta["calibration"] = {"temperature": -1}
     with pytest.raises(ProfileError, match="temperature"):
         Profile.from_bytes(st_save({"vector": torch.ones(4)}, metadata={"pluristeer": json.dumps(meta)}))
+
+
+def test_a_blend_pools_its_profiles_calibrations():
+    # 1/T = (1 * 1/2 + 3 * 1/4) / 4 = 5/16; lean = (1 * 1 + 3 * -1) / 4 = -0.5
+    pooled = blend_calibration([(Calibration(2.0, 1.0), 1.0), (Calibration(4.0, -1.0), -3.0)])
+    assert (pooled.temperature, pooled.lean) == pytest.approx((16 / 5, -0.5))
+    assert blend_calibration([(Calibration(2.0, 0.3), 0.5)]) == Calibration(2.0, 0.3)
+    assert blend_calibration([]) == IDENTITY

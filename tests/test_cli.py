@@ -18,26 +18,32 @@ def _tiny_dir(tmp_path):
     return str(tmp_path / "tiny")
 
 
-def test_build_then_eval_json(tmp_path, capsys):
+def test_build_then_eval_the_cross_table(tmp_path, capsys):
     model = _tiny_dir(tmp_path)
-    data = str(FIXTURES / "opinions_group_urban.jsonl")
+    urban, rural = str(FIXTURES / "opinions_group_urban.jsonl"), str(FIXTURES / "opinions_group_rural.jsonl")
     out = tmp_path / "p.safetensors"
-    assert main(["build", "--method", "diffmean", "--data", data, "--limit", "12", "--model", model,
+    assert main(["build", "--method", "diffmean", "--data", urban, "--limit", "12", "--model", model,
                  "--out", str(out)]) == 0
-    assert out.exists()
     printed = capsys.readouterr().out
+    assert out.exists() and "calibration" in printed
     assert "gain in alignment: " in printed and " ± " in printed, printed  # never a gain without its error
-    assert main(["eval", "--profile", str(out), "--data", data, "--offset", "12", "--limit", "5",
-                 "--model", model, "--json"]) == 0
+    common = ["--data", urban, "--data", rural, "--offset", "12", "--limit", "5", "--model", model]
+    assert main(["eval", "--profile", f"{out}@opinions_group_urban", "--profile", str(out), *common, "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert set(report["summary"]) == {"unsteered", "steered"}
-    assert len(report["items"]) == 5
-    first = report["items"][0]
-    assert {"id", "target", "unsteered", "steered"} <= set(first)
-    assert abs(sum(first["steered"]) - 1) < 1e-4
-    assert main(["eval", "--profile", str(out), "--profile", str(out), "--data", data, "--limit", "3",
-                 "--model", model]) == 0
-    assert "alignment" in capsys.readouterr().out
+    assert report["groups"] == ["opinions_group_urban", "opinions_group_rural"] and report["questions"] == 5
+    assert set(report["cells"]["both orders"]) == {"unsteered", "uniform", "calibrated", "p", "p#2"}
+    cell = report["cells"]["reversed"]["p"]["opinions_group_rural"]
+    assert {"alignment", "gain_vs_unsteered", "gain_vs_calibrated"} == set(cell)
+    assert set(report["specificity"]["original"]) == {"p"}  # only the profile said to be built for a group
+    assert report["profiles"]["p"]["own_group"] == "opinions_group_urban"
+    assert report["profiles"]["p"]["calibration"] == report["profiles"]["p#2"]["calibration"]
+    assert main(["eval", "--profile", f"{out}@opinions_group_urban", *common]) == 0
+    text = capsys.readouterr().out
+    assert "specificity of p" in text and "calibrated" in text and "reversed" in text
+    assert main(["eval", "--profile", f"{out}@nobody", *common]) == 2
+    assert "'nobody' is not one of the targets" in capsys.readouterr().err
+    assert main(["eval", "--data", urban, "--limit", "3", "--model", model]) == 2
+    assert "too few" in capsys.readouterr().err
 
 
 def test_bad_input_leaves_no_output_file(tmp_path, capsys):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from support import FIXTURES
+from support import FIXTURES, steering_alone
 
 from steer_core import build_profile, intervention, load_items, summarize
 from steer_core.cold_fd import candidate_layers
@@ -20,6 +20,8 @@ def test_cold_fd_raises_persona_matching_on_other_statements(default_lm):
     statements = load_items(FIXTURES / "persona_environmentalist_rejects.jsonl")
     train, judge = statements[:20], statements[20:60]
     profile = build_profile(default_lm, train, "cold_fd", {"layer": candidate_layers(default_lm)[0]})
+    assert profile.strength == 0, profile.metrics  # its calibration alone says "No" to every statement
+    profile = steering_alone(profile)  # the steering by itself
     assert profile.strength > 0, profile.metrics
     assert profile.params["compression"]["fidelity"] > 0.95
     before = summarize(judge, answer_distributions(default_lm, judge))

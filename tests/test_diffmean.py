@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from support import FIXTURES
+from support import FIXTURES, steering_alone
 
 from steer_core import build_profile, diffmean, intervention, load_items, summarize
 from steer_core.activations import answer_activations, reuse_answer_activations
@@ -81,10 +81,12 @@ def test_build_records_its_choice_and_scores(tiny_lm):
     assert profile.layer == m["choice"]["layer"]
     gain = m["gain"]
     assert gain["alignment"] == pytest.approx(m["best_candidate"]["alignment"] - m["unsteered"]["alignment"])
-    assert m["improved"] == (gain["alignment"] > MIN_GAIN) and gain["standard_error"] >= 0
+    over = m["gain_vs_calibrated"]
+    assert over["alignment"] == pytest.approx(m["best_candidate"]["alignment"] - m["calibrated"]["alignment"])
+    assert m["improved"] == (over["alignment"] > MIN_GAIN) and gain["standard_error"] >= 0
     if not m["improved"]:
         assert profile.strength == 0 and "no setting beat" in m["note"]
-        assert m["steered"] == m["unsteered"]
+        assert m["steered"] == m["calibrated"]
     else:
         assert profile.strength > 0 and m["steered"] == m["best_candidate"]
 
@@ -111,12 +113,15 @@ def test_diffmean_raises_persona_matching_on_other_statements(default_lm):
     """20 statements an environmentalist rejects build the profile; 50 other such statements judge it.
 
     (The default 135M model answers "Yes" to nearly every statement, whatever its content, so the
-    persona's rejections are where it has room to move.)"""
+    persona's rejections are where it has room to move. A constant lean towards "No" matches them all,
+    so the build ships its calibration alone; the steering is judged by itself, `steering_alone`.)"""
     path = FIXTURES / "persona_environmentalist_rejects.jsonl"
     statements = load_items(path)
     train, judge = statements[:20], statements[20:70]
     assert len(judge) == 50
     profile = build_profile(default_lm, train, "diffmean")
+    assert profile.strength == 0 and profile.metrics["calibrated"]["matching_rate"] > 0.9, profile.metrics
+    profile = steering_alone(profile)
     assert profile.strength > 0, profile.metrics
     before = summarize(judge, answer_distributions(default_lm, judge))
     after = summarize(judge, answer_distributions(default_lm, judge, [intervention(profile, default_lm)]))

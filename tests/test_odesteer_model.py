@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from support import FIXTURES
+from support import FIXTURES, steering_alone
 
 from steer_core import build_profile, get_method, intervention, load_items, summarize
 from steer_core.prompts import answer_distributions
@@ -20,6 +20,8 @@ def test_odesteer_raises_persona_matching_on_other_statements(default_lm):
     train, judge = statements[:20], statements[20:60]
     layer = get_method("odesteer").layers(default_lm)[1]
     profile = build_profile(default_lm, train, "odesteer", {"layer": layer})
+    assert profile.strength == 0, profile.metrics  # its calibration alone says "No" to every statement
+    profile = steering_alone(profile)  # the steering by itself
     assert profile.strength > 0, profile.metrics
     before = summarize(judge, answer_distributions(default_lm, judge))
     after = summarize(judge, answer_distributions(default_lm, judge, [intervention(profile, default_lm)]))

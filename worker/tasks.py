@@ -199,8 +199,10 @@ def _requeue_comparison(settings: Settings, comparison_id: str) -> None:
 
 def _blend_scorer(settings: Settings, lm: Any) -> offline.Scorer:
     """Answer distributions under a blend of ready profiles: artifacts through the profile cache (every read
-    checks the sha256), interventions composed as the serving engine composes them."""
+    checks the sha256), interventions composed as the serving engine composes them, the profiles' output
+    calibrations pooled and applied as /v1/score applies them."""
     from service.redis_server import redis_client
+    from steer_core.calibration import blend_calibration
     from steer_core.methods import intervention
     from steer_core.prompts import answer_distributions
     from steer_core.steering import compose
@@ -209,10 +211,13 @@ def _blend_scorer(settings: Settings, lm: Any) -> offline.Scorer:
                          ttl=settings.profile_cache_ttl, max_bytes=settings.profile_cache_max_bytes)
 
     def score(items: Sequence[OpinionItem], blend: Sequence[tuple[db.ProfileRow, float]]) -> list[np.ndarray]:
-        weighted = []
+        weighted, calibrations = [], []
         for row, weight in blend:
             assert row.artifact_sha256 is not None  # `offline.inputs` takes ready profiles only
-            weighted.append((intervention(cache.load(row.artifact_sha256), lm), weight))
-        return answer_distributions(lm, items, compose(weighted) if weighted else None)
+            profile = cache.load(row.artifact_sha256)
+            weighted.append((intervention(profile, lm), weight))
+            calibrations.append((profile.calibration, weight))
+        dists = answer_distributions(lm, items, compose(weighted) if weighted else None)
+        return blend_calibration(calibrations).apply_all(items, dists)  # as /v1/score reads a blend
 
     return score

@@ -43,6 +43,7 @@ from service.errors import ApiError, api_error, not_found
 from service.openapi import api_route
 from service.protocol import (
     AppliedProfile,
+    CalibrationOut,
     ChatChoice,
     ChatCompletion,
     ChatCompletionChunk,
@@ -59,6 +60,7 @@ from service.protocol import (
 )
 from service.ratelimit import charge_tokens
 from service.settings import Settings
+from steer_core.calibration import IDENTITY, Calibration, blend_calibration, recorded_calibration
 from steer_core.data import OpinionItem, make_item
 from steer_core.errors import SteerError
 from steer_core.metrics import summarize
@@ -504,13 +506,26 @@ def score_questions(body: ScoreRequest) -> ScoreResponse:
     planned = plan_steering(body.steering, shorthand, body.user)
     context.session().commit()
     scored = eng.score(items, planned.plan, timeout=REQUEST_TIMEOUT_S)
-    dists = scored.distributions
+    steering = planned.report(scored.applied[0] if scored.applied else ())
+    calibration = blend_calibration(applied_calibrations(steering)) if body.calibrated else IDENTITY
+    dists = calibration.apply_all(items, scored.distributions)
     scores = [QuestionScore(id=item.id, probs=[float(x) for x in p], answer=int(np.argmax(p)),
                             expected_ordinal=float(np.dot(p, item.ordinal)))
               for item, p in zip(items, dists, strict=True)]
     known = all(q.target is not None or q.answer is not None for q in body.questions)
     return ScoreResponse(model=base, scores=scores, metrics=summarize(items, dists) if known else None,
-                         steering=planned.report(scored.applied[0] if scored.applied else ()))
+                         steering=steering,
+                         calibration=None if calibration.is_identity else CalibrationOut(**calibration.to_json()))
+
+
+def applied_calibrations(applied: SteeringOut) -> list[tuple[Calibration, float]]:
+    """Each applied profile's output calibration (recorded by its build) with its blend weight."""
+    session, tenant = context.session(), tenant_id()
+    parts = []
+    for p in applied.profiles:
+        row = db.get_profile(session, tenant, p.id)
+        parts.append((recorded_calibration(row.metrics if row is not None else None), p.weight))
+    return parts
 
 
 @api_route(bp, "/v1/score", "POST", summary="answer distributions of multiple-choice questions under "

@@ -58,7 +58,7 @@ def create_experiment(body: ExperimentCreate) -> tuple[ExperimentOut, int, dict[
 
 
 @api_route(bp, "/v1/experiments", "GET", summary="the tenant's experiments, newest first",
-           query=ExperimentListQuery, responses={200: ExperimentList})
+           query=ExperimentListQuery, responses={200: ExperimentList}, errors=(404,))
 def list_experiments(query: ExperimentListQuery) -> ExperimentList:
     session = context.session()
     rows = ex.list_experiments(session, tenant_id(), query.limit + 1, query.after)

@@ -1,7 +1,7 @@
 """Fixtures for the service tests: settings on a temporary home, a fresh database per test (SQLite, and
 PostgreSQL where 127.0.0.1:5432 answers), the Flask app and client, and one API key per tenant.
 
-Redis and the Celery worker come from `runtime.py` (helper WORKER's fixtures `redis_url`, `celery_worker`).
+Redis and the Celery worker come from `runtime.py` (its fixtures `redis_url`, `celery_worker`).
 """
 
 from __future__ import annotations
@@ -16,22 +16,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from runtime import *  # noqa: F403  (redis_url, celery_worker, ...)
 
 from service import db
-
-try:
-    from runtime import *  # noqa: F403  (redis_url, celery_worker, ...)
-except ModuleNotFoundError as exc:  # pragma: no cover - only until tests/service/runtime.py exists
-    if exc.name != "runtime":
-        raise
-
-    @pytest.fixture(scope="session")
-    def redis_url() -> Iterator[str]:
-        from service.redis_server import ensure_redis, stop_embedded_redis
-
-        yield ensure_redis(os.environ.get("REDIS_URL"))
-        stop_embedded_redis()
-
 
 _ROOT_CONFTEST = Path(__file__).resolve().parent.parent / "conftest.py"
 
@@ -49,23 +36,24 @@ def pytest_configure(config: pytest.Config) -> None:
 PG_URL = os.environ.get("PLURISTEER_TEST_POSTGRES", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
 
 
-def postgres_reachable() -> bool:
+def postgres_unavailable() -> str | None:
+    """Why the PostgreSQL variants cannot run here (printed with the skips), or None when a server answers."""
     from sqlalchemy.engine import make_url
 
     url = make_url(PG_URL)
     try:
         with socket.create_connection((url.host or "127.0.0.1", url.port or 5432), timeout=0.5):
             pass
-    except OSError:
-        return False
+    except OSError as exc:
+        return f"PostgreSQL is not reachable at {url.host}:{url.port or 5432} ({exc})"
     try:
         engine = db.make_engine(PG_URL)
         with engine.connect():
             pass
         engine.dispose()
-        return True
-    except Exception:
-        return False
+    except Exception as exc:
+        return f"PostgreSQL at {url.host}:{url.port or 5432} refused the test connection: {exc}"
+    return None
 
 
 def pg_database_url(name: str) -> str:
@@ -85,11 +73,12 @@ def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def postgres_template() -> Iterator[tuple[object, str] | None]:
-    """A PostgreSQL database migrated once with Alembic (None when no server answers); each test gets
-    a copy (`CREATE DATABASE ... TEMPLATE`, about 0.1 s)."""
-    if not postgres_reachable():
-        yield None
+def postgres_template() -> Iterator[tuple[object, str] | str]:
+    """A PostgreSQL database migrated once with Alembic (or why there is none); each test gets a copy
+    (`CREATE DATABASE ... TEMPLATE`, about 0.1 s)."""
+    unavailable = postgres_unavailable()
+    if unavailable is not None:
+        yield unavailable
         return
     from sqlalchemy import create_engine, text
 
@@ -111,8 +100,8 @@ def postgres_template() -> Iterator[tuple[object, str] | None]:
 @contextmanager
 def _postgres_database(postgres_template, prefix: str, from_template: bool) -> Iterator[str]:
     """A new PostgreSQL database for one test (a copy of the migrated template, or empty), dropped after."""
-    if postgres_template is None:
-        pytest.skip("PostgreSQL is not reachable at 127.0.0.1:5432")
+    if isinstance(postgres_template, str):
+        pytest.skip(postgres_template)
     from sqlalchemy import text
 
     admin, template = postgres_template

@@ -17,7 +17,9 @@ from sqlalchemy import select
 import steer_core.models
 from service import db
 from service.queue import OFFLINE_TASK, create_celery, queue_depths
+from steer_core.calibration import IDENTITY, Calibration, blend_calibration, sample_alignment
 from steer_core.data import make_item
+from steer_core.evaluation import baseline_alignments, paired_difference
 from steer_core.methods import intervention
 from steer_core.metrics import summarize
 from steer_core.profile import Profile
@@ -60,11 +62,12 @@ def put_group(api, auth, gid: str, items: list[dict]) -> None:
     assert r.status_code == 201, r.json
 
 
-def ready_profile(api, auth, settings, lm, gid: str, seed: int) -> tuple[str, Profile]:
+def ready_profile(api, auth, settings, lm, gid: str, seed: int,
+                  calibration: Calibration = IDENTITY) -> tuple[str, Profile]:
     layer = lm.num_layers // 2
     vector = 4.0 * torch.randn(lm.hidden_size, generator=torch.Generator().manual_seed(seed))
     profile = Profile(method="diffmean", model_name=MODEL, model_fingerprint=lm.fingerprint, layer=layer,
-                      positions="prompt", strength=1.0, tensors={"vector": vector})
+                      positions="prompt", strength=1.0, tensors={"vector": vector}, calibration=calibration)
     r = request_profile(api, auth, gid, params={"layer": layer, "strength": 1.0})
     assert r.status_code == 202, r.json
     mark_ready(settings, r.json["id"], profile.to_bytes())
@@ -101,7 +104,7 @@ def test_results_ask_a_worker_and_read_the_stored_comparison_back(api, auth, off
     put_group(api, auth, "scope", scope_items)
     put_group(api, auth, "fit-a", scope_items[:4])  # profiles fitted on the first six questions only
     put_group(api, auth, "fit-b", scope_items[2:6])
-    a, profile_a = ready_profile(api, auth, settings, tiny_lm, "fit-a", 0)
+    a, profile_a = ready_profile(api, auth, settings, tiny_lm, "fit-a", 0, Calibration(2.0, 0.3))
     b, profile_b = ready_profile(api, auth, settings, tiny_lm, "fit-b", 1)
     exp = experiment(api, auth, a, b, "scope")
     url = f"/v1/experiments/{exp['id']}/results"
@@ -127,18 +130,29 @@ def test_results_ask_a_worker_and_read_the_stored_comparison_back(api, auth, off
     assert offline["available"] and offline["status"] == "ready" and offline["evaluation"] == "held-out"
     assert offline["items"] == 6
     # The held-out items: the scope's questions in neither profile's sample; scored as the serving
-    # engine composes the blends.
+    # engine composes the blends, each blend's calibration pooled by weight (as /v1/score does).
     held_out = [make_item(it["question"], it["options"], target=it["target"], ordinal=it.get("ordinal"))
                 for it in scope_items[6:]]
     iv_a, iv_b = intervention(profile_a, tiny_lm), intervention(profile_b, tiny_lm)
-    expected = {"control": summarize(held_out, answer_distributions(tiny_lm, held_out)),
-                "a": summarize(held_out, answer_distributions(tiny_lm, held_out, compose([(iv_a, 1.0)]))),
-                "b": summarize(held_out, answer_distributions(tiny_lm, held_out,
-                                                              compose([(iv_b, 0.5), (iv_a, 0.5)])))}
+    unsteered = answer_distributions(tiny_lm, held_out)
+    pooled = blend_calibration([(IDENTITY, 0.5), (profile_a.calibration, 0.5)])
+    readings = {"control": unsteered,
+                "a": profile_a.calibration.apply_all(
+                    held_out, answer_distributions(tiny_lm, held_out, compose([(iv_a, 1.0)]))),
+                "b": pooled.apply_all(held_out, answer_distributions(tiny_lm, held_out,
+                                                                     compose([(iv_b, 0.5), (iv_a, 0.5)])))}
+    baselines = baseline_alignments(held_out, unsteered)
     by_name = {v["name"]: v["offline"] for v in done["variants"]}
-    for name, metrics in expected.items():
+    for name, dists in readings.items():
+        metrics = summarize(held_out, dists)
         assert by_name[name]["alignment"] == pytest.approx(metrics["alignment"], abs=1e-9)
         assert by_name[name]["kl"] == pytest.approx(metrics["kl"], abs=1e-9)
+        for baseline in ("unsteered", "calibrated"):
+            gain = paired_difference(sample_alignment(held_out, dists), baselines[baseline])
+            assert by_name[name][f"gain_vs_{baseline}"]["mean"] == pytest.approx(gain.mean, abs=1e-9)
+            assert by_name[name][f"gain_vs_{baseline}"]["standard_error"] == pytest.approx(gain.standard_error,
+                                                                                           abs=1e-9)
+    assert by_name["control"]["gain_vs_unsteered"]["mean"] == 0
     assert by_name["a"]["alignment"] != by_name["control"]["alignment"]
     assert queue_depths(settings)["cpu"] == builds + 1  # reading the stored result sends nothing
 

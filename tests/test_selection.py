@@ -1,0 +1,85 @@
+"""The build's selection: steering ships only for what the calibrated unsteered model cannot do."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from steer_core import METHODS, build_profile
+from steer_core.build import select_setting
+from steer_core.calibration import Calibration, choose_calibration, sample_alignment
+from steer_core.data import make_item
+from steer_core.folds import fold_indices
+from steer_core.methods import Method, no_params, register
+from steer_core.profile import Profile
+from steer_core.steering import ConstantShift
+
+
+def _sample(n: int = 12):
+    rng = np.random.default_rng(0)
+    items = [make_item(f"q{i}", ["a", "b", "c", "d"], target=list(rng.dirichlet(np.ones(4) * 2))) for i in range(n)]
+    unsteered = [rng.dirichlet(np.ones(4) * 0.3) for _ in items]  # confident and often wrong
+    return items, unsteered
+
+
+def test_selection_picks_the_setting_that_knows_the_targets():
+    items, unsteered = _sample()
+    rng = np.random.default_rng(1)
+    candidates = {
+        (1, 0.5): [np.asarray(it.target) for it in items],  # the known best: every target exactly
+        (1, 1.0): Calibration(4.0).apply_all(items, unsteered),  # flattening only
+        (2, 0.5): [rng.dirichlet(np.ones(4)) for _ in items],
+    }
+    chosen = select_setting(items, unsteered, candidates, fold_indices(len(items)))
+    assert chosen.best == (1, 0.5) and chosen.improved
+    assert chosen.search[(1, 0.5)] == pytest.approx(1.0, abs=1e-3)
+    assert chosen.calibration.temperature == pytest.approx(1.0, abs=0.05)
+    assert chosen.best_items["alignment"].mean() > chosen.baselines["calibrated"]["alignment"].mean()
+    assert set(chosen.baselines) == {"unsteered", "uniform", "calibrated"}
+
+
+def test_selection_ships_strength_zero_when_only_calibration_helps():
+    items, _ = _sample()
+    rng = np.random.default_rng(2)
+    # An over-confident model that knows the opinions: T = 3 of a noisy target.
+    unsteered = [Calibration(1 / 3).apply(np.asarray(it.target) * rng.uniform(0.8, 1.2, 4), it.ordinal)
+                 for it in items]
+    folds = fold_indices(len(items))
+    wrong = [np.roll(np.asarray(it.target), 2) for it in items]
+    candidates = {(1, 1.0): Calibration(3.0).apply_all(items, unsteered), (1, 2.0): wrong,
+                  (2, 1.0): list(unsteered)}
+    chosen = select_setting(items, unsteered, candidates, folds)
+    assert not chosen.improved
+    # Flattening a candidate buys nothing its calibration does not: the flat candidate scores the baseline.
+    assert chosen.search[(1, 1.0)] == pytest.approx(chosen.baselines["calibrated"]["alignment"].mean(), abs=2e-3)
+    assert chosen.search[(2, 1.0)] == pytest.approx(chosen.baselines["calibrated"]["alignment"].mean())
+    shipped, calibrated, _ = choose_calibration(items, unsteered, folds)
+    assert chosen.calibration == shipped  # what ships is the unsteered model's own calibration
+    assert sample_alignment(items, calibrated).mean() > sample_alignment(items, unsteered).mean()
+
+
+def _zero_fit(lm, items, layers, params, positions):
+    return {L: Profile(method="stub_zero", model_name=lm.name, model_fingerprint=lm.fingerprint, layer=L,
+                       positions=positions, strength=1.0, tensors={"vector": torch.zeros(lm.hidden_size)})
+            for L in layers}
+
+
+def test_a_build_whose_steering_does_nothing_ships_its_calibration_alone(tiny_lm):
+    register(Method(name="stub_zero", fit=_zero_fit, check_params=no_params,
+                    intervention=lambda p, lm: ConstantShift(layer=p.layer, positions=p.positions,
+                                                             vector=p.strength * p.tensors["vector"]),
+                    strengths=lambda p, lm: [1.0, 2.0], layers=lambda lm: [1, 2]))
+    try:
+        items = [make_item(f"Question number {i}?", ["Yes", "No", "Maybe"], target=[0.5, 0.3, 0.2])
+                 for i in range(8)]
+        profile = build_profile(tiny_lm, items, "stub_zero")
+    finally:
+        METHODS.pop("stub_zero")
+    m = profile.metrics
+    assert profile.strength == 0 and not m["improved"] and "calibrated" in m["note"]
+    assert m["steered"] == m["calibrated"]
+    assert m["gain_vs_calibrated"]["alignment"] == pytest.approx(0.0, abs=1e-6)  # batching noise only
+    assert m["calibration"]["temperature"] == profile.calibration.temperature
+    assert {"unsteered", "uniform", "calibrated"} <= set(m)
+    assert Profile.from_bytes(profile.to_bytes()).calibration == profile.calibration
