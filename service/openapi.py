@@ -56,13 +56,15 @@ def api_route(bp: Blueprint, rule: str, method: str, *, summary: str, body: type
               query: type[BaseModel] | None = None,
               responses: dict[int, type[BaseModel] | str | None] | None = None, auth: bool = True,
               errors: tuple[int, ...] = (), tag: str | None = None,
-              uploads: tuple[str, ...] = ()) -> Callable[[Callable[..., Any]], Any]:
+              uploads: tuple[str, ...] = (),
+              max_body_bytes: Callable[[], int] | None = None) -> Callable[[Callable[..., Any]], Any]:
     """Register `view` on `bp` at `rule` for `method`; see the module docstring.
 
     `responses` maps status codes to a response model, a media type string (binary or streamed bodies)
     or None (no body). The view receives `body=` and `query=` keyword arguments when those are given.
     `uploads` are media types the route also takes as a file body: a request with one of them gets
-    `body=None` and reads its file with `receive_upload`.
+    `body=None` and reads its file with `receive_upload`. `max_body_bytes` gives the route its own body
+    limit in place of `MAX_BODY_BYTES` (a route whose bodies carry files).
     """
     spec = RouteSpec(rule=rule, methods=[method.upper()], summary=summary, tag=tag or bp.name, body=body,
                      query=query, responses=dict(responses or {200: None}), auth=auth, errors=errors,
@@ -76,6 +78,8 @@ def api_route(bp: Blueprint, rule: str, method: str, *, summary: str, body: type
 
                 authenticate()
             check_path_args(path_args)
+            if max_body_bytes is not None:
+                request.max_content_length = max_body_bytes()
             kwargs = dict(path_args)
             if body is not None:
                 kwargs["body"] = None if request.mimetype in uploads else parse_body(body)
@@ -172,9 +176,10 @@ def _check_text(text: str, field: str) -> None:
 
 
 def read_body() -> bytes:
-    """The raw body, 413 past `MAX_CONTENT_LENGTH`. werkzeug checks a declared Content-Length, but cuts a
-    chunked body (no Content-Length) at the limit without a word: read one byte past it to tell."""
-    limit = current_app.config.get("MAX_CONTENT_LENGTH")
+    """The raw body, 413 past the request's limit (`MAX_CONTENT_LENGTH` unless the route sets its own).
+    werkzeug checks a declared Content-Length, but cuts a chunked body (no Content-Length) at the limit
+    without a word: read one byte past it to tell."""
+    limit = request.max_content_length
     if limit is not None and request.content_length is None and "wsgi.input_terminated" in request.environ:
         raw = request.environ["wsgi.input"].read(limit + 1)
         if len(raw) > limit:

@@ -64,8 +64,8 @@ class Settings:
     metrics_token: str | None = None
     stack_status_file: str | None = None
     max_profiles_per_request: int = 8
-    # POST /v1/profiles/import: the largest LoRA rank and adapter file accepted (the request body is also
-    # capped by max_body_bytes, base64 adding a third).
+    # POST /v1/profiles/import: the largest LoRA rank and adapter file accepted (that route's body limit
+    # follows max_adapter_bytes, base64 adding a third, instead of max_body_bytes).
     max_adapter_rank: int = 64
     max_adapter_bytes: int = 64 << 20
     max_batch_size: int = 16

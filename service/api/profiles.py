@@ -292,9 +292,16 @@ def get_artifact(profile_id: str, query: ArtifactQuery) -> Response:
     return artifact_download(profile_id, query.format)
 
 
+def import_body_limit(max_adapter_bytes: int) -> int:
+    """The import route's body limit: the largest adapter in base64 (4 bytes per 3) plus room for the JSON
+    around it (subject, adapter_config)."""
+    return 4 * (max_adapter_bytes // 3 + 1) + (1 << 20)
+
+
 @api_route(bp, "/v1/profiles/import", "POST", summary="import a peft LoRA adapter for the served base model as a "
            "ready lora profile of a user or group (safetensors only; shapes, base model, rank and size checked)",
-           body=ProfileImport, responses={201: ProfileOut, 200: ProfileOut}, errors=(404, 422))
+           body=ProfileImport, responses={201: ProfileOut, 200: ProfileOut}, errors=(404, 413, 422),
+           max_body_bytes=lambda: import_body_limit(context.settings().max_adapter_bytes))
 def import_profile(body: ProfileImport) -> tuple[ProfileOut, int, dict[str, str]]:
     import base64
     import binascii

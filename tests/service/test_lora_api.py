@@ -129,3 +129,28 @@ def test_peft_export_of_a_constant_vector_profile_is_refused(app, auth, settings
     mark_ready(settings, pid, profile_bytes())
     r = client.get(f"/v1/profiles/{pid}/artifact?format=peft", headers=auth)
     assert r.status_code == 422 and r.json["error"]["field"] == "format"
+
+
+@sqlite_only
+def test_import_takes_adapters_larger_than_the_general_body_limit(settings, tiny_lm, auth, adapter):
+    """An adapter file is bigger than an ordinary JSON body: the import route's limit follows
+    MAX_ADAPTER_BYTES, not MAX_BODY_BYTES, and past its own limit the answer is 413."""
+    config, weights = _files(adapter)
+    body = _body(config, weights)
+    size = len(json.dumps(body))
+    app = create_app({"SETTINGS": dataclasses.replace(settings, max_body_bytes=size // 2,
+                                                      max_adapter_bytes=2 * len(weights)),
+                      "TESTING": True, "GENERATION_MODEL": tiny_lm})
+    try:
+        client = app.test_client()
+        make_group(client, auth, "urban", n=4)
+        r = client.post("/v1/profiles/import", json=body, headers=auth)
+        assert r.status_code == 201, r.json
+        padded = {**body, "adapter_config": {**config, "padding": "x" * (size + (2 << 20))}}
+        r = client.post("/v1/profiles/import", json=padded, headers=auth)
+        assert r.status_code == 413, r.json
+        # other routes keep the general limit
+        r = client.put("/v1/groups/big", json={"members": ["u" * 10] * (size // 10)}, headers=auth)
+        assert r.status_code == 413
+    finally:
+        chat.stop_engine(app)
