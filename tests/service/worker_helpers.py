@@ -44,9 +44,15 @@ def make_group(client, auth, gid: str, items: list[dict[str, Any]] | None = None
     assert r.status_code == 201, r.json
 
 
-def request_build(client, auth, gid: str, params: dict[str, Any] | None = None) -> dict[str, Any]:  # noqa: ANN001
-    r = client.post("/v1/profiles", json={"subject": {"kind": "group", "id": gid}, "method": "diffmean",
-                                          "params": FIXED if params is None else params}, headers=auth)
+def request_build(client, auth, gid: str, params: dict[str, Any] | None = None,  # noqa: ANN001
+                  contrast: list[dict[str, str]] | None = None) -> dict[str, Any]:
+    """POST /v1/profiles for group `gid`; `contrast` None leaves the server's default (the tenant's other
+    groups on the same questions, so the same call can name another profile once more groups exist)."""
+    body: dict[str, Any] = {"subject": {"kind": "group", "id": gid}, "method": "diffmean",
+                            "params": FIXED if params is None else params}
+    if contrast is not None:
+        body["contrast"] = contrast
+    r = client.post("/v1/profiles", json=body, headers=auth)
     assert r.status_code in (200, 202), r.json
     return r.json
 
