@@ -5,6 +5,7 @@ Imported as `from support import ...` (a plain module, so nested conftest.py fil
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 # No model hub is reachable from CI: fail fast instead of retrying downloads.
@@ -100,3 +101,20 @@ def steering_alone(profile):
     rows = [row for row in profile.metrics["search"] if row["layer"] == profile.layer]
     profile.strength = max(rows, key=lambda row: row["uncalibrated_alignment"])["strength"]
     return profile
+
+
+class Gate:
+    """Holds the engine thread inside its next model call until `open` (a stuck or slow forward)."""
+
+    def __init__(self, lm) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self._handle = lm.model.register_forward_pre_hook(self._wait)
+
+    def _wait(self, *args) -> None:
+        self.entered.set()
+        assert self.release.wait(60), "the gate was never opened"
+
+    def open(self) -> None:
+        self.release.set()
+        self._handle.remove()

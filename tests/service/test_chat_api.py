@@ -14,7 +14,7 @@ from urllib.parse import urlparse
 import pytest
 import torch
 from api_helpers import fixture_items, make_group, mark_ready, request_profile
-from support import FIXTURES
+from support import FIXTURES, Gate
 
 from service import db
 from service.api import chat
@@ -365,23 +365,6 @@ def test_readiness_and_metrics_report_the_engine(chat_client, auth, chat_setting
     assert "pluristeer_generation_tokens_total 3.0" in metrics
 
 
-class _Gate:
-    """Holds the engine thread inside its next model call until `open`."""
-
-    def __init__(self, lm) -> None:
-        self.entered = threading.Event()
-        self.release = threading.Event()
-        self._handle = lm.model.register_forward_pre_hook(self._wait)
-
-    def _wait(self, *args) -> None:
-        self.entered.set()
-        assert self.release.wait(60), "the gate was never opened"
-
-    def open(self) -> None:
-        self.release.set()
-        self._handle.remove()
-
-
 @sqlite_only
 def test_a_client_that_gives_up_on_a_plain_request_cancels_its_row(live_server, chat_app, chat_settings, tenant_key):
     import http.client
@@ -409,7 +392,7 @@ def test_a_client_that_gives_up_on_a_plain_request_cancels_its_row(live_server, 
 @sqlite_only
 def test_a_full_queue_answers_503_with_retry_after(chat_app, chat_client, auth, chat_settings, tiny_lm):
     eng = chat.engine(chat_app)
-    gate = _Gate(tiny_lm)
+    gate = Gate(tiny_lm)
     try:
         prompt = eng.tokenize_chat(HELLO)
         sampling = SamplingParams(max_tokens=2, temperature=0.0)
@@ -428,7 +411,7 @@ def test_a_full_queue_answers_503_with_retry_after(chat_app, chat_client, auth, 
 @sqlite_only
 def test_an_engine_that_cannot_stop_leaves_the_slot_dead(chat_app, chat_client, auth, chat_settings, tiny_lm):
     eng = chat.engine(chat_app)
-    gate = _Gate(tiny_lm)
+    gate = Gate(tiny_lm)
     try:
         handle = eng.submit(eng.tokenize_chat(HELLO), SamplingParams(max_tokens=50, temperature=0.0,
                                                                      ignore_eos=True))

@@ -12,7 +12,7 @@ import time
 
 import pytest
 import torch
-from support import FIXTURES, make_tiny
+from support import FIXTURES, Gate, make_tiny
 
 from service.engine import (
     DeadlineExceeded,
@@ -108,23 +108,6 @@ def engine(tiny_lm, profiles):
 
 def _solo(engine, prompt, steering=None, sampling=GREEDY):
     return engine.generate(prompt, sampling, steering, timeout=60).token_ids
-
-
-class Gate:
-    """Holds the engine thread inside its next model call until `open` (a stuck or slow forward)."""
-
-    def __init__(self, lm) -> None:
-        self.entered = threading.Event()
-        self.release = threading.Event()
-        self._handle = lm.model.register_forward_pre_hook(self._wait)
-
-    def _wait(self, *args) -> None:
-        self.entered.set()
-        assert self.release.wait(60), "the gate was never opened"
-
-    def open(self) -> None:
-        self.release.set()
-        self._handle.remove()
 
 
 def test_concurrent_rows_with_different_steering_get_the_tokens_they_get_alone(engine, tiny_lm, profiles):
