@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from runtime import *  # noqa: F403  (redis_url, celery_worker, ...)
+from runtime import redis_db_url
 
 from service import db
 
@@ -153,6 +154,25 @@ def settings(tmp_path: Path, database_url: str, redis_url: str):
     home.mkdir()
     return Settings.from_env(home=home, database_url=database_url, redis_url=redis_url,
                              artifact_dir=home / "artifacts")
+
+
+@pytest.fixture
+def task_settings(settings, redis_url, tiny_lm, monkeypatch):
+    """`settings` for running worker tasks in this process: Redis database 7 (flushed before and after), the
+    tiny model as the worker's model, and a short staleness limit."""
+    from dataclasses import replace
+
+    import redis
+
+    from worker import lifecycle
+
+    s = replace(settings, redis_url=redis_db_url(redis_url, 7), build_stale_after=60)
+    client = redis.Redis.from_url(s.redis_url)
+    client.flushdb()
+    monkeypatch.setitem(lifecycle._models, s.model, tiny_lm)  # the process's model: the tiny one
+    yield s
+    client.flushdb()
+    client.close()
 
 
 @pytest.fixture

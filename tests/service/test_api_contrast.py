@@ -3,13 +3,8 @@ request (the tenant's other groups on the same questions by default), and read b
 
 from __future__ import annotations
 
-from dataclasses import replace
-
-import pytest
-import redis
 import torch
 from api_helpers import fixture_items, make_group, request_profile
-from runtime import redis_db_url
 from sqlalchemy import func, select
 
 from service import db
@@ -18,7 +13,6 @@ from service.queue import BUILD_TASK, create_celery
 from steer_core import diffmean
 from steer_core.data import items_from_json, with_contrast
 from steer_core.profile import Profile
-from worker import lifecycle
 
 N = 6
 
@@ -81,17 +75,6 @@ def test_contrast_is_stored_with_the_request_and_defaults_to_the_other_groups(cl
     assert again.json["version"] == 3
     got = client.get(f"/v1/profiles/{default.json['id']}", headers=auth).json
     assert got["params"]["contrast"] == [{"kind": "group", "id": "rural"}]
-
-
-@pytest.fixture
-def task_settings(settings, redis_url, tiny_lm, monkeypatch):
-    s = replace(settings, redis_url=redis_db_url(redis_url, 8), build_stale_after=60)
-    client = redis.Redis.from_url(s.redis_url)
-    client.flushdb()
-    monkeypatch.setitem(lifecycle._models, s.model, tiny_lm)  # the process's model: the tiny one
-    yield s
-    client.flushdb()
-    client.close()
 
 
 def test_the_build_reads_the_contrast(client, auth, task_settings, tiny_lm):

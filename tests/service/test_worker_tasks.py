@@ -6,27 +6,14 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-import pytest
 import redis
 from api_helpers import requested_group_profile
-from runtime import redis_db_url
 
 from service import db
 from service.artifacts import REDIS_PREFIX, ArtifactStore
 from service.queue import BUILD_TASK, create_celery
 from steer_core.data import make_item
-from worker import lifecycle, tasks
-
-
-@pytest.fixture
-def task_settings(settings, redis_url, tiny_lm, monkeypatch):
-    s = replace(settings, redis_url=redis_db_url(redis_url, 7), build_stale_after=60)
-    client = redis.Redis.from_url(s.redis_url)
-    client.flushdb()
-    monkeypatch.setitem(lifecycle._models, s.model, tiny_lm)  # the process's model: the tiny one
-    yield s
-    client.flushdb()
-    client.close()
+from worker import tasks
 
 
 def queued_profile(settings) -> str:
