@@ -47,7 +47,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from service.engine import GenerationEngine, GenerationResult, PlannedProfile, SamplingParams, SteeringPlan  # noqa: E402
+from service.engine.engine import GenerationEngine, GenerationResult, PlannedProfile, SamplingParams, SteeringPlan  # noqa: E402
 from steer_core import Profile, get_method, load_items, load_model  # noqa: E402
 from steer_core.models import LanguageModel  # noqa: E402
 

@@ -31,7 +31,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from service.engine import GenerationEngine, PlannedProfile, SamplingParams, SteeringPlan  # noqa: E402
+from service.engine.engine import GenerationEngine, PlannedProfile, SamplingParams, SteeringPlan  # noqa: E402
 from steer_core import build_profile, load_items, load_model  # noqa: E402
 from steer_core.calibration import fit_calibration  # noqa: E402
 from steer_core.data import load_opinionsqa  # noqa: E402

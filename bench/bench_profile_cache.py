@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from service.artifacts import ArtifactStore, ProfileCache
-from service.redis_server import _free_port, client_for, ensure_redis, stop_embedded_redis
+from service.cli.redis_server import _free_port, client_for, ensure_redis, stop_embedded_redis
+from service.store.artifacts import ArtifactStore, ProfileCache
 from steer_core.profile import Profile
 
 

@@ -1,6 +1,6 @@
-"""Alembic environment: the schema is `service.db.Base.metadata`, the URL comes from the service's settings.
+"""Alembic environment: the schema is `service.store.db.Base.metadata`, the URL comes from the service's settings.
 
-`service.db.upgrade(url)` passes the URL in `config.attributes["database_url"]`; the `alembic` command line
+`service.store.db.upgrade(url)` passes the URL in `config.attributes["database_url"]`; the `alembic` command line
 falls back to `DATABASE_URL` / `PLURISTEER_HOME` through `Settings.from_env()`.
 """
 
@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from alembic import context
 
-from service.db import Base, make_engine
 from service.settings import Settings
+from service.store.db import Base, make_engine
 
 config = context.config
 target_metadata = Base.metadata

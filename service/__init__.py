@@ -16,8 +16,8 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     without `SETTINGS` the settings come from the environment."""
     from flask import Flask  # here, not at the top: the command line imports this package and stays fast
 
-    from service import console, context, errors, observability, openapi
-    from service.api import chat, experiments, groups, health, keys, models, opinions, profiles, users
+    from service import console, context, observability
+    from service.api import chat, errors, experiments, groups, health, keys, models, openapi, opinions, profiles, users
 
     app = Flask(__name__)
     config = dict(test_config or {})

@@ -1,6 +1,6 @@
 """Bearer keys. A key is shown once when created; only its sha256 (and a short display prefix) is stored.
 
-Every API route authenticates through `authenticate()` (called by `service.openapi.api_route`), which sets
+Every API route authenticates through `authenticate()` (called by `service.api.openapi.api_route`), which sets
 `g.tenant_id` (the scope of every query) and `g.api_key_id`, and then applies the per-key rate limit.
 """
 
@@ -14,8 +14,9 @@ from flask import g, request
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service import context, db
-from service.errors import ApiError
+from service import context
+from service.api.errors import ApiError
+from service.store import db
 
 KEY_PREFIX = "psk_"
 DISPLAY_CHARS = 12
@@ -165,7 +166,7 @@ def use_key(row: db.ApiKey) -> int:
     # End the lookup's read transaction: a route that then works for long (generation) must not hold
     # one open; its own queries start a fresh transaction.
     context.session().commit()
-    from service.ratelimit import enforce
+    from service.api.ratelimit import enforce
 
     enforce(row.key_sha256[:32])
     return row.tenant_id

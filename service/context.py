@@ -12,8 +12,8 @@ import redis
 from flask import Flask, current_app, g
 from sqlalchemy.orm import Session
 
-from service import db
 from service.settings import Settings
+from service.store import db
 
 log = logging.getLogger(__name__)
 
@@ -33,14 +33,14 @@ class ServiceState:
 
     def redis(self) -> redis.Redis:
         if self._redis is None:
-            from service.redis_server import redis_client
+            from service.cli.redis_server import redis_client
 
             self._redis = redis_client(self.settings)
         return self._redis
 
     def artifact_store(self) -> Any:
         if self._store is None:
-            from service.artifacts import ArtifactStore
+            from service.store.artifacts import ArtifactStore
 
             self._store = ArtifactStore(self.settings.artifact_dir, on_broken=self._fail_profiles_of)
         return self._store
@@ -57,7 +57,7 @@ class ServiceState:
 
     def profile_cache(self) -> Any:
         if self._cache is None:
-            from service.artifacts import ProfileCache
+            from service.store.artifacts import ProfileCache
 
             s = self.settings
             self._cache = ProfileCache(self.artifact_store(), self.redis(), lru_size=s.profile_lru_size,
@@ -110,5 +110,5 @@ def artifact_store() -> Any:
 
 
 def profile_cache() -> Any:
-    """The app's `service.artifacts.ProfileCache` (LRU -> Redis -> store)."""
+    """The app's `service.store.artifacts.ProfileCache` (LRU -> Redis -> store)."""
     return state().profile_cache()

@@ -19,9 +19,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from service import context, db
-from service.errors import ApiError
-from service.openapi import api_route
+from service import context
+from service.api.errors import ApiError
+from service.api.openapi import api_route
+from service.store import db
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ import redis
 from celery import Celery
 from kombu import Queue
 
-from service.redis_server import ensure_redis, redis_client
+from service.cli.redis_server import ensure_redis, redis_client
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -134,7 +134,7 @@ def choose_queue(method: str, settings: Settings) -> str:
 
 def check_broker(settings: Settings, what: str) -> None:
     """Raise `BrokerUnavailable` within about a second when Redis is down or hung."""
-    from service.redis_server import note_redis_error, redis_down
+    from service.cli.redis_server import note_redis_error, redis_down
 
     if redis_down(settings.redis_url):
         raise BrokerUnavailable(f"could not queue {what}: Redis failed moments ago")

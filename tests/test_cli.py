@@ -8,7 +8,7 @@ import sys
 
 from support import FIXTURES, make_tiny
 
-from service.cli import METHOD_HELP, main
+from service.cli.main import METHOD_HELP, main
 
 
 def _tiny_dir(tmp_path):
@@ -80,7 +80,7 @@ def test_console_script_is_installed():
 # A fresh interpreter runs the command line and reports which heavy packages it loaded.
 _PROBE = """
 import sys
-from service.cli import METHOD_HELP, main
+from service.cli.main import METHOD_HELP, main
 try:
     code = main(sys.argv[1:])
 except SystemExit as exc:

@@ -302,7 +302,7 @@ def test_build_chooses_layer_and_t_on_held_out_items(tiny_lm):
 
 
 def test_cli_builds_and_evaluates_an_odesteer_profile(tiny_lm, tmp_path, capsys):
-    from service.cli import main
+    from service.cli.main import main
 
     tiny_lm.model.save_pretrained(tmp_path / "tiny")
     tiny_lm.tokenizer.save_pretrained(tmp_path / "tiny")

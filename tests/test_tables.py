@@ -10,7 +10,7 @@ import json
 import pytest
 from support import FIXTURES
 
-from service.cli import COLUMN_ROLES, main
+from service.cli.main import COLUMN_ROLES, main
 from steer_core.data import load_items, load_jsonl
 from steer_core.errors import SteerError
 from steer_core.tables import Columns

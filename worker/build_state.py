@@ -17,7 +17,8 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
-from service.db import (
+from service.settings import Settings
+from service.store.db import (
     BuildAttempt,
     ProfileRow,
     profile_by_id,
@@ -27,7 +28,6 @@ from service.db import (
     session_scope,
     utcnow,
 )
-from service.settings import Settings
 from steer_core.data import OpinionItem
 
 log = logging.getLogger(__name__)

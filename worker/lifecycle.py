@@ -100,7 +100,7 @@ def _remember_worker(sender: Any = None, instance: Any = None, conf: Any = None,
 
 @signals.worker_process_init.connect
 def _pool_process_started(**_: Any) -> None:
-    from service.db import dispose_engines
+    from service.store.db import dispose_engines
 
     # Connections inherited over fork belong to the parent.
     dispose_engines()
@@ -122,7 +122,7 @@ def start_background(settings: Settings, listening: list[str]) -> threading.Thre
 
 
 def _background_loop(settings: Settings, listening: list[str]) -> None:
-    from service.redis_server import redis_client
+    from service.cli.redis_server import redis_client
     from worker.sweeper import sweep, sweep_interval
 
     advertise = "gpu" in listening and gpu_available()

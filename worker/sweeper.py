@@ -18,9 +18,9 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import select, update
 
-from service.db import BuildAttempt, ProfileRow, session_scope, utcnow
 from service.queue import RESEND_QUEUED_AFTER_S
 from service.settings import Settings
+from service.store.db import BuildAttempt, ProfileRow, session_scope, utcnow
 from worker.build_state import MAX_LOST_ATTEMPTS
 
 log = logging.getLogger(__name__)

@@ -20,11 +20,11 @@ from celery import shared_task
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from service import db
-from service import offline_comparison as offline
-from service.artifacts import ArtifactError, ArtifactStore, ProfileCache
+from service.experiments import offline_comparison as offline
 from service.queue import BUILD_TASK, OFFLINE_TASK
 from service.settings import Settings
+from service.store import db
+from service.store.artifacts import ArtifactError, ArtifactStore, ProfileCache
 from steer_core.data import OpinionItem
 from steer_core.errors import SteerError
 from worker import build_state
@@ -131,7 +131,7 @@ def _fail_quietly(settings: Settings, profile_id: str, attempt: int, message: st
 
 def _warm_cache(settings: Settings, store: ArtifactStore, sha: str, data: bytes) -> None:
     """Put the new artifact in Redis; the store already has it, so a Redis failure changes nothing."""
-    from service.redis_server import redis_client
+    from service.cli.redis_server import redis_client
 
     try:
         cache = ProfileCache(store, redis_client(settings), lru_size=0, ttl=settings.profile_cache_ttl,
@@ -201,7 +201,7 @@ def _blend_scorer(settings: Settings, lm: Any) -> offline.Scorer:
     """Answer distributions under a blend of ready profiles: artifacts through the profile cache (every read
     checks the sha256), interventions composed as the serving engine composes them, the profiles' output
     calibrations pooled and applied as /v1/score applies them."""
-    from service.redis_server import redis_client
+    from service.cli.redis_server import redis_client
     from steer_core.calibration import blend_calibration
     from steer_core.methods import intervention
     from steer_core.prompts import answer_distributions

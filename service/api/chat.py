@@ -24,24 +24,10 @@ from typing import Any
 import numpy as np
 from flask import Blueprint, Flask, Response, current_app, request
 
-from service import context, db
-from service.auth import tenant_id
-from service.engine import (
-    AppliedProfile as EngineApplied,
-)
-from service.engine import (
-    DeadlineExceeded,
-    GenerationEngine,
-    GenerationHandle,
-    GenerationResult,
-    PlannedProfile,
-    SamplingParams,
-    SteeringPlan,
-    TextChunk,
-)
-from service.errors import ApiError, api_error, not_found
-from service.openapi import api_route
-from service.protocol import (
+from service import context
+from service.api.errors import ApiError, api_error, not_found
+from service.api.openapi import api_route
+from service.api.protocol import (
     AppliedProfile,
     CalibrationOut,
     ChatChoice,
@@ -58,8 +44,23 @@ from service.protocol import (
     SteeringOut,
     Usage,
 )
-from service.ratelimit import charge_tokens
+from service.api.ratelimit import charge_tokens
+from service.auth import tenant_id
+from service.engine.engine import (
+    AppliedProfile as EngineApplied,
+)
+from service.engine.engine import (
+    DeadlineExceeded,
+    GenerationEngine,
+    GenerationHandle,
+    GenerationResult,
+    PlannedProfile,
+    SamplingParams,
+    SteeringPlan,
+    TextChunk,
+)
 from service.settings import Settings
+from service.store import db
 from steer_core.calibration import IDENTITY, Calibration, blend_calibration, recorded_calibration
 from steer_core.data import OpinionItem, make_item
 from steer_core.errors import SteerError
@@ -247,7 +248,7 @@ def plan_steering(spec: SteeringIn | None, shorthand: str | None, user: str | No
         if spec.profiles:
             raise ApiError(422, "validation_error", "give `profiles` or an `experiment`, not both",
                            "steering.experiment")
-        from service import experiments
+        from service.experiments import experiments
 
         variant, blend = experiments.resolve_experiment(session, tenant, spec.experiment, user)
         refs = [_Ref(pid, w, "steering.experiment") for pid, w in blend]
@@ -436,7 +437,7 @@ def chat_completions(body: ChatCompletionRequest) -> Any:
 def _record_exposure(applied: SteeringOut, response_id: str) -> None:
     if applied.experiment is None or applied.variant is None or applied.user is None:
         return
-    from service import experiments
+    from service.experiments import experiments
 
     experiments.record_exposure(context.session(), tenant_id(), applied.experiment, applied.variant,
                                 applied.user, response_id)

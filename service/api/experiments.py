@@ -18,11 +18,8 @@ from typing import Any
 from flask import Blueprint, Response, current_app, url_for
 
 from service import context
-from service import experiments as ex
-from service import offline_comparison as offline
-from service.auth import tenant_id
-from service.openapi import api_route
-from service.protocol import (
+from service.api.openapi import api_route
+from service.api.protocol import (
     AssignIn,
     AssignmentOut,
     ExperimentCreate,
@@ -35,6 +32,9 @@ from service.protocol import (
     FeedbackOut,
     ResultsQuery,
 )
+from service.auth import tenant_id
+from service.experiments import experiments as ex
+from service.experiments import offline_comparison as offline
 
 log = logging.getLogger(__name__)
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 from flask import Blueprint
 from sqlalchemy import delete, func, select
 
-from service import context, db
+from service import context
+from service.api.errors import ApiError
+from service.api.openapi import api_route
+from service.api.protocol import GroupOut, GroupPut
 from service.api.subjects import check_id, find_subject
 from service.auth import tenant_id
-from service.errors import ApiError
-from service.openapi import api_route
-from service.protocol import GroupOut, GroupPut
+from service.store import db
 
 bp = Blueprint("groups", __name__)
 

@@ -9,9 +9,10 @@ from typing import Any
 from flask import Blueprint
 from sqlalchemy import text
 
-from service import context, db
-from service.openapi import api_route
-from service.protocol import Health, Ready, ReadyCheck
+from service import context
+from service.api.openapi import api_route
+from service.api.protocol import Health, Ready, ReadyCheck
+from service.store import db
 
 bp = Blueprint("health", __name__)
 
@@ -48,7 +49,7 @@ def _check_database() -> ReadyCheck:
 
 
 def _check_redis() -> ReadyCheck:
-    from service.redis_server import note_redis_error
+    from service.cli.redis_server import note_redis_error
 
     try:
         context.redis_client().ping()  # bounded by the client's timeouts (about a second)
@@ -59,7 +60,7 @@ def _check_redis() -> ReadyCheck:
 
 
 def _check_stack(path: str) -> ReadyCheck:
-    """What `pluristeer up` reports of the processes it supervises (service.stack.Supervisor)."""
+    """What `pluristeer up` reports of the processes it supervises (service.cli.stack.Supervisor)."""
     try:
         children = json.loads(Path(path).read_text())["children"]
     except (OSError, ValueError, KeyError, TypeError) as exc:

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from flask import Blueprint, g
 
-from service import context, db
+from service import context
+from service.api.errors import not_found
+from service.api.openapi import api_route
+from service.api.protocol import KeyCreate, KeyCreated, KeyList, KeyOut
 from service.auth import add_key, revoke_prefix, tenant_id, tenant_keys
-from service.errors import not_found
-from service.openapi import api_route
-from service.protocol import KeyCreate, KeyCreated, KeyList, KeyOut
+from service.store import db
 
 bp = Blueprint("keys", __name__)
 

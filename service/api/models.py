@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from flask import Blueprint
 
-from service import context, db
+from service import context
+from service.api.errors import ApiError
+from service.api.openapi import api_route
 from service.api.profiles import profile_views
+from service.api.protocol import ModelList, ModelOut, ModelSteering
 from service.auth import tenant_id
-from service.errors import ApiError
-from service.openapi import api_route
-from service.protocol import ModelList, ModelOut, ModelSteering
+from service.store import db
 
 bp = Blueprint("models", __name__)
 

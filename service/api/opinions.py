@@ -10,12 +10,10 @@ from __future__ import annotations
 
 from flask import Blueprint, request
 
-from service import context, db
-from service.api.subjects import find_subject
-from service.auth import tenant_id
-from service.errors import ApiError
-from service.openapi import api_route, receive_upload
-from service.protocol import (
+from service import context
+from service.api.errors import ApiError
+from service.api.openapi import api_route, receive_upload
+from service.api.protocol import (
     MAX_ITEMS_PER_REQUEST,
     OpinionOut,
     OpinionsOut,
@@ -25,6 +23,9 @@ from service.protocol import (
     OpinionsUploadQuery,
     SubjectRef,
 )
+from service.api.subjects import find_subject
+from service.auth import tenant_id
+from service.store import db
 from steer_core.data import OpinionItem, make_item, sample_hash
 
 bp = Blueprint("opinions", __name__)

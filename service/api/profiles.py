@@ -9,12 +9,10 @@ from typing import Any
 from flask import Blueprint, Response, current_app, url_for
 from sqlalchemy import func, select
 
-from service import context, db
-from service.api.subjects import find_subject
-from service.auth import tenant_id
-from service.errors import ApiError, not_found
-from service.openapi import api_route
-from service.protocol import (
+from service import context
+from service.api.errors import ApiError, not_found
+from service.api.openapi import api_route
+from service.api.protocol import (
     ArtifactQuery,
     ArtifactRef,
     ProfileCreate,
@@ -24,7 +22,10 @@ from service.protocol import (
     ProfileOut,
     SubjectRef,
 )
+from service.api.subjects import find_subject
+from service.auth import tenant_id
 from service.settings import Settings
+from service.store import db
 from steer_core.build import check_orders, split_sample
 from steer_core.data import OpinionItem, question_key
 from steer_core.errors import SteerError
@@ -142,8 +143,8 @@ def _get(profile_id: str) -> db.ProfileRow:
 def message_lost(profile_id: str, settings: Settings) -> bool:
     """Whether a `queued` profile's build message is missing from the broker (asking again re-sends it).
     False when the broker cannot say: then nothing could be sent anyway."""
+    from service.cli.redis_server import note_redis_error, redis_down
     from service.queue import pending_builds
-    from service.redis_server import note_redis_error, redis_down
 
     if redis_down(settings.redis_url):
         return False

@@ -6,9 +6,9 @@ import re
 
 from sqlalchemy.orm import Session
 
-from service import db
-from service.errors import ApiError, not_found
-from service.protocol import ID_PATTERN, ID_RULE
+from service.api.errors import ApiError, not_found
+from service.api.protocol import ID_PATTERN, ID_RULE
+from service.store import db
 
 _ID = re.compile(ID_PATTERN)
 

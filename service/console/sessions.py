@@ -26,9 +26,10 @@ import redis
 from flask import Response, g, redirect, request, url_for
 from sqlalchemy import select
 
-from service import context, db
+from service import context
+from service.api.errors import ApiError
 from service.auth import use_key
-from service.errors import ApiError
+from service.store import db
 
 SESSION_COOKIE = "pluristeer_console"
 LOGIN_COOKIE = "pluristeer_console_login"

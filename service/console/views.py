@@ -12,22 +12,24 @@ from flask import Blueprint, Response, g, jsonify, redirect, render_template, re
 from pydantic import ValidationError
 from sqlalchemy import func, select
 
-from service import context, db, offline_comparison
-from service import experiments as ex
+from service import context
 from service.api import chat, opinions, profiles
+from service.api.errors import ApiError, field_path, not_found
 from service.api.experiments import offline_result
-from service.api.subjects import find_subject
-from service.auth import active_key, tenant_id
-from service.console import sessions
-from service.errors import ApiError, field_path, not_found
-from service.openapi import parse_body
-from service.protocol import (
+from service.api.openapi import parse_body
+from service.api.protocol import (
     ChatCompletionRequest,
     ExperimentCreate,
     OpinionsPost,
     ProfileCreate,
     ScoreRequest,
 )
+from service.api.subjects import find_subject
+from service.auth import active_key, tenant_id
+from service.console import sessions
+from service.experiments import experiments as ex
+from service.experiments import offline_comparison
+from service.store import db
 from steer_core.errors import SteerError
 from steer_core.methods import METHODS
 
@@ -191,7 +193,7 @@ def _calibration(row: db.ProfileRow) -> str | None:
     """The output calibration the profile carries (read from its artifact through the profile cache)."""
     if row.status != "ready" or row.artifact_sha256 is None:
         return None
-    from service.artifacts import ArtifactError
+    from service.store.artifacts import ArtifactError
 
     try:
         calibration = context.profile_cache().load(row.artifact_sha256).calibration
@@ -487,7 +489,7 @@ def playground() -> str:
 @sessions.signed_in
 def playground_chat() -> Any:
     """A chat completion through the API's own function (JSON body as for /v1/chat/completions)."""
-    from service.openapi import to_response
+    from service.api.openapi import to_response
 
     return to_response(chat.complete_chat(parse_body(ChatCompletionRequest)))
 
@@ -496,6 +498,6 @@ def playground_chat() -> Any:
 @sessions.signed_in
 def playground_score() -> Any:
     """Answer distributions through the API's own function (JSON body as for /v1/score)."""
-    from service.openapi import to_response
+    from service.api.openapi import to_response
 
     return to_response(chat.score_questions(parse_body(ScoreRequest)))

@@ -44,8 +44,8 @@ def profile_bytes(seed: float = 1.0) -> bytes:
 
 def mark_ready(settings, profile_id: str, data: bytes | None = None) -> str:
     """Do what a worker does when a build finishes: store the artifact and mark the row ready."""
-    from service import db
-    from service.artifacts import ArtifactStore
+    from service.store import db
+    from service.store.artifacts import ArtifactStore
 
     sha, size = ArtifactStore(settings.artifact_dir).put(data if data is not None else profile_bytes())
     with db.session_scope(settings) as session:
@@ -59,7 +59,7 @@ def mark_ready(settings, profile_id: str, data: bytes | None = None) -> str:
 
 
 def mark_failed(settings, profile_id: str, error: str = "boom") -> None:
-    from service import db
+    from service.store import db
 
     with db.session_scope(settings) as session:
         row = db.profile_by_id(session, profile_id)
@@ -69,7 +69,7 @@ def mark_failed(settings, profile_id: str, error: str = "boom") -> None:
 def requested_group_profile(settings, tenant: str, gid: str, items, params: dict[str, Any]) -> tuple[str, bool]:
     """A group holding `items` and a DiffMean profile requested for it, through the database layer (what
     `PUT /v1/groups` + `POST .../opinions` + `POST /v1/profiles` store); (profile id, created)."""
-    from service import db
+    from service.store import db
     from steer_core.data import sample_hash
 
     with db.session_scope(settings) as session:

@@ -19,7 +19,7 @@ import pytest
 from runtime import *  # noqa: F403  (redis_url, celery_worker, ...)
 from runtime import redis_db_url
 
-from service import db
+from service.store import db
 
 _ROOT_CONFTEST = Path(__file__).resolve().parent.parent / "conftest.py"
 

@@ -60,7 +60,7 @@ def redis_url() -> Iterator[str]:
     if external:
         yield external
         return
-    from service.redis_server import ensure_redis, stop_embedded_redis
+    from service.cli.redis_server import ensure_redis, stop_embedded_redis
 
     url = ensure_redis(None)
     yield url
@@ -69,7 +69,7 @@ def redis_url() -> Iterator[str]:
 
 def stack_settings(root: Path, redis: str, **overrides: object) -> Settings:
     """Settings for one isolated stack under `root` (database migrated), on the Redis URL given."""
-    from service.db import upgrade
+    from service.store.db import upgrade
 
     root.mkdir(parents=True, exist_ok=True)
     settings = Settings.from_env(home=root, database_url=f"sqlite:///{root / 'pluristeer.db'}",

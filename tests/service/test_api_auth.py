@@ -9,9 +9,10 @@ import hashlib
 import pytest
 from sqlalchemy import select
 
-from service import create_app, db
+from service import create_app
+from service.api.ratelimit import hit
 from service.auth import create_key_cli, revoke_key
-from service.ratelimit import hit
+from service.store import db
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
@@ -61,7 +62,7 @@ def test_keys_create_cli_refuses_an_unmigrated_database(tmp_path, monkeypatch, c
 def test_rate_limit_window_counts_per_key(redis_url):
     import uuid
 
-    from service.redis_server import client_for
+    from service.cli.redis_server import client_for
 
     client = client_for(redis_url)
     key_a, key_b = uuid.uuid4().hex, uuid.uuid4().hex
@@ -135,7 +136,7 @@ def test_a_tenant_creates_lists_and_revokes_its_own_keys(client, auth, other_aut
 
 
 def test_keys_list_and_revoke_cli(client, settings, monkeypatch, capsys):
-    from service.cli import main
+    from service.cli.main import main
 
     monkeypatch.setenv("DATABASE_URL", settings.database_url)
     assert main(["keys", "create", "--tenant", "acme", "--name", "laptop"]) == 0

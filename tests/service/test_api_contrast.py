@@ -7,9 +7,9 @@ import torch
 from api_helpers import fixture_items, make_group, request_profile
 from sqlalchemy import func, select
 
-from service import db
-from service.artifacts import ArtifactStore
 from service.queue import BUILD_TASK, create_celery
+from service.store import db
+from service.store.artifacts import ArtifactStore
 from steer_core import diffmean
 from steer_core.data import items_from_json, with_contrast
 from steer_core.profile import Profile

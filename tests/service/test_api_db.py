@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 
-from service import db
+from service.store import db
 
 
 def _tenant_and_user(settings) -> tuple[int, int]:

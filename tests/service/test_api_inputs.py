@@ -16,7 +16,7 @@ import pytest
 from api_helpers import fixture_items, make_group
 from runtime import REPO, stack_settings
 
-from service.openapi import MAX_JSON_DEPTH, dump_json
+from service.api.openapi import MAX_JSON_DEPTH, dump_json
 
 
 def error(r) -> dict:
@@ -133,9 +133,9 @@ def test_a_non_finite_number_is_never_written_as_nan(app):
 
 def test_a_chunked_body_over_the_limit_is_413_under_gunicorn(tmp_path, redis_url):
     """gunicorn hands werkzeug a chunked body as a terminated stream, which werkzeug cuts at the limit."""
-    from service import db
     from service.auth import create_key
-    from service.stack import child_env, gunicorn_command
+    from service.cli.stack import child_env, gunicorn_command
+    from service.store import db
 
     settings = stack_settings(tmp_path / "stack", redis_url, max_body_bytes=4096, max_upload_bytes=4096)
     with db.session_scope(settings) as session:

@@ -10,7 +10,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, inspect
 
-from service import db
+from service.store import db
 
 
 def schema_diff(url: str) -> list:

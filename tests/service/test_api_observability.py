@@ -6,9 +6,10 @@ import re
 
 from api_helpers import make_group, mark_ready, request_profile
 
-from service import create_app, db
+from service import create_app
 from service.api.health import model_status
 from service.queue import queue_depths
+from service.store import db
 
 
 def sample(text: str, name: str, **labels: str) -> float:

@@ -9,7 +9,7 @@ from api_helpers import fixture_items, make_group, mark_ready, request_profile
 from flask import request
 
 from service import create_app
-from service.openapi import is_api_rule, openapi_path
+from service.api.openapi import is_api_rule, openapi_path
 
 pytestmark = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 

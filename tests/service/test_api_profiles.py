@@ -5,8 +5,8 @@ from __future__ import annotations
 from api_helpers import make_group, mark_failed, mark_ready, profile_bytes, request_profile
 from sqlalchemy import func, select
 
-from service import db
-from service.artifacts import ArtifactStore
+from service.store import db
+from service.store.artifacts import ArtifactStore
 from steer_core.profile import Profile
 
 
@@ -197,7 +197,7 @@ def test_corrupted_artifact_is_reported_unavailable(client, auth, settings):
 def test_delete_removes_row_cache_and_unshared_file(client, auth, other_auth, settings, app, redis_url):
     import redis as redis_lib
 
-    from service.artifacts import REDIS_PREFIX
+    from service.store.artifacts import REDIS_PREFIX
 
     make_group(client, auth)
     make_group(client, other_auth)

@@ -14,9 +14,10 @@ from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import status_code_conformance
 
-from service import create_app, db
+from service import create_app
 from service.auth import create_key
 from service.settings import Settings
+from service.store import db
 
 MAX_TOKENS = 2
 EXAMPLES_PER_OPERATION = 12

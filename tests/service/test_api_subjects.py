@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from api_helpers import fixture_items
 
-from service import db
+from service.store import db
 
 ANSWERS = fixture_items("user_answers.jsonl")
 URBAN = fixture_items("opinions_group_urban.jsonl")

@@ -9,7 +9,7 @@ import redis
 import torch
 from runtime import redis_db_url
 
-from service.artifacts import (
+from service.store.artifacts import (
     REDIS_PREFIX,
     ArtifactCorrupted,
     ArtifactMissing,
@@ -85,7 +85,7 @@ def test_delete_removes_the_file_and_only_it(store):
 
 def test_a_failed_write_leaves_no_file(store, monkeypatch):
     # os.replace failing (a full disk, a crash) must leave neither the artifact nor a temporary file.
-    import service.artifacts as artifacts
+    import service.store.artifacts as artifacts
 
     def fail(*args, **kwargs):
         raise OSError(28, "No space left on device")
@@ -122,7 +122,7 @@ def test_redis_flushed_or_down_still_serves_from_the_store(store, rclient):
     assert flushed.load(sha).strength == 1.5
     assert flushed.stats()["misses"] == 1
     # A Redis nobody listens on: every cache call fails fast and counts, the store answers.
-    from service.redis_server import _free_port, client_for
+    from service.cli.redis_server import _free_port, client_for
 
     down = client_for(f"redis://127.0.0.1:{_free_port()}/0")  # the service's client settings
     cache = ProfileCache(store, down, lru_size=0, redis_backoff_s=60)

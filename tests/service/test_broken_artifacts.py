@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from api_helpers import make_group, mark_ready, request_profile
 
-from service.artifacts import ArtifactStore
+from service.store.artifacts import ArtifactStore
 
 
 def test_a_corrupted_artifact_fails_its_profile_and_asking_again_rebuilds_it_in_place(client, auth, settings):

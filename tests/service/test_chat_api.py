@@ -16,9 +16,9 @@ import torch
 from api_helpers import fixture_items, make_group, mark_ready, request_profile
 from support import FIXTURES, Gate
 
-from service import db
 from service.api import chat
-from service.engine import EngineStopped, PlannedProfile, SamplingParams, SteeringPlan
+from service.engine.engine import EngineStopped, PlannedProfile, SamplingParams, SteeringPlan
+from service.store import db
 from steer_core.data import load_items
 from steer_core.profile import Profile
 
@@ -237,7 +237,7 @@ def test_profiles_that_cannot_steer_are_refused(chat_client, auth, chat_settings
 
     corrupt = request_profile(chat_client, auth, "urban", params={"layer": LAYER, "strength": 8.0}).json["id"]
     sha = mark_ready(chat_settings, corrupt, _profile_bytes(chat_settings, tiny_lm, 8))
-    from service.artifacts import ArtifactStore
+    from service.store.artifacts import ArtifactStore
 
     path = ArtifactStore(chat_settings.artifact_dir).path(sha)
     data = bytearray(path.read_bytes())

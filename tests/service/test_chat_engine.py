@@ -14,7 +14,7 @@ import pytest
 import torch
 from support import FIXTURES, Gate, make_tiny
 
-from service.engine import (
+from service.engine.engine import (
     DeadlineExceeded,
     EngineBusy,
     EngineStopped,

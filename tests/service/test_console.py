@@ -13,8 +13,9 @@ import time
 import pytest
 from api_helpers import fixture_items, make_group, mark_ready, request_profile
 
-from service import create_app, db
+from service import create_app
 from service.console import sessions
+from service.store import db
 
 pytestmark = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 

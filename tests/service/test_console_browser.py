@@ -25,7 +25,7 @@ import pytest
 from worker_helpers import FIXED, SMALL_ITEMS, new_auth
 
 from service.api import chat
-from service.demo_ab import Client
+from service.cli.demo_ab import Client
 
 pytestmark = pytest.mark.service
 

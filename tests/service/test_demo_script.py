@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from service.redis_server import _free_port
+from service.cli.redis_server import _free_port
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.service]

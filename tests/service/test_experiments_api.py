@@ -10,10 +10,10 @@ from api_helpers import make_group, mark_ready, profile_bytes, request_profile
 from scipy import stats
 from sqlalchemy import func, select
 
-from service import db
-from service import experiments as ex
-from service.experiment_stats import assign_bucket, choose_variant
-from service.openapi import openapi_document, openapi_path
+from service.api.openapi import openapi_document, openapi_path
+from service.experiments import experiments as ex
+from service.experiments.stats import assign_bucket, choose_variant
+from service.store import db
 
 
 @pytest.fixture(autouse=True)

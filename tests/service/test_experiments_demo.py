@@ -15,10 +15,10 @@ import torch
 from api_helpers import mark_ready
 from sqlalchemy import select
 
-from service import db
 from service.api import chat
-from service.demo_ab import OTHER, PREFERRED, run_ab_demo
+from service.cli.demo_ab import OTHER, PREFERRED, run_ab_demo
 from service.queue import OFFLINE_TASK, create_celery
+from service.store import db
 from steer_core.profile import Profile
 from worker import lifecycle
 

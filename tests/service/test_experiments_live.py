@@ -18,10 +18,10 @@ import torch
 from api_helpers import fixture_items, mark_ready, request_profile
 from sqlalchemy import func, select
 
-from service import db
 from service.api import chat
-from service.demo_ab import Client
+from service.cli.demo_ab import Client
 from service.queue import OFFLINE_TASK, create_celery
+from service.store import db
 from steer_core.profile import Profile
 from worker import lifecycle
 

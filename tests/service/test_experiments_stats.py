@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from service.experiment_stats import (
+from service.experiments.stats import (
     PlotBar,
     RewardSummary,
     assign_bucket,

@@ -14,8 +14,8 @@ from worker_helpers import SMALL_ITEMS, attempts, get_profile, make_group, new_a
 
 from service import context
 from service.api.chat import stop_engine
-from service.artifacts import REDIS_PREFIX, ArtifactCorrupted
-from service.redis_server import _free_port, client_for
+from service.cli.redis_server import _free_port, client_for
+from service.store.artifacts import REDIS_PREFIX, ArtifactCorrupted
 
 pytestmark = [pytest.mark.service, pytest.mark.model]
 

@@ -17,9 +17,10 @@ from api_helpers import make_group, mark_ready, profile_bytes, request_profile
 from safetensors.torch import load as st_load
 from support import FIXTURES
 
-from service import create_app, db
+from service import create_app
 from service.api import chat
-from service.engine import PlannedProfile, SamplingParams, SteeringPlan
+from service.engine.engine import PlannedProfile, SamplingParams, SteeringPlan
+from service.store import db
 from steer_core import lora
 from steer_core.data import load_items
 from steer_core.export import peft_files

@@ -9,7 +9,7 @@ import torch
 from peft import PeftModel
 from support import FIXTURES
 
-from service.engine import GenerationEngine, PlannedProfile, SamplingParams, SteeringPlan
+from service.engine.engine import GenerationEngine, PlannedProfile, SamplingParams, SteeringPlan
 from steer_core import lora
 from steer_core.data import load_items
 from steer_core.export import peft_files

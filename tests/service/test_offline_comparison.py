@@ -15,8 +15,8 @@ from runtime import redis_db_url
 from sqlalchemy import select
 
 import steer_core.models
-from service import db
 from service.queue import OFFLINE_TASK, create_celery, queue_depths
+from service.store import db
 from steer_core.calibration import IDENTITY, Calibration, blend_calibration, sample_alignment
 from steer_core.data import make_item
 from steer_core.evaluation import baseline_alignments, paired_difference

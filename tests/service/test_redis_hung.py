@@ -12,8 +12,10 @@ from collections.abc import Iterator
 import pytest
 from api_helpers import make_group, request_profile
 
-from service import create_app, db, redis_server
+from service import create_app
 from service.auth import create_key
+from service.cli import redis_server
+from service.store import db
 
 pytestmark = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 

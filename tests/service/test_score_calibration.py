@@ -7,8 +7,8 @@ import pytest
 from api_helpers import fixture_items, make_group, mark_ready, request_profile
 from support import FIXTURES
 
-from service import db
 from service.api import chat
+from service.store import db
 from steer_core import build_profile, load_items
 
 sqlite_only = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from service import create_app
-from service.stack import RESTART_BACKOFF_S, STABLE_AFTER_S, Supervisor, start_child, stop_child
+from service.cli.stack import RESTART_BACKOFF_S, STABLE_AFTER_S, Supervisor, start_child, stop_child
 
 pytestmark = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 

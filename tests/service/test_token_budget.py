@@ -8,9 +8,10 @@ import time
 
 import pytest
 
-from service import create_app, db
+from service import create_app
 from service.api.chat import stop_engine
 from service.auth import create_key
+from service.store import db
 
 pytestmark = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 

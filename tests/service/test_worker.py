@@ -17,8 +17,8 @@ from worker_helpers import (
     wait_profile,
 )
 
-from service.artifacts import ArtifactStore, ProfileCache
-from service.redis_server import client_for
+from service.cli.redis_server import client_for
+from service.store.artifacts import ArtifactStore, ProfileCache
 from steer_core.profile import Profile
 
 pytestmark = [pytest.mark.service, pytest.mark.model]
@@ -83,8 +83,8 @@ def test_a_build_the_method_rejects_fails_with_its_reason(worker_settings, runni
 def test_opinions_changed_after_the_request_fail_the_build_instead_of_mislabelling_it(
         worker_settings, running_worker):
     # The profile row records the sample it was asked for; the worker refuses to build from another one.
-    from service import db
     from service.queue import enqueue_build
+    from service.store import db
 
     _, client = stack_client(worker_settings)
     auth = new_auth(worker_settings)

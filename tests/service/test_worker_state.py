@@ -13,8 +13,8 @@ import redis
 from api_helpers import requested_group_profile
 from runtime import redis_db_url
 
-from service import db
 from service.queue import QUEUE_ALIVE_KEY, choose_queue, queue_depths
+from service.store import db
 from steer_core.data import make_item, sample_hash
 from worker import build_state
 from worker.build_state import MAX_LOST_ATTEMPTS, Claim
@@ -176,7 +176,7 @@ def test_asking_again_for_a_stuck_queued_profile_sends_it_again(state_settings):
 
     from service import create_app
     from service.auth import create_key
-    from service.redis_server import client_for
+    from service.cli.redis_server import client_for
 
     client = create_app({"SETTINGS": state_settings, "TESTING": True}).test_client()
     with db.session_scope(state_settings) as session:

@@ -9,9 +9,9 @@ from dataclasses import replace
 import redis
 from api_helpers import requested_group_profile
 
-from service import db
-from service.artifacts import REDIS_PREFIX, ArtifactStore
 from service.queue import BUILD_TASK, create_celery
+from service.store import db
+from service.store.artifacts import REDIS_PREFIX, ArtifactStore
 from steer_core.data import make_item
 from worker import tasks
 

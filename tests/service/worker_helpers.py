@@ -6,8 +6,8 @@ import time
 import uuid
 from typing import Any
 
-from service import db
 from service.settings import Settings
+from service.store import db
 
 # Small two-option items (written for these tests): a real-model build on them takes seconds, not minutes.
 SMALL_ITEMS: list[dict[str, Any]] = [

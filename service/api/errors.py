@@ -82,8 +82,7 @@ def validation_error(exc: ValidationError, prefix: str | None = None) -> ApiErro
 
 def api_error(exc: BaseException) -> ApiError:
     """The wire error of any exception (an unexpected one is logged and becomes a bare 500)."""
-    from service.artifacts import ArtifactError
-    from service.engine_api import (
+    from service.engine.plan import (
         MODEL_MISMATCH,
         UNAVAILABLE,
         DeadlineExceeded,
@@ -92,6 +91,7 @@ def api_error(exc: BaseException) -> ApiError:
         GenerationFailed,
         SteeringRejected,
     )
+    from service.store.artifacts import ArtifactError
 
     if isinstance(exc, ApiError):
         return exc

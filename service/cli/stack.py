@@ -102,7 +102,7 @@ class EmbeddedRedisChild:
         return self.pid() is not None
 
     def pid(self) -> int | None:
-        from service.redis_server import embedded_redis_pid
+        from service.cli.redis_server import embedded_redis_pid
 
         return embedded_redis_pid()
 
@@ -110,13 +110,13 @@ class EmbeddedRedisChild:
         return None
 
     def restart(self) -> None:
-        from service.redis_server import restart_embedded_redis
+        from service.cli.redis_server import restart_embedded_redis
 
         restart_embedded_redis()
 
 
 def _spawn(command: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-    from service.redis_server import parent_death_signal
+    from service.cli.redis_server import parent_death_signal
 
     death = parent_death_signal()
 
@@ -230,8 +230,8 @@ def wait_healthy(url: str, children: list[Child], timeout: float = HEALTH_TIMEOU
 
 def first_key(settings: Settings, tenant: str = "default") -> tuple[str, bool]:
     """The key `up` printed last time if it still works, else a new one for `tenant`. Returns (key, new)."""
-    from service import db
     from service.auth import create_key
+    from service.store import db
 
     path = up_file(settings)
     try:
@@ -291,8 +291,8 @@ def _restore_signals(previous: dict[int, Any]) -> None:
 
 def run_up(args: Any) -> int:
     """`pluristeer up [--host H] [--port P] [--workers N] [--build-workers N] [--queues Q]`."""
-    from service.db import upgrade
-    from service.redis_server import embedded_redis_url, ensure_redis, stop_embedded_redis
+    from service.cli.redis_server import embedded_redis_url, ensure_redis, stop_embedded_redis
+    from service.store.db import upgrade
 
     settings = Settings.from_env()
     host = getattr(args, "host", None) or "127.0.0.1"
@@ -358,7 +358,7 @@ def serve(args: Any) -> int:
     With `REDIS_URL` unset the embedded Redis is started here and shared by every gunicorn worker (builds
     then need a worker on the same Redis: use `pluristeer up` for a one-machine stack).
     """
-    from service.redis_server import ensure_redis, stop_embedded_redis
+    from service.cli.redis_server import ensure_redis, stop_embedded_redis
 
     settings = Settings.from_env()
     host = getattr(args, "host", None) or "127.0.0.1"

@@ -15,8 +15,8 @@ import time
 import redis
 
 from service import context
-from service.errors import ApiError
-from service.redis_server import DOWN_BACKOFF_S, note_redis_error, redis_down
+from service.api.errors import ApiError
+from service.cli.redis_server import DOWN_BACKOFF_S, note_redis_error, redis_down
 
 log = logging.getLogger(__name__)
 

@@ -291,13 +291,13 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--workers", type=int, default=1, help="API worker processes")
     up.add_argument("--build-workers", type=int, default=1, help="concurrency of the build worker")
     up.add_argument("--queues", help="queues the build worker listens on (default: gpu,cpu on a GPU host, else cpu)")
-    up.set_defaults(func=_lazy("service.stack:run_up"))
+    up.set_defaults(func=_lazy("service.cli.stack:run_up"))
 
     serve = sub.add_parser("serve", help="run the API under a production WSGI server")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--workers", type=int, default=1)
-    serve.set_defaults(func=_lazy("service.stack:serve"))
+    serve.set_defaults(func=_lazy("service.cli.stack:serve"))
 
     worker = sub.add_parser("worker", help="run a Celery worker for profile builds")
     worker.add_argument("--queues", help="comma-separated queues (default: gpu,cpu on a GPU host, else cpu)")
@@ -309,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     db = sub.add_parser("db", help="database").add_subparsers(dest="action", required=True)
     upgrade = db.add_parser("upgrade", help="apply migrations up to the newest")
     upgrade.add_argument("--database-url", help="default: DATABASE_URL or the embedded SQLite file")
-    upgrade.set_defaults(func=_lazy("service.db:upgrade_cli"))
+    upgrade.set_defaults(func=_lazy("service.store.db:upgrade_cli"))
 
     keys = sub.add_parser("keys", help="API keys").add_subparsers(dest="action", required=True)
     create = keys.add_parser("create", help="create a key for a tenant (printed once)")
@@ -334,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--skip-ab", action="store_true", help="skip the A/B experiment part")
     demo.add_argument("--no-builds", action="store_true",
                       help="only the group and one unsteered chat: a quick check that the stack answers")
-    demo.set_defaults(func=_lazy("service.demo:main"))
+    demo.set_defaults(func=_lazy("service.cli.demo:main"))
 
     bench = sub.add_parser("bench", help="run a benchmark script from bench/")
     bench.add_argument("name", help="script name, e.g. bench_cold")
@@ -346,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_bench(args: argparse.Namespace) -> int:
     import runpy
 
-    script = Path(__file__).resolve().parent.parent / "bench" / f"{args.name.removesuffix('.py')}.py"
+    script = Path(__file__).resolve().parents[2] / "bench" / f"{args.name.removesuffix('.py')}.py"
     if not script.exists():
         raise SteerError(f"no benchmark {script.name} in bench/", "name")
     sys.argv = [str(script), *args.rest]

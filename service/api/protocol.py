@@ -40,7 +40,7 @@ MAX_ID_CHARS = 200
 MAX_ITEMS_PER_REQUEST = 10_000
 MAX_MEMBERS = 10_000
 
-# Every JSON number is also held to +-1e15 (integers: 64 bits) before validation (service.openapi.read_json).
+# Every JSON number is also held to +-1e15 (integers: 64 bits) before validation (service.api.openapi.read_json).
 Number = StrictInt | StrictFloat
 # A profile's weight in a blend: a steering displacement scaled by more than this only breaks the model.
 MAX_BLEND_WEIGHT = 100

@@ -31,8 +31,8 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from service import db
-from service.protocol import Gain, OfflineComparison, OfflineScores
+from service.api.protocol import Gain, OfflineComparison, OfflineScores
+from service.store import db
 from steer_core.data import OpinionItem, sample_hash
 
 log = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """The generation engine: one thread owns the model and every tensor, and runs every request of the process.
 
 Request threads never touch torch. They tokenize (on their own copy of the tokenizer), then hand the engine
-a prompt, sampling parameters and a plain-data steering plan (`service.engine_api.SteeringPlan`: artifact
+a prompt, sampling parameters and a plain-data steering plan (`service.engine.plan.SteeringPlan`: artifact
 digests, weights, positions) with `submit` or `score`, and read what comes back from a `GenerationHandle`.
 
 The engine thread resolves plans: it loads each profile through the profile source (the service's profile
@@ -43,7 +43,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from service.engine_api import (
+from service.engine.interventions import InterventionCache, ProfileSource
+from service.engine.plan import (
     AppliedProfile,
     DeadlineExceeded,
     EngineBusy,
@@ -53,7 +54,6 @@ from service.engine_api import (
     SteeringPlan,
     SteeringRejected,
 )
-from service.interventions import InterventionCache, ProfileSource
 from steer_core.data import OpinionItem
 from steer_core.errors import SteerError
 from steer_core.models import LanguageModel

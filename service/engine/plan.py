@@ -1,7 +1,7 @@
 """What request threads hand the generation engine and get back: plain data and exceptions, no torch.
 
 A request's steering is a `SteeringPlan`: the artifact digests of its profiles with their weights and
-positions. The engine thread alone turns a plan into tensors (`service.engine.InterventionCache`): it
+positions. The engine thread alone turns a plan into tensors (`service.engine.interventions.InterventionCache`): it
 loads each profile through the profile cache, builds its intervention for the served model, composes
 the blend and caches the result. A new kind of per-row steering is a new kind of plan entry plus what
 the engine builds from it; request threads stay torch-free either way.

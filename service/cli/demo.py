@@ -3,7 +3,7 @@
 Makes a group, posts its opinions (`tests/fixtures/opinions_group_urban.jsonl`), asks for a DiffMean
 profile, follows its progress, prints the cross-validated alignment before and after steering (the gain
 with its standard error), asks one question unsteered and steered, then runs the A/B part
-(`service.demo_ab`). `--no-builds` stops after the group and one unsteered chat: a quick check that a
+(`service.cli.demo_ab`). `--no-builds` stops after the group and one unsteered chat: a quick check that a
 stack answers. Talks HTTP only (urllib), exactly as any client would.
 """
 
@@ -21,7 +21,7 @@ from typing import Any
 
 from service.settings import Settings
 
-DEMO_ITEMS = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "opinions_group_urban.jsonl"
+DEMO_ITEMS = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "opinions_group_urban.jsonl"
 
 
 class DemoError(RuntimeError):
@@ -63,7 +63,7 @@ def default_connection(url: str | None, key: str | None) -> tuple[str, str]:
     """The URL and key given, else the ones `pluristeer up` saved."""
     if url and key:
         return url, key
-    from service.stack import up_file
+    from service.cli.stack import up_file
 
     path = up_file(Settings.from_env())
     try:
@@ -88,7 +88,7 @@ def main(args: Any) -> int:
                    timeout=float(getattr(args, "timeout", None) or 1800), builds=builds)
         if code != 0 or not ab:
             return code
-        from service.demo_ab import run_ab_demo
+        from service.cli.demo_ab import run_ab_demo
 
         steps.next("an A/B test: two group profiles, a simulated population that prefers one of them")
         return run_ab_demo(url, key, say=lambda line: print(f"      {line}" if line else "", flush=True))

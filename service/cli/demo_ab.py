@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
+FIXTURES = Path(__file__).resolve().parents[2] / "tests" / "fixtures"
 PREFERRED, OTHER = "urban", "rural"
 UP_RATE = {PREFERRED: 0.8, OTHER: 0.3}  # the simulated population's taste
 QUESTIONS = ["Where would you rather live, and why?", "How do you get to work?",

@@ -7,8 +7,8 @@ before its start, after its end) every request gets the control and nothing is a
 
 The chat endpoint calls `resolve_experiment` before generating and `record_exposure` after; feedback names
 the response id an exposure recorded. Results: per variant, exposures, feedback, mean reward with its
-interval, and the difference to the control with a p-value (`service.experiment_stats`), plus the stored
-offline comparison of the variants on the scope group's opinion items (`service.offline_comparison`).
+interval, and the difference to the control with a p-value (`service.experiments.stats`), plus the stored
+offline comparison of the variants on the scope group's opinion items (`service.experiments.offline_comparison`).
 
 Every function takes the tenant id and filters by it; errors are `ApiError`s naming the request field,
 raised before anything is written (the route's transaction then stores nothing).
@@ -26,20 +26,8 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from service import db
-from service.errors import ApiError, not_found
-from service.experiment_stats import (
-    CONFIDENCE,
-    PlotBar,
-    RewardSummary,
-    assign_bucket,
-    choose_variant,
-    compare,
-    rewards_png,
-    summarize_rewards,
-)
-from service.offline_comparison import OfflineResult
-from service.protocol import (
+from service.api.errors import ApiError, not_found
+from service.api.protocol import (
     ControlComparison,
     ExperimentCreate,
     ExperimentOut,
@@ -51,6 +39,18 @@ from service.protocol import (
     VariantOut,
     VariantResult,
 )
+from service.experiments.offline_comparison import OfflineResult
+from service.experiments.stats import (
+    CONFIDENCE,
+    PlotBar,
+    RewardSummary,
+    assign_bucket,
+    choose_variant,
+    compare,
+    rewards_png,
+    summarize_rewards,
+)
+from service.store import db
 
 ALPHA = 0.05
 THUMBS = {"up": 1.0, "down": 0.0, True: 1.0, False: 0.0}

@@ -28,8 +28,8 @@ from pydantic import BaseModel, ValidationError
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from service import context
-from service.errors import ApiError, not_found, validation_error
-from service.protocol import ID_PATTERN, ID_RULE, PATH_PATTERNS, ErrorResponse
+from service.api.errors import ApiError, not_found, validation_error
+from service.api.protocol import ID_PATTERN, ID_RULE, PATH_PATTERNS, ErrorResponse
 
 log = logging.getLogger(__name__)
 
@@ -392,7 +392,7 @@ def openapi_document(app: Flask) -> dict[str, Any]:
     paths: dict[str, dict[str, Any]] = {}
     for path, method, spec in route_specs(app):
         if spec is None:
-            raise RuntimeError(f"{method} {path} is not declared with service.openapi.api_route")
+            raise RuntimeError(f"{method} {path} is not declared with service.api.openapi.api_route")
         op: dict[str, Any] = {"summary": spec.summary, "tags": [spec.tag],
                               "operationId": f"{method.lower()}_{path.strip('/').replace('/', '_')}"
                               .replace("{", "").replace("}", "").replace("-", "_").replace(".", "_")}

@@ -49,7 +49,7 @@ from steer_core.data import OpinionItem, make_item, question_key, with_contrast
 if TYPE_CHECKING:
     from service.settings import Settings
 
-MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
 
 SUBJECT_KINDS = ("user", "group")
 PROFILE_STATUSES = ("queued", "building", "ready", "failed")
@@ -70,7 +70,7 @@ class UTCDateTime(TypeDecorator[datetime]):
         if value is None:
             return None
         if value.tzinfo is None:
-            raise ValueError("naive datetime stored; use service.db.utcnow()")
+            raise ValueError("naive datetime stored; use service.store.db.utcnow()")
         return value.astimezone(UTC)
 
     def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:

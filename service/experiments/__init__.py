@@ -1,0 +1,1 @@
+"""A/B tests of profiles: assignment, feedback, statistics and the stored offline comparison."""
