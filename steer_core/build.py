@@ -53,7 +53,7 @@ from steer_core.data import OpinionItem, reverse_options, sample_hash
 from steer_core.errors import SteerError
 from steer_core.evaluation import paired_difference, uniform_distributions
 from steer_core.folds import FOLDS, HELDOUT_SHARE, MIN_HELDOUT, MIN_TRAIN, fold_indices, split_sample  # noqa: F401
-from steer_core.methods import check_positions, get_method
+from steer_core.methods import check_positions, fit_settings, get_method
 from steer_core.metrics import item_metrics, mean_metrics, summarize
 from steer_core.models import LanguageModel
 from steer_core.profile import Profile
@@ -152,7 +152,7 @@ def build_profile(lm: LanguageModel, items: Sequence[OpinionItem], method: str,
     params = dict(params or {})
     layer = params.pop("layer", None)
     strength = params.pop("strength", None)
-    positions = check_positions(params.pop("positions", spec.default_positions))
+    positions = check_positions(params.pop("positions", spec.default_positions), spec)
     orders = check_orders(params.pop("orders", DEFAULT_ORDERS))
     own = spec.check_params(params)
     if layer is not None:
@@ -176,45 +176,54 @@ def build_profile(lm: LanguageModel, items: Sequence[OpinionItem], method: str,
 
     folds = fold_indices(len(items), seed=seed)
     layers = [layer] if layer is not None else spec.layers(lm)
+    settings = spec.grid(own)  # the method's own hyperparameters to compare (one setting for most methods)
+    varied = sorted(k for k in settings[0] if len({repr(s[k]) for s in settings}) > 1)
     total = 2 + len(folds) * (1 + len(layers))
     report(0, total, "fit")
-    full = spec.fit(lm, in_orders(items, orders), layers, own, positions)  # what ships; its grids name the candidates
-    grids = {L: ([float(strength)] if strength is not None else spec.strengths(full[L], lm)) for L in layers}
+    # What ships; its grids name the candidates. full[v][L]: setting v fitted at layer L on every item.
+    full = fit_settings(spec, lm, in_orders(items, orders), layers, settings, positions)
+    grids = {(v, L): ([float(strength)] if strength is not None else spec.strengths(full[v][L], lm))
+             for v in range(len(settings)) for L in layers}
     report(1, total, "score unsteered")
     unsteered = answer_distributions(lm, items)
     done = 2
-    # Out-of-fold answer distributions of every candidate (layer, index into its grid), item by item.
-    oof: dict[tuple[int, int], list[Any]] = {(L, j): [None] * len(items) for L in layers for j in range(len(grids[L]))}
+    # Out-of-fold answer distributions of every candidate (setting, layer, index into its strength grid).
+    oof: dict[tuple[int, int, int], list[Any]] = {(v, L, j): [None] * len(items) for (v, L), grid in grids.items()
+                                                  for j in range(len(grid))}
     for f, fold in enumerate(folds):
         held = set(fold)
         report(done, total, f"fold {f + 1}/{len(folds)}: fit")
-        fitted = spec.fit(lm, in_orders([it for i, it in enumerate(items) if i not in held], orders), layers, own,
-                          positions)
+        fitted = fit_settings(spec, lm, in_orders([it for i, it in enumerate(items) if i not in held], orders),
+                              layers, settings, positions)
         done += 1
         judged = [items[i] for i in fold]
         for L in layers:
-            fold_grid = [float(strength)] if strength is not None else spec.strengths(fitted[L], lm)
-            # Every strength of the grid in one call, a row per (strength, item): batches fill up.
+            # Every (setting, strength) in one call, a row per (setting, strength, item): batches fill up.
             rows: list[Any] = []
-            for s in fold_grid:
-                fitted[L].strength = s
-                rows += [[spec.intervention(fitted[L], lm)] if s != 0 else None] * len(judged)
-            dists = answer_distributions(lm, judged * len(fold_grid), rows)
-            for j in range(len(fold_grid)):
-                for i, d in zip(fold, dists[j * len(judged):(j + 1) * len(judged)], strict=True):
-                    oof[(L, j)][i] = d
+            keys: list[tuple[int, int, int]] = []
+            for v in range(len(settings)):
+                fold_grid = [float(strength)] if strength is not None else spec.strengths(fitted[v][L], lm)
+                for j, s in enumerate(fold_grid):
+                    fitted[v][L].strength = s
+                    rows += [[spec.intervention(fitted[v][L], lm)] if s != 0 else None] * len(judged)
+                    keys.append((v, L, j))
+            dists = answer_distributions(lm, judged * len(keys), rows)
+            for n, key in enumerate(keys):
+                for i, d in zip(fold, dists[n * len(judged):(n + 1) * len(judged)], strict=True):
+                    oof[key][i] = d
             done += 1
             report(done, total, f"fold {f + 1}/{len(folds)}: searched layer {L}")
     chosen = select_setting(items, unsteered, oof, folds)
-    search = [{"layer": L, "strength": grids[L][j], SELECTION_METRIC: chosen.search[(L, j)],
-               "uncalibrated_alignment": float(sample_alignment(items, oof[(L, j)]).mean())} for L, j in oof]
+    search = [{"layer": L, "strength": grids[(v, L)][j], **{k: settings[v][k] for k in varied},
+               SELECTION_METRIC: chosen.search[(v, L, j)],
+               "uncalibrated_alignment": float(sample_alignment(items, oof[(v, L, j)]).mean())} for v, L, j in oof]
     assert chosen.best is not None
-    best_layer, best_index = chosen.best
+    best_setting, best_layer, best_index = chosen.best
     improved = chosen.improved
     best_after = mean_metrics(chosen.best_items)
     baselines = {name: mean_metrics(per_item) for name, per_item in chosen.baselines.items()}
-    profile = full[best_layer]
-    profile.strength = grids[best_layer][best_index] if improved else 0.0
+    profile = full[best_setting][best_layer]
+    profile.strength = grids[(best_setting, best_layer)][best_index] if improved else 0.0
     profile.calibration = chosen.calibration
     profile.sample_hash = sample_hash(items)
     best_alignment = chosen.best_items[SELECTION_METRIC]
@@ -228,7 +237,8 @@ def build_profile(lm: LanguageModel, items: Sequence[OpinionItem], method: str,
         "gain_vs_calibrated": _gain(best_alignment, chosen.baselines["calibrated"][SELECTION_METRIC]),
         "calibration": {**chosen.calibration.to_json(), "lean_fitted": chosen.lean},
         "improved": improved,
-        "choice": {"layer": best_layer, "strength": profile.strength, "metric": SELECTION_METRIC},
+        "choice": {"layer": best_layer, "strength": profile.strength, **{k: settings[best_setting][k] for k in varied},
+                   "metric": SELECTION_METRIC},
         "search": search,
         "note": None if improved else "no setting beat the calibrated unsteered model on held-out items; "
                                       "strength set to 0 (the profile applies its calibration only)",

@@ -357,4 +357,4 @@ def candidate_layers(lm: LanguageModel) -> list[int]:
 
 METHOD = register(Method(name="cold_fd", fit=fit, intervention=intervention,
                          strengths=lambda profile, lm: list(STRENGTHS), check_params=check_params,
-                         layers=candidate_layers))
+                         layers=candidate_layers, positions=("prompt",)))

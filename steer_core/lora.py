@@ -6,10 +6,13 @@ the upper half: training then runs the lower, frozen half once rather than once 
 with the loss module COLD-Steer uses (`steer_core.losses`: ``ce`` to the target distribution, ``dpo``,
 ``sft``), full batch with Adam, from a seeded initialization: the same sample gives the same adapter.
 
-Strength: the adapter's delta is multiplied by the strength (1 = as trained). The held-out search scores
-a small grid of strengths, which stands in for a grid of training lengths (a shorter run's delta is
-close to a scaled-down longer one) at no extra training. Positions: ``all`` only (an adapter changes
-every token's computation, prompt and generated alike).
+Choice: rank, training steps and learning rate not given in the params are chosen by the build's
+cross-validation (`grid`: every combination of `RANKS`, `STEPS` and `LRS`, each trained on the folds and
+judged out of fold like every other method's settings), together with the strength, a multiplier of the
+adapter's delta (1 = as trained) from `STRENGTHS`; the no-harm rule applies as everywhere (strength 0 when
+no setting beats the calibrated unsteered model). The training lengths of one (rank, lr) are checkpoints
+of one run (`fit_grid`), so the grid costs one training per (rank, lr). Positions: ``all`` only (an
+adapter changes every token's computation, prompt and generated alike).
 
 Storage: the profile's tensors are peft's on-disk state dict (``base_model.model.<module>.lora_A.weight``
 (r, in) and ``...lora_B.weight`` (out, r)) and its params hold the ``adapter_config.json`` content, so the
@@ -34,22 +37,29 @@ import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
-from steer_core.cold import block_of
 from steer_core.data import OpinionItem
 from steer_core.errors import SteerError
 from steer_core.losses import check_loss, item_losses
 from steer_core.methods import Method, register
-from steer_core.models import LanguageModel
+from steer_core.models import LanguageModel, ModelLayout
 from steer_core.profile import Profile
 from steer_core.prompts import encode_items
 
+# What a fit uses for a hyperparameter left to the search when it is called outside a build.
 DEFAULT_RANK = 4
-MAX_RANK = 64
 DEFAULT_STEPS = 12
-MAX_STEPS = 500
 DEFAULT_LR = 1e-2
+MAX_RANK = 64
+MAX_STEPS = 500
+# The build's search over what the params leave open. Sized for CPU: each (rank, lr) pair is one more
+# training run per fold (a step of the upper half on 20 items of the default model is ~5 s on 2 cores),
+# the training lengths are checkpoints of one run, and lr is left out of the search (one value): Adam's
+# steps move each weight by about lr, so steps x strength already span what a second lr would add.
+RANKS = (2, 8)
+STEPS = (4, 8)
+LRS = (2e-2,)
 TRAIN_BATCH = 20
-# The delta as trained times these: the held-out search's stand-in for shorter and longer training.
+# The delta as trained times these.
 STRENGTHS = [0.5, 1.0, 1.5]
 ADAPTER_NAME = "pluristeer"
 PEFT_PREFIX = "base_model.model."
@@ -133,6 +143,17 @@ def train_adapter(lm: LanguageModel, items: Sequence[OpinionItem], layer: int, p
     """Train one adapter on `items`; returns (peft state dict, adapter config dict, loss per step).
 
     The model is unchanged afterwards (its modules and their `requires_grad` flags restored)."""
+    params = resolved(params)
+    states, config, losses = train_checkpoints(lm, items, layer, params, [params["steps"]], seed)
+    return states[params["steps"]], config, losses
+
+
+def train_checkpoints(lm: LanguageModel, items: Sequence[OpinionItem], layer: int, params: dict[str, Any],
+                      checkpoints: Sequence[int], seed: int = 0
+                      ) -> tuple[dict[int, dict[str, Tensor]], dict[str, Any], list[float]]:
+    """Train one adapter for ``max(checkpoints)`` steps (`params`' own ``steps`` is not read); returns its
+    peft state dict after each checkpoint's number of steps (the same state a run of that many steps
+    ends with: full batch, no schedule), the adapter config dict and the loss per step."""
     names = params["target_modules"] or target_names(lm)
     config = lora_config(lm, layer, params["rank"], params["alpha"], names)
     all_params = list(lm.model.parameters())
@@ -140,6 +161,7 @@ def train_adapter(lm: LanguageModel, items: Sequence[OpinionItem], layer: int, p
     with torch.random.fork_rng(devices=[]):  # peft initializes lora_A from the global generator
         torch.manual_seed(seed)
         swapped = _inject(lm, config)
+    states: dict[int, dict[str, Tensor]] = {}
     try:
         for p in all_params:
             p.requires_grad_(False)
@@ -149,12 +171,13 @@ def train_adapter(lm: LanguageModel, items: Sequence[OpinionItem], layer: int, p
                 p.data = p.data.to(device=lm.device, dtype=torch.float32)
                 p.requires_grad_(True)
                 trainable.append(p)
+        paths = [_path_of(lm, parent, name) for parent, name, _ in swapped]
         optimizer = torch.optim.Adam(trainable, lr=params["lr"])
         chunks = [items[i:i + TRAIN_BATCH] for i in range(0, len(items), TRAIN_BATCH)]
         inputs = [block_inputs(lm, encode_items(lm, chunk), layer) for chunk in chunks]
         losses: list[float] = []
         with torch.enable_grad():
-            for _ in range(params["steps"]):
+            for step in range(1, max(checkpoints) + 1):
                 optimizer.zero_grad(set_to_none=True)
                 total = 0.0
                 for chunk, (args, kwargs) in zip(chunks, inputs, strict=True):
@@ -164,16 +187,17 @@ def train_adapter(lm: LanguageModel, items: Sequence[OpinionItem], layer: int, p
                     total += float(loss.detach())
                 optimizer.step()
                 losses.append(total)
-        state: dict[str, Tensor] = {}
-        for parent, name, wrapped in swapped:
-            path = _path_of(lm, parent, name)
-            state[f"{PEFT_PREFIX}{path}.lora_A.weight"] = wrapped.lora_A[ADAPTER_NAME].weight.detach().float().cpu()
-            state[f"{PEFT_PREFIX}{path}.lora_B.weight"] = wrapped.lora_B[ADAPTER_NAME].weight.detach().float().cpu()
+                if step in checkpoints:
+                    states[step] = {}
+                    for path, (_, _, wrapped) in zip(paths, swapped, strict=True):
+                        for part in ("lora_A", "lora_B"):
+                            weight = getattr(wrapped, part)[ADAPTER_NAME].weight
+                            states[step][f"{PEFT_PREFIX}{path}.{part}.weight"] = weight.detach().float().cpu().clone()
     finally:
         _remove(lm, swapped)
         for p, flag in zip(all_params, saved, strict=True):
             p.requires_grad_(flag)
-    return state, config_dict(config), losses
+    return states, config_dict(config), losses
 
 
 class _Captured(Exception):
@@ -230,57 +254,94 @@ def _path_of(lm: LanguageModel, parent: nn.Module, name: str) -> str:
 # ---------------------------------------------------------------------------------------------- the method
 
 def check_params(params: dict[str, Any]) -> dict[str, Any]:
-    """Validate LoRA's own params and fill in the defaults: ``rank`` (1..MAX_RANK, default 4), ``alpha``
-    (> 0, default 2 * rank), ``steps`` (1..MAX_STEPS), ``lr`` (> 0), ``loss`` (``ce`` | ``dpo`` | ``sft``),
-    ``target_modules`` (leaf module names, default: found from the model)."""
+    """Validate LoRA's own params: ``rank`` (1..MAX_RANK), ``alpha`` (> 0, default 2 * rank), ``steps``
+    (1..MAX_STEPS), ``lr`` (in (0, 1]), ``loss`` (``ce`` | ``dpo`` | ``sft``, default ``ce``),
+    ``target_modules`` (leaf module names, default: found from the model). ``rank``, ``steps`` and ``lr``
+    left out (None) are chosen by the build's search (`grid`)."""
     params = dict(params)
-    rank = params.pop("rank", DEFAULT_RANK)
-    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= MAX_RANK:
-        raise SteerError(f"must be an integer in 1..{MAX_RANK}", "params.rank")
-    alpha = params.pop("alpha", 2 * rank)
-    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha) or alpha <= 0:
-        raise SteerError("must be a finite number > 0", "params.alpha")
-    steps = params.pop("steps", DEFAULT_STEPS)
-    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
-        raise SteerError(f"must be an integer in 1..{MAX_STEPS}", "params.steps")
-    lr = params.pop("lr", DEFAULT_LR)
-    if isinstance(lr, bool) or not isinstance(lr, int | float) or not math.isfinite(lr) or not 0 < lr <= 1:
-        raise SteerError("must be a number in (0, 1]", "params.lr")
+
+    def integer(key: str, top: int) -> int | None:
+        value = params.pop(key, None)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= top):
+            raise SteerError(f"must be an integer in 1..{top} (or null: chosen on held-out items)", f"params.{key}")
+        return value
+
+    rank, steps = integer("rank", MAX_RANK), integer("steps", MAX_STEPS)
+    alpha = params.pop("alpha", None)
+    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, int | float)
+                              or not math.isfinite(alpha) or alpha <= 0):
+        raise SteerError("must be a finite number > 0 (or null: 2 * rank)", "params.alpha")
+    lr = params.pop("lr", None)
+    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, int | float) or not math.isfinite(lr)
+                           or not 0 < lr <= 1):
+        raise SteerError("must be a number in (0, 1] (or null: chosen on held-out items)", "params.lr")
     targets = params.pop("target_modules", None)
     if targets is not None and (not isinstance(targets, list) or not targets
                                 or not all(isinstance(t, str) and t for t in targets)):
         raise SteerError("must be a non-empty list of module names (or null to find them from the model)",
                          "params.target_modules")
-    out = {"rank": rank, "alpha": float(alpha), "steps": steps, "lr": float(lr),
-           "loss": check_loss(params.pop("loss", "ce")), "target_modules": targets}
+    out = {"rank": rank, "alpha": None if alpha is None else float(alpha), "steps": steps,
+           "lr": None if lr is None else float(lr), "loss": check_loss(params.pop("loss", "ce")),
+           "target_modules": targets}
     if params:
         name = next(iter(params))
         raise SteerError(f"unknown parameter {name!r}", f"params.{name}")
     return out
 
 
+def resolved(params: dict[str, Any]) -> dict[str, Any]:
+    """Checked params with what the search would choose set to the defaults (a fit outside a build)."""
+    rank = params["rank"] or DEFAULT_RANK
+    return {**params, "rank": rank, "alpha": params["alpha"] or float(2 * rank),
+            "steps": params["steps"] or DEFAULT_STEPS, "lr": params["lr"] or DEFAULT_LR}
+
+
+def grid(params: dict[str, Any]) -> list[dict[str, Any]]:
+    """The settings a build compares: every combination of rank, lr and steps the params leave open."""
+    ranks = [params["rank"]] if params["rank"] is not None else list(RANKS)
+    lrs = [params["lr"]] if params["lr"] is not None else list(LRS)
+    steps = [params["steps"]] if params["steps"] is not None else list(STEPS)
+    return [resolved({**params, "rank": r, "lr": lr, "steps": n}) for r in ranks for lr in lrs for n in steps]
+
+
 def fit(lm: LanguageModel, items: Sequence[OpinionItem], layers: Sequence[int], params: dict[str, Any],
         positions: str) -> dict[int, Profile]:
     """One adapter per candidate first block (each trained from the same seed)."""
+    return fit_grid(lm, items, layers, [resolved(params)], positions)[0]
+
+
+def fit_grid(lm: LanguageModel, items: Sequence[OpinionItem], layers: Sequence[int],
+             settings: Sequence[dict[str, Any]], positions: str) -> list[dict[int, Profile]]:
+    """{layer: adapter} for each setting; settings that differ only in ``steps`` share one training run
+    (each its checkpoint)."""
     if positions != "all":
-        raise SteerError("lora adapters change every position's computation: positions must be 'all'",
-                         "params.positions")
-    if params["target_modules"] is not None:
+        raise SteerError("lora adapters change every position's computation: positions must be 'all'", "positions")
+    for params in settings:
+        if params["target_modules"] is not None:
+            for layer in layers:
+                if not target_modules(lm, lm.check_layer(layer, "params.layer"), params["target_modules"]):
+                    raise SteerError("no Linear module of the model's blocks has one of these names",
+                                     "params.target_modules")
+    runs: dict[str, list[int]] = {}  # a setting without its steps -> the settings it trains
+    for v, params in enumerate(settings):
+        runs.setdefault(json.dumps({**params, "steps": None}, sort_keys=True), []).append(v)
+    out: list[dict[int, Profile]] = [{} for _ in settings]
+    for members in runs.values():
+        base = settings[members[0]]
         for layer in layers:
-            if not target_modules(lm, lm.check_layer(layer, "params.layer"), params["target_modules"]):
-                raise SteerError("no Linear module of the model's blocks has one of these names",
-                                 "params.target_modules")
-    out = {}
-    for layer in layers:
-        lm.check_layer(layer, "params.layer")
-        state, config, losses = train_adapter(lm, items, layer, params)
-        if not all(torch.isfinite(t).all() for t in state.values()) or not math.isfinite(losses[-1]):
-            raise SteerError("training diverged (NaN or inf); lower params.lr", "params.lr")
-        out[layer] = Profile(method="lora", model_name=lm.name, model_fingerprint=lm.fingerprint, layer=layer,
-                             positions=positions, strength=1.0, tensors=state,
-                             params={**params, "target_modules": config["target_modules"],
-                                     "adapter_config": config, "train_loss": losses[-1],
-                                     "train_loss_start": losses[0]})
+            lm.check_layer(layer, "params.layer")
+            states, config, losses = train_checkpoints(lm, items, layer, base,
+                                                       sorted({settings[v]["steps"] for v in members}))
+            for v in members:
+                params, steps = settings[v], settings[v]["steps"]
+                state = states[steps]
+                if not all(torch.isfinite(t).all() for t in state.values()) or not math.isfinite(losses[steps - 1]):
+                    raise SteerError("training diverged (NaN or inf); lower params.lr", "params.lr")
+                out[v][layer] = Profile(
+                    method="lora", model_name=lm.name, model_fingerprint=lm.fingerprint, layer=layer,
+                    positions=positions, strength=1.0, tensors=state,
+                    params={**params, "target_modules": config["target_modules"], "adapter_config": config,
+                            "train_loss": losses[steps - 1], "train_loss_start": losses[0]})
     return out
 
 
@@ -360,13 +421,14 @@ MAX_IMPORT_BYTES = 64 << 20
 _A_SUFFIX, _B_SUFFIX = ".lora_A.weight", ".lora_B.weight"
 
 
-def imported_profile(config: Any, weights: bytes, lm: LanguageModel, max_rank: int = MAX_RANK,
+def imported_profile(config: Any, weights: bytes, base: ModelLayout, max_rank: int = MAX_RANK,
                      max_bytes: int = MAX_IMPORT_BYTES, aliases: Sequence[str] = ()) -> Profile:
     """A tenant's own peft LoRA adapter (``adapter_config.json`` content and ``adapter_model.safetensors``
-    bytes) as a LoRA profile for `lm`, checked: safetensors only (a pickle is refused unread), a plain LoRA
-    (no DoRA, no saved modules, no per-module rank patterns) for this base model (`lm.name` or one of
-    `aliases`), every tensor a (A, B) pair of a Linear module of a decoder block with that module's shapes,
-    rank and size within the caps. Errors name the field: ``adapter_config.<key>`` or ``adapter_model``."""
+    bytes) as a LoRA profile for the model `base` describes (plain data: no model is needed), checked:
+    safetensors only (a pickle is refused unread), a plain LoRA (no DoRA, no saved modules, no per-module
+    rank patterns) for this base model (`base.name` or one of `aliases`), every tensor a (A, B) pair of a
+    Linear module of a decoder block with that module's shapes, rank and size within the caps. Errors name
+    the field: ``adapter_config.<key>`` or ``adapter_model``."""
     from safetensors import SafetensorError
     from safetensors.torch import load as st_load
 
@@ -382,10 +444,10 @@ def imported_profile(config: Any, weights: bytes, lm: LanguageModel, max_rank: i
 
     if config.get("peft_type") != "LORA":
         raise bad("peft_type", "must be 'LORA'")
-    base = config.get("base_model_name_or_path")
-    if base not in (lm.name, *aliases):
-        raise bad("base_model_name_or_path", f"the adapter was made for {base!r}; this server serves "
-                  f"{lm.name!r}" + (f" ({', '.join(aliases)})" if aliases else ""))
+    made_for = config.get("base_model_name_or_path")
+    if made_for not in (base.name, *aliases):
+        raise bad("base_model_name_or_path", f"the adapter was made for {made_for!r}; this server serves "
+                  f"{base.name!r}" + (f" ({', '.join(aliases)})" if aliases else ""))
     rank = config.get("r")
     if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= max_rank:
         raise bad("r", f"must be an integer in 1..{max_rank}")
@@ -401,7 +463,6 @@ def imported_profile(config: Any, weights: bytes, lm: LanguageModel, max_rank: i
         tensors = st_load(weights)
     except (SafetensorError, ValueError) as exc:
         raise SteerError(f"not a safetensors file: {exc}", "adapter_model") from None
-    modules = dict(lm.model.named_modules())
     blocks: list[int] = []
     out: dict[str, Tensor] = {}
     for key, t in tensors.items():
@@ -409,14 +470,14 @@ def imported_profile(config: Any, weights: bytes, lm: LanguageModel, max_rank: i
             raise SteerError(f"tensor {key!r} is not a LoRA factor ('base_model.model.<module>.lora_A.weight' "
                              "or '.lora_B.weight')", "adapter_model")
         path = key[len(PEFT_PREFIX):-len(_A_SUFFIX)]
-        module = modules.get(path)
-        block = block_of(lm, path)
-        if module is None or not _linear(module) or block is None:
-            raise SteerError(f"tensor {key!r}: {path!r} is not a Linear module of a decoder block of {lm.name!r}",
+        shape = base.linear.get(path)
+        block = base.block_of(path)
+        if shape is None or block is None:
+            raise SteerError(f"tensor {key!r}: {path!r} is not a Linear module of a decoder block of {base.name!r}",
                              "adapter_model")
         if not t.is_floating_point() or not torch.isfinite(t).all():
             raise SteerError(f"tensor {key!r} must hold finite floating-point numbers", "adapter_model")
-        out_f, in_f = _shape(module)
+        out_f, in_f = shape
         want = (rank, in_f) if key.endswith(_A_SUFFIX) else (out_f, rank)
         if tuple(t.shape) != want:
             raise SteerError(f"tensor {key!r} has shape {tuple(t.shape)}; a rank-{rank} adapter of {path!r} "
@@ -430,7 +491,7 @@ def imported_profile(config: Any, weights: bytes, lm: LanguageModel, max_rank: i
         raise SteerError("the adapter has no tensors", "adapter_model")
     clean = {k: v for k, v in config.items() if isinstance(k, str)}
     clean.update({"r": rank, "lora_alpha": alpha, "inference_mode": True})
-    return Profile(method="lora", model_name=lm.name, model_fingerprint=lm.fingerprint, layer=min(blocks),
+    return Profile(method="lora", model_name=base.name, model_fingerprint=base.fingerprint, layer=min(blocks),
                    positions="all", strength=1.0, tensors=out,
                    params={"rank": rank, "alpha": float(alpha), "target_modules": config.get("target_modules"),
                            "adapter_config": clean, "imported": True})
@@ -438,4 +499,5 @@ def imported_profile(config: Any, weights: bytes, lm: LanguageModel, max_rank: i
 
 METHOD = register(Method(name="lora", fit=fit, intervention=intervention,
                          strengths=lambda profile, lm: list(STRENGTHS), check_params=check_params,
-                         default_positions="all", layers=lambda lm: [lm.num_layers // 2]))
+                         default_positions="all", positions=("all",), layers=lambda lm: [lm.num_layers // 2],
+                         grid=grid, fit_grid=fit_grid))

@@ -31,12 +31,22 @@ class Method:
     # Validate the method's own params (not layer/strength/positions); return them with defaults filled.
     check_params: Callable[[dict[str, Any]], dict[str, Any]]
     default_positions: str = "prompt"
+    # The positions its profiles can steer (a build, a profile request or a chat override asking for others
+    # is refused naming `positions`).
+    positions: tuple[str, ...] = POSITIONS
     # Layers searched when the caller gives none.
     layers: Callable[[LanguageModel], list[int]] = lambda lm: default_layers(lm)
     needs_gpu: bool = False
     # The displacement at the profile's strength when it is one vector for every input and position (what
     # a llama.cpp control vector can carry); None, or returning None, where it depends on the input.
     constant_vector: Callable[[Profile], Tensor | None] | None = None
+    # The method's own hyperparameter settings the held-out search compares beside layers and strengths:
+    # checked params -> one full params dict per setting (default: the params alone).
+    grid: Callable[[dict[str, Any]], list[dict[str, Any]]] = lambda params: [params]
+    # Fit every setting of `grid`, one {layer: profile} per setting; None: one `fit` per setting. For a
+    # method whose settings share work (LoRA's training lengths are checkpoints of one run).
+    fit_grid: Callable[[LanguageModel, Sequence[OpinionItem], Sequence[int], list[dict[str, Any]], str],
+                       list[dict[int, Profile]]] | None = None
 
 
 METHODS: dict[str, Method] = {}
@@ -66,10 +76,22 @@ def intervention(profile: Profile, lm: LanguageModel) -> Intervention:
     return get_method(profile.method).intervention(profile, lm)
 
 
-def check_positions(positions: Any) -> str:
+def check_positions(positions: Any, method: Method | None = None) -> str:
+    """`positions` checked: one of `POSITIONS`, and one `method`'s profiles can steer when given."""
     if positions not in POSITIONS:
         raise SteerError(f"must be one of {', '.join(POSITIONS)}", "positions")
+    if method is not None and positions not in method.positions:
+        raise SteerError(f"{method.name} profiles steer {' or '.join(method.positions)} positions only, not "
+                         f"{positions!r}", "positions")
     return positions
+
+
+def fit_settings(method: Method, lm: LanguageModel, items: Sequence[OpinionItem], layers: Sequence[int],
+                 settings: list[dict[str, Any]], positions: str) -> list[dict[int, Profile]]:
+    """{layer: profile} for each of `settings` (the method's `grid`), each profile at strength 1.0."""
+    if method.fit_grid is not None:
+        return method.fit_grid(lm, items, layers, settings, positions)
+    return [method.fit(lm, items, layers, params, positions) for params in settings]
 
 
 def no_params(params: dict[str, Any]) -> dict[str, Any]:

@@ -17,6 +17,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -89,17 +90,79 @@ def model_fingerprint(model: PreTrainedModel) -> str:
 
     The weights are rounded to bfloat16 first so the same model loaded in fp32 or bf16 matches.
     """
-    config = model.config
-    shape = {
-        "model_type": getattr(config, "model_type", None),
-        "vocab_size": getattr(config, "vocab_size", None),
-        "hidden": model.get_input_embeddings().weight.shape[1],
-        "layers": len(find_decoder_blocks(model)[1]),
-    }
+    return _fingerprint(model.config, model.get_input_embeddings().weight.shape[1],
+                        len(find_decoder_blocks(model)[1]), model.get_input_embeddings().weight.detach()[:16, :64])
+
+
+def _fingerprint(config: Any, hidden: int, layers: int, corner: torch.Tensor) -> str:
+    shape = {"model_type": getattr(config, "model_type", None), "vocab_size": getattr(config, "vocab_size", None),
+             "hidden": int(hidden), "layers": layers}
     digest = hashlib.sha256(json.dumps(shape, sort_keys=True).encode())
-    weights = model.get_input_embeddings().weight.detach()[:16, :64]
-    digest.update(weights.to(torch.bfloat16).float().cpu().numpy().tobytes())
+    digest.update(corner.to(torch.bfloat16).float().cpu().numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class ModelLayout:
+    """What a model's adapters attach to, as plain data: its fingerprint, where its decoder blocks live,
+    and the (out, in) features of every Linear (or GPT-2 Conv1D) module in them, by module path."""
+
+    name: str
+    fingerprint: str
+    block_path: str
+    num_layers: int
+    linear: dict[str, tuple[int, int]]
+
+    def block_of(self, path: str) -> int | None:
+        """The block index a module path lies in, or None."""
+        head, dot, rest = path.partition(self.block_path + ".")
+        index = rest.split(".", 1)[0]
+        return int(index) if not head and dot and index.isdigit() else None
+
+
+def _layout(model: nn.Module, name: str, fingerprint: str) -> ModelLayout:
+    from transformers.pytorch_utils import Conv1D
+
+    path, blocks = find_decoder_blocks(model)
+    linear = {}
+    for module_path, module in model.named_modules():
+        if module_path.startswith(path + ".") and isinstance(module, nn.Linear | Conv1D):
+            rows, cols = module.weight.shape
+            linear[module_path] = (int(cols), int(rows)) if isinstance(module, Conv1D) else (int(rows), int(cols))
+    return ModelLayout(name=name, fingerprint=fingerprint, block_path=path, num_layers=len(blocks), linear=linear)
+
+
+def model_layout(lm: LanguageModel) -> ModelLayout:
+    """The layout of a loaded model (module shapes read, nothing computed)."""
+    return _layout(lm.model, lm.name, lm.fingerprint)
+
+
+def read_model_layout(name: str = DEFAULT_MODEL) -> ModelLayout:
+    """The layout `load_model(name)` would give, from the model's config and one 16 x 64 corner of its
+    embedding (for the fingerprint) without loading its weights: the architecture is built on the meta
+    device (shapes, no storage). Local directories and hub ids in the local cache with safetensors
+    weights; a `.gguf` file is refused (its weights are quantized blocks: the corner needs a load)."""
+    from safetensors import safe_open
+    from transformers import AutoConfig
+    from transformers.utils import cached_file
+
+    source, gguf = _source(name)
+    if gguf is not None:
+        raise ModelLoadError(f"{name!r} is a GGUF file: its layout needs the model loaded", "model")
+    try:
+        config = AutoConfig.from_pretrained(source)
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+        embedding = skeleton.get_input_embeddings().weight
+        key = next(k for k, v in skeleton.named_parameters(remove_duplicate=False) if v is embedding)
+        index = cached_file(source, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False)
+        file = json.loads(Path(index).read_text())["weight_map"][key] if index else "model.safetensors"
+        with safe_open(cached_file(source, file), framework="pt") as weights:
+            corner = weights.get_slice(key)[:16, :64]
+    except (OSError, ValueError, KeyError, StopIteration) as exc:
+        raise ModelLoadError(f"cannot read the layout of {name!r}: {exc}", "model") from exc
+    fingerprint = _fingerprint(config, embedding.shape[1], len(find_decoder_blocks(skeleton)[1]), corner)
+    return _layout(skeleton, name, fingerprint)
 
 
 def choose_device(device: str | torch.device | None = None) -> torch.device:
@@ -137,16 +200,7 @@ def load_model(name: str = DEFAULT_MODEL, device: str | torch.device | None = No
     dev = choose_device(device)
     dt = choose_dtype(dev, dtype)
     path = Path(name).expanduser()
-    if name == DEFAULT_MODEL:
-        source, gguf = str(fetch_default_model()), None
-    elif path.is_file() and path.suffix == ".gguf":
-        source, gguf = str(path.parent), path.name
-    elif path.is_dir():
-        source, gguf = str(path), None
-    elif path.exists():
-        raise ModelLoadError(f"{name} is neither a model directory nor a .gguf file", "model")
-    else:
-        source, gguf = name, None
+    source, gguf = _source(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf)
         model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf, dtype=dt)
@@ -155,6 +209,20 @@ def load_model(name: str = DEFAULT_MODEL, device: str | torch.device | None = No
         raise ModelLoadError(f"cannot load {name!r} as a causal language model{hint}: {exc}", "model") from exc
     _clear_quantization_mark(model)
     return wrap(model.to(dev), tokenizer, name)
+
+
+def _source(name: str) -> tuple[str, str | None]:
+    """(directory or hub id, GGUF file name in it or None) that transformers loads `name` from."""
+    path = Path(name).expanduser()
+    if name == DEFAULT_MODEL:
+        return str(fetch_default_model()), None
+    if path.is_file() and path.suffix == ".gguf":
+        return str(path.parent), path.name
+    if path.is_dir():
+        return str(path), None
+    if path.exists():
+        raise ModelLoadError(f"{name} is neither a model directory nor a .gguf file", "model")
+    return name, None
 
 
 def _clear_quantization_mark(model: PreTrainedModel) -> None:

@@ -20,6 +20,7 @@ from steer_core.errors import SteerError
 from steer_core.export import cold_fd_as_lora, peft_archive, peft_files
 from steer_core.losses import item_losses
 from steer_core.methods import intervention
+from steer_core.models import model_layout, read_model_layout
 from steer_core.profile import Profile
 from steer_core.prompts import encode, encode_items, last_logits_only
 from steer_core.steering import ConstantShift, apply, compose
@@ -145,13 +146,42 @@ def test_generation_with_an_adapter_matches_peft(tmp_path):
 
 
 def test_build_chooses_a_strength_by_cross_validation(tiny_lm):
-    profile = build_profile(tiny_lm, ITEMS[:8], "lora", {"steps": 2, "layer": 2})
+    profile = build_profile(tiny_lm, ITEMS[:8], "lora", {"steps": 2, "layer": 2, "rank": 2, "lr": 0.01})
     assert profile.method == "lora" and profile.positions == "all" and profile.layer == 2
     assert profile.metrics["evaluation"] == "cross-validated"
-    assert {s["strength"] for s in profile.metrics["search"]} == set(lo.STRENGTHS)
+    assert [s["strength"] for s in profile.metrics["search"]] == lo.STRENGTHS  # rank, steps, lr fixed: no grid
     assert profile.strength in [0.0, *lo.STRENGTHS]
     again = Profile.from_bytes(profile.to_bytes())
     assert again.params["adapter_config"] == profile.params["adapter_config"]
+
+
+def test_build_searches_rank_steps_and_lr_out_of_fold(tiny_lm, monkeypatch):
+    """What the params leave open is searched; the shipped adapter is the chosen setting trained on every
+    item (its steps a checkpoint of the longer run: the same tensors as a run of that many steps)."""
+    monkeypatch.setattr(lo, "STEPS", (1, 3))
+    monkeypatch.setattr(lo, "LRS", (0.01, 0.03))
+    profile = build_profile(tiny_lm, ITEMS[:8], "lora", {"layer": 2, "rank": 2})
+    search = profile.metrics["search"]
+    settings = {(s["lr"], s["steps"]) for s in search}
+    assert settings == {(lr, n) for lr in (0.01, 0.03) for n in (1, 3)} and "rank" not in search[0]
+    assert len(search) == len(settings) * len(lo.STRENGTHS)
+    best = max(search, key=lambda s: s["alignment"])
+    choice = profile.metrics["choice"]
+    assert (choice["lr"], choice["steps"]) == (best["lr"], best["steps"])
+    assert profile.strength == (best["strength"] if profile.metrics["improved"] else 0.0)
+    assert (profile.params["lr"], profile.params["steps"], profile.params["rank"]) == (best["lr"], best["steps"], 2)
+    alone = lo.fit(tiny_lm, ITEMS[:8], [2], lo.check_params({"rank": 2, "lr": best["lr"], "steps": best["steps"]}),
+                   "all")[2]
+    assert alone.tensors.keys() == profile.tensors.keys()
+    assert all(torch.equal(alone.tensors[k], profile.tensors[k]) for k in alone.tensors)
+
+
+def test_the_grid_covers_what_the_params_leave_open():
+    open_ = lo.grid(lo.check_params({}))
+    assert len(open_) == len(lo.RANKS) * len(lo.STEPS) * len(lo.LRS)
+    assert {(g["rank"], g["alpha"]) for g in open_} == {(r, 2.0 * r) for r in lo.RANKS}
+    fixed = lo.grid(lo.check_params({"rank": 3, "alpha": 5, "lr": 0.1}))
+    assert [(g["rank"], g["alpha"], g["lr"]) for g in fixed] == [(3, 5.0, 0.1)] * len(lo.STEPS)
 
 
 @pytest.mark.parametrize("params, field", [
@@ -159,6 +189,7 @@ def test_build_chooses_a_strength_by_cross_validation(tiny_lm):
     ({"steps": 0}, "params.steps"), ({"lr": 0}, "params.lr"), ({"loss": "mse"}, "params.loss"),
     ({"target_modules": "q_proj"}, "params.target_modules"), ({"dropout": 0.1}, "params.dropout"),
     ({"target_modules": ["nothing_like_this"]}, "params.target_modules"), ({"positions": "prompt"}, "positions"),
+    ({"positions": "last"}, "positions"), ({"rank": True}, "params.rank"), ({"lr": float("nan")}, "params.lr"),
 ])
 def test_bad_params_name_the_field(tiny_lm, params, field):
     with pytest.raises(SteerError) as err:
@@ -213,7 +244,7 @@ def _peft_files(profile):
 
 def test_import_takes_an_exported_adapter_back(tiny_lm, adapters):
     config, weights = _peft_files(adapters[0])
-    imported = lo.imported_profile(config, weights, tiny_lm)
+    imported = lo.imported_profile(config, weights, model_layout(tiny_lm))
     assert imported.layer == 1 and imported.method == "lora" and imported.params["imported"]
     batch = encode(tiny_lm, PROMPTS)
     torch.testing.assert_close(_logits(tiny_lm, batch, [intervention(imported, tiny_lm)]),
@@ -222,7 +253,7 @@ def test_import_takes_an_exported_adapter_back(tiny_lm, adapters):
 
 def _rejected(lm, config, weights, **caps):
     with pytest.raises(SteerError) as err:
-        lo.imported_profile(config, weights, lm, **caps)
+        lo.imported_profile(config, weights, model_layout(lm), **caps)
     return err.value.field
 
 
@@ -248,3 +279,12 @@ def test_import_refuses_pickles_wrong_shapes_other_models_and_big_ranks(tiny_lm,
     other = make_tiny("qwen2")
     other.model.model.layers[1].self_attn.q_proj = torch.nn.Linear(64, 32)
     assert _rejected(other, {**config, "base_model_name_or_path": other.name}, weights) == "adapter_model"
+
+
+@pytest.mark.model
+def test_the_layout_read_from_the_config_is_the_loaded_models(default_lm):
+    """An import checks adapters against the layout read from the model's config and a corner of its
+    embedding, without loading the model: it must be the loaded model's own."""
+    read = read_model_layout(default_lm.name)
+    assert read == model_layout(default_lm)
+    assert read.fingerprint == default_lm.fingerprint and len(read.linear) == 7 * default_lm.num_layers

@@ -64,6 +64,7 @@ from service.store import db
 from steer_core.calibration import IDENTITY, Calibration, blend_calibration, recorded_calibration
 from steer_core.data import OpinionItem, make_item
 from steer_core.errors import SteerError
+from steer_core.methods import check_positions, get_method
 from steer_core.metrics import summarize
 from steer_core.models import LanguageModel
 
@@ -77,8 +78,6 @@ ENGINE = "pluristeer.engine"
 REQUEST_TIMEOUT_S = 300.0
 # How often a waiting request thread checks whether its client is still connected.
 POLL_S = 0.05
-# Methods whose displacement exists at prefill only (COLD-FD needs the whole prompt in one call).
-PROMPT_ONLY_METHODS = frozenset({"cold_fd"})
 
 
 # ------------------------------------------------------------------------------------------- the engine
@@ -271,9 +270,11 @@ def plan_steering(spec: SteeringIn | None, shorthand: str | None, user: str | No
     entries: list[PlannedProfile] = []
     for ref in refs:
         row = _ready_profile(session, tenant, settings, ref)
-        if positions not in (None, "prompt") and row.method in PROMPT_ONLY_METHODS:
-            raise ApiError(422, "validation_error", f"{row.method} profiles steer prompt positions only",
-                           "steering.positions")
+        if positions is not None:
+            try:
+                check_positions(positions, get_method(row.method))
+            except SteerError as exc:
+                raise ApiError(422, "validation_error", exc.message, "steering.positions") from None
         assert row.artifact_sha256 is not None
         entries.append(PlannedProfile(digest=row.artifact_sha256, weight=ref.weight, positions=positions,
                                       field=ref.field, name=f"profile {row.id}"))

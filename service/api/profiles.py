@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flask import Blueprint, Response, current_app, url_for
 from sqlalchemy import func, select
@@ -32,6 +33,9 @@ from steer_core.errors import SteerError
 from steer_core.export import cold_fd_as_lora, control_vector_gguf, peft_archive
 from steer_core.methods import check_positions, get_method
 from steer_core.profile import Profile
+
+if TYPE_CHECKING:
+    from steer_core.models import ModelLayout
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +70,7 @@ def check_params(method: str, params: dict[str, Any]) -> dict[str, Any]:
         fixed["orders"] = check_orders(params.pop("orders"))
     if "positions" in params:
         try:
-            fixed["positions"] = check_positions(params.pop("positions"))
+            fixed["positions"] = check_positions(params.pop("positions"), spec)
         except SteerError as exc:
             raise SteerError(exc.message, "params.positions") from None
     try:
@@ -293,6 +297,27 @@ def get_artifact(profile_id: str, query: ArtifactQuery) -> Response:
     return artifact_download(profile_id, query.format)
 
 
+def served_layout() -> ModelLayout:
+    """The served model's layout (fingerprint, module shapes): plain data read once from its config, so an
+    import neither loads the model nor touches the engine's."""
+    from steer_core.models import model_layout
+
+    injected = current_app.config.get("GENERATION_MODEL")  # a model handed to the app (tests)
+    if injected is not None:
+        return model_layout(injected)
+    return _read_layout(context.settings().model)
+
+
+@functools.lru_cache(maxsize=4)
+def _read_layout(name: str) -> ModelLayout:
+    from steer_core.models import read_model_layout
+
+    try:
+        return read_model_layout(name)
+    except SteerError as exc:
+        raise ApiError(503, "unavailable", f"cannot read the served model: {exc.message}", "model") from None
+
+
 def import_body_limit(max_adapter_bytes: int) -> int:
     """The import route's body limit: the largest adapter in base64 (4 bytes per 3) plus room for the JSON
     around it (subject, adapter_config)."""
@@ -309,7 +334,6 @@ def import_profile(body: ProfileImport) -> tuple[ProfileOut, int, dict[str, str]
     import hashlib
     import json
 
-    from service.api.chat import engine
     from steer_core.lora import imported_profile
 
     tenant = tenant_id()
@@ -323,8 +347,7 @@ def import_profile(body: ProfileImport) -> tuple[ProfileOut, int, dict[str, str]
         weights = base64.b64decode(body.adapter_model, validate=True)
     except (binascii.Error, ValueError):
         raise ApiError(422, "validation_error", "must be base64", "adapter_model") from None
-    lm = engine().lm  # the served model: its module shapes and fingerprint (read only)
-    profile = imported_profile(body.adapter_config, weights, lm, max_rank=settings.max_adapter_rank,
+    profile = imported_profile(body.adapter_config, weights, served_layout(), max_rank=settings.max_adapter_rank,
                                max_bytes=settings.max_adapter_bytes, aliases=(settings.model,))
     profile.model_name = settings.model
     # The same upload again is the same profile (the stored artifact carries a creation time, the upload not).

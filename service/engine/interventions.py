@@ -30,7 +30,7 @@ from service.engine.plan import (
     SteeringRejected,
 )
 from steer_core.errors import SteerError
-from steer_core.methods import intervention
+from steer_core.methods import check_positions, get_method, intervention
 from steer_core.models import LanguageModel
 from steer_core.profile import Profile
 from steer_core.steering import RowSteering, compose
@@ -108,6 +108,10 @@ class InterventionCache:
         except SteerError as exc:
             raise SteeringRejected(f"{name}: {exc.message}", entry.field, MODEL_MISMATCH) from None
         if entry.positions is not None and entry.positions != iv.positions:
+            try:
+                check_positions(entry.positions, get_method(profile.method))
+            except SteerError as exc:
+                raise SteeringRejected(f"{name}: {exc.message}", "steering.positions", INVALID) from None
             if not dataclasses.is_dataclass(iv):
                 raise SteeringRejected(f"{profile.method} profiles cannot change positions", "steering.positions",
                                        INVALID)

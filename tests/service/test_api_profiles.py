@@ -77,6 +77,8 @@ BAD_REQUESTS = [
     ({"params": {"strength": "big"}}, 422, "params.strength"),
     ({"params": {"layer": 1.5}}, 422, "params.layer"),
     ({"params": {"positions": "middle"}}, 422, "params.positions"),
+    ({"method": "lora", "params": {"positions": "prompt"}}, 422, "params.positions"),  # adapters: every position
+    ({"method": "cold_fd", "params": {"positions": "last"}}, 422, "params.positions"),  # prompt positions only
     ({"params": {"temperature": 3}}, 422, "params.temperature"),  # diffmean has no own params
     ({"subject": {"kind": "group", "id": "nobody"}}, 404, "subject.id"),
     ({"subject": {"kind": "crowd", "id": "urban"}}, 422, "subject.kind"),

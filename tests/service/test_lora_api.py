@@ -64,6 +64,8 @@ def test_an_imported_adapter_steers_chat_and_exports_back(app, auth, tiny_lm, ad
     r = client.post("/v1/profiles/import", json=_body(config, weights), headers=auth)
     assert r.status_code == 201, r.json
     pid = r.json["id"]
+    # The import checks shapes against the served model's layout (plain data): it starts no engine.
+    assert app.extensions[chat.ENGINE].probe()["loaded"] is False
     assert r.json["status"] == "ready" and r.json["method"] == "lora" and r.json["chosen"]["rank"] == 4
     time.sleep(1.1)  # a stored profile records its creation time: the same upload must still be one profile
     again = client.post("/v1/profiles/import", json=_body(config, weights), headers=auth)
@@ -81,6 +83,14 @@ def test_an_imported_adapter_steers_chat_and_exports_back(app, auth, tiny_lm, ad
     expected = eng.generate(prompt, greedy, SteeringPlan((PlannedProfile(digest),)), timeout=120).text
     assert r.json["choices"][0]["message"]["content"] == expected
     assert expected != eng.generate(prompt, greedy, None, timeout=120).text
+
+    for positions in ("prompt", "last"):  # an adapter changes every position: no override but "all"
+        refused = client.post("/v1/chat/completions", headers=auth, json={
+            **body, "steering": {"profiles": [{"id": pid, "weight": 1.0}], "positions": positions}})
+        assert refused.status_code == 422 and refused.json["error"]["field"] == "steering.positions", refused.json
+    r = client.post("/v1/chat/completions", headers=auth,
+                    json={**body, "steering": {"profiles": [{"id": pid, "weight": 1.0}], "positions": "all"}})
+    assert r.status_code == 200 and r.json["choices"][0]["message"]["content"] == expected
 
     r = client.get(f"/v1/profiles/{pid}/artifact?format=peft", headers=auth)
     assert r.status_code == 200 and r.mimetype == "application/gzip"

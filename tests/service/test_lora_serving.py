@@ -9,7 +9,7 @@ import torch
 from peft import PeftModel
 from support import FIXTURES
 
-from service.engine.engine import GenerationEngine, PlannedProfile, SamplingParams, SteeringPlan
+from service.engine.engine import GenerationEngine, PlannedProfile, SamplingParams, SteeringPlan, SteeringRejected
 from steer_core import lora
 from steer_core.data import load_items
 from steer_core.export import peft_files
@@ -49,6 +49,24 @@ def test_every_row_of_a_mixed_engine_batch_gets_its_tokens_alone(tiny_lm):
         handles = [engine.submit(p, LONG, s) for p, s in zip(prompts, steering, strict=True)]
         assert [h.result(120).token_ids for h in handles] == alone
         assert engine.stats.largest_batch == 4
+    finally:
+        engine.stop()
+
+
+def test_a_positions_override_on_an_adapter_is_refused_naming_positions(tiny_lm):
+    """An adapter changes every position's computation: an engine plan asking it for other positions is
+    refused, not served as if it had not asked."""
+    stored = {"a": _adapter(tiny_lm, ITEMS[:6], 1, 1.0)}
+    engine = GenerationEngine(tiny_lm, profiles=stored.__getitem__, max_batch_size=2, batch_wait_ms=0)
+    try:
+        prompt = engine.tokenize_chat([{"role": "user", "content": CHATS[0]}])
+        for positions in ("prompt", "last"):
+            with pytest.raises(SteeringRejected) as info:
+                engine.generate(prompt, LONG, SteeringPlan((PlannedProfile("a", positions=positions),)), timeout=120)
+            assert info.value.field == "steering.positions" and "all" in str(info.value)
+        own = engine.generate(prompt, LONG, SteeringPlan((PlannedProfile("a"),)), timeout=120).token_ids
+        assert engine.generate(prompt, LONG, SteeringPlan((PlannedProfile("a", positions="all"),)),
+                               timeout=120).token_ids == own
     finally:
         engine.stop()
 
