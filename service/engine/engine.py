@@ -21,6 +21,9 @@ one answer reader (`steer_core.prompts.answer_distributions`), at most one batch
 decoding, scoring gets about `score_share` of the engine's time (after a scoring batch, decode steps run
 until they have used the rest), so streams keep flowing under scoring load; an idle engine scores flat out.
 
+A row that asks for log-probabilities (`SamplingParams.top_logprobs`) gets them from the logits it samples
+from, steering applied; the other rows of its batch pay nothing for it.
+
 At most `max_queue` requests wait for the engine; beyond that `submit` and `score` raise `EngineBusy` at
 once. `stop` ends every request it has admitted with a result or an error.
 """
@@ -356,13 +359,10 @@ def _byte_alphabet(tokenizer: Any) -> dict[str, int] | None:
     decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
     if type(decoder).__name__ != "ByteLevel" and not hasattr(tokenizer, "byte_decoder"):
         return None
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
-                 *range(ord("\xae"), ord("\xff") + 1)]
-    chars = {b: chr(b) for b in printable}
-    for b in range(256):
-        if b not in chars:
-            chars[b] = chr(256 + len(chars) - len(printable))
-    return {c: b for b, c in chars.items()}
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
+                 *range(ord("\xae"), ord("\xff") + 1)}
+    shifted = [b for b in range(256) if b not in printable]  # written as chr(256), chr(257), ... in order
+    return {chr(b): b for b in printable} | {chr(256 + i): b for i, b in enumerate(shifted)}
 
 
 def _piece_bytes(piece: str, alphabet: dict[str, int] | None) -> bytes:
@@ -1002,7 +1002,7 @@ class GenerationEngine:
 
 def _token_logprob(log_probs: Tensor, token: int, k: int) -> TokenLogprob:
     """`token`'s entry from its step's log-softmax over the vocabulary, with the `k` most likely tokens."""
-    values, ids = log_probs.topk(k) if k else (log_probs[:0], log_probs[:0])
+    values, ids = log_probs.topk(k)
     return TokenLogprob(token=token, logprob=float(log_probs[token]),
                         top=tuple(zip(ids.tolist(), values.tolist(), strict=True)))
 

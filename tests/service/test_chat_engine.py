@@ -24,6 +24,7 @@ from service.engine.engine import (
     SamplingParams,
     SteeringPlan,
     SteeringRejected,
+    _piece_bytes,
 )
 from steer_core.data import load_items
 from steer_core.errors import SteerError
@@ -297,6 +298,13 @@ def test_streamed_log_probabilities_follow_their_text(engine):
         text += chunk.text.encode()
         tokens += [e.token for e in chunk.logprobs]
         assert text.startswith(b"".join(engine.token_bytes(tokens)))
+
+
+def test_token_bytes_of_byte_level_and_sentencepiece_vocabularies(engine):
+    ids = engine.tokenize_chat([{"role": "user", "content": "Café ☃"}])
+    assert b"".join(engine.token_bytes(ids)).decode().endswith("user\nCafé ☃<|im_end|>\n<|im_start|>assistant\n")
+    # SentencePiece spells bytes as <0xNN> and spaces as U+2581.
+    assert [_piece_bytes(p, None) for p in ("\u2581Caf", "<0xC3>", "<0xA9>")] == [b" Caf", b"\xc3", b"\xa9"]
 
 
 def test_seeded_sampling_is_reproducible_and_top_p_restricts(engine):
