@@ -139,6 +139,15 @@ def builds(lm, items, source: str, n_train: int, n_heldout: int, group: str) -> 
     # so the two differ only in steering vs weight update).
     profiles["cold_fd_peft"] = dataclasses.replace(cold_fd_as_lora(profiles["cold_fd"]),
                                                    calibration=profiles["cold_fd"].calibration)
+    exported = [("cold_fd_peft", "cold_fd")]
+    if profiles["cold_fd"].strength == 0:  # no-harm shipped no update: compare the export at the best candidate's
+        best = max(profiles["cold_fd"].metrics["search"], key=lambda c: c.get("alignment", c.get("specificity")))
+        profiles["cold_fd@best"] = dataclasses.replace(profiles["cold_fd"], strength=best["strength"])
+        profiles["cold_fd@best_peft"] = dataclasses.replace(cold_fd_as_lora(profiles["cold_fd@best"]),
+                                                            calibration=profiles["cold_fd"].calibration)
+        exported.append(("cold_fd@best_peft", "cold_fd@best"))
+        print(f"cold_fd shipped strength 0; also judged at its best out-of-fold candidate, strength "
+              f"{best['strength']:g} (cold_fd@best), and that profile exported (cold_fd@best_peft)")
     calibration = fit_calibration(train, answer_distributions(lm, train))
     orders = (ORIGINAL,)
     readings = {name: read_orders(lm, heldout, p, orders) for name, p in profiles.items()}
@@ -151,15 +160,15 @@ def builds(lm, items, source: str, n_train: int, n_heldout: int, group: str) -> 
         c = cells[row][group]
         g = c["gain_vs_calibrated"]
         gains[row] = g["mean"]
-        print(f"  {row:13s} {c['alignment']['mean']:.4f}   gain {g['mean']:+.4f} ± {g['standard_error']:.4f}")
+        print(f"  {row:17s} {c['alignment']['mean']:.4f}   gain {g['mean']:+.4f} ± {g['standard_error']:.4f}")
 
     def paired(a: str, b: str) -> str:
         d = paired_difference(sample_alignment(heldout, readings[a][ORIGINAL]),
                               sample_alignment(heldout, readings[b][ORIGINAL]))
         return f"{d.mean:+.4f} ± {d.standard_error:.4f}"
 
-    print(f"cold_fd_peft - cold_fd (the exported adapter vs the COLD profile itself): "
-          f"{paired('cold_fd_peft', 'cold_fd')}")
+    for adapter, profile in exported:
+        print(f"{adapter} - {profile} (the exported adapter vs the COLD profile itself): {paired(adapter, profile)}")
     print(f"cold_fd - lora: {paired('cold_fd', 'lora')}")
     lora, cold = gains["lora"], gains["cold_fd"]
     time_ratio = seconds["cold_fd"] / seconds["lora"]

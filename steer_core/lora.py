@@ -52,7 +52,7 @@ DEFAULT_LR = 1e-2
 MAX_RANK = 64
 MAX_STEPS = 500
 # The build's search over what the params leave open. Sized for CPU: each (rank, lr) pair is one more
-# training run per fold (a step of the upper half on 20 items of the default model is ~5 s on 2 cores),
+# training run per fold (a step of the upper half on 20 items of the default model: ~10 CPU s here),
 # the training lengths are checkpoints of one run, and lr is left out of the search (one value): Adam's
 # steps move each weight by about lr, so steps x strength already span what a second lr would add.
 RANKS = (2, 8)
