@@ -37,7 +37,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 
@@ -93,25 +93,28 @@ def _gain(after: np.ndarray, before: np.ndarray) -> dict[str, float]:
     return {SELECTION_METRIC: d.mean, "standard_error": d.standard_error}
 
 
+Setting = TypeVar("Setting", bound=Hashable)  # what identifies a candidate, e.g. (layer, strength index)
+
+
 @dataclass
-class Selection:
+class Selection(Generic[Setting]):
     """What `select_setting` chose. `best`: the candidate with the best out-of-fold calibrated alignment;
     `improved`: it beats the calibrated unsteered model (else strength 0 ships); `calibration`: the map that
     ships (fitted on every item's reading of the shipped setting); `baselines` and `best_items`: per-item
     metrics (`metrics.item_metrics`), every one out of fold."""
 
-    best: Hashable | None
+    best: Setting | None
     improved: bool
     calibration: Calibration
     lean: bool
-    search: dict[Hashable, float]
+    search: dict[Setting, float]
     baselines: dict[str, dict[str, np.ndarray]]
     best_items: dict[str, np.ndarray]
 
 
 def select_setting(items: Sequence[OpinionItem], unsteered: Sequence[np.ndarray],
-                   candidates: Mapping[Hashable, Sequence[np.ndarray]], folds: Sequence[Sequence[int]],
-                   min_gain: float = MIN_GAIN) -> Selection:
+                   candidates: Mapping[Setting, Sequence[np.ndarray]], folds: Sequence[Sequence[int]],
+                   min_gain: float = MIN_GAIN) -> Selection[Setting]:
     """Choose among `candidates` (setting -> out-of-fold answer distributions, one per item) by mean
     alignment after each candidate's own calibration, itself fitted out of fold (each fold's items mapped
     by a fit on the other folds' readings); a candidate ships only if it beats the unsteered model with its
@@ -121,8 +124,8 @@ def select_setting(items: Sequence[OpinionItem], unsteered: Sequence[np.ndarray]
                  "uniform": item_metrics(items, uniform_distributions(items)),
                  "calibrated": item_metrics(items, calibrated)}
     floor = float(baselines["calibrated"][SELECTION_METRIC].mean())
-    search: dict[Hashable, float] = {}
-    best: tuple[float, Hashable, list[np.ndarray]] | None = None
+    search: dict[Setting, float] = {}
+    best: tuple[float, Setting, list[np.ndarray]] | None = None
     for key, dists in candidates.items():
         mapped = calibrate_out_of_fold(items, dists, folds, lean)
         search[key] = float(sample_alignment(items, mapped).mean())

@@ -19,7 +19,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from flask import Blueprint, Flask, Response, current_app, request
@@ -466,7 +466,7 @@ def _events(handle: GenerationHandle, gone: Callable[[], bool], response_id: str
             if isinstance(item, TextChunk):
                 yield event([ChunkChoice(index=0, delta=ChatDelta(content=item.text))])
                 continue
-            finish = "length" if item.finish_reason == "length" else "stop"
+            finish: Literal["stop", "length"] = "length" if item.finish_reason == "length" else "stop"
             yield event([ChunkChoice(index=0, delta=ChatDelta(), finish_reason=finish)])
             if include_usage:
                 yield event([], usage=Usage(prompt_tokens=item.prompt_tokens,

@@ -20,6 +20,7 @@ from service.api.protocol import (
     ProfileList,
     ProfileListQuery,
     ProfileOut,
+    Progress,
     SubjectRef,
 )
 from service.api.subjects import find_subject
@@ -102,6 +103,14 @@ def resolve_contrast(session: db.Session, tenant: int, body: ProfileCreate, subj
     return [refs[key] for key in sorted(refs)]
 
 
+def _progress(stored: dict[str, Any] | None) -> Progress | None:
+    """A build's progress as the worker stored it (done, total, stage)."""
+    if stored is None:
+        return None
+    return Progress(done=int(stored.get("done", 0)), total=int(stored.get("total", 0)),
+                    stage=str(stored.get("stage", "")))
+
+
 def profile_views(session: db.Session, rows: list[db.ProfileRow]) -> list[ProfileOut]:
     """Rows as responses, with subject names and attempt counts fetched in two queries, not 2N."""
     if not rows:
@@ -126,7 +135,7 @@ def profile_views(session: db.Session, rows: list[db.ProfileRow]) -> list[Profil
         subject = SubjectRef(kind=r.subject_kind, id=names.get((r.subject_kind, r.subject_id), ""))
         out.append(ProfileOut(
             id=r.id, subject=subject, method=r.method, model=r.model, params=r.params, status=r.status,
-            progress=r.progress, error=r.error, chosen=r.chosen, metrics=r.metrics, artifact=artifact,
+            progress=_progress(r.progress), error=r.error, chosen=r.chosen, metrics=r.metrics, artifact=artifact,
             sample_hash=r.sample_hash, version=r.version, attempts=int(attempts.get(r.id, 0)),
             created_at=r.created_at, updated_at=r.updated_at,
             started_at=r.started_at, finished_at=r.finished_at))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     AwareDatetime,
@@ -245,14 +245,6 @@ class ProfileOut(Response):
     started_at: datetime | None
     finished_at: datetime | None
 
-    @field_validator("progress", mode="before")
-    @classmethod
-    def _progress(cls, value: Any) -> Any:
-        if isinstance(value, dict):
-            return {"done": int(value.get("done", 0)), "total": int(value.get("total", 0)),
-                    "stage": str(value.get("stage", ""))}
-        return value
-
 
 class ProfileListQuery(Request):
     model_config = ConfigDict(extra="forbid", strict=False)
@@ -352,7 +344,10 @@ MAX_STOP_STRINGS = 4
 MAX_SCORE_QUESTIONS = 256
 
 
-def _finite(value: float | None) -> float | None:
+MaybeNumber = TypeVar("MaybeNumber", bound=float | None)
+
+
+def _finite(value: MaybeNumber) -> MaybeNumber:
     if value is not None and not math.isfinite(value):
         raise ValueError("must be a finite number")
     return value
@@ -379,7 +374,7 @@ class ProfileWeight(Request):
     @field_validator("weight")
     @classmethod
     def _weight(cls, value: float) -> float:
-        return _finite(value)  # type: ignore[return-value]
+        return _finite(value)
 
 
 class SteeringIn(Request):
@@ -471,7 +466,7 @@ class ChatCompletionRequest(Request):
     @field_validator("temperature", "top_p")
     @classmethod
     def _numbers(cls, value: float) -> float:
-        return _finite(value)  # type: ignore[return-value]
+        return _finite(value)
 
     @field_validator("stop")
     @classmethod
