@@ -16,6 +16,11 @@ reader can tell a clear gain from a lucky one; `per_item` keeps each item's out-
 unsteered, calibrated and as shipped (the first PER_ITEM_LIMIT items), for a reader who wants to see which
 items moved.
 
+With a contrast (every item carries the answers of the groups to be told apart from), the selection
+judges each candidate by its specificity instead: its gain over the calibrated floor in alignment with the
+group minus its gain in alignment with the contrast, among candidates that do not lower the group's own
+alignment. A setting that only flattens (or only moves every group alike) scores about 0 and does not ship.
+
 Cross-fitted calibration of a candidate reads other folds' readings, made by profiles fitted on samples
 that include the judged fold: the judged items' targets reach their own calibration only through two
 fitted numbers of another fold's steering, a leak small next to the folds' own noise (said, not hidden).
@@ -38,7 +43,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Hashable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -118,10 +123,10 @@ def _gain(after: np.ndarray, before: np.ndarray) -> dict[str, float]:
 
 @dataclass
 class Selection:
-    """What `select_setting` chose. `best`: the candidate with the best out-of-fold calibrated alignment;
-    `improved`: it beats the calibrated unsteered model (else strength 0 ships); `calibration`: the map that
-    ships (fitted on every item's reading of the shipped setting); `baselines` and `best_items`: per-item
-    metrics (`metrics.item_metrics`), every one out of fold."""
+    """What `select_setting` chose. `best`: the candidate with the best out-of-fold score (`search`: calibrated
+    alignment, or specificity when `by_specificity`); `improved`: it beats the calibrated unsteered model
+    (else strength 0 ships); `calibration`: the map that ships (fitted on every item's reading of the shipped
+    setting); `baselines` and `best_items`: per-item metrics (`metrics.item_metrics`), every one out of fold."""
 
     best: Hashable | None
     improved: bool
@@ -130,6 +135,7 @@ class Selection:
     search: dict[Hashable, float]
     baselines: dict[str, dict[str, np.ndarray]]
     best_items: dict[str, np.ndarray]
+    by_specificity: bool = False
 
     @property
     def shipped_items(self) -> dict[str, np.ndarray]:
@@ -140,28 +146,47 @@ class Selection:
 def select_setting(items: Sequence[OpinionItem], unsteered: Sequence[np.ndarray],
                    candidates: Mapping[Hashable, Sequence[np.ndarray]], folds: Sequence[Sequence[int]],
                    min_gain: float = MIN_GAIN) -> Selection:
-    """Choose among `candidates` (setting -> out-of-fold answer distributions, one per item) by mean
-    alignment after each candidate's own calibration, itself fitted out of fold (each fold's items mapped
-    by a fit on the other folds' readings); a candidate ships only if it beats the unsteered model with its
-    out-of-fold calibration by more than `min_gain`, so steering is kept for what calibration cannot do."""
+    """Choose among `candidates` (setting -> out-of-fold answer distributions, one per item), each judged
+    after its own calibration, itself fitted out of fold (each fold's items mapped by a fit on the other
+    folds' readings), against the unsteered model with its out-of-fold calibration (the floor):
+
+    - without a contrast: by mean alignment; the best ships if it beats the floor by more than `min_gain`;
+    - when every item carries a `contrast` (the answers of the groups to be told apart from): by
+      specificity, the gain over the floor in alignment with the item's own target minus the gain in
+      alignment with its contrast, among candidates whose own gain is not negative; the best ships if
+      its specificity exceeds `min_gain`. Flattening moves both alignments alike and scores about 0, so
+      steering ships only for what tells the group apart, and never at a loss to the group itself.
+    """
     calibration, calibrated, lean = choose_calibration(items, unsteered, folds)
     baselines = {"unsteered": item_metrics(items, unsteered),
                  "uniform": item_metrics(items, uniform_distributions(items)),
                  "calibrated": item_metrics(items, calibrated)}
-    floor = float(baselines["calibrated"][SELECTION_METRIC].mean())
+    floor = baselines["calibrated"][SELECTION_METRIC]
+    others = [replace(it, target=it.contrast) for it in items] if all(it.contrast is not None for it in items) \
+        else None
+    others_floor = sample_alignment(others, calibrated) if others is not None else None
     search: dict[Hashable, float] = {}
     best: tuple[float, Hashable, list[np.ndarray]] | None = None
     for key, dists in candidates.items():
         mapped = calibrate_out_of_fold(items, dists, folds, lean)
-        search[key] = float(sample_alignment(items, mapped).mean())
-        if best is None or search[key] > best[0]:
-            best = (search[key], key, mapped)
+        own = sample_alignment(items, mapped)
+        if others is None:
+            search[key] = float(own.mean())
+            margin = search[key] - float(floor.mean())
+        else:
+            own_gain = float((own - floor).mean())
+            search[key] = own_gain - float((sample_alignment(others, mapped) - others_floor).mean())
+            margin = search[key] if own_gain >= 0 else -math.inf
+        if best is None or margin > best[0]:
+            best = (margin, key, mapped)
     if best is None:
-        return Selection(None, False, calibration, lean, search, baselines, baselines["calibrated"])
-    improved = best[0] - floor > min_gain
+        return Selection(None, False, calibration, lean, search, baselines, baselines["calibrated"],
+                         others is not None)
+    improved = best[0] > min_gain
     if improved:
         calibration = fit_calibration(items, candidates[best[1]], lean)
-    return Selection(best[1], improved, calibration, lean, search, baselines, item_metrics(items, best[2]))
+    return Selection(best[1], improved, calibration, lean, search, baselines, item_metrics(items, best[2]),
+                     others is not None)
 
 
 @reuse_answer_activations()  # the folds refit on subsets of the items the full fit has read
@@ -237,7 +262,8 @@ def build_profile(lm: LanguageModel, items: Sequence[OpinionItem], method: str,
             done += 1
             report(done, total, f"fold {f + 1}/{len(folds)}: searched layer {L}")
     chosen = select_setting(items, unsteered, oof, folds)
-    search = [{"layer": L, "strength": grids[L][j], SELECTION_METRIC: chosen.search[(L, j)],
+    score_name = "specificity" if chosen.by_specificity else SELECTION_METRIC
+    search = [{"layer": L, "strength": grids[L][j], score_name: chosen.search[(L, j)],
                "uncalibrated_alignment": float(sample_alignment(items, oof[(L, j)]).mean())} for L, j in oof]
     assert chosen.best is not None
     best_layer, best_index = chosen.best
@@ -253,7 +279,9 @@ def build_profile(lm: LanguageModel, items: Sequence[OpinionItem], method: str,
     unsteered_alignment = chosen.baselines["unsteered"][SELECTION_METRIC]
     profile.metrics = {
         "evaluation": "cross-validated", "folds": len(folds), "items": len(items), "orders": orders,
-        "selection": "out-of-fold alignment over the calibrated unsteered model",
+        "selection": ("out-of-fold specificity over the calibrated unsteered model (gain in alignment with the "
+                      "group minus gain in alignment with its contrast; own gain >= 0)" if chosen.by_specificity
+                      else "out-of-fold alignment over the calibrated unsteered model"),
         **baselines,
         "steered": mean_metrics(chosen.shipped_items),
         "best_candidate": best_after,
@@ -261,10 +289,13 @@ def build_profile(lm: LanguageModel, items: Sequence[OpinionItem], method: str,
         "gain_vs_calibrated": _gain(best_alignment, calibrated_alignment),
         "calibration": {**chosen.calibration.to_json(), "lean_fitted": chosen.lean},
         "improved": improved,
-        "choice": {"layer": best_layer, "strength": profile.strength, "metric": SELECTION_METRIC},
+        "choice": {"layer": best_layer, "strength": profile.strength, "metric": score_name},
         "search": search,
-        "note": None if improved else "no setting beat the calibrated unsteered model on held-out items; "
-                                      "strength set to 0 (the profile applies its calibration only)",
+        "note": None if improved else (
+            "no setting told the group apart from its contrast better than the calibrated unsteered model on "
+            "held-out items without a loss to the group" if chosen.by_specificity else
+            "no setting beat the calibrated unsteered model on held-out items")
+            + "; strength set to 0 (the profile applies its calibration only)",
         "per_item": per_item_record(items, unsteered_alignment, calibrated_alignment,
                                     chosen.shipped_items[SELECTION_METRIC]),
     }

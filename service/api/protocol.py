@@ -23,6 +23,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from service.engine.plan import MAX_TOP_LOGPROBS
 from steer_core.data import OpinionItem
 
 # External ids (user uid, group gid) appear in URLs: keep them printable and bounded. Match them whole
@@ -352,6 +353,7 @@ OpinionsOut.model_rebuild()
 
 Role = Literal["system", "developer", "user", "assistant"]
 MAX_STOP_STRINGS = 4
+MAX_CHOICES = 8  # `n`: each choice is one more row in the engine's batch
 MAX_SCORE_QUESTIONS = 256
 
 
@@ -410,15 +412,15 @@ class StreamOptions(Request):
 
 # OpenAI chat fields this server does not implement -> the values that ask for what it does anyway.
 UNSUPPORTED_CHAT_FIELDS: dict[str, tuple[Any, ...]] = {
-    "n": (1,), "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "logprobs": (False,),
-    "top_logprobs": (0,), "tools": ([],), "tool_choice": ("none",), "functions": ([],), "function_call": ("none",),
+    "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "tools": ([],), "tool_choice": ("none",),
+    "functions": ([],), "function_call": ("none",),
     "response_format": ({"type": "text"},), "logit_bias": ({},), "audio": (), "modalities": (["text"],),
     "prediction": (), "reasoning_effort": (), "verbosity": (), "web_search_options": (),
 }
 
 
 class ChatCompletionRequest(Request):
-    """OpenAI's chat completion request (n = 1, no tools) plus `steering`."""
+    """OpenAI's chat completion request (no tools, no penalties) plus `steering`."""
 
     model: str = Field(description="the served base model, or `<base>:<profile id>` for one profile")
     messages: list[ChatMessageIn] = Field(min_length=1)
@@ -434,7 +436,13 @@ class ChatCompletionRequest(Request):
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, max_length=MAX_ID_CHARS,
                              description="the tenant's user uid: their default profile and experiments")
-    n: Any = Field(1, description="unsupported beyond 1")
+    n: StrictInt = Field(1, ge=1, le=MAX_CHOICES, description="choices to generate, each an independent sample "
+                         "(with `seed`, choice i samples with seed + i)")
+    logprobs: bool | None = Field(None, description="return each generated token's log-probability: the "
+                                  "model's log-softmax at that step, steering applied, before temperature and "
+                                  "top_p")
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description="with `logprobs`: this "
+                                           "many most likely tokens at each step, most likely first")
     presence_penalty: Any = Field(0, description="unsupported beyond 0")
     frequency_penalty: Any = Field(0, description="unsupported beyond 0")
     steering: SteeringIn | None = None
@@ -447,8 +455,6 @@ class ChatCompletionRequest(Request):
     parallel_tool_calls: bool | None = Field(None, description="accepted and ignored (no tools are called)")
     # OpenAI fields this server does not implement: a 422 naming the field, unless the value asks for
     # what the server does anyway (`tools: []`, `response_format: {"type": "text"}`, ...).
-    logprobs: Any = Field(None, description="unsupported")
-    top_logprobs: Any = Field(None, description="unsupported")
     tools: Any = Field(None, description="unsupported: no tool calls")
     tool_choice: Any = Field(None, description="unsupported beyond \"none\"")
     functions: Any = Field(None, description="unsupported")
@@ -469,7 +475,14 @@ class ChatCompletionRequest(Request):
         if value is None or any(value == ok and type(value) is type(ok) for ok in accepted):
             return value
         raise PydanticCustomError("unsupported", "{field} is not supported by this server: it generates plain "
-                                  "text, one choice a request", {"field": info.field_name})
+                                  "text", {"field": info.field_name})
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
+        return value
 
     @field_validator("temperature", "top_p")
     @classmethod
@@ -517,16 +530,37 @@ class ChatMessageOut(Response):
     content: str
 
 
+class TopLogprob(Response):
+    token: str = Field(description="the token's text (U+FFFD for a part of a character that the token holds "
+                                   "without the rest)")
+    logprob: float
+    bytes: list[int] = Field(description="the token's UTF-8 bytes (a character split across tokens: each has "
+                                         "its part)")
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(description="the most likely tokens at this step, most likely first "
+                                                       "(`top_logprobs` of them)")
+
+
+class ChoiceLogprobs(Response):
+    """Log-probabilities of a choice's tokens (of a streamed chunk's tokens: those whose text it completes).
+    A stop string that cuts a token keeps that token whole; the stop token itself is not listed."""
+
+    content: list[ChatTokenLogprob]
+    refusal: None = None
+
+
 class ChatChoice(Response):
     index: int
     message: ChatMessageOut
     finish_reason: Literal["stop", "length"]
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = Field(None, description="with `logprobs: true`")
 
 
 class Usage(Response):
     prompt_tokens: int
-    completion_tokens: int
+    completion_tokens: int = Field(description="every choice's tokens")
     total_tokens: int
 
 
@@ -550,12 +584,14 @@ class ChunkChoice(Response):
     index: int
     delta: ChatDelta
     finish_reason: Literal["stop", "length"] | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(Response):
     """One server-sent event of a streamed completion (`data: {...}`); the stream ends with `data: [DONE]`.
-    The first chunk carries `steering`, the last `finish_reason` (and `usage` when asked for)."""
+    The first chunk carries `steering` and each choice's role; then each chunk carries one choice's new
+    text (and its tokens' `logprobs` when asked for); each choice ends with a chunk carrying its
+    `finish_reason`; with `stream_options.include_usage`, a last chunk without choices carries `usage`."""
 
     id: str
     object: Literal["chat.completion.chunk"]
