@@ -236,7 +236,10 @@ class ProfileOut(Response):
                                                       "...)")
     metrics: dict[str, Any] | None = Field(description="out-of-fold metrics: the baselines (unsteered, uniform, "
                                            "calibrated), steered, gains over unsteered and over calibrated with "
-                                           "standard errors, the output calibration, the search")
+                                           "standard errors, the output calibration, the search, and `per_item`: "
+                                           "each item's alignment unsteered, calibrated and steered (capped; "
+                                           "`per_item.total` counts the whole sample; in single-profile "
+                                           "documents only, not in lists)")
     artifact: ArtifactRef | None
     sample_hash: str
     version: int

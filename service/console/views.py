@@ -28,6 +28,7 @@ from service.api.protocol import (
 from service.api.subjects import find_subject
 from service.auth import active_key, tenant_id
 from service.console import sessions
+from service.console.item_plot import item_plot
 from service.experiments import experiments as ex
 from service.experiments import offline_comparison
 from service.store import db
@@ -176,7 +177,7 @@ def _progress_label(view: Any) -> str:
 def profile_list() -> str:
     session = context.session()
     rows = db.list_profiles(session, tenant_id(), limit=PROFILES_SHOWN)
-    views = profiles.profile_views(session, rows)
+    views = profiles.profile_views(session, rows, per_item=False)
     return render_template("console/profiles.html", profiles=views, label=_progress_label, final=FINAL_STATUSES)
 
 
@@ -187,7 +188,7 @@ def profile_page(profile_id: str) -> str:
     view = profiles.profile_views(context.session(), [row])[0]
     return render_template("console/profile.html", p=view, label=_progress_label(view), final=FINAL_STATUSES,
                            tables=_metric_tables(view.metrics or {}), facts=_metric_facts(view.metrics or {}),
-                           calibration=_calibration(row))
+                           plot=item_plot(view.metrics or {}), calibration=_calibration(row))
 
 
 def _calibration(row: db.ProfileRow) -> str | None:
@@ -220,7 +221,7 @@ def profile_statuses() -> BaseResponse:
     session = context.session()
     rows = [r for r in (db.get_profile(session, tenant_id(), i) for i in ids) if r is not None]
     return jsonify({v.id: {"status": v.status, "label": _progress_label(v), "final": v.status in FINAL_STATUSES}
-                    for v in profiles.profile_views(session, rows)})
+                    for v in profiles.profile_views(session, rows, per_item=False)})
 
 
 @bp.get("/profiles/<profile_id>/download")
@@ -266,7 +267,7 @@ def _metric_facts(metrics: dict[str, Any]) -> list[tuple[str, str]]:
     """The metrics' other entries as (name, text); a value with a standard error reads `x ± se`."""
     facts = []
     for name, value in metrics.items():
-        if value is None or name == "search":  # the search has its own table
+        if value is None or name in ("search", "per_item"):  # each has its own table or plot
             continue
         if _is_number(value) or isinstance(value, str | bool):
             facts.append((name, _fmt(value)))
@@ -331,7 +332,7 @@ def subject_page(kind: str, subject_id: str) -> str:
     page = min(page, pages)
     shown = items[(page - 1) * ITEMS_PER_PAGE: page * ITEMS_PER_PAGE]
     built = profiles.profile_views(session, db.list_profiles(session, tenant, kind=kind, subject_id=subject.id,
-                                                             limit=50))
+                                                             limit=50), per_item=False)
     return render_template("console/subject.html", kind=kind, subject_id=subject_id, items=shown, page=page,
                            pages=pages, total=len(items), profiles=built, methods=sorted(METHODS),
                            label=_progress_label)
@@ -384,7 +385,7 @@ def _experiment(experiment_id: str) -> db.Experiment:
 def _ready_profiles() -> list[Any]:
     session = context.session()
     rows = db.list_profiles(session, tenant_id(), status="ready", limit=PROFILES_SHOWN)
-    return profiles.profile_views(session, [r for r in rows if r.model == context.settings().model])
+    return profiles.profile_views(session, [r for r in rows if r.model == context.settings().model], per_item=False)
 
 
 @bp.get("/experiments")
