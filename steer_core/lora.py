@@ -31,7 +31,7 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -44,6 +44,10 @@ from steer_core.methods import Method, register
 from steer_core.models import LanguageModel, ModelLayout
 from steer_core.profile import Profile
 from steer_core.prompts import encode_items
+
+if TYPE_CHECKING:
+    from peft.tuners.lora import LoraLayer
+    from typing_extensions import TypeIs
 
 # What a fit uses for a hyperparameter left to the search when it is called outside a build.
 DEFAULT_RANK = 4
@@ -67,7 +71,7 @@ PEFT_PREFIX = "base_model.model."
 
 # ---------------------------------------------------------------------------------------------- targets
 
-def _linear(module: nn.Module) -> bool:
+def _linear(module: nn.Module) -> TypeIs[nn.Linear | Conv1D]:
     return isinstance(module, nn.Linear | Conv1D)
 
 
@@ -83,9 +87,9 @@ def target_names(lm: LanguageModel) -> list[str]:
     return chosen or sorted(linear)
 
 
-def target_modules(lm: LanguageModel, layer: int, names: Sequence[str]) -> dict[str, nn.Module]:
+def target_modules(lm: LanguageModel, layer: int, names: Sequence[str]) -> dict[str, nn.Linear | Conv1D]:
     """Module path -> module of every Linear named in `names` in blocks ``layer..n-1``."""
-    out: dict[str, nn.Module] = {}
+    out: dict[str, nn.Linear | Conv1D] = {}
     for j in range(layer, lm.num_layers):
         for name, module in lm.blocks[j].named_modules():
             if name and _linear(module) and name.rsplit(".", 1)[-1] in names:
@@ -102,7 +106,9 @@ def lora_config(lm: LanguageModel, layer: int, rank: int, alpha: float, names: S
         extra = {"layers_to_transform": list(range(layer, lm.num_layers)),
                  "layers_pattern": lm.block_path.rsplit(".", 1)[-1]}
     fan_in_fan_out = any(isinstance(m, Conv1D) for m in target_modules(lm, layer, names).values())
-    return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(names), bias="none",
+    # peft annotates `lora_alpha` as int, but uses it as a float scale (alpha / r); a float alpha is valid.
+    return LoraConfig(r=rank, lora_alpha=alpha,  # type: ignore[arg-type]
+                      lora_dropout=0.0, target_modules=list(names), bias="none",
                       task_type="CAUSAL_LM", fan_in_fan_out=fan_in_fan_out, base_model_name_or_path=lm.name,
                       inference_mode=True, **extra)
 
@@ -118,7 +124,7 @@ def config_dict(config: Any) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------- training
 
-def _inject(lm: LanguageModel, config: Any) -> list[tuple[nn.Module, str, nn.Module]]:
+def _inject(lm: LanguageModel, config: Any) -> list[tuple[nn.Module, str, LoraLayer]]:
     """peft's LoRA layers in place of the targeted modules; returns (parent, name, original) to restore."""
     from peft import inject_adapter_in_model
     from peft.tuners.lora import LoraLayer
@@ -132,10 +138,18 @@ def _inject(lm: LanguageModel, config: Any) -> list[tuple[nn.Module, str, nn.Mod
     return swapped
 
 
-def _remove(lm: LanguageModel, swapped: list[tuple[nn.Module, str, nn.Module]]) -> None:
+def _remove(lm: LanguageModel, swapped: list[tuple[nn.Module, str, LoraLayer]]) -> None:
     for parent, name, layer in swapped:
         setattr(parent, name, layer.get_base_layer())
     lm.model.__dict__.pop("peft_config", None)  # inject_adapter_in_model leaves its config on the model
+
+
+def _factor_weights(layer: LoraLayer) -> tuple[Tensor, Tensor]:
+    """The A and B weights of this project's adapter in an injected peft LoRA layer."""
+    a, b = layer.lora_A[ADAPTER_NAME], layer.lora_B[ADAPTER_NAME]
+    if not isinstance(a, nn.Linear) or not isinstance(b, nn.Linear):
+        raise TypeError(f"peft's LoRA factors are {type(a).__name__} and {type(b).__name__}, not Linear")
+    return a.weight, b.weight
 
 
 def train_adapter(lm: LanguageModel, items: Sequence[OpinionItem], layer: int, params: dict[str, Any],
@@ -167,10 +181,10 @@ def train_checkpoints(lm: LanguageModel, items: Sequence[OpinionItem], layer: in
             p.requires_grad_(False)
         trainable = []
         for _, _, wrapped in swapped:
-            for p in (wrapped.lora_A[ADAPTER_NAME].weight, wrapped.lora_B[ADAPTER_NAME].weight):
-                p.data = p.data.to(device=lm.device, dtype=torch.float32)
-                p.requires_grad_(True)
-                trainable.append(p)
+            for weight in _factor_weights(wrapped):
+                weight.data = weight.data.to(device=lm.device, dtype=torch.float32)
+                weight.requires_grad_(True)
+                trainable.append(weight)
         paths = [_path_of(lm, parent, name) for parent, name, _ in swapped]
         optimizer = torch.optim.Adam(trainable, lr=params["lr"])
         chunks = [items[i:i + TRAIN_BATCH] for i in range(0, len(items), TRAIN_BATCH)]
@@ -190,9 +204,9 @@ def train_checkpoints(lm: LanguageModel, items: Sequence[OpinionItem], layer: in
                 if step in checkpoints:
                     states[step] = {}
                     for path, (_, _, wrapped) in zip(paths, swapped, strict=True):
-                        for part in ("lora_A", "lora_B"):
-                            weight = getattr(wrapped, part)[ADAPTER_NAME].weight
-                            states[step][f"{PEFT_PREFIX}{path}.{part}.weight"] = weight.detach().float().cpu().clone()
+                        a, b = _factor_weights(wrapped)
+                        states[step][f"{PEFT_PREFIX}{path}.lora_A.weight"] = a.detach().float().cpu().clone()
+                        states[step][f"{PEFT_PREFIX}{path}.lora_B.weight"] = b.detach().float().cpu().clone()
     finally:
         _remove(lm, swapped)
         for p, flag in zip(all_params, saved, strict=True):
@@ -409,7 +423,7 @@ def intervention(profile: Profile, lm: LanguageModel) -> LoraShift:
     return LoraShift(layer=profile.layer, positions=profile.positions, factors=fs, coef=float(profile.strength))
 
 
-def _shape(module: nn.Module) -> tuple[int, int]:
+def _shape(module: nn.Linear | Conv1D) -> tuple[int, int]:
     """(out, in) features of a Linear or a GPT-2 Conv1D."""
     w = module.weight
     return (int(w.shape[1]), int(w.shape[0])) if isinstance(module, Conv1D) else (int(w.shape[0]), int(w.shape[1]))

@@ -38,6 +38,7 @@ def test_selection_picks_the_setting_that_knows_the_targets():
     assert chosen.search[(1, 0.5)] == pytest.approx(1.0, abs=1e-3)
     assert chosen.calibration.temperature == pytest.approx(1.0, abs=0.05)
     assert chosen.best_items["alignment"].mean() > chosen.baselines["calibrated"]["alignment"].mean()
+    assert chosen.shipped_items is chosen.best_items  # what the build's `steered` and `per_item` record
     assert set(chosen.baselines) == {"unsteered", "uniform", "calibrated"}
 
 
@@ -58,6 +59,7 @@ def test_selection_ships_strength_zero_when_only_calibration_helps():
     assert chosen.search[(2, 1.0)] == pytest.approx(chosen.baselines["calibrated"]["alignment"].mean())
     shipped, calibrated, _ = choose_calibration(items, unsteered, folds)
     assert chosen.calibration == shipped  # what ships is the unsteered model's own calibration
+    assert chosen.shipped_items is chosen.baselines["calibrated"]
     assert sample_alignment(items, calibrated).mean() > sample_alignment(items, unsteered).mean()
 
 
@@ -118,6 +120,7 @@ def test_a_build_whose_steering_does_nothing_ships_its_calibration_alone(tiny_lm
     m = profile.metrics
     assert profile.strength == 0 and not m["improved"] and "calibrated" in m["note"]
     assert m["steered"] == m["calibrated"]
+    assert [r["steered"] for r in m["per_item"]["items"]] == [r["calibrated"] for r in m["per_item"]["items"]]
     assert m["gain_vs_calibrated"]["alignment"] == pytest.approx(0.0, abs=1e-6)  # batching noise only
     assert m["calibration"]["temperature"] == profile.calibration.temperature
     assert {"unsteered", "uniform", "calibrated"} <= set(m)

@@ -21,10 +21,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import wraps
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from flask import Blueprint, Flask, Response, current_app, request
 from pydantic import BaseModel, ValidationError
+from pydantic.json_schema import JsonSchemaMode
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from service import context
@@ -32,6 +33,8 @@ from service.api.errors import ApiError, not_found, validation_error
 from service.api.protocol import ID_PATTERN, ID_RULE, PATH_PATTERNS, ErrorResponse
 
 log = logging.getLogger(__name__)
+
+Body = TypeVar("Body", bound=BaseModel)
 
 OPENAPI_VERSION = "3.1.0"
 API_TITLE = "pluristeer"
@@ -212,7 +215,7 @@ def receive_upload(limit: int, suffix: str = "") -> Path:
     return path
 
 
-def parse_body(model: type[BaseModel]) -> BaseModel:
+def parse_body(model: type[Body]) -> Body:
     """The request's JSON body validated by `model`: 400 if it is not JSON, 422 naming the field if
     invalid."""
     raw = read_body()
@@ -256,7 +259,8 @@ def parse_query(model: type[BaseModel]) -> BaseModel:
 def to_response(result: Any) -> Response:
     if isinstance(result, Response):
         return result
-    status, headers = 200, {}
+    status: int = 200
+    headers: Any = {}  # what Flask takes: a dict or a list of pairs
     if isinstance(result, tuple):
         result, status, *rest = result
         headers = rest[0] if rest else {}
@@ -377,7 +381,7 @@ def state_json_bounds(schema: Any) -> None:
 def openapi_document(app: Flask) -> dict[str, Any]:
     schemas: dict[str, Any] = {}
 
-    def ref(model: type[BaseModel], mode: str) -> dict[str, Any]:
+    def ref(model: type[BaseModel], mode: JsonSchemaMode) -> dict[str, Any]:
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}", mode=mode)
         defs = schema.pop("$defs", {})
         if mode == "validation":  # what read_json holds every request body to

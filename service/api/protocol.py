@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     AwareDatetime,
@@ -236,7 +236,10 @@ class ProfileOut(Response):
                                                       "...)")
     metrics: dict[str, Any] | None = Field(description="out-of-fold metrics: the baselines (unsteered, uniform, "
                                            "calibrated), steered, gains over unsteered and over calibrated with "
-                                           "standard errors, the output calibration, the search")
+                                           "standard errors, the output calibration, the search, and `per_item`: "
+                                           "each item's alignment unsteered, calibrated and steered (capped; "
+                                           "`per_item.total` counts the whole sample; in single-profile "
+                                           "documents only, not in lists)")
     artifact: ArtifactRef | None
     sample_hash: str
     version: int
@@ -245,14 +248,6 @@ class ProfileOut(Response):
     updated_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
-
-    @field_validator("progress", mode="before")
-    @classmethod
-    def _progress(cls, value: Any) -> Any:
-        if isinstance(value, dict):
-            return {"done": int(value.get("done", 0)), "total": int(value.get("total", 0)),
-                    "stage": str(value.get("stage", ""))}
-        return value
 
 
 class ProfileListQuery(Request):
@@ -354,7 +349,10 @@ MAX_CHOICES = 8  # `n`: each choice is one more row in the engine's batch
 MAX_SCORE_QUESTIONS = 256
 
 
-def _finite(value: float | None) -> float | None:
+MaybeNumber = TypeVar("MaybeNumber", bound=float | None)
+
+
+def _finite(value: MaybeNumber) -> MaybeNumber:
     if value is not None and not math.isfinite(value):
         raise ValueError("must be a finite number")
     return value
@@ -381,7 +379,7 @@ class ProfileWeight(Request):
     @field_validator("weight")
     @classmethod
     def _weight(cls, value: float) -> float:
-        return _finite(value)  # type: ignore[return-value]
+        return _finite(value)
 
 
 class SteeringIn(Request):
@@ -484,7 +482,7 @@ class ChatCompletionRequest(Request):
     @field_validator("temperature", "top_p")
     @classmethod
     def _numbers(cls, value: float) -> float:
-        return _finite(value)  # type: ignore[return-value]
+        return _finite(value)
 
     @field_validator("stop")
     @classmethod

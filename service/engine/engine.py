@@ -902,7 +902,8 @@ class GenerationEngine:
             row.sent, row.logprobs_sent = max(row.sent, upto), n
 
     def _decode_text(self, row: _Row) -> str:
-        return self.lm.tokenizer.decode(row.generated, skip_special_tokens=True,
+        # transformers types `decode` for a batch too (list[str]); one sequence of ids decodes to a str.
+        return self.lm.tokenizer.decode(row.generated, skip_special_tokens=True,  # type: ignore[return-value]
                                         clean_up_tokenization_spaces=False)
 
     def _finish(self, row: _Row, reason: str, text: str | None = None) -> None:
