@@ -55,9 +55,9 @@ FIXTURE = REPO / "tests" / "fixtures" / "opinions_group_rural.jsonl"
 
 def opinion_items(data: Path, group: str) -> tuple[list, str]:
     waves = sorted(data.glob("American_Trends_Panel_W*"))
-    if waves:
-        items = load_opinionsqa(waves[0], "POLIDEOLOGY", group)
-        source = f"OpinionsQA {waves[0].name} POLIDEOLOGY:{group}"
+    if waves:  # every wave's questions (one wave holds about 20 for a group)
+        items = list({it.id: it for wave in waves for it in load_opinionsqa(wave, "POLIDEOLOGY", group)}.values())
+        source = f"OpinionsQA POLIDEOLOGY:{group}, {len(waves)} waves, {len(items)} questions"
     else:
         items, source = load_items(FIXTURE), f"{FIXTURE.name} ({data} absent)"
     random.Random(0).shuffle(items)
