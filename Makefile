@@ -59,10 +59,13 @@ compose-tool:
 
 test: setup browser compose-tool
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/pytest -q
 
+# mypy's files and strictness are in pyproject.toml ([tool.mypy]).
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 bench: setup
 	for script in bench/*.py; do $(BIN)/python $$script || exit 1; done

@@ -12,7 +12,14 @@ calibration (fitted out of fold on the candidate's readings of the other folds' 
 model after its own, and ships steering only when it beats that calibrated baseline: otherwise strength 0
 and the calibration alone. The metrics record the baselines (unsteered, uniform, calibrated), the choice,
 and the best setting's per-item gains over unsteered and over calibrated with standard errors, so a
-reader can tell a clear gain from a lucky one.
+reader can tell a clear gain from a lucky one; `per_item` keeps each item's out-of-fold alignment
+unsteered, calibrated and as shipped (the first PER_ITEM_LIMIT items), for a reader who wants to see which
+items moved.
+
+With a contrast (every item carries the answers of the groups to be told apart from), the selection
+judges each candidate by its specificity instead: its gain over the calibrated floor in alignment with the
+group minus its gain in alignment with the contrast, among candidates that do not lower the group's own
+alignment. A setting that only flattens (or only moves every group alike) scores about 0 and does not ship.
 
 Cross-fitted calibration of a candidate reads other folds' readings, made by profiles fitted on samples
 that include the judged fold: the judged items' targets reach their own calibration only through two
@@ -36,8 +43,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Hashable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 
@@ -54,7 +61,7 @@ from steer_core.errors import SteerError
 from steer_core.evaluation import paired_difference, uniform_distributions
 from steer_core.folds import FOLDS, HELDOUT_SHARE, MIN_HELDOUT, MIN_TRAIN, fold_indices, split_sample  # noqa: F401
 from steer_core.methods import check_positions, get_method
-from steer_core.metrics import item_metrics, mean_metrics, summarize
+from steer_core.metrics import item_metrics, mean_metrics
 from steer_core.models import LanguageModel
 from steer_core.profile import Profile
 from steer_core.prompts import answer_distributions
@@ -67,6 +74,10 @@ SELECTION_METRIC = "alignment"
 MIN_GAIN = 1e-4
 ORDERS = (1, 2)  # fit on each item in its own option order only, or also reversed
 DEFAULT_ORDERS = 1
+# `metrics["per_item"]` keeps at most this many items (a profile's metrics travel in its file and its API
+# document), each question cut to QUESTION_CHARS characters.
+PER_ITEM_LIMIT = 500
+QUESTION_CHARS = 120
 
 
 def check_orders(orders: Any) -> int:
@@ -81,11 +92,28 @@ def in_orders(items: Sequence[OpinionItem], orders: int) -> list[OpinionItem]:
     return list(items) + ([reverse_options(it) for it in items] if orders == 2 else [])
 
 
-def score(lm: LanguageModel, items: Sequence[OpinionItem], profile: Profile | None) -> dict[str, float]:
-    """Mean metrics of `items` under `profile` (None: unsteered)."""
+def score_items(lm: LanguageModel, items: Sequence[OpinionItem], profile: Profile | None) -> dict[str, np.ndarray]:
+    """Every metric of every item of `items` under `profile` (None: unsteered)."""
     if profile is None or profile.strength == 0:
-        return summarize(items, answer_distributions(lm, items))
-    return summarize(items, answer_distributions(lm, items, [get_method(profile.method).intervention(profile, lm)]))
+        return item_metrics(items, answer_distributions(lm, items))
+    return item_metrics(items, answer_distributions(lm, items,
+                                                    [get_method(profile.method).intervention(profile, lm)]))
+
+
+def per_item_record(items: Sequence[OpinionItem], unsteered: np.ndarray, calibrated: np.ndarray | None,
+                    steered: np.ndarray) -> dict[str, Any]:
+    """Each item's alignment unsteered, calibrated (None: no calibration was fitted) and as shipped, for the
+    first PER_ITEM_LIMIT items: `{"metric", "total", "limit", "items": [{"index", "id", "question",
+    "unsteered", "calibrated", "steered"}]}`; `total` counts the whole sample."""
+    def value(values: np.ndarray | None, i: int) -> float | None:
+        return None if values is None else round(float(values[i]), 6)
+
+    rows = []
+    for i, it in enumerate(items[:PER_ITEM_LIMIT]):
+        question = it.question if len(it.question) <= QUESTION_CHARS else it.question[:QUESTION_CHARS - 1] + "…"
+        rows.append({"index": i, "id": it.id, "question": question, "unsteered": value(unsteered, i),
+                     "calibrated": value(calibrated, i), "steered": value(steered, i)})
+    return {"metric": SELECTION_METRIC, "total": len(items), "limit": PER_ITEM_LIMIT, "items": rows}
 
 
 def _gain(after: np.ndarray, before: np.ndarray) -> dict[str, float]:
@@ -93,47 +121,76 @@ def _gain(after: np.ndarray, before: np.ndarray) -> dict[str, float]:
     return {SELECTION_METRIC: d.mean, "standard_error": d.standard_error}
 
 
-@dataclass
-class Selection:
-    """What `select_setting` chose. `best`: the candidate with the best out-of-fold calibrated alignment;
-    `improved`: it beats the calibrated unsteered model (else strength 0 ships); `calibration`: the map that
-    ships (fitted on every item's reading of the shipped setting); `baselines` and `best_items`: per-item
-    metrics (`metrics.item_metrics`), every one out of fold."""
+Setting = TypeVar("Setting", bound=Hashable)  # what identifies a candidate, e.g. (layer, strength index)
 
-    best: Hashable | None
+
+@dataclass
+class Selection(Generic[Setting]):
+    """What `select_setting` chose. `best`: the candidate with the best out-of-fold score (`search`: calibrated
+    alignment, or specificity when `by_specificity`); `improved`: it beats the calibrated unsteered model
+    (else strength 0 ships); `calibration`: the map that ships (fitted on every item's reading of the shipped
+    setting); `baselines` and `best_items`: per-item metrics (`metrics.item_metrics`), every one out of fold."""
+
+    best: Setting | None
     improved: bool
     calibration: Calibration
     lean: bool
-    search: dict[Hashable, float]
+    search: dict[Setting, float]
     baselines: dict[str, dict[str, np.ndarray]]
     best_items: dict[str, np.ndarray]
+    by_specificity: bool = False
+
+    @property
+    def shipped_items(self) -> dict[str, np.ndarray]:
+        """Per-item metrics of what ships: the best candidate when it improved, else the calibrated model."""
+        return self.best_items if self.improved else self.baselines["calibrated"]
 
 
 def select_setting(items: Sequence[OpinionItem], unsteered: Sequence[np.ndarray],
-                   candidates: Mapping[Hashable, Sequence[np.ndarray]], folds: Sequence[Sequence[int]],
-                   min_gain: float = MIN_GAIN) -> Selection:
-    """Choose among `candidates` (setting -> out-of-fold answer distributions, one per item) by mean
-    alignment after each candidate's own calibration, itself fitted out of fold (each fold's items mapped
-    by a fit on the other folds' readings); a candidate ships only if it beats the unsteered model with its
-    out-of-fold calibration by more than `min_gain`, so steering is kept for what calibration cannot do."""
+                   candidates: Mapping[Setting, Sequence[np.ndarray]], folds: Sequence[Sequence[int]],
+                   min_gain: float = MIN_GAIN) -> Selection[Setting]:
+    """Choose among `candidates` (setting -> out-of-fold answer distributions, one per item), each judged
+    after its own calibration, itself fitted out of fold (each fold's items mapped by a fit on the other
+    folds' readings), against the unsteered model with its out-of-fold calibration (the floor):
+
+    - without a contrast: by mean alignment; the best ships if it beats the floor by more than `min_gain`;
+    - when every item carries a `contrast` (the answers of the groups to be told apart from): by
+      specificity, the gain over the floor in alignment with the item's own target minus the gain in
+      alignment with its contrast, among candidates whose own gain is not negative; the best ships if
+      its specificity exceeds `min_gain`. Flattening moves both alignments alike and scores about 0, so
+      steering ships only for what tells the group apart, and never at a loss to the group itself.
+    """
     calibration, calibrated, lean = choose_calibration(items, unsteered, folds)
     baselines = {"unsteered": item_metrics(items, unsteered),
                  "uniform": item_metrics(items, uniform_distributions(items)),
                  "calibrated": item_metrics(items, calibrated)}
-    floor = float(baselines["calibrated"][SELECTION_METRIC].mean())
-    search: dict[Hashable, float] = {}
-    best: tuple[float, Hashable, list[np.ndarray]] | None = None
+    floor = baselines["calibrated"][SELECTION_METRIC]
+    # The items with their contrast as the target, when every item has one.
+    contrasted = [replace(it, target=it.contrast) for it in items if it.contrast is not None]
+    others = contrasted if len(contrasted) == len(items) else None
+    others_floor = sample_alignment(others, calibrated) if others is not None else None
+    search: dict[Setting, float] = {}
+    best: tuple[float, Setting, list[np.ndarray]] | None = None
     for key, dists in candidates.items():
         mapped = calibrate_out_of_fold(items, dists, folds, lean)
-        search[key] = float(sample_alignment(items, mapped).mean())
-        if best is None or search[key] > best[0]:
-            best = (search[key], key, mapped)
+        own = sample_alignment(items, mapped)
+        if others is None:
+            search[key] = float(own.mean())
+            margin = search[key] - float(floor.mean())
+        else:
+            own_gain = float((own - floor).mean())
+            search[key] = own_gain - float((sample_alignment(others, mapped) - others_floor).mean())
+            margin = search[key] if own_gain >= 0 else -math.inf
+        if best is None or margin > best[0]:
+            best = (margin, key, mapped)
     if best is None:
-        return Selection(None, False, calibration, lean, search, baselines, baselines["calibrated"])
-    improved = best[0] - floor > min_gain
+        return Selection(None, False, calibration, lean, search, baselines, baselines["calibrated"],
+                         others is not None)
+    improved = best[0] > min_gain
     if improved:
         calibration = fit_calibration(items, candidates[best[1]], lean)
-    return Selection(best[1], improved, calibration, lean, search, baselines, item_metrics(items, best[2]))
+    return Selection(best[1], improved, calibration, lean, search, baselines, item_metrics(items, best[2]),
+                     others is not None)
 
 
 @reuse_answer_activations()  # the folds refit on subsets of the items the full fit has read
@@ -167,10 +224,13 @@ def build_profile(lm: LanguageModel, items: Sequence[OpinionItem], method: str,
         profile = spec.fit(lm, in_orders(items, orders), [layer], own, positions)[layer]
         profile.strength = float(strength)
         report(1, 3, "score")
-        before, after = score(lm, items, None), score(lm, items, profile)
+        before, after = score_items(lm, items, None), score_items(lm, items, profile)
         report(3, 3, "done")
-        profile.metrics = {"evaluation": "in-sample", "orders": orders, "unsteered": before, "steered": after,
-                           "search": None, "improved": after[SELECTION_METRIC] > before[SELECTION_METRIC]}
+        improved = bool(after[SELECTION_METRIC].mean() > before[SELECTION_METRIC].mean())
+        profile.metrics = {"evaluation": "in-sample", "orders": orders, "unsteered": mean_metrics(before),
+                           "steered": mean_metrics(after), "search": None, "improved": improved,
+                           "per_item": per_item_record(items, before[SELECTION_METRIC], None,
+                                                       after[SELECTION_METRIC])}
         profile.sample_hash = sample_hash(items)
         return profile
 
@@ -206,7 +266,8 @@ def build_profile(lm: LanguageModel, items: Sequence[OpinionItem], method: str,
             done += 1
             report(done, total, f"fold {f + 1}/{len(folds)}: searched layer {L}")
     chosen = select_setting(items, unsteered, oof, folds)
-    search = [{"layer": L, "strength": grids[L][j], SELECTION_METRIC: chosen.search[(L, j)],
+    score_name = "specificity" if chosen.by_specificity else SELECTION_METRIC
+    search = [{"layer": L, "strength": grids[L][j], score_name: chosen.search[(L, j)],
                "uncalibrated_alignment": float(sample_alignment(items, oof[(L, j)]).mean())} for L, j in oof]
     assert chosen.best is not None
     best_layer, best_index = chosen.best
@@ -218,20 +279,29 @@ def build_profile(lm: LanguageModel, items: Sequence[OpinionItem], method: str,
     profile.calibration = chosen.calibration
     profile.sample_hash = sample_hash(items)
     best_alignment = chosen.best_items[SELECTION_METRIC]
+    calibrated_alignment = chosen.baselines["calibrated"][SELECTION_METRIC]
+    unsteered_alignment = chosen.baselines["unsteered"][SELECTION_METRIC]
     profile.metrics = {
         "evaluation": "cross-validated", "folds": len(folds), "items": len(items), "orders": orders,
-        "selection": "out-of-fold alignment over the calibrated unsteered model",
+        "selection": ("out-of-fold specificity over the calibrated unsteered model (gain in alignment with the "
+                      "group minus gain in alignment with its contrast; own gain >= 0)" if chosen.by_specificity
+                      else "out-of-fold alignment over the calibrated unsteered model"),
         **baselines,
-        "steered": best_after if improved else baselines["calibrated"],
+        "steered": mean_metrics(chosen.shipped_items),
         "best_candidate": best_after,
-        "gain": _gain(best_alignment, chosen.baselines["unsteered"][SELECTION_METRIC]),
-        "gain_vs_calibrated": _gain(best_alignment, chosen.baselines["calibrated"][SELECTION_METRIC]),
+        "gain": _gain(best_alignment, unsteered_alignment),
+        "gain_vs_calibrated": _gain(best_alignment, calibrated_alignment),
         "calibration": {**chosen.calibration.to_json(), "lean_fitted": chosen.lean},
         "improved": improved,
-        "choice": {"layer": best_layer, "strength": profile.strength, "metric": SELECTION_METRIC},
+        "choice": {"layer": best_layer, "strength": profile.strength, "metric": score_name},
         "search": search,
-        "note": None if improved else "no setting beat the calibrated unsteered model on held-out items; "
-                                      "strength set to 0 (the profile applies its calibration only)",
+        "note": None if improved else (
+            "no setting told the group apart from its contrast better than the calibrated unsteered model on "
+            "held-out items without a loss to the group" if chosen.by_specificity else
+            "no setting beat the calibrated unsteered model on held-out items")
+            + "; strength set to 0 (the profile applies its calibration only)",
+        "per_item": per_item_record(items, unsteered_alignment, calibrated_alignment,
+                                    chosen.shipped_items[SELECTION_METRIC]),
     }
     report(total, total, "done")
     return profile

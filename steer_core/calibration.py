@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from scipy.optimize import minimize
 
-from steer_core.data import OpinionItem
+from steer_core.data import Distribution, OpinionItem
 from steer_core.errors import SteerError
 
 MIN_TEMPERATURE, MAX_TEMPERATURE = 0.05, 50.0
@@ -52,7 +52,7 @@ class Calibration:
     def is_identity(self) -> bool:
         return self.temperature == 1.0 and self.lean == 0.0
 
-    def apply(self, p: Sequence[float], ordinal: Sequence[float]) -> np.ndarray:
+    def apply(self, p: Distribution, ordinal: Sequence[float]) -> np.ndarray:
         if self.is_identity:
             return np.asarray(p, dtype=float)
         logits = np.log(np.maximum(np.asarray(p, dtype=float), _FLOOR)) / self.temperature
@@ -60,7 +60,7 @@ class Calibration:
         e = np.exp(logits - logits.max())
         return e / e.sum()
 
-    def apply_all(self, items: Sequence[OpinionItem], dists: Sequence[Sequence[float]]) -> list[np.ndarray]:
+    def apply_all(self, items: Sequence[OpinionItem], dists: Sequence[Distribution]) -> list[np.ndarray]:
         return [self.apply(p, it.ordinal) for it, p in zip(items, dists, strict=True)]
 
     def to_json(self) -> dict[str, float]:
@@ -83,7 +83,8 @@ class Calibration:
         try:
             return cls(**values)
         except SteerError as exc:
-            raise SteerError(exc.message, f"{field}.{exc.field.split('.')[-1]}") from None
+            leaf = exc.field.split(".")[-1] if exc.field else None
+            raise SteerError(exc.message, f"{field}.{leaf}" if leaf else field) from None
 
 
 IDENTITY = Calibration()
@@ -101,7 +102,7 @@ def recorded_calibration(metrics: Any) -> Calibration:
 class _Sample:
     """A sample's distributions and targets as padded arrays, for fast repeated alignment."""
 
-    def __init__(self, items: Sequence[OpinionItem], dists: Sequence[Sequence[float]]) -> None:
+    def __init__(self, items: Sequence[OpinionItem], dists: Sequence[Distribution]) -> None:
         if len(items) != len(dists) or not items:
             raise ValueError("need one distribution per item, and at least one item")
         k = max(len(it.options) for it in items)
@@ -118,7 +119,7 @@ class _Sample:
             o = np.asarray(it.ordinal, dtype=float)
             span = o.max() - o.min()
             self.log_p[r, :m] = np.log(np.maximum(np.asarray(p, dtype=float), _FLOOR))
-            self.z[r, :m] = ordinal_z(o)
+            self.z[r, :m] = ordinal_z(it.ordinal)
             order = np.argsort(o, kind="stable")
             self.order[r] = np.concatenate([order, np.arange(m, k)])
             self.q[r, :m] = it.target
@@ -143,13 +144,13 @@ class _Sample:
         return out
 
 
-def sample_alignment(items: Sequence[OpinionItem], dists: Sequence[Sequence[float]]) -> np.ndarray:
+def sample_alignment(items: Sequence[OpinionItem], dists: Sequence[Distribution]) -> np.ndarray:
     """Per-item alignment (1 - W1 / span), computed for the whole sample at once."""
     s = _Sample(items, dists)
     return s.alignment(np.exp(s.log_p))
 
 
-def fit_calibration(items: Sequence[OpinionItem], dists: Sequence[Sequence[float]], lean: bool = True) -> Calibration:
+def fit_calibration(items: Sequence[OpinionItem], dists: Sequence[Distribution], lean: bool = True) -> Calibration:
     """The temperature (and lean, when `lean`) that minimize the mean cross-entropy of the targets under the
     calibrated `dists`. The logits `log(p) / T + b z` are linear in (1/T, b), so the loss is convex: one
     optimum, found the same way whatever scale the readings come in (a reading flattened by T0 gets T / T0)."""
@@ -177,7 +178,7 @@ def fit_calibration(items: Sequence[OpinionItem], dists: Sequence[Sequence[float
     return Calibration(temperature=round(1.0 / inv_t, 6), lean=round(b, 6))
 
 
-def calibrate_out_of_fold(items: Sequence[OpinionItem], dists: Sequence[Sequence[float]],
+def calibrate_out_of_fold(items: Sequence[OpinionItem], dists: Sequence[Distribution],
                           folds: Sequence[Sequence[int]], lean: bool = True) -> list[np.ndarray]:
     """Each fold's distributions calibrated by a fit on the other folds: no item's own target tunes its map."""
     out: list[np.ndarray | None] = [None] * len(items)
@@ -189,10 +190,10 @@ def calibrate_out_of_fold(items: Sequence[OpinionItem], dists: Sequence[Sequence
             out[i] = cal.apply(dists[i], items[i].ordinal)
     if any(p is None for p in out):
         raise ValueError("the folds must cover every item")
-    return out  # type: ignore[return-value]
+    return [p for p in out if p is not None]
 
 
-def choose_calibration(items: Sequence[OpinionItem], dists: Sequence[Sequence[float]],
+def choose_calibration(items: Sequence[OpinionItem], dists: Sequence[Distribution],
                        folds: Sequence[Sequence[int]]) -> tuple[Calibration, list[np.ndarray], bool]:
     """Temperature alone, or temperature and lean, whichever aligns better out of fold. Returns the choice
     fitted on every item (what ships), the out-of-fold calibrated distributions (what judges it) and

@@ -17,7 +17,7 @@ so one batched forward and backward serves a chunk of items whatever their lengt
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,11 +77,10 @@ def block_of(lm: LanguageModel, path: str) -> int | None:
 def embedding_scale(lm: LanguageModel) -> float:
     """The factor between an embedding weight row and what the embedding module outputs for that token
     (1 for most models; sqrt(hidden) for Gemma's scaled embedding)."""
-    emb = lm.model.get_input_embeddings()
     ids = torch.tensor([0, 1], device=lm.device)
     with torch.no_grad():
-        out = emb(ids).float()
-        rows = emb.weight[ids].float()
+        out = lm.model.get_input_embeddings()(ids).float()
+        rows = lm.embedding_weight[ids].float()
     scale = float((out * rows).sum() / (rows * rows).sum().clamp(min=1e-30))
     if not torch.allclose(out, scale * rows, rtol=1e-3, atol=1e-6):
         raise SteerError("the model's input embedding is not a scaled row lookup; COLD-FD cannot perturb it",
@@ -112,7 +111,7 @@ class _GradientHooks:
         self.leaf = kwargs["hidden_states"].detach().requires_grad_(True)
         return args, {**kwargs, "hidden_states": self.leaf}
 
-    def _keep(self, layer: int):  # noqa: ANN202 - a torch hook
+    def _keep(self, layer: int) -> Callable[[nn.Module, tuple, Any], None]:
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
             self.outputs[layer] = output[0] if isinstance(output, tuple) else output
 

@@ -85,7 +85,7 @@ class _BareBlock(nn.Module):
 _NO_FORWARD = object()
 
 
-def _dual_linear(module: nn.Module, side: SidePath | None) -> Callable[[Tensor], Any]:
+def _dual_linear(module: nn.Linear | Conv1D, side: SidePath | None) -> Callable[[Tensor], Any]:
     """A Linear/Conv1D forward for the forward-mode pass at ``t = 0``: one matmul for the primal and one
     for the tangent (autograd's forward mode spends three matmuls and a copy on a dual `linear`), plus
     the side path's own tangent ``side(x)``."""
@@ -164,6 +164,8 @@ class _PassPatches:
     def _side(self, module: nn.Module, side: SidePath) -> Callable[[Tensor], Tensor]:
         """The Linear's forward plus ``t * side(x)`` (a patched forward, not a hook: these run once per
         Linear of the pass, so their per-call overhead is what they cost)."""
+        if not isinstance(module, nn.Linear | Conv1D):
+            raise TypeError(f"a side path perturbs a Linear or Conv1D, not a {type(module).__name__}")
         conv = isinstance(module, Conv1D)
 
         def forward(x: Tensor) -> Tensor:
@@ -186,8 +188,8 @@ class _PassPatches:
 
         return forward
 
-    def _moved(self, module: nn.Module, deltas: dict[str, Tensor | None],  # noqa: ANN202
-               forward: Callable[..., Any]):
+    def _moved(self, module: nn.Module, deltas: dict[str, Tensor | None],
+               forward: Callable[..., Any]) -> Callable[..., Any]:
         def moved(*args: Any, **kwargs: Any) -> Any:
             # Read the current value (it may itself be swapped in, e.g. an fp32 copy) and restore it after.
             saved = {name: module._parameters[name] for name in deltas}

@@ -20,12 +20,17 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO, TypeAlias
+
+import numpy as np
 
 from steer_core.errors import SteerError
 
 if TYPE_CHECKING:
     from steer_core.tables import Columns
+
+# One answer distribution over an item's options, as the model gives it or as a list.
+Distribution: TypeAlias = Sequence[float] | np.ndarray
 
 MAX_OPTIONS = 26  # one letter each
 REFUSAL_OPTIONS = {"refused"}
@@ -355,7 +360,7 @@ def _guess_format(path: Path) -> str:
     return "persona" if isinstance(obj, dict) and "statement" in obj else "jsonl"
 
 
-def _open(path: Path):  # noqa: ANN202 - a text file handle
+def _open(path: Path) -> TextIO:
     try:
         return open(path, encoding="utf-8")
     except OSError as exc:

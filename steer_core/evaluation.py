@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from steer_core.calibration import IDENTITY, Calibration, calibrate_out_of_fold, sample_alignment
-from steer_core.data import OpinionItem, reverse_options
+from steer_core.data import Distribution, OpinionItem, reverse_options
 from steer_core.folds import fold_indices
 
 if TYPE_CHECKING:
@@ -75,7 +75,7 @@ def uniform_distributions(items: Sequence[OpinionItem]) -> list[np.ndarray]:
     return [np.full(len(it.options), 1.0 / len(it.options)) for it in items]
 
 
-def expected_ordinal(p: Sequence[float], ordinal: Sequence[float]) -> float:
+def expected_ordinal(p: Distribution, ordinal: Sequence[float]) -> float:
     return float(np.dot(np.asarray(p, dtype=float), np.asarray(ordinal, dtype=float)))
 
 
@@ -89,7 +89,7 @@ def specificity(own_gain: Sequence[float] | np.ndarray,
 
 
 def steerability_contrast(items_a: Sequence[OpinionItem], items_b: Sequence[OpinionItem],
-                          dists_a: Sequence[Sequence[float]], dists_b: Sequence[Sequence[float]]) -> float:
+                          dists_a: Sequence[Distribution], dists_b: Sequence[Distribution]) -> float:
     """Pearson r over questions between E_a[ordinal] - E_b[ordinal] under the two profiles' answers and the
     same difference under the two groups' targets (nan when either difference is constant)."""
     if not (len(items_a) == len(items_b) == len(dists_a) == len(dists_b)):
@@ -177,13 +177,13 @@ def evaluate_readings(groups: Mapping[str, Sequence[OpinionItem]], unsteered: Re
                         for row, by_group in table.items()}
         spec[order] = {}
         for name in profiles:
-            g = own.get(name)
-            if g is None or len(groups) < 2:
+            own_group = own.get(name)
+            if own_group is None or len(groups) < 2:
                 continue
             gains = {h: table[name][h] - table["unsteered"][h] for h in groups}
-            spec[order][name] = specificity(gains[g], [gains[h] for h in groups if h != g]).to_json()
+            spec[order][name] = specificity(gains[own_group], [gains[h] for h in groups if h != own_group]).to_json()
     contrast = []
-    named = [(name, own[name]) for name in profiles if own.get(name) is not None]
+    named = [(name, group) for name in profiles if (group := own.get(name)) is not None]
     for i, (a, ga) in enumerate(named):
         for b, gb in named[i + 1:]:
             if ga == gb:

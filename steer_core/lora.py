@@ -28,7 +28,7 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -42,6 +42,10 @@ from steer_core.methods import Method, register
 from steer_core.models import LanguageModel
 from steer_core.profile import Profile
 from steer_core.prompts import encode_items
+
+if TYPE_CHECKING:
+    from peft.tuners.lora import LoraLayer
+    from typing_extensions import TypeIs
 
 DEFAULT_RANK = 4
 MAX_RANK = 64
@@ -57,7 +61,7 @@ PEFT_PREFIX = "base_model.model."
 
 # ---------------------------------------------------------------------------------------------- targets
 
-def _linear(module: nn.Module) -> bool:
+def _linear(module: nn.Module) -> TypeIs[nn.Linear | Conv1D]:
     return isinstance(module, nn.Linear | Conv1D)
 
 
@@ -73,9 +77,9 @@ def target_names(lm: LanguageModel) -> list[str]:
     return chosen or sorted(linear)
 
 
-def target_modules(lm: LanguageModel, layer: int, names: Sequence[str]) -> dict[str, nn.Module]:
+def target_modules(lm: LanguageModel, layer: int, names: Sequence[str]) -> dict[str, nn.Linear | Conv1D]:
     """Module path -> module of every Linear named in `names` in blocks ``layer..n-1``."""
-    out: dict[str, nn.Module] = {}
+    out: dict[str, nn.Linear | Conv1D] = {}
     for j in range(layer, lm.num_layers):
         for name, module in lm.blocks[j].named_modules():
             if name and _linear(module) and name.rsplit(".", 1)[-1] in names:
@@ -92,7 +96,9 @@ def lora_config(lm: LanguageModel, layer: int, rank: int, alpha: float, names: S
         extra = {"layers_to_transform": list(range(layer, lm.num_layers)),
                  "layers_pattern": lm.block_path.rsplit(".", 1)[-1]}
     fan_in_fan_out = any(isinstance(m, Conv1D) for m in target_modules(lm, layer, names).values())
-    return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(names), bias="none",
+    # peft annotates `lora_alpha` as int, but uses it as a float scale (alpha / r); a float alpha is valid.
+    return LoraConfig(r=rank, lora_alpha=alpha,  # type: ignore[arg-type]
+                      lora_dropout=0.0, target_modules=list(names), bias="none",
                       task_type="CAUSAL_LM", fan_in_fan_out=fan_in_fan_out, base_model_name_or_path=lm.name,
                       inference_mode=True, **extra)
 
@@ -108,7 +114,7 @@ def config_dict(config: Any) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------- training
 
-def _inject(lm: LanguageModel, config: Any) -> list[tuple[nn.Module, str, nn.Module]]:
+def _inject(lm: LanguageModel, config: Any) -> list[tuple[nn.Module, str, LoraLayer]]:
     """peft's LoRA layers in place of the targeted modules; returns (parent, name, original) to restore."""
     from peft import inject_adapter_in_model
     from peft.tuners.lora import LoraLayer
@@ -122,10 +128,18 @@ def _inject(lm: LanguageModel, config: Any) -> list[tuple[nn.Module, str, nn.Mod
     return swapped
 
 
-def _remove(lm: LanguageModel, swapped: list[tuple[nn.Module, str, nn.Module]]) -> None:
+def _remove(lm: LanguageModel, swapped: list[tuple[nn.Module, str, LoraLayer]]) -> None:
     for parent, name, layer in swapped:
         setattr(parent, name, layer.get_base_layer())
     lm.model.__dict__.pop("peft_config", None)  # inject_adapter_in_model leaves its config on the model
+
+
+def _factor_weights(layer: LoraLayer) -> tuple[Tensor, Tensor]:
+    """The A and B weights of this project's adapter in an injected peft LoRA layer."""
+    a, b = layer.lora_A[ADAPTER_NAME], layer.lora_B[ADAPTER_NAME]
+    if not isinstance(a, nn.Linear) or not isinstance(b, nn.Linear):
+        raise TypeError(f"peft's LoRA factors are {type(a).__name__} and {type(b).__name__}, not Linear")
+    return a.weight, b.weight
 
 
 def train_adapter(lm: LanguageModel, items: Sequence[OpinionItem], layer: int, params: dict[str, Any],
@@ -145,10 +159,10 @@ def train_adapter(lm: LanguageModel, items: Sequence[OpinionItem], layer: int, p
             p.requires_grad_(False)
         trainable = []
         for _, _, wrapped in swapped:
-            for p in (wrapped.lora_A[ADAPTER_NAME].weight, wrapped.lora_B[ADAPTER_NAME].weight):
-                p.data = p.data.to(device=lm.device, dtype=torch.float32)
-                p.requires_grad_(True)
-                trainable.append(p)
+            for weight in _factor_weights(wrapped):
+                weight.data = weight.data.to(device=lm.device, dtype=torch.float32)
+                weight.requires_grad_(True)
+                trainable.append(weight)
         optimizer = torch.optim.Adam(trainable, lr=params["lr"])
         chunks = [items[i:i + TRAIN_BATCH] for i in range(0, len(items), TRAIN_BATCH)]
         inputs = [block_inputs(lm, encode_items(lm, chunk), layer) for chunk in chunks]
@@ -167,8 +181,9 @@ def train_adapter(lm: LanguageModel, items: Sequence[OpinionItem], layer: int, p
         state: dict[str, Tensor] = {}
         for parent, name, wrapped in swapped:
             path = _path_of(lm, parent, name)
-            state[f"{PEFT_PREFIX}{path}.lora_A.weight"] = wrapped.lora_A[ADAPTER_NAME].weight.detach().float().cpu()
-            state[f"{PEFT_PREFIX}{path}.lora_B.weight"] = wrapped.lora_B[ADAPTER_NAME].weight.detach().float().cpu()
+            a, b = _factor_weights(wrapped)
+            state[f"{PEFT_PREFIX}{path}.lora_A.weight"] = a.detach().float().cpu()
+            state[f"{PEFT_PREFIX}{path}.lora_B.weight"] = b.detach().float().cpu()
     finally:
         _remove(lm, swapped)
         for p, flag in zip(all_params, saved, strict=True):
@@ -348,7 +363,7 @@ def intervention(profile: Profile, lm: LanguageModel) -> LoraShift:
     return LoraShift(layer=profile.layer, positions=profile.positions, factors=fs, coef=float(profile.strength))
 
 
-def _shape(module: nn.Module) -> tuple[int, int]:
+def _shape(module: nn.Linear | Conv1D) -> tuple[int, int]:
     """(out, in) features of a Linear or a GPT-2 Conv1D."""
     w = module.weight
     return (int(w.shape[1]), int(w.shape[0])) if isinstance(module, Conv1D) else (int(w.shape[0]), int(w.shape[1]))

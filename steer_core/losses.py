@@ -39,7 +39,7 @@ DPO_BETA = 0.1
 def check_loss(loss: object, field: str = "params.loss") -> str:
     if loss not in LOSSES:
         raise SteerError(f"must be one of {', '.join(LOSSES)}", field)
-    return loss  # type: ignore[return-value]
+    return loss
 
 
 def soft_cross_entropy(log_probs: Tensor, target: Tensor) -> Tensor:

@@ -7,12 +7,12 @@ from collections.abc import Sequence
 import numpy as np
 from scipy.stats import wasserstein_distance
 
-from steer_core.data import OpinionItem
+from steer_core.data import Distribution, OpinionItem
 
 KL_SMOOTHING = 1e-4
 
 
-def ordinal_alignment(p: Sequence[float], q: Sequence[float], ordinal: Sequence[float]) -> float:
+def ordinal_alignment(p: Distribution, q: Distribution, ordinal: Sequence[float]) -> float:
     """OpinionsQA representativeness: 1 - W1(p, q) / (max(ordinal) - min(ordinal))."""
     span = max(ordinal) - min(ordinal)
     if span <= 0:
@@ -20,11 +20,11 @@ def ordinal_alignment(p: Sequence[float], q: Sequence[float], ordinal: Sequence[
     return 1.0 - wasserstein_distance(ordinal, ordinal, np.asarray(p) + 1e-12, np.asarray(q) + 1e-12) / span
 
 
-def total_variation(p: Sequence[float], q: Sequence[float]) -> float:
+def total_variation(p: Distribution, q: Distribution) -> float:
     return 0.5 * float(np.abs(np.asarray(p, dtype=float) - np.asarray(q, dtype=float)).sum())
 
 
-def smoothed_kl(q: Sequence[float], p: Sequence[float], eps: float = KL_SMOOTHING) -> float:
+def smoothed_kl(q: Distribution, p: Distribution, eps: float = KL_SMOOTHING) -> float:
     """KL(target q || model p), both smoothed with `eps` and renormalized so one-hot targets stay finite."""
     qa = np.asarray(q, dtype=float) + eps
     pa = np.asarray(p, dtype=float) + eps
@@ -32,7 +32,7 @@ def smoothed_kl(q: Sequence[float], p: Sequence[float], eps: float = KL_SMOOTHIN
     return float(np.sum(qa * np.log(qa / pa)))
 
 
-def matches(p: Sequence[float], item: OpinionItem) -> bool:
+def matches(p: Distribution, item: OpinionItem) -> bool:
     """Behaviour matching: the target's answer is more likely than every other option."""
     pa = np.asarray(p)
     others = np.delete(pa, item.answer)
@@ -42,7 +42,7 @@ def matches(p: Sequence[float], item: OpinionItem) -> bool:
 METRIC_NAMES = ("alignment", "total_variation", "kl", "accuracy", "log_likelihood", "matching_rate")
 
 
-def item_metrics(items: Sequence[OpinionItem], dists: Sequence[Sequence[float]]) -> dict[str, np.ndarray]:
+def item_metrics(items: Sequence[OpinionItem], dists: Sequence[Distribution]) -> dict[str, np.ndarray]:
     """Every metric of every item: alignment, total variation, KL, accuracy, answer log-likelihood and
     behaviour-matching rate (the last three read each target's argmax as the answer)."""
     if len(items) != len(dists) or not items:
@@ -66,6 +66,6 @@ def mean_metrics(per_item: dict[str, np.ndarray]) -> dict[str, float]:
     return {name: float(values.mean()) for name, values in per_item.items()}
 
 
-def summarize(items: Sequence[OpinionItem], dists: Sequence[Sequence[float]]) -> dict[str, float]:
+def summarize(items: Sequence[OpinionItem], dists: Sequence[Distribution]) -> dict[str, float]:
     """Mean of every metric (`item_metrics`) over a sample."""
     return mean_metrics(item_metrics(items, dists))

@@ -50,22 +50,34 @@ class LanguageModel:
         return len(self.blocks)
 
     @property
+    def embedding_weight(self) -> torch.Tensor:
+        return input_embedding_weight(self.model)
+
+    @property
     def hidden_size(self) -> int:
-        return int(self.model.get_input_embeddings().weight.shape[1])
+        return int(self.embedding_weight.shape[1])
 
     @property
     def device(self) -> torch.device:
-        return self.model.get_input_embeddings().weight.device
+        return self.embedding_weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.get_input_embeddings().weight.dtype
+        return self.embedding_weight.dtype
 
     def check_layer(self, layer: int, field: str = "layer") -> int:
         if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < self.num_layers:
             raise SteerError(f"layer {layer!r} is out of range: this model has blocks 0..{self.num_layers - 1}",
                              field)
         return layer
+
+
+def input_embedding_weight(model: PreTrainedModel) -> torch.Tensor:
+    """The (vocab, hidden) input embedding matrix."""
+    weight = model.get_input_embeddings().weight
+    if not isinstance(weight, torch.Tensor):
+        raise ModelLoadError(f"the input embedding of {type(model).__name__} has no weight matrix", "model")
+    return weight
 
 
 def find_decoder_blocks(model: nn.Module) -> tuple[str, list[nn.Module]]:
@@ -93,11 +105,11 @@ def model_fingerprint(model: PreTrainedModel) -> str:
     shape = {
         "model_type": getattr(config, "model_type", None),
         "vocab_size": getattr(config, "vocab_size", None),
-        "hidden": model.get_input_embeddings().weight.shape[1],
+        "hidden": input_embedding_weight(model).shape[1],
         "layers": len(find_decoder_blocks(model)[1]),
     }
     digest = hashlib.sha256(json.dumps(shape, sort_keys=True).encode())
-    weights = model.get_input_embeddings().weight.detach()[:16, :64]
+    weights = input_embedding_weight(model).detach()[:16, :64]
     digest.update(weights.to(torch.bfloat16).float().cpu().numpy().tobytes())
     return digest.hexdigest()[:16]
 
@@ -154,16 +166,18 @@ def load_model(name: str = DEFAULT_MODEL, device: str | torch.device | None = No
         hint = "" if path.exists() else " (not a local path; model hubs are not reachable from here)"
         raise ModelLoadError(f"cannot load {name!r} as a causal language model{hint}: {exc}", "model") from exc
     _clear_quantization_mark(model)
-    return wrap(model.to(dev), tokenizer, name)
+    # transformers declares `to` through `functools.wraps(nn.Module.to)`, which types it as unbound.
+    return wrap(model.to(dev), tokenizer, name)  # type: ignore[arg-type]
 
 
 def _clear_quantization_mark(model: PreTrainedModel) -> None:
     """GGUF weights are dequantized on load, but transformers still marks the model quantized, which
     blocks `save_pretrained` and training; the mark is stale, so drop it."""
+    # Attributes transformers sets on quantized models only (undeclared on PreTrainedModel).
     if getattr(model, "hf_quantizer", None) is not None:
-        model.hf_quantizer = None
+        setattr(model, "hf_quantizer", None)  # noqa: B010
     if getattr(model, "is_quantized", False):
-        model.is_quantized = False
+        setattr(model, "is_quantized", False)  # noqa: B010
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from typing import Any
 
 import numpy as np
@@ -222,6 +223,7 @@ class BarrierFlow:
     solver: str = "euler"
     steps: int = 10
     device: str = "cpu"
+    _field: BarrierField | None = dataclass_field(init=False, repr=False)  # built from the rest in __post_init__
 
     def __post_init__(self) -> None:
         check_solver(self.solver, self.steps, self.path_length, prefix="profile")
@@ -232,7 +234,7 @@ class BarrierFlow:
 
     @property
     def field(self) -> BarrierField | None:
-        return self._field  # type: ignore[attr-defined]
+        return self._field
 
     def steer(self, a: Tensor) -> Tensor:
         """a(T) for activations a (B, D)."""

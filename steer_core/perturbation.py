@@ -185,5 +185,5 @@ def nbytes(tensors: dict[str, Tensor]) -> int:
 
 def uncompressed_bytes(lm: LanguageModel, upto: int) -> int:
     """Size of a full fp32 gradient over ``theta_<=upto`` (the whole embedding matrix included)."""
-    emb = lm.model.get_input_embeddings().weight
+    emb = lm.embedding_weight
     return 4 * (emb.numel() + sum(p.numel() for p in block_parameters(lm, upto).values()))

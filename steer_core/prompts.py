@@ -12,6 +12,7 @@ import inspect
 import string
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,7 +21,7 @@ from transformers import BatchEncoding, PreTrainedTokenizerBase
 
 from steer_core.data import OpinionItem
 from steer_core.models import LanguageModel
-from steer_core.steering import RowSteering, apply
+from steer_core.steering import RowSteering, apply, is_one_steering
 
 LETTERS = string.ascii_uppercase
 SYSTEM_INSTRUCTION = "Answer the question with the letter of one option only."
@@ -37,7 +38,9 @@ def format_prompt(tokenizer: PreTrainedTokenizerBase, item: OpinionItem) -> str:
     if tokenizer.chat_template:
         messages = [{"role": "system", "content": SYSTEM_INSTRUCTION},
                     {"role": "user", "content": format_question(item)}]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        # transformers types the result for every `tokenize`; with tokenize=False it is the text.
+        return tokenizer.apply_chat_template(  # type: ignore[return-value]
+            messages, tokenize=False, add_generation_prompt=True)
     return f"{SYSTEM_INSTRUCTION}\n\nQuestion: {format_question(item)}\nAnswer:"
 
 
@@ -116,21 +119,19 @@ def answer_distributions(lm: LanguageModel, items: Sequence[OpinionItem], steeri
 def last_logits_only(lm: LanguageModel) -> dict[str, int]:
     """Ask for the last position's logits only where the model takes `logits_to_keep` (transformers >= 4.50):
     the LM head over every position dominates a small model's forward, and readers need the last one."""
-    return {"logits_to_keep": 1} if _takes_logits_to_keep(type(lm.model)) else {}
+    return {"logits_to_keep": 1} if _takes_logits_to_keep(type(lm.model).forward) else {}
 
 
 @functools.cache
-def _takes_logits_to_keep(model_class: type) -> bool:
-    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
+def _takes_logits_to_keep(forward: Callable[..., Any]) -> bool:
+    return "logits_to_keep" in inspect.signature(forward).parameters
 
 
 def _per_item_steering(steering: Steering, n: int) -> list[RowSteering | None] | None:
-    if steering is None:
+    if not steering:
         return None
-    if len(steering) == 0:
-        return None
-    if isinstance(steering[0], list) or steering[0] is None:
-        if len(steering) != n:
-            raise ValueError(f"steering has {len(steering)} rows for {n} items")
-        return list(steering)  # type: ignore[arg-type]
-    return [list(steering)] * n  # type: ignore[list-item]
+    if is_one_steering(steering):
+        return [list(steering)] * n
+    if len(steering) != n:
+        raise ValueError(f"steering has {len(steering)} rows for {n} items")
+    return list(steering)

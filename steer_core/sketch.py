@@ -12,7 +12,7 @@ analytic form is what steering uses because it needs no graph and precomputes `r
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -32,6 +32,10 @@ class CountSketch:
     n_components: int
     gamma: float
     coef0: float
+    # The hashes flattened once (set in __post_init__): bucket d * n + index_hash[d, j] of a (degree * n)
+    # buffer, and the matching signs.
+    _flat_index: Tensor = field(init=False, repr=False)
+    _flat_sign: Tensor = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         check_sketch_params(self.degree, self.n_components, self.gamma, self.coef0)
@@ -39,7 +43,6 @@ class CountSketch:
             raise SteerError("index_hash and bit_hash must both be (degree, dim + 1)", "sketch")
         if int(self.index_hash.min()) < 0 or int(self.index_hash.max()) >= self.n_components:
             raise SteerError(f"index_hash must lie in 0..{self.n_components - 1}", "sketch.index_hash")
-        # The hashes flattened once: bucket d * n + index_hash[d, j] of a (degree * n) buffer.
         offsets = torch.arange(self.degree, device=self.index_hash.device).unsqueeze(1) * self.n_components
         object.__setattr__(self, "_flat_index", (self.index_hash.long() + offsets).reshape(-1))
         object.__setattr__(self, "_flat_sign", self.bit_hash.float().reshape(-1))

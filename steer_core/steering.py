@@ -30,13 +30,16 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 
 from steer_core.errors import SteerError
 from steer_core.models import LanguageModel
+
+if TYPE_CHECKING:
+    from typing_extensions import TypeIs
 
 Positions = Literal["prompt", "last", "all"]
 POSITIONS: tuple[str, ...] = ("prompt", "last", "all")
@@ -84,10 +87,14 @@ class ForwardContext:
 
 @runtime_checkable
 class Intervention(Protocol):
-    """One weighted effect at one layer. Implementations are small frozen dataclasses."""
+    """One weighted effect at one layer. Implementations are small frozen dataclasses (so `layer` and
+    `positions` are read-only here: a frozen field satisfies a property, not a settable attribute)."""
 
-    layer: int
-    positions: str
+    @property
+    def layer(self) -> int: ...
+
+    @property
+    def positions(self) -> str: ...
 
     def displacement(self, hidden: Tensor, ctx: ForwardContext, rows: Tensor) -> Tensor:
         """Displacement for `hidden` (n, T, D): the block-`layer` output of batch rows `rows`.
@@ -130,7 +137,7 @@ class Scaled:
     parts: tuple[tuple[Any, float], ...]
 
     def displacement(self, hidden: Tensor, ctx: ForwardContext, rows: Tensor) -> Tensor:
-        return sum(w * iv.displacement(hidden, ctx, rows) for iv, w in self.parts)  # type: ignore[return-value]
+        return sum(w * iv.displacement(hidden, ctx, rows) for iv, w in self.parts)
 
     @classmethod
     def blend(cls, weighted: Sequence[tuple[Any, float]]) -> Scaled:
@@ -204,7 +211,7 @@ class LowRankRows:
                 self._handles[path] = self.modules[path].register_forward_hook(self._make_hook(path))
         self._tables = tables
 
-    def _make_hook(self, path: str):  # noqa: ANN202 - a torch hook
+    def _make_hook(self, path: str) -> Callable[[nn.Module, tuple, Tensor], Tensor | None]:
         def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
             table = self._tables.get(path)
             if not self.active or table is None:
@@ -232,6 +239,11 @@ class LowRankRows:
 
 
 RowSteering = list[Intervention]
+
+
+def is_one_steering(rows: Sequence[RowSteering | None] | RowSteering) -> TypeIs[RowSteering]:
+    """Whether `rows` is one steering for every row, rather than one steering (or None) per row."""
+    return bool(rows) and not isinstance(rows[0], list | type(None))
 
 
 def compose(weighted: Sequence[tuple[Intervention, float]]) -> RowSteering:
@@ -304,7 +316,7 @@ class SteeringHooks:
         """
         for layer in {iv.layer for row in rows if row for iv in row}:
             self.lm.check_layer(layer)
-        self._every_row: RowSteering | None = None
+        self._every_row = None
         self._rows = [list(r) if r else [] for r in rows]
         self._prompt_length = prompt_length
         plans: dict[int, dict[int, tuple[Intervention, list[int]]]] = {}
@@ -350,8 +362,10 @@ class SteeringHooks:
     def _capture_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._check_thread()
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        embeds = kwargs.get("inputs_embeds")
-        seq = int(input_ids.shape[1] if input_ids is not None else embeds.shape[1])
+        tokens = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+        if tokens is None:
+            raise RuntimeError("the model was called with neither input_ids nor inputs_embeds")
+        seq = int(tokens.shape[1])
         # transformers 5.24 renamed `past_key_values` to `cache` (generate passes the new name; callers
         # may still pass the old one until 5.40).
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
@@ -364,7 +378,7 @@ class SteeringHooks:
             prompt = seq
         else:
             prompt = self.ctx.prompt_length
-        batch = int(input_ids.shape[0] if input_ids is not None else embeds.shape[0])
+        batch = int(tokens.shape[0])
         if self._every_row is not None and len(self._rows) != batch:
             every_row = self._every_row
             self.plan([every_row] * batch, self._prompt_length)
@@ -392,7 +406,7 @@ class SteeringHooks:
             self._masks[positions] = mask.to(device) if bool(mask.any()) else None
         return self._masks[positions]
 
-    def _make_hook(self, layer: int):  # noqa: ANN202 - a torch hook
+    def _make_hook(self, layer: int) -> Callable[[nn.Module, tuple, Any], Any]:
         def hook(module: nn.Module, args: tuple, output: Any) -> Any:
             plan = self._plans.get(layer)
             constants = self._constants.get(layer)
@@ -466,10 +480,10 @@ def apply(lm: LanguageModel, rows: Sequence[RowSteering | None] | RowSteering,
     """Steer `lm` inside a `with` block: one `RowSteering` per batch row, or one for every row."""
     hooks = SteeringHooks(lm)
     try:
-        if rows and not isinstance(rows[0], list | type(None)):
-            hooks.plan_every_row(rows, prompt_length)  # type: ignore[arg-type]
+        if is_one_steering(rows):
+            hooks.plan_every_row(rows, prompt_length)
         else:
-            hooks.plan(rows, prompt_length)  # type: ignore[arg-type]
+            hooks.plan(rows, prompt_length)
         yield hooks
     finally:
         hooks.remove()

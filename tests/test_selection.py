@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -36,6 +38,7 @@ def test_selection_picks_the_setting_that_knows_the_targets():
     assert chosen.search[(1, 0.5)] == pytest.approx(1.0, abs=1e-3)
     assert chosen.calibration.temperature == pytest.approx(1.0, abs=0.05)
     assert chosen.best_items["alignment"].mean() > chosen.baselines["calibrated"]["alignment"].mean()
+    assert chosen.shipped_items is chosen.best_items  # what the build's `steered` and `per_item` record
     assert set(chosen.baselines) == {"unsteered", "uniform", "calibrated"}
 
 
@@ -56,7 +59,45 @@ def test_selection_ships_strength_zero_when_only_calibration_helps():
     assert chosen.search[(2, 1.0)] == pytest.approx(chosen.baselines["calibrated"]["alignment"].mean())
     shipped, calibrated, _ = choose_calibration(items, unsteered, folds)
     assert chosen.calibration == shipped  # what ships is the unsteered model's own calibration
+    assert chosen.shipped_items is chosen.baselines["calibrated"]
     assert sample_alignment(items, calibrated).mean() > sample_alignment(items, unsteered).mean()
+
+
+def _contrasted_sample(n: int = 12):
+    """Items whose contrast (the other group) prefers the opposite end of each scale, and an unsteered model
+    that is confident and wrong for both groups."""
+    rng = np.random.default_rng(3)
+    items = []
+    for i in range(n):
+        own = rng.dirichlet(np.ones(4) * 2)
+        own = np.sort(own)[::-1] if i % 2 else np.sort(own)  # the group leans to one end ...
+        items.append(replace(make_item(f"q{i}", ["a", "b", "c", "d"], target=list(own)),
+                             contrast=tuple(float(x) for x in own[::-1])))  # ... the others to the other
+    unsteered = [rng.dirichlet(np.ones(4) * 0.3) for _ in items]
+    return items, unsteered
+
+
+def test_with_a_contrast_selection_picks_what_tells_the_group_apart_not_flattening():
+    items, unsteered = _contrasted_sample()
+    flat = [np.full(4, 0.25) for _ in items]  # flattening: raises the alignment of both groups alike
+    toward = [0.6 * np.asarray(it.target) + 0.4 * np.full(4, 0.25) for it in items]  # toward the group
+    away = [np.asarray(it.contrast) for it in items]  # toward the others: specific, but a loss to the group
+    chosen = select_setting(items, unsteered, {"flat": flat, "toward": toward, "away": away},
+                            fold_indices(len(items)))
+    assert chosen.by_specificity and chosen.best == "toward" and chosen.improved
+    assert chosen.search["toward"] > 0.05
+    assert abs(chosen.search["flat"]) < abs(chosen.search["toward"]) / 4  # flattening scores about 0
+    assert chosen.search["away"] < 0
+
+
+def test_with_a_contrast_flattening_alone_ships_strength_zero():
+    items, unsteered = _contrasted_sample()
+    candidates = {"flat": [np.full(4, 0.25) for _ in items], "unsteered": list(unsteered)}
+    chosen = select_setting(items, unsteered, candidates, fold_indices(len(items)))
+    assert chosen.by_specificity and not chosen.improved
+    # Without the contrast the same flat candidate is judged on its alignment alone.
+    plain = [replace(it, contrast=None) for it in items]
+    assert not select_setting(plain, unsteered, candidates, fold_indices(len(items))).by_specificity
 
 
 def _zero_fit(lm, items, layers, params, positions):
@@ -79,6 +120,7 @@ def test_a_build_whose_steering_does_nothing_ships_its_calibration_alone(tiny_lm
     m = profile.metrics
     assert profile.strength == 0 and not m["improved"] and "calibrated" in m["note"]
     assert m["steered"] == m["calibrated"]
+    assert [r["steered"] for r in m["per_item"]["items"]] == [r["calibrated"] for r in m["per_item"]["items"]]
     assert m["gain_vs_calibrated"]["alignment"] == pytest.approx(0.0, abs=1e-6)  # batching noise only
     assert m["calibration"]["temperature"] == profile.calibration.temperature
     assert {"unsteered", "uniform", "calibrated"} <= set(m)

@@ -19,7 +19,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from flask import Blueprint, Flask, Response, current_app, request
@@ -28,6 +28,8 @@ from service import context
 from service.api.errors import ApiError, api_error, not_found
 from service.api.openapi import api_route
 from service.api.protocol import (
+    MAX_CHOICES,
+    MAX_TOP_LOGPROBS,
     AppliedProfile,
     CalibrationOut,
     ChatChoice,
@@ -36,12 +38,15 @@ from service.api.protocol import (
     ChatCompletionRequest,
     ChatDelta,
     ChatMessageOut,
+    ChatTokenLogprob,
+    ChoiceLogprobs,
     ChunkChoice,
     QuestionScore,
     ScoreRequest,
     ScoreResponse,
     SteeringIn,
     SteeringOut,
+    TopLogprob,
     Usage,
 )
 from service.api.ratelimit import charge_tokens
@@ -58,6 +63,7 @@ from service.engine.engine import (
     SamplingParams,
     SteeringPlan,
     TextChunk,
+    TokenLogprob,
 )
 from service.settings import Settings
 from service.store import db
@@ -357,7 +363,10 @@ def _ready_profile(session: db.Session, tenant: int, settings: Settings, ref: _R
 # ------------------------------------------------------------------------------------------- the routes
 
 def complete_chat(body: ChatCompletionRequest) -> Any:
-    """A chat completion (or its SSE stream) for the request's tenant: the API and the console's playground."""
+    """A chat completion (or its SSE stream) for the request's tenant: the API and the console's playground.
+
+    Each of the `n` choices is one engine row (the prompt is prefilled for each; the rows batch together).
+    """
     settings = context.settings()
     base, shorthand = parse_model(body.model, settings)
     max_tokens = body.max_completion_tokens or body.max_tokens or min(settings.default_max_tokens,
@@ -377,40 +386,87 @@ def _complete_chat(body: ChatCompletionRequest, base: str, shorthand: str | None
     if len(prompt) >= eng.context_length:
         raise ApiError(422, "validation_error", f"the messages are {len(prompt)} tokens; the model's context is "
                        f"{eng.context_length} tokens", "messages")
-    charge_tokens(tenant_id(), len(prompt) + max_tokens)  # the tenant's per-minute token budget
-    sampling = SamplingParams(max_tokens=max_tokens, temperature=float(body.temperature), top_p=float(body.top_p),
-                              seed=body.seed, stop=body.stop_strings())
+    charge_tokens(tenant_id(), body.n * (len(prompt) + max_tokens))  # the tenant's per-minute token budget
+    top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    samplings = [SamplingParams(max_tokens=max_tokens, temperature=float(body.temperature), top_p=float(body.top_p),
+                                seed=None if body.seed is None else body.seed + i, stop=body.stop_strings(),
+                                top_logprobs=top_logprobs)
+                 for i in range(body.n)]
     response_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     # Nothing below reads the database until the engine answers: end the transaction now, not after a long
     # wait (an experiment's first assignment would otherwise hold SQLite's write lock meanwhile).
     context.session().commit()
     gone = client_gone_check()
-    handle = eng.submit(prompt, sampling, planned.plan, timeout=REQUEST_TIMEOUT_S)
+    handles = _submit(eng, prompt, samplings, planned.plan)
     try:
-        applied = planned.report(_started(handle, gone))
+        applied = planned.report(_started(handles, gone))
     except BaseException:
-        handle.cancel()
+        _cancel(handles)
         raise
     if body.stream:
         _record_exposure(applied, response_id)
         context.session().commit()
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        events = _events(handle, gone, response_id, created, base, applied, include_usage)
+        events = _events(eng, handles, gone, response_id, created, base, applied, include_usage,
+                         logprobs=top_logprobs is not None)
         return Response(events, mimetype="text/event-stream",
                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     try:
-        result = _result(handle, gone)
+        results = {i: item for i, item in _outputs(handles, gone) if isinstance(item, GenerationResult)}
     finally:
-        handle.cancel()  # no-op when finished
+        _cancel(handles)  # no-op when finished
     _record_exposure(applied, response_id)
     return ChatCompletion(
         id=response_id, object="chat.completion", created=created, model=base,
-        choices=[ChatChoice(index=0, message=ChatMessageOut(role="assistant", content=result.text),
-                            finish_reason="length" if result.finish_reason == "length" else "stop")],
-        usage=Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
-                    total_tokens=result.prompt_tokens + result.completion_tokens),
-        steering=applied)
+        choices=[ChatChoice(index=i, message=ChatMessageOut(role="assistant", content=result.text),
+                            finish_reason=_finish_reason(result),
+                            logprobs=None if result.logprobs is None else _wire_logprobs(eng, result.logprobs))
+                 for i, result in sorted(results.items())],
+        usage=_usage(list(results.values())), steering=applied)
+
+
+def _submit(eng: GenerationEngine, prompt: list[int], samplings: Sequence[SamplingParams],
+            plan: SteeringPlan | None) -> list[GenerationHandle]:
+    """One engine row per choice; a full queue refuses the request whole."""
+    handles: list[GenerationHandle] = []
+    try:
+        for sampling in samplings:
+            handles.append(eng.submit(prompt, sampling, plan, timeout=REQUEST_TIMEOUT_S))
+    except BaseException:
+        _cancel(handles)
+        raise
+    return handles
+
+
+def _cancel(handles: Sequence[GenerationHandle]) -> None:
+    for handle in handles:
+        handle.cancel()
+
+
+def _finish_reason(result: GenerationResult) -> Literal["stop", "length"]:
+    return "length" if result.finish_reason == "length" else "stop"
+
+
+def _usage(results: Sequence[GenerationResult]) -> Usage:
+    """The prompt once (OpenAI's count), and every choice's tokens."""
+    completion = sum(r.completion_tokens for r in results)
+    return Usage(prompt_tokens=results[0].prompt_tokens, completion_tokens=completion,
+                 total_tokens=results[0].prompt_tokens + completion)
+
+
+def _wire_logprobs(eng: GenerationEngine, entries: Sequence[TokenLogprob]) -> ChoiceLogprobs:
+    """OpenAI's form of the engine's log-probabilities: each token's text and UTF-8 bytes."""
+    tokens = list({t for e in entries for t in (e.token, *(t for t, _ in e.top))})
+    spelled = dict(zip(tokens, eng.token_bytes(tokens), strict=True))
+
+    def token(t: int, logprob: float) -> dict[str, Any]:
+        raw = spelled[t]
+        return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
+
+    return ChoiceLogprobs(content=[
+        ChatTokenLogprob(**token(e.token, e.logprob), top_logprobs=[TopLogprob(**token(t, v)) for t, v in e.top])
+        for e in entries])
 
 
 class ClientGone(ApiError):
@@ -444,36 +500,53 @@ def client_gone_check() -> Callable[[], bool]:
     return gone
 
 
-def _started(handle: GenerationHandle, gone: Callable[[], bool]) -> tuple[EngineApplied, ...]:
-    """What the engine applied, once it took the request (raises what it refused it with)."""
-    while True:
-        applied = handle.started(POLL_S)
-        if applied is not None:
-            return applied
-        _check_waiting(handle, gone)
+def _started(handles: Sequence[GenerationHandle], gone: Callable[[], bool]) -> tuple[EngineApplied, ...]:
+    """What the engine applied (the same plan for every choice), once it took every row (raises what it
+    refused one with)."""
+    applied: tuple[EngineApplied, ...] = ()
+    for handle in handles:
+        while (started := handle.started(POLL_S)) is None:
+            _check_waiting(handles, gone)
+        applied = started
+    return applied
 
 
-def _check_waiting(handle: GenerationHandle, gone: Callable[[], bool]) -> None:
+def _check_waiting(handles: Sequence[GenerationHandle], gone: Callable[[], bool]) -> None:
     if gone():
-        handle.cancel()
+        _cancel(handles)
         raise ClientGone()
-    if time.monotonic() > handle.deadline + POLL_S * 20:  # the engine drops it at the deadline itself
-        handle.cancel()
+    if time.monotonic() > max(h.deadline for h in handles) + POLL_S * 20:  # the engine drops rows itself
+        _cancel(handles)
         raise DeadlineExceeded("the request did not finish before its deadline")
 
 
-def _result(handle: GenerationHandle, gone: Callable[[], bool]) -> GenerationResult:
-    while True:
-        item = handle.next(POLL_S)
-        if isinstance(item, GenerationResult):
-            return item
-        if item is None:
-            _check_waiting(handle, gone)
+def _outputs(handles: Sequence[GenerationHandle],
+             gone: Callable[[], bool]) -> Iterator[tuple[int, TextChunk | GenerationResult]]:
+    """Each choice's text chunks and then its result, as (choice index, item), as they come.
+
+    Waits on the first unfinished choice and takes what the others have meanwhile: the rows of one
+    request step together, so none waits long behind another.
+    """
+    pending = list(range(len(handles)))
+    while pending:
+        first = pending[0]
+        waited = handles[first].next(POLL_S)
+        if waited is None:
+            _check_waiting(handles, gone)
+        for i in list(pending):
+            item = waited if i == first else handles[i].next(0)
+            while item is not None:
+                yield i, item
+                if isinstance(item, GenerationResult):
+                    pending.remove(i)
+                    break
+                item = handles[i].next(0)
 
 
 @api_route(bp, "/v1/chat/completions", "POST", summary="chat completion under steering (OpenAI-compatible; "
-           "`stream: true` answers server-sent events)", body=ChatCompletionRequest,
-           responses={200: ChatCompletion}, errors=(404, 409, 503), tag="generation")
+           f"`stream: true` answers server-sent events; `logprobs`, `top_logprobs` up to {MAX_TOP_LOGPROBS}, "
+           f"`n` up to {MAX_CHOICES})",
+           body=ChatCompletionRequest, responses={200: ChatCompletion}, errors=(404, 409, 503), tag="generation")
 def chat_completions(body: ChatCompletionRequest) -> Any:
     return complete_chat(body)
 
@@ -487,10 +560,11 @@ def _record_exposure(applied: SteeringOut, response_id: str) -> None:
                                 applied.user, response_id)
 
 
-def _events(handle: GenerationHandle, gone: Callable[[], bool], response_id: str, created: int, model: str,
-            applied: SteeringOut, include_usage: bool) -> Iterator[str]:
+def _events(eng: GenerationEngine, handles: Sequence[GenerationHandle], gone: Callable[[], bool],
+            response_id: str, created: int, model: str, applied: SteeringOut, include_usage: bool,
+            logprobs: bool) -> Iterator[str]:
     """The SSE stream. Runs after the view returned (no request context). A client that goes away
-    cancels the row at once (checked before each write and while waiting); `finally` frees the slot."""
+    cancels the rows at once (checked before each write and while waiting); `finally` frees the slots."""
 
     def event(choices: list[ChunkChoice], **extra: Any) -> str:
         chunk = ChatCompletionChunk(id=response_id, object="chat.completion.chunk", created=created, model=model,
@@ -498,32 +572,28 @@ def _events(handle: GenerationHandle, gone: Callable[[], bool], response_id: str
         return f"data: {chunk.model_dump_json()}\n\n"
 
     try:
-        yield event([ChunkChoice(index=0, delta=ChatDelta(role="assistant", content=""))], steering=applied)
-        while True:
-            item = handle.next(POLL_S)
-            if item is None:
-                _check_waiting(handle, gone)
-                continue
+        yield event([ChunkChoice(index=i, delta=ChatDelta(role="assistant", content="")) for i in range(len(handles))],
+                    steering=applied)
+        results: list[GenerationResult] = []
+        for i, item in _outputs(handles, gone):
             if gone():
-                handle.cancel()
+                _cancel(handles)
                 return
             if isinstance(item, TextChunk):
-                yield event([ChunkChoice(index=0, delta=ChatDelta(content=item.text))])
+                yield event([ChunkChoice(index=i, delta=ChatDelta(content=item.text),
+                                         logprobs=_wire_logprobs(eng, item.logprobs) if logprobs else None)])
                 continue
-            finish = "length" if item.finish_reason == "length" else "stop"
-            yield event([ChunkChoice(index=0, delta=ChatDelta(), finish_reason=finish)])
-            if include_usage:
-                yield event([], usage=Usage(prompt_tokens=item.prompt_tokens,
-                                            completion_tokens=item.completion_tokens,
-                                            total_tokens=item.prompt_tokens + item.completion_tokens))
-            break
+            results.append(item)
+            yield event([ChunkChoice(index=i, delta=ChatDelta(), finish_reason=_finish_reason(item))])
+        if include_usage:
+            yield event([], usage=_usage(results))
     except ClientGone:
         return
     except Exception as exc:
         # Headers are gone: the error travels as an event, the way OpenAI streams report one.
         yield f"data: {json.dumps({'error': api_error(exc).body()})}\n\n"
     finally:
-        handle.cancel()
+        _cancel(handles)
     yield "data: [DONE]\n\n"
 
 

@@ -30,8 +30,9 @@ def readyz() -> tuple[Ready, int]:
     # Reported, not gating: one broken profile or a worker being restarted must not take the API out of
     # service (it still serves what it can).
     checks["artifacts"] = _check_artifacts()
-    if context.settings().stack_status_file:
-        checks["stack"] = _check_stack(context.settings().stack_status_file)
+    stack_status_file = context.settings().stack_status_file
+    if stack_status_file:
+        checks["stack"] = _check_stack(stack_status_file)
     return Ready(status="ready" if ready else "not_ready", checks=checks,
                  model=context.settings().model), 200 if ready else 503
 

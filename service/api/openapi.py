@@ -21,10 +21,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import wraps
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from flask import Blueprint, Flask, Response, current_app, request
 from pydantic import BaseModel, ValidationError
+from pydantic.json_schema import JsonSchemaMode
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from service import context
@@ -33,6 +34,8 @@ from service.api.protocol import DEPLOYMENT_KEY, ID_PATTERN, ID_RULE, PATH_PATTE
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
+
+Body = TypeVar("Body", bound=BaseModel)
 
 OPENAPI_VERSION = "3.1.0"
 API_TITLE = "pluristeer"
@@ -221,7 +224,7 @@ def receive_upload(limit: int, suffix: str = "") -> Path:
     return path
 
 
-def parse_body(model: type[BaseModel]) -> BaseModel:
+def parse_body(model: type[Body]) -> Body:
     """The request's JSON body validated by `model`: 400 if it is not JSON, 422 naming the field if
     invalid."""
     raw = read_body()
@@ -265,7 +268,8 @@ def parse_query(model: type[BaseModel]) -> BaseModel:
 def to_response(result: Any) -> Response:
     if isinstance(result, Response):
         return result
-    status, headers = 200, {}
+    status: int = 200
+    headers: Any = {}  # what Flask takes: a dict or a list of pairs
     if isinstance(result, tuple):
         result, status, *rest = result
         headers = rest[0] if rest else {}
@@ -433,7 +437,7 @@ def state_deployment(schema: Any, settings: Settings) -> None:
 def openapi_document(app: Flask) -> dict[str, Any]:
     schemas: dict[str, Any] = {}
 
-    def ref(model: type[BaseModel], mode: str) -> dict[str, Any]:
+    def ref(model: type[BaseModel], mode: JsonSchemaMode) -> dict[str, Any]:
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}", mode=mode)
         defs = schema.pop("$defs", {})
         if mode == "validation":  # what read_json holds every request body to

@@ -80,7 +80,7 @@ def uploaded_items(query: OpinionsUploadQuery) -> list[OpinionItem]:
         path.unlink(missing_ok=True)
 
 
-def get_opinions(kind: str, external_id: str, query: OpinionsQuery) -> OpinionsOut:
+def get_opinions(kind: db.SubjectKind, external_id: str, query: OpinionsQuery) -> OpinionsOut:
     tenant = tenant_id()
     session = context.session()
     subject = find_subject(session, tenant, kind, external_id, _RULES[kind][1])

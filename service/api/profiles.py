@@ -20,6 +20,7 @@ from service.api.protocol import (
     ProfileList,
     ProfileListQuery,
     ProfileOut,
+    Progress,
     SubjectRef,
 )
 from service.api.subjects import find_subject
@@ -102,8 +103,18 @@ def resolve_contrast(session: db.Session, tenant: int, body: ProfileCreate, subj
     return [refs[key] for key in sorted(refs)]
 
 
-def profile_views(session: db.Session, rows: list[db.ProfileRow]) -> list[ProfileOut]:
-    """Rows as responses, with subject names and attempt counts fetched in two queries, not 2N."""
+def _progress(stored: dict[str, Any] | None) -> Progress | None:
+    """A build's progress as the worker stored it (done, total, stage)."""
+    if stored is None:
+        return None
+    return Progress(done=int(stored.get("done", 0)), total=int(stored.get("total", 0)),
+                    stage=str(stored.get("stage", "")))
+
+
+def profile_views(session: db.Session, rows: list[db.ProfileRow], per_item: bool = True) -> list[ProfileOut]:
+    """Rows as responses, with subject names and attempt counts fetched in two queries, not 2N. Lists pass
+    `per_item=False`: a page of profiles without each build's per-item alignment (up to
+    `steer_core.build.PER_ITEM_LIMIT` rows each), which the single-profile document carries."""
     if not rows:
         return []
     tenant = rows[0].tenant_id
@@ -124,9 +135,12 @@ def profile_views(session: db.Session, rows: list[db.ProfileRow]) -> list[Profil
         if r.artifact_sha256:
             artifact = ArtifactRef(sha256=r.artifact_sha256, size=r.artifact_size or 0)
         subject = SubjectRef(kind=r.subject_kind, id=names.get((r.subject_kind, r.subject_id), ""))
+        metrics = r.metrics
+        if metrics and not per_item:
+            metrics = {k: v for k, v in metrics.items() if k != "per_item"}
         out.append(ProfileOut(
             id=r.id, subject=subject, method=r.method, model=r.model, params=r.params, status=r.status,
-            progress=r.progress, error=r.error, chosen=r.chosen, metrics=r.metrics, artifact=artifact,
+            progress=_progress(r.progress), error=r.error, chosen=r.chosen, metrics=metrics, artifact=artifact,
             sample_hash=r.sample_hash, version=r.version, attempts=int(attempts.get(r.id, 0)),
             created_at=r.created_at, updated_at=r.updated_at,
             started_at=r.started_at, finished_at=r.finished_at))
@@ -213,7 +227,8 @@ def get_profile(profile_id: str) -> ProfileOut:
     return profile_views(context.session(), [_get(profile_id)])[0]
 
 
-@api_route(bp, "/v1/profiles", "GET", summary="the tenant's profiles, newest first", query=ProfileListQuery,
+@api_route(bp, "/v1/profiles", "GET", summary="the tenant's profiles, newest first (metrics without "
+           "`per_item`: GET one profile for it)", query=ProfileListQuery,
            responses={200: ProfileList}, errors=(404,))
 def list_profiles(query: ProfileListQuery) -> ProfileList:
     tenant = tenant_id()
@@ -233,7 +248,7 @@ def list_profiles(query: ProfileListQuery) -> ProfileList:
                             after=query.after)
     more = len(rows) > query.limit
     rows = rows[:query.limit]
-    return ProfileList(profiles=profile_views(session, rows), next_after=rows[-1].id if more else None)
+    return ProfileList(profiles=profile_views(session, rows, per_item=False), next_after=rows[-1].id if more else None)
 
 
 def remove_profile(profile_id: str) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     AwareDatetime,
@@ -21,8 +21,10 @@ from pydantic import (
     ValidationInfo,
     field_validator,
 )
+from pydantic.json_schema import JsonDict
 from pydantic_core import PydanticCustomError
 
+from service.engine.plan import MAX_TOP_LOGPROBS
 from steer_core.data import MAX_OPTIONS, OpinionItem
 
 # External ids (user uid, group gid) appear in URLs: keep them printable and bounded. Match them whole
@@ -128,9 +130,10 @@ Options = Annotated[list[Annotated[str, Field(json_schema_extra={"pattern": NON_
 Probabilities = list[Annotated[Number, Field(ge=0)]]
 Answer = Annotated[StrictInt, Field(ge=0, le=MAX_OPTIONS - 1)] | str
 ItemId = Annotated[str, Field(max_length=MAX_ID_CHARS)] | StrictInt
-_GIVEN = {"not": {"type": "null"}}
-TARGET_XOR_ANSWER = {"oneOf": [{"required": ["target"], "properties": {"target": _GIVEN, "answer": {"type": "null"}}},
-                               {"required": ["answer"], "properties": {"answer": _GIVEN, "target": {"type": "null"}}}]}
+_GIVEN: JsonDict = {"not": {"type": "null"}}
+_NULL: JsonDict = {"type": "null"}
+TARGET_XOR_ANSWER: JsonDict = {"oneOf": [{"required": ["target"], "properties": {"target": _GIVEN, "answer": _NULL}},
+                               {"required": ["answer"], "properties": {"answer": _GIVEN, "target": _NULL}}]}
 
 
 class OpinionIn(Request):
@@ -276,7 +279,10 @@ class ProfileOut(Response):
                                                       "...)")
     metrics: dict[str, Any] | None = Field(description="out-of-fold metrics: the baselines (unsteered, uniform, "
                                            "calibrated), steered, gains over unsteered and over calibrated with "
-                                           "standard errors, the output calibration, the search")
+                                           "standard errors, the output calibration, the search, and `per_item`: "
+                                           "each item's alignment unsteered, calibrated and steered (capped; "
+                                           "`per_item.total` counts the whole sample; in single-profile "
+                                           "documents only, not in lists)")
     artifact: ArtifactRef | None
     sample_hash: str
     version: int
@@ -285,14 +291,6 @@ class ProfileOut(Response):
     updated_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
-
-    @field_validator("progress", mode="before")
-    @classmethod
-    def _progress(cls, value: Any) -> Any:
-        if isinstance(value, dict):
-            return {"done": int(value.get("done", 0)), "total": int(value.get("total", 0)),
-                    "stage": str(value.get("stage", ""))}
-        return value
 
 
 class ProfileListQuery(Request):
@@ -390,10 +388,14 @@ OpinionsOut.model_rebuild()
 
 Role = Literal["system", "developer", "user", "assistant"]
 MAX_STOP_STRINGS = 4
+MAX_CHOICES = 8  # `n`: each choice is one more row in the engine's batch
 MAX_SCORE_QUESTIONS = 256
 
 
-def _finite(value: float | None) -> float | None:
+MaybeNumber = TypeVar("MaybeNumber", bound=float | None)
+
+
+def _finite(value: MaybeNumber) -> MaybeNumber:
     if value is not None and not math.isfinite(value):
         raise ValueError("must be a finite number")
     return value
@@ -420,7 +422,7 @@ class ProfileWeight(Request):
     @field_validator("weight")
     @classmethod
     def _weight(cls, value: float) -> float:
-        return _finite(value)  # type: ignore[return-value]
+        return _finite(value)
 
 
 class SteeringIn(Request):
@@ -453,28 +455,30 @@ class StreamOptions(Request):
 
 # OpenAI chat fields this server does not implement -> the values that ask for what it does anyway.
 UNSUPPORTED_CHAT_FIELDS: dict[str, tuple[Any, ...]] = {
-    "n": (1,), "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "logprobs": (False,),
-    "top_logprobs": (0,), "tools": ([],), "tool_choice": ("none",), "functions": ([],), "function_call": ("none",),
+    "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "tools": ([],), "tool_choice": ("none",),
+    "functions": ([],), "function_call": ("none",),
     "response_format": ({"type": "text"},), "logit_bias": ({},), "audio": (), "modalities": (["text"],),
     "prediction": (), "reasoning_effort": (), "verbosity": (), "web_search_options": (),
 }
 
 
-def _state_unsupported(schema: dict[str, Any]) -> None:
-    """Each unsupported field as the document states it: the values that ask for what the server does
-    anyway, or null."""
+def _state_chat_rules(schema: dict[str, Any]) -> None:
+    """Each unsupported field as the document states it (the values that ask for what the server does
+    anyway, or null), and `top_logprobs` only with `logprobs: true`."""
     for name, accepted in UNSUPPORTED_CHAT_FIELDS.items():
         values: list[Any] = []
         for value in (*accepted, None):
             if value not in values:  # 0 and 0.0 are one JSON number
                 values.append(value)
         schema["properties"][name]["enum"] = values
+    schema["not"] = {"required": ["top_logprobs"],
+                     "properties": {"top_logprobs": {"type": "integer"}, "logprobs": {"not": {"const": True}}}}
 
 
 class ChatCompletionRequest(Request):
-    """OpenAI's chat completion request (n = 1, no tools) plus `steering`."""
+    """OpenAI's chat completion request (no tools, no penalties) plus `steering`."""
 
-    model_config = ConfigDict(json_schema_extra=_state_unsupported)
+    model_config = ConfigDict(json_schema_extra=_state_chat_rules)
 
     model: str = Field(description="the served base model, or `<base>:<profile id>` for one profile",
                        json_schema_extra=deployment("served_model"))
@@ -494,7 +498,13 @@ class ChatCompletionRequest(Request):
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, max_length=MAX_ID_CHARS,
                              description="the tenant's user uid: their default profile and experiments")
-    n: Any = Field(1, description="unsupported beyond 1")
+    n: StrictInt = Field(1, ge=1, le=MAX_CHOICES, description="choices to generate, each an independent sample "
+                         "(with `seed`, choice i samples with seed + i)")
+    logprobs: bool | None = Field(None, description="return each generated token's log-probability: the "
+                                  "model's log-softmax at that step, steering applied, before temperature and "
+                                  "top_p")
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description="with `logprobs`: this "
+                                           "many most likely tokens at each step, most likely first")
     presence_penalty: Any = Field(0, description="unsupported beyond 0")
     frequency_penalty: Any = Field(0, description="unsupported beyond 0")
     steering: SteeringIn | None = None
@@ -507,8 +517,6 @@ class ChatCompletionRequest(Request):
     parallel_tool_calls: bool | None = Field(None, description="accepted and ignored (no tools are called)")
     # OpenAI fields this server does not implement: a 422 naming the field, unless the value asks for
     # what the server does anyway (`tools: []`, `response_format: {"type": "text"}`, ...).
-    logprobs: Any = Field(None, description="unsupported")
-    top_logprobs: Any = Field(None, description="unsupported")
     tools: Any = Field(None, description="unsupported: no tool calls")
     tool_choice: Any = Field(None, description="unsupported beyond \"none\"")
     functions: Any = Field(None, description="unsupported")
@@ -529,12 +537,19 @@ class ChatCompletionRequest(Request):
         if value is None or any(value == ok and type(value) is type(ok) for ok in accepted):
             return value
         raise PydanticCustomError("unsupported", "{field} is not supported by this server: it generates plain "
-                                  "text, one choice a request", {"field": info.field_name})
+                                  "text", {"field": info.field_name})
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
+        return value
 
     @field_validator("temperature", "top_p")
     @classmethod
     def _numbers(cls, value: float) -> float:
-        return _finite(value)  # type: ignore[return-value]
+        return _finite(value)
 
     @field_validator("stop")
     @classmethod
@@ -577,16 +592,37 @@ class ChatMessageOut(Response):
     content: str
 
 
+class TopLogprob(Response):
+    token: str = Field(description="the token's text (U+FFFD for a part of a character that the token holds "
+                                   "without the rest)")
+    logprob: float
+    bytes: list[int] = Field(description="the token's UTF-8 bytes (a character split across tokens: each has "
+                                         "its part)")
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(description="the most likely tokens at this step, most likely first "
+                                                       "(`top_logprobs` of them)")
+
+
+class ChoiceLogprobs(Response):
+    """Log-probabilities of a choice's tokens (of a streamed chunk's tokens: those whose text it completes).
+    A stop string that cuts a token keeps that token whole; the stop token itself is not listed."""
+
+    content: list[ChatTokenLogprob]
+    refusal: None = None
+
+
 class ChatChoice(Response):
     index: int
     message: ChatMessageOut
     finish_reason: Literal["stop", "length"]
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = Field(None, description="with `logprobs: true`")
 
 
 class Usage(Response):
     prompt_tokens: int
-    completion_tokens: int
+    completion_tokens: int = Field(description="every choice's tokens")
     total_tokens: int
 
 
@@ -610,12 +646,14 @@ class ChunkChoice(Response):
     index: int
     delta: ChatDelta
     finish_reason: Literal["stop", "length"] | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(Response):
     """One server-sent event of a streamed completion (`data: {...}`); the stream ends with `data: [DONE]`.
-    The first chunk carries `steering`, the last `finish_reason` (and `usage` when asked for)."""
+    The first chunk carries `steering` and each choice's role; then each chunk carries one choice's new
+    text (and its tokens' `logprobs` when asked for); each choice ends with a chunk carrying its
+    `finish_reason`; with `stream_options.include_usage`, a last chunk without choices carries `usage`."""
 
     id: str
     object: Literal["chat.completion.chunk"]
@@ -783,7 +821,7 @@ class FeedbackIn(Request):
     """Exactly one of `thumbs`, `rating` and `value`, the one the experiment's `reward` names."""
 
     model_config = ConfigDict(json_schema_extra={"oneOf": [
-        {"required": [given], "properties": {name: _GIVEN if name == given else {"type": "null"}
+        {"required": [given], "properties": {name: _GIVEN if name == given else _NULL
                                              for name in ("thumbs", "rating", "value")}}
         for given in ("thumbs", "rating", "value")]})
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import Literal, overload
 
 from sqlalchemy.orm import Session
 
@@ -19,6 +20,15 @@ def check_id(value: str, field: str) -> str:
     return value
 
 
+@overload
+def find_subject(session: Session, tenant_id: int, kind: Literal["user"], external_id: str,
+                 field: str) -> db.User: ...
+@overload
+def find_subject(session: Session, tenant_id: int, kind: Literal["group"], external_id: str,
+                 field: str) -> db.Group: ...
+@overload
+def find_subject(session: Session, tenant_id: int, kind: str, external_id: str,
+                 field: str) -> db.User | db.Group: ...
 def find_subject(session: Session, tenant_id: int, kind: str, external_id: str,
                  field: str) -> db.User | db.Group:
     """The tenant's user or group, or 404 naming `field` (another tenant's subject is just not found)."""

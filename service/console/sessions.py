@@ -25,6 +25,7 @@ from typing import Any
 import redis
 from flask import Response, g, redirect, request, url_for
 from sqlalchemy import select
+from werkzeug.wrappers import Response as BaseResponse
 
 from service import context
 from service.api.errors import ApiError
@@ -89,12 +90,12 @@ def close_session(token: str | None) -> None:
             store.delete(_redis_key(token))
 
 
-def set_cookie(response: Response, name: str, value: str, max_age: int) -> None:
+def set_cookie(response: BaseResponse, name: str, value: str, max_age: int) -> None:
     response.set_cookie(name, value, max_age=max_age, path=COOKIE_PATH, httponly=True, samesite="Strict",
                         secure=request.is_secure)
 
 
-def clear_cookie(response: Response, name: str) -> None:
+def clear_cookie(response: BaseResponse, name: str) -> None:
     response.delete_cookie(name, path=COOKIE_PATH, httponly=True, samesite="Strict", secure=request.is_secure)
 
 

@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 from flask import Blueprint, Response, g, jsonify, redirect, render_template, request, url_for
 from pydantic import ValidationError
 from sqlalchemy import func, select
+from werkzeug.wrappers import Response as BaseResponse
 
 from service import context
 from service.api import chat, opinions, profiles
@@ -27,6 +28,7 @@ from service.api.protocol import (
 from service.api.subjects import find_subject
 from service.auth import active_key, tenant_id
 from service.console import sessions
+from service.console.item_plot import item_plot
 from service.experiments import experiments as ex
 from service.experiments import offline_comparison
 from service.store import db
@@ -79,7 +81,7 @@ _SECURITY_HEADERS = {
 
 
 @bp.after_request
-def _security_headers(response: Response) -> Response:
+def _security_headers(response: BaseResponse) -> BaseResponse:
     for name, value in _SECURITY_HEADERS.items():
         response.headers.setdefault(name, value)
     if response.mimetype == "text/html":
@@ -113,7 +115,7 @@ def _safe_next(target: str | None) -> str:
 
 
 @bp.get("/")
-def index() -> Response:
+def index() -> BaseResponse:
     return redirect(url_for("console.profile_list"))
 
 
@@ -147,7 +149,7 @@ def login() -> Any:
 
 @bp.post("/logout")
 @sessions.signed_in
-def logout() -> Response:
+def logout() -> BaseResponse:
     sessions.close_session(request.cookies.get(sessions.SESSION_COOKIE))
     response = redirect(url_for("console.login"))
     sessions.clear_cookie(response, sessions.SESSION_COOKIE)
@@ -175,7 +177,7 @@ def _progress_label(view: Any) -> str:
 def profile_list() -> str:
     session = context.session()
     rows = db.list_profiles(session, tenant_id(), limit=PROFILES_SHOWN)
-    views = profiles.profile_views(session, rows)
+    views = profiles.profile_views(session, rows, per_item=False)
     return render_template("console/profiles.html", profiles=views, label=_progress_label, final=FINAL_STATUSES)
 
 
@@ -186,7 +188,7 @@ def profile_page(profile_id: str) -> str:
     view = profiles.profile_views(context.session(), [row])[0]
     return render_template("console/profile.html", p=view, label=_progress_label(view), final=FINAL_STATUSES,
                            tables=_metric_tables(view.metrics or {}), facts=_metric_facts(view.metrics or {}),
-                           calibration=_calibration(row))
+                           plot=item_plot(view.metrics or {}), calibration=_calibration(row))
 
 
 def _calibration(row: db.ProfileRow) -> str | None:
@@ -206,25 +208,25 @@ def _calibration(row: db.ProfileRow) -> str | None:
 
 @bp.get("/profiles/<profile_id>/status")
 @sessions.signed_in
-def profile_status(profile_id: str) -> Response:
+def profile_status(profile_id: str) -> BaseResponse:
     view = profiles.profile_views(context.session(), [_profile_row(profile_id)])[0]
     return jsonify({"status": view.status, "label": _progress_label(view), "final": view.status in FINAL_STATUSES})
 
 
 @bp.get("/profiles/statuses")
 @sessions.signed_in
-def profile_statuses() -> Response:
+def profile_statuses() -> BaseResponse:
     """The status of each profile named in `ids` (comma-separated; the list page polls them in one request)."""
     ids = [i for i in request.args.get("ids", "").split(",") if i][:PROFILES_SHOWN]
     session = context.session()
     rows = [r for r in (db.get_profile(session, tenant_id(), i) for i in ids) if r is not None]
     return jsonify({v.id: {"status": v.status, "label": _progress_label(v), "final": v.status in FINAL_STATUSES}
-                    for v in profiles.profile_views(session, rows)})
+                    for v in profiles.profile_views(session, rows, per_item=False)})
 
 
 @bp.get("/profiles/<profile_id>/download")
 @sessions.signed_in
-def profile_download(profile_id: str) -> Response:
+def profile_download(profile_id: str) -> BaseResponse:
     fmt = request.args.get("format", "safetensors")
     if fmt not in ("safetensors", "gguf"):
         raise ApiError(422, "validation_error", "format is safetensors or gguf", "format")
@@ -233,7 +235,7 @@ def profile_download(profile_id: str) -> Response:
 
 @bp.post("/profiles/<profile_id>/delete")
 @sessions.signed_in
-def profile_delete(profile_id: str) -> Response:
+def profile_delete(profile_id: str) -> BaseResponse:
     profiles.remove_profile(profile_id)
     return redirect(url_for("console.profile_list"))
 
@@ -265,7 +267,7 @@ def _metric_facts(metrics: dict[str, Any]) -> list[tuple[str, str]]:
     """The metrics' other entries as (name, text); a value with a standard error reads `x ± se`."""
     facts = []
     for name, value in metrics.items():
-        if value is None or name == "search":  # the search has its own table
+        if value is None or name in ("search", "per_item"):  # each has its own table or plot
             continue
         if _is_number(value) or isinstance(value, str | bool):
             facts.append((name, _fmt(value)))
@@ -299,7 +301,7 @@ def _with_errors(value: dict[str, Any]) -> str:
 def subject_list() -> str:
     session = context.session()
     tenant = tenant_id()
-    counts: dict[tuple[str, int], int] = {}
+    counts: dict[tuple[str, int | None], int] = {}
     for column, kind in ((db.OpinionRow.group_id, "group"), (db.OpinionRow.user_id, "user")):
         for sid, n in session.execute(select(column, func.count()).where(db.OpinionRow.tenant_id == tenant,
                                                                          column.is_not(None)).group_by(column)):
@@ -330,7 +332,7 @@ def subject_page(kind: str, subject_id: str) -> str:
     page = min(page, pages)
     shown = items[(page - 1) * ITEMS_PER_PAGE: page * ITEMS_PER_PAGE]
     built = profiles.profile_views(session, db.list_profiles(session, tenant, kind=kind, subject_id=subject.id,
-                                                             limit=50))
+                                                             limit=50), per_item=False)
     return render_template("console/subject.html", kind=kind, subject_id=subject_id, items=shown, page=page,
                            pages=pages, total=len(items), profiles=built, methods=sorted(METHODS),
                            label=_progress_label)
@@ -338,7 +340,7 @@ def subject_page(kind: str, subject_id: str) -> str:
 
 @bp.post("/subjects/<kind>/<subject_id>/opinions")
 @sessions.signed_in
-def subject_upload(kind: str, subject_id: str) -> Response:
+def subject_upload(kind: str, subject_id: str) -> BaseResponse:
     """A JSONL file of items (the interchange format), stored all or nothing by the API's function."""
     _check_kind(kind)
     upload = request.files.get("items")
@@ -358,7 +360,7 @@ def subject_upload(kind: str, subject_id: str) -> Response:
 
 @bp.post("/subjects/<kind>/<subject_id>/build")
 @sessions.signed_in
-def subject_build(kind: str, subject_id: str) -> Response:
+def subject_build(kind: str, subject_id: str) -> BaseResponse:
     _check_kind(kind)
     params: dict[str, Any] = {}
     for name, cast in (("layer", int), ("strength", float)):
@@ -383,7 +385,7 @@ def _experiment(experiment_id: str) -> db.Experiment:
 def _ready_profiles() -> list[Any]:
     session = context.session()
     rows = db.list_profiles(session, tenant_id(), status="ready", limit=PROFILES_SHOWN)
-    return profiles.profile_views(session, [r for r in rows if r.model == context.settings().model])
+    return profiles.profile_views(session, [r for r in rows if r.model == context.settings().model], per_item=False)
 
 
 @bp.get("/experiments")
@@ -399,7 +401,7 @@ def experiment_list() -> str:
 
 @bp.post("/experiments")
 @sessions.signed_in
-def experiment_create() -> Response:
+def experiment_create() -> BaseResponse:
     """Variants from the form: `variant_name_N`, `variant_profile_N` (empty: unsteered), `variant_weight_N`."""
     form = request.form
     variants = []
@@ -440,7 +442,7 @@ def experiment_page(experiment_id: str) -> str:
 
 @bp.get("/experiments/<experiment_id>/results.png")
 @sessions.signed_in
-def experiment_plot(experiment_id: str) -> Response:
+def experiment_plot(experiment_id: str) -> BaseResponse:
     response = Response(ex.results_png(context.session(), _experiment(experiment_id)), mimetype="image/png")
     response.headers["Cache-Control"] = "no-store"
     return response
@@ -448,7 +450,7 @@ def experiment_plot(experiment_id: str) -> Response:
 
 @bp.post("/experiments/<experiment_id>/<action>")
 @sessions.signed_in
-def experiment_action(experiment_id: str, action: str) -> Response:
+def experiment_action(experiment_id: str, action: str) -> BaseResponse:
     if action not in ("pause", "resume", "stop"):
         raise not_found(f"action {action!r}", "action")
     ex.transition(_experiment(experiment_id), action)

@@ -21,6 +21,9 @@ one answer reader (`steer_core.prompts.answer_distributions`), at most one batch
 decoding, scoring gets about `score_share` of the engine's time (after a scoring batch, decode steps run
 until they have used the rest), so streams keep flowing under scoring load; an idle engine scores flat out.
 
+A row that asks for log-probabilities (`SamplingParams.top_logprobs`) gets them from the logits it samples
+from, steering applied; the other rows of its batch pay nothing for it.
+
 At most `max_queue` requests wait for the engine; beyond that `submit` and `score` raise `EngineBusy` at
 once. `stop` ends every request it has admitted with a result or an error.
 """
@@ -32,6 +35,7 @@ import inspect
 import itertools
 import os
 import queue
+import re
 import threading
 import time
 from collections import deque
@@ -45,6 +49,7 @@ from torch import Tensor
 
 from service.engine.interventions import InterventionCache, ProfileSource
 from service.engine.plan import (
+    MAX_TOP_LOGPROBS,
     AppliedProfile,
     DeadlineExceeded,
     EngineBusy,
@@ -62,14 +67,19 @@ from steer_core.steering import RowSteering, SteeringHooks
 
 __all__ = ["AppliedProfile", "DeadlineExceeded", "EngineBusy", "EngineStopped", "GenerationEngine",
            "GenerationFailed", "GenerationHandle", "GenerationResult", "InterventionCache", "PlannedProfile",
-           "ProfileSource", "SamplingParams", "Scored", "SteeringPlan", "SteeringRejected", "TextChunk"]
+           "ProfileSource", "SamplingParams", "Scored", "SteeringPlan", "SteeringRejected", "TextChunk",
+           "TokenLogprob"]
 
 FINISH_REASONS = ("stop", "length", "cancelled")
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How one request samples: `temperature == 0` is greedy; `stop` strings end the text (excluded)."""
+    """How one request samples: `temperature == 0` is greedy; `stop` strings end the text (excluded).
+
+    `top_logprobs` None: no log-probabilities; k: each generated token comes with its log-probability and
+    the k most likely tokens at its step (see `TokenLogprob`).
+    """
 
     max_tokens: int = 256
     temperature: float = 1.0
@@ -77,6 +87,7 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # run to max_tokens whatever the model says (benchmarks)
+    top_logprobs: int | None = None
 
     def check(self, max_new_tokens: int) -> None:
         """Raise `SteerError` naming the field when a value is out of range."""
@@ -88,13 +99,31 @@ class SamplingParams:
             raise SteerError("must be a number in (0, 1]", "top_p")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise SteerError("stop strings must be non-empty strings", "stop")
+        if self.top_logprobs is not None and (not isinstance(self.top_logprobs, int)
+                                              or not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS):
+            raise SteerError(f"must be an integer in 0..{MAX_TOP_LOGPROBS}", "top_logprobs")
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability, and the most likely tokens at its step (most likely first).
+
+    Read from the model's own logits at that step, steering applied, as a log-softmax over the vocabulary
+    before temperature and top_p (OpenAI's convention: greedy decoding picks the first of `top`).
+    """
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]
 
 
 @dataclass(frozen=True)
 class TextChunk:
-    """New text of one request (a stop string's prefix is held back until it is known not to be one)."""
+    """New text of one request (a stop string's prefix is held back until it is known not to be one), and,
+    when asked for, the log-probabilities of the tokens whose text it completes."""
 
     text: str
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -104,6 +133,8 @@ class GenerationResult:
     finish_reason: str  # one of FINISH_REASONS
     prompt_tokens: int
     completion_tokens: int
+    # When asked for: the tokens of `text` (a stop string that cuts a token keeps it whole).
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass(frozen=True)
@@ -233,6 +264,9 @@ class _Row:
     steering: RowSteering | None = None  # the plan, resolved on the engine thread
     generated: list[int] = field(default_factory=list)
     sent: int = 0  # characters of the decoded text already sent
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # when asked for: one per generated token
+    ends: list[int] = field(default_factory=list)  # where each of those tokens' text ends in the decoded text
+    logprobs_sent: int = 0
     queued: bool = True  # counted in the engine's queue
 
 
@@ -319,6 +353,29 @@ def context_length(lm: LanguageModel) -> int:
     return n
 
 
+def _byte_alphabet(tokenizer: Any) -> dict[str, int] | None:
+    """Byte-level BPE's vocabulary alphabet (GPT-2, Llama 3, Qwen, SmolLM): the character each byte is
+    written as -> the byte; None for other tokenizers."""
+    decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+    if type(decoder).__name__ != "ByteLevel" and not hasattr(tokenizer, "byte_decoder"):
+        return None
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
+                 *range(ord("\xae"), ord("\xff") + 1)}
+    shifted = [b for b in range(256) if b not in printable]  # written as chr(256), chr(257), ... in order
+    return {chr(b): b for b in printable} | {chr(256 + i): b for i, b in enumerate(shifted)}
+
+
+def _piece_bytes(piece: str, alphabet: dict[str, int] | None) -> bytes:
+    """A vocabulary entry's bytes: byte-level BPE through its alphabet; SentencePiece's `<0xNN>` byte
+    tokens and `▁` spaces; anything else (added tokens) as its text."""
+    if alphabet is not None and all(c in alphabet for c in piece):
+        return bytes(alphabet[c] for c in piece)
+    byte = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece)
+    if byte is not None:
+        return bytes([int(byte.group(1), 16)])
+    return piece.replace("\u2581", " ").encode("utf-8")
+
+
 def _stop_token_ids(lm: LanguageModel) -> frozenset[int]:
     ids: set[int] = set()
     for source in (lm.tokenizer.eos_token_id, getattr(lm.model.generation_config, "eos_token_id", None)):
@@ -337,8 +394,12 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
             if text.endswith(stop[:k]):
                 hold = k
                 break
-    incomplete = len(text) - len(text.rstrip("\ufffd"))  # a token that ends mid-character decodes to U+FFFD
-    return max(hold, incomplete)
+    return max(hold, _incomplete(text))
+
+
+def _incomplete(text: str) -> int:
+    """Characters at the end of `text` that a token ending mid-character left (it decodes to U+FFFD)."""
+    return len(text) - len(text.rstrip("\ufffd"))
 
 
 @dataclass(eq=False)
@@ -388,6 +449,8 @@ class GenerationEngine:
         # while one changes its padding settings (the engine's scoring does).
         self._request_tokenizer = copy.deepcopy(lm.tokenizer)
         self._tokenizer_lock = threading.Lock()
+        self._byte_alphabet = _byte_alphabet(lm.tokenizer)
+        self._token_bytes: dict[int, bytes] = {}
         self._inbox: queue.Queue[Any] = queue.Queue()
         self._backlog: deque[_Row] = deque()
         self._scores: deque[_ScoreJob] = deque()
@@ -463,6 +526,14 @@ class GenerationEngine:
         with self._tokenizer_lock:
             tok = self._request_tokenizer
             return len(tok.encode(format_prompt(tok, item), add_special_tokens=not tok.chat_template))
+
+    def token_bytes(self, tokens: Sequence[int]) -> list[bytes]:
+        """The raw UTF-8 bytes each token stands for (a token may hold part of a character)."""
+        with self._tokenizer_lock:
+            missing = [t for t in set(tokens) if t not in self._token_bytes]
+            for t, piece in zip(missing, self._request_tokenizer.convert_ids_to_tokens(missing), strict=True):
+                self._token_bytes[t] = _piece_bytes(piece, self._byte_alphabet)
+            return [self._token_bytes[t] for t in tokens]
 
     def _enqueue(self, item: _Row | _ScoreJob) -> None:
         with self._lock:
@@ -741,6 +812,10 @@ class GenerationEngine:
         logits = logits.float()
         finite = torch.isfinite(logits).all(dim=-1).tolist()
         greedy = logits.argmax(dim=-1).tolist()
+        # Log-probabilities for the rows that asked for them only.
+        asking = [i for i, row in enumerate(batch.rows) if row.sampling.top_logprobs is not None]
+        log_probs = dict(zip(asking, torch.log_softmax(logits[asking], dim=-1).cpu(), strict=True)) if asking \
+            else {}
         now = time.monotonic()
         on_cpu = None
         keep: list[int] = []
@@ -766,7 +841,9 @@ class GenerationEngine:
                     if on_cpu is None:
                         on_cpu = logits.cpu()
                     token = self._sample(on_cpu[i], row)
-                if self._emit(row, token):
+                entry = _token_logprob(log_probs[i], token, row.sampling.top_logprobs or 0) \
+                    if i in log_probs else None
+                if self._emit(row, token, entry):
                     continue
             except Exception as exc:
                 self._fail(row, exc)
@@ -793,14 +870,18 @@ class GenerationEngine:
             probs = torch.zeros_like(probs).scatter_(0, order, ordered)
         return int(torch.multinomial(probs, 1, generator=row.generator))
 
-    def _emit(self, row: _Row, token: int) -> bool:
-        """Record `token` for `row`, send what text is safe to send; True when the row is finished."""
+    def _emit(self, row: _Row, token: int, logprob: TokenLogprob | None = None) -> bool:
+        """Record `token` (and its `logprob` entry) for `row`, send what text is safe to send; True when the
+        row is finished. A stop token is no part of the text, nor of the log-probabilities."""
         self.stats.tokens += 1
         if token in self._stop_ids and not row.sampling.ignore_eos:
             self._finish(row, "stop")
             return True
         row.generated.append(token)
         text = self._decode_text(row)
+        if logprob is not None:
+            row.logprobs.append(logprob)
+            row.ends.append(len(text) - _incomplete(text))
         stops = row.sampling.stop
         if stops:
             hits = [i for i in (text.find(s, max(0, row.sent - len(s))) for s in stops) if i >= 0]
@@ -810,25 +891,34 @@ class GenerationEngine:
         if len(row.generated) >= row.max_tokens:
             self._finish(row, "length", text)
             return True
-        safe = len(text) - _held_back(text, stops)
-        if safe > row.sent:
-            row.handle._put(_CHUNK, TextChunk(text[row.sent:safe]))
-            row.sent = safe
+        self._send(row, text, len(text) - _held_back(text, stops))
         return False
 
+    def _send(self, row: _Row, text: str, upto: int, final: bool = False) -> None:
+        """Send `text[row.sent:upto]` with the log-probabilities of the tokens whose text it completes; the
+        `final` chunk also takes a token that a stop string cut (its text begins before `upto`)."""
+        n = row.logprobs_sent
+        while n < len(row.ends) and (row.ends[n] <= upto or final and (row.ends[n - 1] if n else 0) < upto):
+            n += 1
+        if upto > row.sent or n > row.logprobs_sent:
+            row.handle._put(_CHUNK, TextChunk(text[row.sent:upto], tuple(row.logprobs[row.logprobs_sent:n])))
+            row.sent, row.logprobs_sent = max(row.sent, upto), n
+
     def _decode_text(self, row: _Row) -> str:
-        return self.lm.tokenizer.decode(row.generated, skip_special_tokens=True,
+        # transformers types `decode` for a batch too (list[str]); one sequence of ids decodes to a str.
+        return self.lm.tokenizer.decode(row.generated, skip_special_tokens=True,  # type: ignore[return-value]
                                         clean_up_tokenization_spaces=False)
 
     def _finish(self, row: _Row, reason: str, text: str | None = None) -> None:
         self._leave_queue(row)
         if text is None:
             text = self._decode_text(row)
-        if len(text) > row.sent and reason != "cancelled":
-            row.handle._put(_CHUNK, TextChunk(text[row.sent:]))
-            row.sent = len(text)
+        if reason != "cancelled":
+            self._send(row, text, len(text), final=True)
         result = GenerationResult(text=text, token_ids=list(row.generated), finish_reason=reason,
-                                  prompt_tokens=len(row.prompt_ids), completion_tokens=len(row.generated))
+                                  prompt_tokens=len(row.prompt_ids), completion_tokens=len(row.generated),
+                                  logprobs=row.logprobs[:row.logprobs_sent]
+                                  if row.sampling.top_logprobs is not None else None)
         row.handle._put(_DONE, result)
         self.stats.finished += 1
         if reason == "cancelled":
@@ -912,6 +1002,13 @@ class GenerationEngine:
             self._scores.popleft()
             self._end_job(job)
         return time.perf_counter() - began
+
+
+def _token_logprob(log_probs: Tensor, token: int, k: int) -> TokenLogprob:
+    """`token`'s entry from its step's log-softmax over the vocabulary, with the `k` most likely tokens."""
+    values, ids = log_probs.topk(k)
+    return TokenLogprob(token=token, logprob=float(log_probs[token]),
+                        top=tuple(zip(ids.tolist(), values.tolist(), strict=True)))
 
 
 def _wrapped(exc: BaseException) -> GenerationFailed:

@@ -111,7 +111,7 @@ class InterventionCache:
             if not dataclasses.is_dataclass(iv):
                 raise SteeringRejected(f"{profile.method} profiles cannot change positions", "steering.positions",
                                        INVALID)
-            iv = dataclasses.replace(iv, positions=entry.positions)  # type: ignore[type-var]
+            iv = dataclasses.replace(iv, positions=entry.positions)
         value = (iv, AppliedProfile(method=profile.method, layer=int(profile.layer),
                                     strength=float(profile.strength)))
         self._put(key, value)

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# Alternatives a request may ask for with each token's log-probability (OpenAI's limit).
+MAX_TOP_LOGPROBS = 20
+
 # Why the engine refused a plan entry (the wire map turns each into its status and type).
 UNAVAILABLE, MODEL_MISMATCH, INVALID = "unavailable", "model_mismatch", "invalid"
 

@@ -32,6 +32,7 @@ from service.api.protocol import (
     ExperimentCreate,
     ExperimentOut,
     ExperimentResults,
+    ExperimentState,
     FeedbackIn,
     ProfileWeightOut,
     RewardStats,
@@ -81,7 +82,7 @@ def list_experiments(session: Session, tenant_id: int, limit: int, after: str | 
                                 .limit(limit)))
 
 
-def state_of(exp: db.Experiment, now: datetime | None = None) -> str:
+def state_of(exp: db.Experiment, now: datetime | None = None) -> ExperimentState:
     """The status seen through the time window: scheduled, running, paused, stopped or ended."""
     if exp.status in ("stopped", "paused"):
         return exp.status
@@ -192,7 +193,8 @@ def transition(exp: db.Experiment, action: str) -> None:
         if action == "stop":
             return
         raise ApiError(409, "experiment_stopped", "the experiment is stopped; stopping is final", "status")
-    target = {"pause": "paused", "resume": "running", "stop": "stopped"}[action]
+    targets: dict[str, db.ExperimentStatus] = {"pause": "paused", "resume": "running", "stop": "stopped"}
+    target = targets[action]
     if exp.status == target:
         return
     exp.status = target
@@ -321,11 +323,13 @@ def feedback_reward(exp: db.Experiment, body: FeedbackIn) -> float:
         raise _validation(f"give exactly one of thumbs, rating and value (got {', '.join(given)})", given[1])
     if given[0] != wanted:
         raise _validation(f"this experiment collects {exp.reward_kind} feedback: give `{wanted}`", given[0])
-    if wanted == "thumbs":
-        return THUMBS[body.thumbs]  # type: ignore[index]
-    if wanted == "rating":
-        return float(body.rating)  # type: ignore[arg-type]
-    value = float(body.value)  # type: ignore[arg-type]
+    # Exactly the wanted field is given (checked above).
+    if body.thumbs is not None:
+        return THUMBS[body.thumbs]
+    if body.rating is not None:
+        return float(body.rating)
+    assert body.value is not None
+    value = float(body.value)
     if not math.isfinite(value):
         raise _validation("must be a finite number", "value")
     return value
@@ -365,7 +369,7 @@ def _feedback_of(session: Session, exposure: db.Exposure) -> db.Feedback | None:
 
 # ------------------------------------------------------------------------------------------- views
 
-def _counts(session: Session, model: type, exp: db.Experiment) -> dict[int, int]:
+def _counts(session: Session, model: type[db.Assignment] | type[db.Exposure], exp: db.Experiment) -> dict[int, int]:
     rows = session.execute(select(model.variant_id, func.count()).where(
         model.tenant_id == exp.tenant_id, model.experiment_id == exp.id).group_by(model.variant_id))
     return {int(vid): int(n) for vid, n in rows}

@@ -60,7 +60,7 @@ class Inputs:
     sha256: str
 
 
-def unavailable(detail: str, status: str = "none", items: int = 0) -> OfflineResult:
+def unavailable(detail: str, status: db.ComparisonStatus | Literal["none"] = "none", items: int = 0) -> OfflineResult:
     return OfflineResult(OfflineComparison(available=False, status=status, detail=detail, items=items,
                                            evaluation=None, sample_hash=None), {})
 
@@ -94,6 +94,7 @@ def inputs(session: Session, exp: db.Experiment, model: str) -> Inputs | str:
             blend.append((row, float(ref["weight"])))
         blends[variant.name] = blend
     held_out = [it for it in scope if _question(it) not in fitted]
+    evaluation: Evaluation
     items, evaluation = (held_out, "held-out") if held_out else (list(scope), "in-sample")
     key = {"model": model, "items": sample_hash(items), "evaluation": evaluation,
            "variants": [[name, [[row.id, w, row.artifact_sha256] for row, w in blend]]
@@ -161,7 +162,8 @@ def claim(session: Session, comparison_id: str, stale_after: float) -> db.Offlin
     row = comparison_by_id(session, comparison_id)
     if row is None:
         return "missing"
-    if taken.rowcount != 1:
+    # SQLAlchemy types an ORM UPDATE's result as Result; it is a CursorResult, which has `rowcount`.
+    if taken.rowcount != 1:  # type: ignore[attr-defined]
         return row.status
     session.refresh(row)
     return row

@@ -20,6 +20,7 @@ import io
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 from scipy import stats
@@ -109,7 +110,7 @@ def wilson_interval(successes: int, n: int, confidence: float = CONFIDENCE) -> t
 class Comparison:
     """A variant minus the control. `p_value` is two-sided; None when a side has too little data."""
 
-    test: str  # "welch_t" or "two_proportion_z"
+    test: Literal["welch_t", "two_proportion_z"]
     difference: float | None
     ci_low: float | None
     ci_high: float | None
@@ -211,9 +212,9 @@ def rewards_png(bars: Sequence[PlotBar], title: str, kind: str) -> bytes:
         ax.errorbar([x], [s.mean], yerr=err, fmt="o", color=colour, capsize=6, markersize=7)
         ax.annotate(f"{s.mean:.3g}\nn={s.n}", (x, s.mean), textcoords="offset points", xytext=(10, -4),
                     fontsize=8)
-    control = next((b for b in bars if b.is_control and b.summary.mean is not None), None)
-    if control is not None:
-        ax.axhline(control.summary.mean, color="tab:gray", linestyle=":", linewidth=1)
+    control_mean = next((b.summary.mean for b in bars if b.is_control and b.summary.mean is not None), None)
+    if control_mean is not None:
+        ax.axhline(control_mean, color="tab:gray", linestyle=":", linewidth=1)
     ax.set_xticks(xs, [f"{b.name}\n(control)" if b.is_control else b.name for b in bars])
     ax.set_xlim(-0.6, len(bars) - 0.4)
     label = {"thumbs": "share of thumbs up", "rating": "mean rating", "number": "mean reward"}[kind]

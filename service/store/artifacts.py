@@ -171,8 +171,9 @@ class ProfileCache:
         with self._lock:
             self._lru[sha] = profile
 
-    def _redis_usable(self) -> bool:
-        return self.redis is not None and time.monotonic() >= self._redis_skip_until
+    def _usable_redis(self) -> redis.Redis | None:
+        """The Redis client, or None when there is none or it is skipped after a failure."""
+        return self.redis if time.monotonic() >= self._redis_skip_until else None
 
     def _redis_failed(self, what: str, exc: Exception) -> None:
         self._count("redis_errors")
@@ -181,14 +182,15 @@ class ProfileCache:
                     what, self.redis_backoff_s, exc)
 
     def _redis_get(self, sha: str) -> bytes | None:
-        if not self._redis_usable():
+        client = self._usable_redis()
+        if client is None:
             return None
         try:
-            data = self.redis.get(REDIS_PREFIX + sha)
+            data = client.get(REDIS_PREFIX + sha)
         except redis.RedisError as exc:
             self._redis_failed("read", exc)
             return None
-        if data is None:
+        if not isinstance(data, bytes):  # a miss (None); the client does not decode responses
             return None
         if sha256_hex(data) != sha:
             # A bad cached copy is dropped, never parsed; the store decides.
@@ -198,10 +200,11 @@ class ProfileCache:
         return data
 
     def _redis_put(self, sha: str, data: bytes) -> bool:
-        if not self._redis_usable() or len(data) > self.max_bytes:
+        client = self._usable_redis()
+        if client is None or len(data) > self.max_bytes:
             return False
         try:
-            self.redis.set(REDIS_PREFIX + sha, data, ex=self.ttl)
+            client.set(REDIS_PREFIX + sha, data, ex=self.ttl)
             return True
         except redis.RedisError as exc:
             self._redis_failed("write", exc)
@@ -209,10 +212,11 @@ class ProfileCache:
 
     def _redis_delete(self, sha: str, force: bool = False) -> None:
         # `forget` tries even while backing off: a deleted profile's copy should not outlive it.
-        if self.redis is None or not (force or self._redis_usable()):
+        client = self.redis if force else self._usable_redis()
+        if client is None:
             return
         try:
-            self.redis.delete(REDIS_PREFIX + sha)
+            client.delete(REDIS_PREFIX + sha)
         except redis.RedisError as exc:
             self._redis_failed("delete", exc)
 

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from sqlalchemy import (
     JSON,
@@ -94,6 +94,14 @@ NAMING_CONVENTION = {
     "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
     "pk": "pk_%(table_name)s",
 }
+
+
+# The values of enumerated columns (the API validates what is written; mypy checks what is read).
+SubjectKind = Literal["user", "group"]
+ProfileStatus = Literal["queued", "building", "ready", "failed"]
+ExperimentStatus = Literal["running", "paused", "stopped"]
+RewardKind = Literal["thumbs", "rating", "number"]
+ComparisonStatus = Literal["queued", "running", "ready", "failed"]
 
 
 class Base(DeclarativeBase):
@@ -177,7 +185,7 @@ class OpinionRow(Base):
 
     id: Mapped[IntPK]
     tenant_id: Mapped[TenantFK]
-    subject_kind: Mapped[str] = mapped_column(String(16), nullable=False)
+    subject_kind: Mapped[SubjectKind] = mapped_column(String(16), nullable=False)
     user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), nullable=True)
     group_id: Mapped[int | None] = mapped_column(ForeignKey("groups.id", ondelete="CASCADE"), nullable=True)
     item_id: Mapped[str] = mapped_column(String(200), nullable=False)
@@ -214,14 +222,14 @@ class ProfileRow(Base):
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=lambda: str(uuid.uuid4()))
     tenant_id: Mapped[TenantFK]
-    subject_kind: Mapped[str] = mapped_column(String(16), nullable=False)
+    subject_kind: Mapped[SubjectKind] = mapped_column(String(16), nullable=False)
     subject_id: Mapped[int] = mapped_column(Integer, nullable=False)
     method: Mapped[str] = mapped_column(String(64), nullable=False)
     model: Mapped[str] = mapped_column(String(200), nullable=False)
     params: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict, nullable=False)
     params_hash: Mapped[str] = mapped_column(String(64), nullable=False)
     sample_hash: Mapped[str] = mapped_column(String(64), nullable=False)
-    status: Mapped[str] = mapped_column(String(16), default="queued", nullable=False)
+    status: Mapped[ProfileStatus] = mapped_column(String(16), default="queued", nullable=False)
     progress: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     metrics: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)
@@ -282,8 +290,8 @@ class Experiment(Base):
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=lambda: str(uuid.uuid4()))
     tenant_id: Mapped[TenantFK]
     name: Mapped[str] = mapped_column(String(200), nullable=False)
-    status: Mapped[str] = mapped_column(String(16), default="running", nullable=False)
-    reward_kind: Mapped[str] = mapped_column(String(16), nullable=False)
+    status: Mapped[ExperimentStatus] = mapped_column(String(16), default="running", nullable=False)
+    reward_kind: Mapped[RewardKind] = mapped_column(String(16), nullable=False)
     scope_group_id: Mapped[int | None] = mapped_column(ForeignKey("groups.id", ondelete="RESTRICT"), nullable=True)
     control: Mapped[str] = mapped_column(String(64), nullable=False)  # the control variant's name
     salt: Mapped[str] = mapped_column(String(64), nullable=False)
@@ -361,7 +369,7 @@ class Feedback(Base):
     variant_id: Mapped[VariantFK]
     exposure_id: Mapped[int] = mapped_column(ForeignKey("experiment_exposures.id", ondelete="CASCADE"),
                                              nullable=False)
-    kind: Mapped[str] = mapped_column(String(16), nullable=False)
+    kind: Mapped[RewardKind] = mapped_column(String(16), nullable=False)
     reward: Mapped[float] = mapped_column(Float, nullable=False)
     created_at: Mapped[Created]
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow, nullable=False)
@@ -387,7 +395,7 @@ class OfflineComparisonRow(Base):
     tenant_id: Mapped[TenantFK]
     experiment_id: Mapped[ExperimentFK]
     inputs_sha256: Mapped[str] = mapped_column(String(64), nullable=False)
-    status: Mapped[str] = mapped_column(String(16), default="queued", nullable=False)
+    status: Mapped[ComparisonStatus] = mapped_column(String(16), default="queued", nullable=False)
     result: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[Created]
@@ -541,8 +549,9 @@ def get_subject(session: Session, tenant_id: int, kind: str, external_id: str) -
 
 
 def subject_by_id(session: Session, tenant_id: int, kind: str, subject_id: int) -> User | Group | None:
-    model = User if kind == "user" else Group
-    return session.scalar(select(model).where(model.id == subject_id, model.tenant_id == tenant_id))
+    if kind == "user":
+        return session.scalar(select(User).where(User.id == subject_id, User.tenant_id == tenant_id))
+    return session.scalar(select(Group).where(Group.id == subject_id, Group.tenant_id == tenant_id))
 
 
 def subject_name(session: Session, tenant_id: int, kind: str, subject_id: int) -> str | None:

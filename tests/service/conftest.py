@@ -164,7 +164,7 @@ def task_settings(settings, redis_url, tiny_lm, monkeypatch):
 
     import redis
 
-    from worker import lifecycle
+    from worker import lifecycle, tasks  # noqa: F401  (tasks: registers the shared tasks with every Celery app)
 
     s = replace(settings, redis_url=redis_db_url(redis_url, 7), build_stale_after=60)
     client = redis.Redis.from_url(s.redis_url)

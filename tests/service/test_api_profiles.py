@@ -232,3 +232,26 @@ def test_default_profile_must_exist(client, auth):
                    headers=auth)
     assert r.status_code == 404 and r.json["error"]["field"] == "default_profile_id"
     assert client.get("/v1/users/alice", headers=auth).status_code == 404
+
+
+def test_the_profile_document_carries_per_item_alignment_and_the_list_leaves_it_out(client, auth, task_settings):
+    from api_helpers import fixture_items
+
+    from service.queue import BUILD_TASK, create_celery
+
+    make_group(client, auth, n=6)
+    pid = request_profile(client, auth, params={"layer": 1}).json["id"]
+    result = create_celery(task_settings).tasks[BUILD_TASK].apply(args=[pid])
+    assert result.successful() and result.get()["status"] == "ready", result.get()
+    metrics = client.get(f"/v1/profiles/{pid}", headers=auth).json["metrics"]
+    per_item = metrics["per_item"]
+    assert per_item["metric"] == "alignment" and per_item["total"] == 6
+    sample = fixture_items("opinions_group_urban.jsonl", 6)
+    assert sorted(r["id"] for r in per_item["items"]) == sorted(it["id"] for it in sample)
+    for name in ("unsteered", "calibrated", "steered"):
+        mean = sum(r[name] for r in per_item["items"]) / 6
+        assert abs(mean - metrics[name]["alignment"]) < 1e-6, name
+    listed = client.get("/v1/profiles", headers=auth).json["profiles"]
+    assert [p["id"] for p in listed] == [pid]
+    assert "per_item" not in listed[0]["metrics"]
+    assert listed[0]["metrics"] == {k: v for k, v in metrics.items() if k != "per_item"}

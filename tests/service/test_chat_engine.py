@@ -24,6 +24,7 @@ from service.engine.engine import (
     SamplingParams,
     SteeringPlan,
     SteeringRejected,
+    _piece_bytes,
 )
 from steer_core.data import load_items
 from steer_core.errors import SteerError
@@ -250,6 +251,60 @@ def test_stop_strings_max_tokens_and_streamed_text(engine):
     result = handle.result()
     assert result.finish_reason == "stop"
     assert result.text == text[:text.index(stop)] == streamed
+
+
+def test_a_row_with_log_probabilities_batched_with_rows_without_equals_that_row_alone(engine, tiny_lm, profiles):
+    asking = dataclasses.replace(GREEDY, top_logprobs=5)
+    prompts = [_prompt(engine, c) for c in CHATS]
+    shift = plan(profiles.vector(tiny_lm, LAYER, "all", _vector(tiny_lm, 5)))
+    requests = [(prompts[0], asking, shift), (prompts[1], GREEDY, None), (prompts[2], GREEDY, shift)]
+    alone = [engine.generate(p, s, st, timeout=60) for p, s, st in requests]
+    handles = [engine.submit(p, s, st) for p, s, st in requests]
+    together = [h.result(60) for h in handles]
+    assert engine.stats.largest_batch == 3
+    assert [r.token_ids for r in together] == [r.token_ids for r in alone]
+    assert together[1].logprobs is None and together[2].logprobs is None  # the others asked for none
+    mine, solo = together[0].logprobs, alone[0].logprobs
+    assert [e.token for e in mine] == together[0].token_ids
+    assert [[t for t, _ in e.top] for e in mine] == [[t for t, _ in e.top] for e in solo]
+    torch.testing.assert_close(torch.tensor([[e.logprob, *(v for _, v in e.top)] for e in mine]),
+                               torch.tensor([[e.logprob, *(v for _, v in e.top)] for e in solo]))
+    for entry in mine:  # greedy: the chosen token is the most likely one, and the list is as long as asked
+        assert len(entry.top) == 5 and entry.top[0] == (entry.token, entry.logprob)
+        assert entry.logprob <= 0 and [v for _, v in entry.top] == sorted((v for _, v in entry.top), reverse=True)
+    unsteered = engine.generate(prompts[0], asking, timeout=60).logprobs
+    assert unsteered is not None and unsteered[0].logprob != mine[0].logprob  # the steered distribution
+
+
+def test_streamed_log_probabilities_follow_their_text(engine):
+    prompt = _prompt(engine, CHATS[1])
+    asking = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, top_logprobs=2)
+    free = engine.generate(prompt, asking, timeout=60)
+    assert free.logprobs is not None and len(free.logprobs) == free.completion_tokens == 24
+    assert b"".join(engine.token_bytes([e.token for e in free.logprobs])).decode() == free.text
+    stop = free.text[len(free.text) // 2:len(free.text) // 2 + 3]
+    handle = engine.submit(prompt, dataclasses.replace(asking, stop=(stop,)))
+    chunks = list(handle.chunks(60))
+    result = handle.result()
+    assert result.text == free.text[:free.text.index(stop)] == "".join(c.text for c in chunks)
+    # The tokens of the text, the one the stop string cut included, each sent with the chunk completing it.
+    assert [e for c in chunks for e in c.logprobs] == result.logprobs
+    assert result.logprobs is not None and result.logprobs == free.logprobs[:len(result.logprobs)]
+    spelled = engine.token_bytes([e.token for e in result.logprobs])
+    assert b"".join(spelled).startswith(result.text.encode())
+    assert len(b"".join(spelled[:-1])) < len(result.text.encode())  # the last token begins in the text
+    text, tokens = b"", []
+    for chunk in chunks[:-1]:  # a token is sent once all its text is
+        text += chunk.text.encode()
+        tokens += [e.token for e in chunk.logprobs]
+        assert text.startswith(b"".join(engine.token_bytes(tokens)))
+
+
+def test_token_bytes_of_byte_level_and_sentencepiece_vocabularies(engine):
+    ids = engine.tokenize_chat([{"role": "user", "content": "Café ☃"}])
+    assert b"".join(engine.token_bytes(ids)).decode().endswith("user\nCafé ☃<|im_end|>\n<|im_start|>assistant\n")
+    # SentencePiece spells bytes as <0xNN> and spaces as U+2581.
+    assert [_piece_bytes(p, None) for p in ("\u2581Caf", "<0xC3>", "<0xA9>")] == [b" Caf", b"\xc3", b"\xa9"]
 
 
 def test_seeded_sampling_is_reproducible_and_top_p_restricts(engine):

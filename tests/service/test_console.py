@@ -223,6 +223,54 @@ def test_the_profile_page_shows_whatever_the_build_recorded(client, auth, tenant
         assert text in metrics, text
 
 
+PER_ITEM = {"metric": "alignment", "total": 4, "limit": 500, "items": [
+    {"index": 0, "id": "q01", "question": "Buses?", "unsteered": 0.65, "calibrated": 0.70, "steered": 0.74},
+    {"index": 1, "id": "q02", "question": "Trains <b>now</b>?", "unsteered": 0.61, "calibrated": 0.80,
+     "steered": 0.78},
+    {"index": 2, "id": None, "question": "Parks?", "unsteered": 0.58, "calibrated": 0.60, "steered": 0.66},
+    {"index": 3, "id": "q04", "question": "Shops?", "unsteered": 0.70, "calibrated": 0.75, "steered": 0.75}]}
+
+
+def test_the_profile_page_plots_per_item_alignment_before_and_after(client, auth, tenant_key, settings):
+    make_group(client, auth, "urban", n=6)
+    profile_id = request_profile(client, auth, "urban").json["id"]
+    mark_ready(settings, profile_id)
+    with db.session_scope(settings) as session:
+        db.profile_by_id(session, profile_id).metrics = {
+            "evaluation": "cross-validated", "unsteered": {"alignment": 0.635}, "calibrated": {"alignment": 0.7125},
+            "steered": {"alignment": 0.7325}, "per_item": PER_ITEM}
+    sign_in(client, tenant_key)
+    page = client.get(f"/console/profiles/{profile_id}").text
+    figure = page[page.index('id="per-item-plot"'):page.index("</figure>")]
+    assert '<svg viewBox="0 0 720 280" role="img" aria-labelledby="per-item-title per-item-desc">' in figure
+    assert "<title id=\"per-item-title\">Per-item alignment before and after steering</title>" in figure
+    # Over calibrated +0.04, -0.02, +0.06, 0: mean +0.020, paired SE sqrt(0.004 / 3) / 2 = 0.018; over
+    # unsteered +0.09, +0.17, +0.08, +0.05: mean +0.0975, SE sqrt(0.007875 / 3) / 2 = 0.026.
+    caption = ("Mean gain of steered over calibrated: +0.020 ± 0.018 (paired standard error, 4 items, "
+               "cross-validated); over unsteered: +0.098 ± 0.026.")
+    assert f"<figcaption>{caption}</figcaption>" in figure and f"<desc id=\"per-item-desc\">{caption}</desc>" in figure
+    assert "items (4), sorted by gain over calibrated" in figure and "alignment (cross-validated)" in figure
+    marks = re.findall(r'<g class="item gain-(\w+)"><title>([^\n<]*)', figure)
+    assert marks == [("down", "q02: Trains &lt;b&gt;now&lt;/b&gt;?"), ("none", "q04: Shops?"),
+                     ("up", "q01: Buses?"), ("up", "#2: Parks?")]  # sorted by gain; the question escaped
+    assert "unsteered 0.610, calibrated 0.800, steered 0.780 (-0.020)" in figure
+    assert figure.count('class="before"') == 5 and figure.count('class="after"') == 5  # 4 items + the legend
+    assert "No per-item alignment" not in page
+    # The list pages do not carry the per-item rows.
+    assert "Trains" not in client.get("/console/profiles").text
+
+
+def test_a_profile_without_per_item_numbers_says_so(client, auth, tenant_key, settings):
+    make_group(client, auth, "urban", n=6)
+    profile_id = request_profile(client, auth, "urban").json["id"]
+    mark_ready(settings, profile_id)  # metrics as a build before per-item numbers wrote them
+    sign_in(client, tenant_key)
+    page = client.get(f"/console/profiles/{profile_id}")
+    assert page.status_code == 200
+    assert 'id="per-item-plot-missing"' in page.text and "<svg" not in page.text
+    assert "0.800" in page.text  # the summary is still shown
+
+
 def test_console_pages_are_not_in_the_api_document(client):
     paths = client.get("/openapi.json").json["paths"]
     assert not [p for p in paths if p.startswith("/console")]

@@ -184,6 +184,17 @@ def test_sign_in_upload_build_and_see_the_profile_become_ready(browser, stack, t
     assert css(browser, "#chosen-layer").text == str(FIXED["layer"])
     assert css(browser, "#alignment-plot").text.count("\n") >= 1
     shot(browser, screenshots, "03-profile-ready")
+    # Each item's alignment before and after, drawn inline; a fixed-setting build is judged in-sample and
+    # fits no calibration, so "before" is the unsteered model.
+    plot = css(browser, "#per-item-plot")
+    svg = css(browser, "#per-item-plot svg")
+    assert svg.get_attribute("role") == "img" and svg.get_attribute("aria-labelledby")
+    assert len(svg.find_elements("css selector", "g.item")) == len(SMALL_ITEMS)
+    assert svg.size["width"] > 300 and svg.size["height"] > 100  # laid out, not collapsed
+    caption = css(browser, "#per-item-plot figcaption").text
+    assert caption.startswith("Mean gain of steered over unsteered: ") and f"{len(SMALL_ITEMS)} items" in caption
+    browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", plot)
+    shot(browser, screenshots, "03b-profile-per-item-plot")
     browser.get(f"{url}/console/profiles")
     assert "ready" in css(browser, "#profiles").text
     shot(browser, screenshots, "04-profiles")

@@ -1,9 +1,11 @@
 """The official `openai` client against the real app over HTTP: it lists the models, picks a profile from
-the list, chats with it (plain and streamed), and gets 422s that name the field for what the server does
-not do. A tiny random model generates (the point is the wire protocol, not the text)."""
+the list, chats with it (plain and streamed, with log-probabilities, several choices), and gets 422s that
+name the field for what the server does not do. A tiny random model generates (the point is the wire
+protocol, not the text)."""
 
 from __future__ import annotations
 
+import math
 import threading
 
 import openai
@@ -88,6 +90,9 @@ def test_the_openai_client_lists_models_and_chats_with_a_profile_from_the_list(
     ({"response_format": {"type": "json_object"}}, "response_format", "not supported"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools", "not supported"),
     ({"presence_penalty": 0.5}, "presence_penalty", "not supported"),
+    ({"n": 9}, "n", "less than or equal to 8"),
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs", "less than or equal to 20"),
+    ({"top_logprobs": 2}, "top_logprobs", "needs logprobs"),
 ])
 def test_what_the_server_does_not_do_is_a_422_naming_the_field(server, settings, tenant_key, extra, field, words):
     _, url = server
@@ -97,3 +102,58 @@ def test_what_the_server_does_not_do_is_a_422_naming_the_field(server, settings,
                                        max_tokens=2, **extra)
     error = caught.value.body["error"] if "error" in caught.value.body else caught.value.body
     assert error["field"] == field and words in error["message"], error
+
+
+def test_log_probabilities_of_a_listed_profile_plain_and_streamed(server, settings, tenant_key, auth, tiny_lm):
+    app, url = server
+    pid = ready_profile(app, settings, auth, tiny_lm, "urban", seed=1)
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=tenant_key, max_retries=0)
+    picked = next(m.id for m in client.models.list().data if m.id == f"{settings.model}:{pid}")
+    ask = {"messages": [{"role": "user", "content": "City or countryside?"}], "max_tokens": 8, "temperature": 0,
+           "logprobs": True, "top_logprobs": 3}
+
+    steered = client.chat.completions.create(model=picked, **ask)
+    choice = steered.choices[0]
+    tokens = choice.logprobs.content
+    assert len(tokens) == steered.usage.completion_tokens
+    assert "".join(t.token for t in tokens) == choice.message.content
+    assert b"".join(bytes(t.bytes) for t in tokens).decode() == choice.message.content
+    for t in tokens:
+        assert math.isfinite(t.logprob) and t.logprob <= 0 and len(t.top_logprobs) == 3
+        assert all(math.isfinite(a.logprob) and t.logprob >= a.logprob for a in t.top_logprobs)  # greedy
+        assert t.top_logprobs[0].logprob == t.logprob
+
+    plain = client.chat.completions.create(model=settings.model, **ask)
+    assert plain.choices[0].logprobs.content[0].top_logprobs != tokens[0].top_logprobs  # the steered model's
+
+    chunks = list(client.chat.completions.create(model=picked, stream=True, **ask))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == choice.message.content
+    assert [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content] \
+        == tokens
+
+    without = client.chat.completions.create(model=picked, **{**ask, "logprobs": False, "top_logprobs": None})
+    assert without.choices[0].logprobs is None and without.choices[0].message.content == choice.message.content
+
+
+def test_n_seeded_choices_are_independent_and_reproducible(server, settings, tenant_key):
+    _, url = server
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=tenant_key, max_retries=0)
+    ask = {"model": settings.model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8,
+           "temperature": 1.0, "seed": 11, "n": 3, "logprobs": True}
+    first = client.chat.completions.create(**ask)
+    second = client.chat.completions.create(**ask)
+    texts = [c.message.content for c in first.choices]
+    assert [c.index for c in first.choices] == [0, 1, 2]
+    assert texts == [c.message.content for c in second.choices]  # deterministic per choice
+    assert len(set(texts)) == 3  # each choice its own sample
+    assert first.usage.completion_tokens == sum(len(c.logprobs.content) for c in first.choices)
+    assert all(c.logprobs.content[0].top_logprobs == [] for c in first.choices)  # top_logprobs defaults to 0
+
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **ask))
+    streamed = ["", "", ""]
+    for chunk in chunks:
+        for c in chunk.choices:
+            streamed[c.index] += c.delta.content or ""
+    assert streamed == texts
+    assert sorted(c.choices[0].index for c in chunks if c.choices and c.choices[0].finish_reason) == [0, 1, 2]
+    assert chunks[-1].usage == first.usage
