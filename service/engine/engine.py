@@ -868,7 +868,10 @@ class GenerationEngine:
 
     @staticmethod
     def _sample(logits: Tensor, row: _Row) -> int:
-        probs = torch.softmax(logits / row.sampling.temperature, dim=-1)
+        # In float64, from the largest logit down: a tiny temperature then gives 0 and -inf (the argmax),
+        # never inf - inf (NaN).
+        logits = logits.double()
+        probs = torch.softmax((logits - logits.max()) / row.sampling.temperature, dim=-1)
         if row.sampling.top_p < 1.0:
             ordered, order = probs.sort(descending=True)
             before = ordered.cumsum(-1) - ordered  # mass of the more likely tokens

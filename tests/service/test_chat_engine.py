@@ -321,6 +321,14 @@ def test_seeded_sampling_is_reproducible_and_top_p_restricts(engine):
         _solo(engine, prompt, sampling=SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True))
 
 
+def test_a_temperature_too_small_to_divide_by_samples_the_most_likely_token(engine):
+    prompt = _prompt(engine, CHATS[0])
+    greedy = _solo(engine, prompt, sampling=SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True))
+    for tiny in (1e-182, 5e-324):  # logits / tiny overflow to inf: softmax of inf - inf would be NaN
+        assert _solo(engine, prompt, sampling=SamplingParams(max_tokens=10, temperature=tiny, seed=1,
+                                                             ignore_eos=True)) == greedy
+
+
 def test_bad_requests_name_the_field(engine):
     prompt = _prompt(engine, CHATS[0])
     with pytest.raises(SteerError) as info:
