@@ -222,6 +222,7 @@ def streams_under_scoring(engine: GenerationEngine, batch: Sequence[list[int]], 
     all_loaded: list[float] = []
     scored = 0
     scoring_seconds = 0.0
+    rows_seen: list[int] = []  # questions per scoring batch as the streams end
     stream_gaps(engine, batch, sampling)  # warm-up
     engine.score(questions[:32], timeout=3600)
     for _ in range(reps):
@@ -243,6 +244,7 @@ def streams_under_scoring(engine: GenerationEngine, batch: Sequence[list[int]], 
         while engine.stats.score_batches == before:  # the score load is running before the streams start
             time.sleep(0.001)
         gaps = stream_gaps(engine, batch, sampling)
+        rows_seen.append(engine.stats.score_rows)
         running.clear()
         scorer.join()
         scoring_seconds += time.perf_counter() - began
@@ -251,7 +253,8 @@ def streams_under_scoring(engine: GenerationEngine, batch: Sequence[list[int]], 
         loaded_p95.append(float(np.percentile(gaps, 95)))
     ratios = [b / a for a, b in zip(alone_p95, loaded_p95, strict=True)]
     print(f"\n5. {len(batch)} streams, gap between tokens alone and under 256-question score requests "
-          f"(score batch {engine.score_batch_size}, scoring share {engine.score_share}); all reps pooled:")
+          f"(score batch at most {engine.score_batch_size}, {rows_seen} questions as the streams ended; "
+          f"scoring share {engine.score_share}); all reps pooled:")
     for name, gaps in (("alone", all_alone), ("under scoring load", all_loaded)):
         p50, p95, p99 = (1000 * float(np.percentile(gaps, q)) for q in (50, 95, 99))
         print(f"  {name:<20} p50 {p50:7.1f} ms  p95 {p95:7.1f} ms  p99 {p99:7.1f} ms  max {1000 * max(gaps):7.1f} ms"

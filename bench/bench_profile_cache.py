@@ -46,7 +46,8 @@ def main() -> None:
     args = parser.parse_args()
     url = ensure_redis(None)
     client = client_for(url)
-    down = client_for(f"redis://127.0.0.1:{_free_port()}/0")
+    down_url = f"redis://127.0.0.1:{_free_port()}/0"
+    down = client_for(down_url)
     try:
         with tempfile.TemporaryDirectory() as tmp:
             store = ArtifactStore(Path(tmp))
@@ -64,7 +65,7 @@ def main() -> None:
                     ProfileCache(store, client, lru_size=0, max_bytes=1 << 30).load(sha)  # noqa: B023
 
                 store_tier = timed(from_store, args.repeat)
-                backing_off = ProfileCache(store, down, lru_size=0)
+                backing_off = ProfileCache(store, down, lru_size=0, redis_url=down_url)
                 backing_off.load(sha)  # the one failed connection
                 redis_down = timed(lambda: backing_off.load(sha), args.repeat)  # noqa: B023
                 rows.append((label, size, lru, redis_tier, store_tier, redis_down))

@@ -60,7 +60,8 @@ class ServiceState:
             from service.store.artifacts import ProfileCache
 
             s = self.settings
-            self._cache = ProfileCache(self.artifact_store(), self.redis(), lru_size=s.profile_lru_size,
+            self._cache = ProfileCache(self.artifact_store(), self.redis(), redis_url=s.redis_url,
+                                       lru_size=s.profile_lru_size,
                                        ttl=s.profile_cache_ttl, max_bytes=s.profile_cache_max_bytes)
         return self._cache
 

@@ -22,7 +22,7 @@ import redis
 from celery import Celery
 from kombu import Queue
 
-from service.cli.redis_server import ensure_redis, redis_client
+from service.cli.redis_server import CONNECT_TIMEOUT_S, ensure_redis, redis_client
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,11 @@ RESEND_QUEUED_AFTER_S = 30.0
 # Messages a worker has taken but not acknowledged (acks late: until the task ends).
 _UNACKED = "unacked"
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+# A Redis that hangs (SIGSTOP, a stalled host) accepts connections and never answers: every broker and
+# result-backend socket gives up after these, and a publish is tried twice at most, so sending a message
+# fails within about 3 s (the row stays `queued` and the sweeper sends it again).
+BROKER_SOCKET_TIMEOUT_S = 1.0
+PUBLISH_RETRY_POLICY = {"max_retries": 1, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 1.0}
 
 
 class BrokerUnavailable(RuntimeError):
@@ -82,10 +87,16 @@ def celery_config(settings: Settings, broker_url: str) -> dict[str, Any]:
         "task_create_missing_queues": False,
         "result_expires": 24 * 3600,
         "broker_connection_retry_on_startup": True,
+        "broker_connection_timeout": CONNECT_TIMEOUT_S,
+        "task_publish_retry": True,
+        "task_publish_retry_policy": PUBLISH_RETRY_POLICY,
+        "redis_socket_connect_timeout": CONNECT_TIMEOUT_S,
+        "redis_socket_timeout": BROKER_SOCKET_TIMEOUT_S,
         # An unacknowledged message is redelivered after this long: it must outlast the longest build, or a
         # running build would be handed to a second worker. A lost worker's builds are picked up sooner by
         # the sweeper (`build_stale_after`).
-        "broker_transport_options": {"visibility_timeout": limit + 600},
+        "broker_transport_options": {"visibility_timeout": limit + 600, "socket_timeout": BROKER_SOCKET_TIMEOUT_S,
+                                     "socket_connect_timeout": CONNECT_TIMEOUT_S},
         "result_backend_transport_options": {"retry_policy": {"timeout": 5.0}},
         "worker_hijack_root_logger": False,
         "worker_send_task_events": False,
@@ -107,12 +118,15 @@ _apps_lock = threading.Lock()
 
 
 def celery_for(settings: Settings) -> BuildCelery:
-    """One Celery app per (Redis, database) in a process: producers reuse its connection pool."""
+    """One Celery app per (Redis, database) in a process: producers reuse its connection pool. A producer
+    also bounds the (re)connection a publish starts with (a worker's consumer keeps retrying instead)."""
     key = (ensure_redis(settings.redis_url), settings.database_url)
     with _apps_lock:
         app = _apps.get(key)
         if app is None:
             app = _apps[key] = create_celery(settings)
+            app.conf.broker_transport_options = {**app.conf.broker_transport_options,
+                                                 "max_retries": PUBLISH_RETRY_POLICY["max_retries"]}
         return app
 
 
@@ -151,10 +165,10 @@ def send(task: str, args: list[Any], queue: str, settings: Settings) -> None:
     try:
         # The default exchange routes by queue name alone. A named exchange needs its binding table in
         # Redis, and after a Redis flush kombu drops messages published to it without a word.
-        celery_for(settings).send_task(
-            task, args=args, queue=queue, exchange="", routing_key=queue,
-            retry=True, retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5,
-                                      "interval_max": 1.0})
+        # Nothing reads a task's Celery result (the database holds its outcome): the sender does not
+        # subscribe to it, which would be one more Redis call to wait on.
+        celery_for(settings).send_task(task, args=args, queue=queue, exchange="", routing_key=queue,
+                                       ignore_result=True)
     except Exception as exc:  # kombu raises its own OperationalError, redis its ConnectionError
         raise BrokerUnavailable(f"could not queue {task}({', '.join(map(str, args))}): {exc}") from exc
     log.info("queued %s%s on %s", task, args, queue)

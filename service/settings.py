@@ -21,7 +21,7 @@
 | `PLURISTEER_STACK_STATUS` | unset | set by `pluristeer up`: the file where it reports its children (/readyz) |
 | `METRICS_TOKEN` | unset | when set, `/metrics` needs `Authorization: Bearer <it>` and adds cross-tenant counts |
 | `MAX_PROFILES_PER_REQUEST` | `8` | profiles in one blend |
-| `MAX_BATCH_SIZE` | `16` | rows the generation engine runs together |
+| `MAX_BATCH_SIZE` | `16` | rows the generation engine runs together; chats and scores in flight per process |
 | `BATCH_WAIT_MS` | `10` | how long the engine waits to fill a batch |
 | `CONSOLE_SESSION_TTL` | `28800` | seconds a web console sign-in lasts |
 """
@@ -34,6 +34,10 @@ from pathlib import Path
 from typing import Any
 
 from steer_core.defaults import DEFAULT_MODEL, pluristeer_home
+
+# Request threads of an API process beyond its MAX_BATCH_SIZE engine-bound ones: /healthz, /readyz and the
+# routes that do not wait on the engine always find a free thread.
+FREE_REQUEST_THREADS = 4
 
 
 def _env(name: str, default: Any, cast: type = str) -> Any:
@@ -107,3 +111,8 @@ class Settings:
             raise TypeError(f"unknown settings: {', '.join(sorted(unknown))}")
         values.update(overrides)
         return cls(**values)
+
+    def request_threads(self) -> int:
+        """Request threads per API process (gunicorn gthread): MAX_BATCH_SIZE engine-bound requests at most
+        (`service.api.chat.admit`), plus FREE_REQUEST_THREADS for everything else."""
+        return self.max_batch_size + FREE_REQUEST_THREADS

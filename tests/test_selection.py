@@ -15,6 +15,7 @@ from steer_core.data import make_item
 from steer_core.folds import fold_indices
 from steer_core.methods import Method, no_params, register
 from steer_core.profile import Profile
+from steer_core.prompts import option_token_ids
 from steer_core.steering import ConstantShift
 
 
@@ -125,3 +126,37 @@ def test_a_build_whose_steering_does_nothing_ships_its_calibration_alone(tiny_lm
     assert m["calibration"]["temperature"] == profile.calibration.temperature
     assert {"unsteered", "uniform", "calibrated"} <= set(m)
     assert Profile.from_bytes(profile.to_bytes()).calibration == profile.calibration
+
+
+def _toward_middle_fit(lm, items, layers, params, positions):
+    """At the last block only: the unembedding row of the letter of the middle option, which pushes every
+    answer toward that option; at the other layers nothing."""
+    letter = option_token_ids(lm.tokenizer, 3)[1]
+    toward = lm.model.get_output_embeddings().weight[letter].detach().float()
+    last = lm.num_layers - 1
+    return {L: Profile(method="stub_middle", model_name=lm.name, model_fingerprint=lm.fingerprint, layer=L,
+                       positions=positions, strength=1.0,
+                       tensors={"vector": toward if L == last else torch.zeros(lm.hidden_size)})
+            for L in layers}
+
+
+def test_a_build_finds_the_known_best_setting_of_a_stub_method(tiny_lm):
+    """Every target puts its mass on the middle option, which no calibration (temperature, lean toward an end
+    of the scale) can favour; only the last block's vector moves answers there: the build must pick that
+    layer, and ship it as a gain over the calibrated model."""
+    last = tiny_lm.num_layers - 1
+    register(Method(name="stub_middle", fit=_toward_middle_fit, check_params=no_params, default_positions="last",
+                    intervention=lambda p, lm: ConstantShift(layer=p.layer, positions=p.positions,
+                                                             vector=p.strength * p.tensors["vector"]),
+                    strengths=lambda p, lm: [4.0, 16.0], layers=lambda lm: [1, last]))
+    try:
+        items = [make_item(f"Question number {i}?", ["Yes", "No", "Maybe"], target=[0.05, 0.9, 0.05])
+                 for i in range(8)]
+        profile = build_profile(tiny_lm, items, "stub_middle")
+    finally:
+        METHODS.pop("stub_middle")
+    m = profile.metrics
+    assert m["choice"]["layer"] == last and profile.layer == last
+    assert m["improved"] and profile.strength in (4.0, 16.0)
+    assert m["gain_vs_calibrated"]["alignment"] > 0
+    assert max(m["search"], key=lambda s: s["alignment"])["layer"] == last

@@ -134,7 +134,8 @@ def _warm_cache(settings: Settings, store: ArtifactStore, sha: str, data: bytes)
     from service.cli.redis_server import redis_client
 
     try:
-        cache = ProfileCache(store, redis_client(settings), lru_size=0, ttl=settings.profile_cache_ttl,
+        cache = ProfileCache(store, redis_client(settings), redis_url=settings.redis_url, lru_size=0,
+                             ttl=settings.profile_cache_ttl,
                              max_bytes=settings.profile_cache_max_bytes)
         cache.put(sha, data)
     except Exception as exc:  # noqa: BLE001
@@ -207,7 +208,8 @@ def _blend_scorer(settings: Settings, lm: Any) -> offline.Scorer:
     from steer_core.prompts import answer_distributions
     from steer_core.steering import compose
 
-    cache = ProfileCache(ArtifactStore(settings.artifact_dir), redis_client(settings), lru_size=0,
+    cache = ProfileCache(ArtifactStore(settings.artifact_dir), redis_client(settings), redis_url=settings.redis_url,
+                         lru_size=0,
                          ttl=settings.profile_cache_ttl, max_bytes=settings.profile_cache_max_bytes)
 
     def score(items: Sequence[OpinionItem], blend: Sequence[tuple[db.ProfileRow, float]]) -> list[np.ndarray]:

@@ -101,6 +101,28 @@ class EngineSlot:
         self.engine: GenerationEngine | None = None
         self.error: str | None = None
         self.dead: str | None = None
+        self.admission_limit = context.state(app).settings.max_batch_size
+        self._admission = threading.BoundedSemaphore(self.admission_limit)
+        self.refused = 0
+
+    def admit(self) -> Callable[[], None]:
+        """Take one of the process's engine-bound request slots or refuse at once (503, Retry-After): a
+        request thread past them would only wait for the engine, and the request threads left over
+        (FREE_REQUEST_THREADS) must stay free for /healthz, /readyz and the routes that do not generate.
+        Returns the release (safe to call twice)."""
+        if not self._admission.acquire(blocking=False):
+            with self.lock:
+                self.refused += 1
+            raise ApiError(503, "unavailable", f"{self.admission_limit} generation requests are already in flight "
+                           "in this process (MAX_BATCH_SIZE); retry shortly", headers={"Retry-After": "1"})
+        released = threading.Event()
+
+        def release() -> None:
+            if not released.is_set():
+                released.set()
+                self._admission.release()
+
+        return release
 
     def get(self) -> GenerationEngine:
         with self.lock:
@@ -166,6 +188,22 @@ def engine(app: Flask | None = None) -> GenerationEngine:
     return (app or current_app).extensions[ENGINE].get()
 
 
+def admitted(work: Callable[[], Any]) -> Any:
+    """`work()` (which waits on the engine) in one of the process's engine-bound request slots
+    (`EngineSlot.admit`); a streamed response keeps its slot until the server closes it."""
+    release = current_app.extensions[ENGINE].admit()
+    try:
+        result = work()
+    except BaseException:
+        release()
+        raise
+    if isinstance(result, Response):
+        result.call_on_close(release)
+    else:
+        release()
+    return result
+
+
 def stop_engine(app: Flask, timeout: float = 30.0) -> bool:
     """Stop the app's engine thread (tests, shutdown); a later request starts a new one unless the stop
     failed (False: the slot is dead)."""
@@ -189,6 +227,8 @@ class _EngineCollector:
         yield CounterMetricFamily("pluristeer_generation_tokens", "tokens generated",
                                   value=stats.tokens if stats else 0)
         yield CounterMetricFamily("pluristeer_generation_steps", "decode steps run", value=stats.steps if stats else 0)
+        yield CounterMetricFamily("pluristeer_generation_refused", "chat and score requests refused at once (503) "
+                                  "because MAX_BATCH_SIZE were in flight in this process", value=self.slot.refused)
         finished = CounterMetricFamily("pluristeer_generation_requests", "generation requests finished",
                                        labels=["outcome"])
         if stats:
@@ -337,6 +377,10 @@ def complete_chat(body: ChatCompletionRequest) -> Any:
         raise ApiError(422, "validation_error", "max_tokens and max_completion_tokens disagree", "max_tokens")
     if max_tokens > settings.max_new_tokens:
         raise ApiError(422, "validation_error", f"at most {settings.max_new_tokens} new tokens", field)
+    return admitted(lambda: _complete_chat(body, base, shorthand, max_tokens))
+
+
+def _complete_chat(body: ChatCompletionRequest, base: str, shorthand: str | None, max_tokens: int) -> Any:
     eng = engine()
     planned = plan_steering(body.steering, shorthand, body.user)
     prompt = eng.tokenize_chat([{"role": m.role, "content": m.text()} for m in body.messages])
@@ -567,9 +611,12 @@ def _score_items(body: ScoreRequest) -> list[OpinionItem]:
 
 def score_questions(body: ScoreRequest) -> ScoreResponse:
     """Answer distributions under steering for the request's tenant: the API and the console's playground."""
-    settings = context.settings()
-    base, shorthand = parse_model(body.model, settings)
+    base, shorthand = parse_model(body.model, context.settings())
     items = _score_items(body)
+    return admitted(lambda: _score(body, base, shorthand, items))
+
+
+def _score(body: ScoreRequest, base: str, shorthand: str | None, items: list[OpinionItem]) -> ScoreResponse:
     eng = engine()
     for i, item in enumerate(items):
         if eng.score_prompt_tokens(item) >= eng.context_length:

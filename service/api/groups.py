@@ -35,7 +35,7 @@ def put_group(gid: str, body: GroupPut) -> tuple[GroupOut, int]:
         select(db.User).where(db.User.tenant_id == tenant, db.User.uid.in_(uids)))} if uids else {}
     for i, uid in enumerate(body.members):
         if uid not in users:
-            raise ApiError(422, "validation_error", f"no user {uid!r}; PUT /v1/users/{{uid}} first",
+            raise ApiError(404, "not_found", f"user {uid!r} not found; PUT /v1/users/{{uid}} first",
                            f"members[{i}]")
     group = db.get_group(session, tenant, gid)
     created = group is None

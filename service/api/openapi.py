@@ -30,7 +30,8 @@ from werkzeug.exceptions import RequestEntityTooLarge
 
 from service import context
 from service.api.errors import ApiError, not_found, validation_error
-from service.api.protocol import ID_PATTERN, ID_RULE, PATH_PATTERNS, ErrorResponse
+from service.api.protocol import DEPLOYMENT_KEY, ID_PATTERN, ID_RULE, PATH_PATTERNS, UUID_PATTERN, ErrorResponse
+from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -126,12 +127,20 @@ def _parse_int(text: str) -> int | _TooLarge:
     return value if abs(value) <= MAX_JSON_INTEGER else _TooLarge(text)
 
 
+def _parse_number(text: str) -> int | float:
+    # A number with no fractional part is an integer whichever way it is written (`2.0`, `1e3`), as JSON
+    # Schema's "integer" says; past MAX_JSON_INTEGER it stays a float for check_json_value to refuse.
+    value = float(text)
+    return int(value) if value.is_integer() and abs(value) <= MAX_JSON_INTEGER else value
+
+
 def read_json(raw: bytes) -> Any:
     """`raw` parsed as JSON, then checked: nesting at most `MAX_JSON_DEPTH`, integers within 64 bits,
     other numbers finite and at most `MAX_JSON_NUMBER` in size, strings (keys too) valid UTF-8 without NUL.
-    Raises `ApiError` (400 for what is not JSON, 422 naming the field for a value out of bounds)."""
+    Numbers with no fractional part are read as integers. Raises `ApiError` (400 for what is not JSON, 422
+    naming the field for a value out of bounds)."""
     try:
-        payload = json.loads(raw, parse_int=_parse_int, parse_constant=float)
+        payload = json.loads(raw, parse_int=_parse_int, parse_float=_parse_number, parse_constant=float)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         message = f"the body is not valid JSON: {exc.msg}" if isinstance(exc, json.JSONDecodeError) else \
             "the body is not UTF-8 JSON"
@@ -345,7 +354,7 @@ _JSON_SCALAR: dict[str, Any] = {"anyOf": [{"type": "string", "pattern": _TEXT_PA
 JSON_VALUE_SCHEMA: dict[str, Any] = {
     "description": "any JSON value within the API's bounds",
     "anyOf": [*_JSON_SCALAR["anyOf"], {"type": "array", "items": _JSON_SCALAR},
-              {"type": "object", "additionalProperties": _JSON_SCALAR}]}
+              {"type": "object", "propertyNames": {"pattern": _TEXT_PATTERN}, "additionalProperties": _JSON_SCALAR}]}
 
 
 def state_json_bounds(schema: Any) -> None:
@@ -368,14 +377,61 @@ def state_json_bounds(schema: Any) -> None:
     elif kind in ("integer", "number"):
         for key, value in (_INTEGER_BOUNDS if kind == "integer" else _NUMBER_BOUNDS).items():
             schema.setdefault(key, value)
-    elif kind == "object" and schema.get("additionalProperties") is True:
-        schema["additionalProperties"] = {"$ref": f"#/components/schemas/{JSON_VALUE}"}
+    elif kind == "object":
+        schema.setdefault("propertyNames", {"pattern": _TEXT_PATTERN})
+        if schema.get("additionalProperties") is True:
+            schema["additionalProperties"] = {"$ref": f"#/components/schemas/{JSON_VALUE}"}
     for key in ("properties", "$defs"):
         for sub in schema.get(key, {}).values():
             state_json_bounds(sub)
     for key in ("items", "additionalProperties", "anyOf", "oneOf", "allOf"):
         if key in schema:
             state_json_bounds(schema[key])
+
+
+def _branches(schema: dict[str, Any], kind: str) -> list[dict[str, Any]]:
+    """`schema` itself if it has type `kind`, else its anyOf branches of that type."""
+    if schema.get("type") == kind:
+        return [schema]
+    return [b for b in schema.get("anyOf", []) if b.get("type") == kind]
+
+
+def _literal(text: str) -> str:
+    """`text` as a regular expression matching itself (escapes that ECMA and Python read alike)."""
+    return "".join("\\" + c if c in "\\^$.|?*+()[]{}/" else c for c in text)
+
+
+def state_deployment(schema: Any, settings: Settings) -> None:
+    """Write the deployment's limits (`service.api.protocol.deployment`) into a document (in place)."""
+    if isinstance(schema, list):
+        for sub in schema:
+            state_deployment(sub, settings)
+        return
+    if not isinstance(schema, dict):
+        return
+    limit = schema.pop(DEPLOYMENT_KEY, None)
+    if limit == "served_model":  # `base` or `base:<profile id>`; empty: the base
+        for b in _branches(schema, "string"):
+            b["pattern"] = f"^(?:{_literal(settings.model)}(?::{UUID_PATTERN.strip('^$')})?)?$"
+    elif limit == "build_model":
+        from service.api.profiles import allowed_models
+
+        for b in _branches(schema, "string"):
+            b.pop("pattern", None)
+            b["enum"] = allowed_models(settings)
+    elif limit == "max_new_tokens":
+        for b in _branches(schema, "integer"):
+            b["maximum"] = settings.max_new_tokens
+    elif limit == "max_profiles":
+        for b in _branches(schema, "array"):
+            b["maxItems"] = settings.max_profiles_per_request
+    elif limit == "max_adapter_chars":  # base64 of MAX_ADAPTER_BYTES
+        for b in _branches(schema, "string"):
+            b["maxLength"] = 4 * (settings.max_adapter_bytes // 3 + 1)
+    elif limit is not None:
+        raise ValueError(f"unknown deployment limit {limit!r}")
+    for sub in schema.values():
+        state_deployment(sub, settings)
 
 
 def openapi_document(app: Flask) -> dict[str, Any]:
@@ -444,6 +500,8 @@ def openapi_document(app: Flask) -> dict[str, Any]:
         if spec.auth:
             op["security"] = [{"bearer": []}]
         paths.setdefault(path, {})[method.lower()] = op
+    state_deployment(paths, context.state(app).settings)
+    state_deployment(schemas, context.state(app).settings)
     return {
         "openapi": OPENAPI_VERSION,
         "info": {"title": API_TITLE, "version": API_VERSION,

@@ -99,7 +99,7 @@ def resolve_contrast(session: db.Session, tenant: int, body: ProfileCreate, subj
             raise ApiError(422, "validation_error", "a subject cannot be its own contrast", field)
         other = db.get_subject(session, tenant, ref.kind, ref.id)
         if other is None:
-            raise ApiError(422, "validation_error", f"{ref.kind} {ref.id!r} does not exist", f"{field}.id")
+            raise not_found(f"{ref.kind} {ref.id!r}", f"{field}.id")
         if not any(question_key(it) in wanted for it in db.subject_items(session, tenant, ref.kind, other.id)):
             raise ApiError(422, "validation_error", f"{ref.kind} {ref.id!r} answered none of the subject's "
                            "questions (same text and options): there is nothing to tell apart", f"{field}.id")
@@ -233,7 +233,7 @@ def get_profile(profile_id: str) -> ProfileOut:
 
 @api_route(bp, "/v1/profiles", "GET", summary="the tenant's profiles, newest first (metrics without "
            "`per_item`: GET one profile for it)", query=ProfileListQuery,
-           responses={200: ProfileList})
+           responses={200: ProfileList}, errors=(404,))
 def list_profiles(query: ProfileListQuery) -> ProfileList:
     tenant = tenant_id()
     session = context.session()
@@ -246,7 +246,7 @@ def list_profiles(query: ProfileListQuery) -> ProfileList:
             return ProfileList(profiles=[], next_after=None)
         subject_id = subject.id
     if query.after is not None and db.get_profile(session, tenant, query.after) is None:
-        raise ApiError(422, "validation_error", f"no profile {query.after!r}", "after")
+        raise not_found(f"profile {query.after!r}", "after")
     rows = db.list_profiles(session, tenant, kind=query.subject_kind, subject_id=subject_id,
                             status=query.status, method=query.method, limit=query.limit + 1,
                             after=query.after)

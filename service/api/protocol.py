@@ -21,10 +21,11 @@ from pydantic import (
     ValidationInfo,
     field_validator,
 )
+from pydantic.json_schema import JsonDict
 from pydantic_core import PydanticCustomError
 
 from service.engine.plan import MAX_TOP_LOGPROBS
-from steer_core.data import OpinionItem
+from steer_core.data import MAX_OPTIONS, OpinionItem
 
 # External ids (user uid, group gid) appear in URLs: keep them printable and bounded. Match them whole
 # (`re.fullmatch`): Python's `$` also matches before a trailing newline.
@@ -40,6 +41,18 @@ PATH_PATTERNS = {"uid": ID_PATTERN, "gid": ID_PATTERN, "profile_id": UUID_PATTER
 MAX_ID_CHARS = 200
 MAX_ITEMS_PER_REQUEST = 10_000
 MAX_MEMBERS = 10_000
+# Text that holds more than whitespace (and, as all text, no NUL). Opinion items state it in the document
+# only: their check is `str.strip()`'s (steer_core.data.make_item), whose whitespace is Python's.
+NON_BLANK_TEXT = r"^[^\u0000]*[^\s\u0000][^\u0000]*$"
+# Limits that depend on the deployment (its model, MAX_NEW_TOKENS, ...): a field names one with
+# `json_schema_extra=deployment(...)` and /openapi.json states its value (service.api.openapi).
+DEPLOYMENT_KEY = "x-deployment"
+
+
+def deployment(limit: Literal["served_model", "build_model", "max_new_tokens", "max_profiles",
+                              "max_adapter_chars"]) -> dict[str, Any]:
+    return {DEPLOYMENT_KEY: limit}
+
 
 # Every JSON number is also held to +-1e15 (integers: 64 bits) before validation (service.api.openapi.read_json).
 Number = StrictInt | StrictFloat
@@ -78,7 +91,7 @@ Attributes = dict[str, Any]
 class UserPut(Request):
     attributes: Attributes = Field(default_factory=dict, description="free-form attributes of the user")
     default_profile_id: str | None = Field(
-        None, description="profile applied to this user's requests when a request names none")
+        None, pattern=UUID_PATTERN, description="profile applied to this user's requests when a request names none")
 
 
 class UserOut(Response):
@@ -92,7 +105,7 @@ class UserOut(Response):
 
 
 class GroupPut(Request):
-    members: list[str] = Field(default_factory=list, max_length=MAX_MEMBERS,
+    members: list[Annotated[str, Field(pattern=ID_PATTERN)]] = Field(default_factory=list, max_length=MAX_MEMBERS,
                                description="uids of existing users; replaces the member list")
     attributes: Attributes = Field(default_factory=dict)
 
@@ -108,15 +121,32 @@ class GroupOut(Response):
 
 # ------------------------------------------------------------------------------------------- opinions
 
-class OpinionIn(Request):
-    """One item in the interchange format: exactly one of `target` (a distribution) and `answer`."""
+# An opinion item's fields as the document states them (steer_core.data.make_item checks them). What it
+# cannot state: `target` and `ordinal` have one entry per option, `target` sums to 1, an `answer` index is
+# below the number of options and an `answer` text is one of them.
+Question = Annotated[str, Field(json_schema_extra={"pattern": NON_BLANK_TEXT})]
+Options = Annotated[list[Annotated[str, Field(json_schema_extra={"pattern": NON_BLANK_TEXT})]],
+                    Field(min_length=2, max_length=MAX_OPTIONS)]
+Probabilities = list[Annotated[Number, Field(ge=0)]]
+Answer = Annotated[StrictInt, Field(ge=0, le=MAX_OPTIONS - 1)] | str
+ItemId = Annotated[str, Field(max_length=MAX_ID_CHARS)] | StrictInt
+_GIVEN: JsonDict = {"not": {"type": "null"}}
+_NULL: JsonDict = {"type": "null"}
+TARGET_XOR_ANSWER: JsonDict = {"oneOf": [{"required": ["target"], "properties": {"target": _GIVEN, "answer": _NULL}},
+                               {"required": ["answer"], "properties": {"answer": _GIVEN, "target": _NULL}}]}
 
-    id: Annotated[str, Field(max_length=MAX_ID_CHARS)] | StrictInt | None = None
-    question: str
-    options: list[str]
+
+class OpinionIn(Request):
+    """One item in the interchange format: exactly one of `target` (a distribution) and `answer`; `target`
+    and `ordinal` have one entry per option."""
+
+    model_config = ConfigDict(json_schema_extra=TARGET_XOR_ANSWER)
+    id: ItemId | None = None
+    question: Question
+    options: Options
     ordinal: list[Number] | None = None
-    target: list[Number] | None = None
-    answer: StrictInt | str | None = Field(None, description="option index or the option's text")
+    target: Probabilities | None = Field(None, description="probabilities summing to 1")
+    answer: Answer | None = Field(None, description="option index or the option's text")
 
 
 class OpinionsPost(Request):
@@ -186,13 +216,22 @@ def _registered_methods(schema: dict[str, Any]) -> None:
     schema["enum"] = sorted(METHODS)
 
 
+def _common_params(schema: dict[str, Any]) -> None:
+    """The params every method takes (service.api.profiles.check_params); the rest are the method's own."""
+    from steer_core.build import ORDERS
+    from steer_core.steering import POSITIONS
+
+    schema["properties"] = {"layer": {"type": "integer", "minimum": 0}, "strength": {"type": "number", "minimum": 0},
+                            "positions": {"enum": list(POSITIONS)}, "orders": {"enum": list(ORDERS)}}
+
+
 class ProfileCreate(Request):
     subject: SubjectIn
     method: str = Field(description="a registered method", json_schema_extra=_registered_methods)
     model: str | None = Field(None, description="base model; default and only choices: the deployment's "
-                                                "models")
+                                                "models", json_schema_extra=deployment("build_model"))
     params: dict[str, Any] = Field(
-        default_factory=dict,
+        default_factory=dict, json_schema_extra=_common_params,
         description="layer, strength and positions fix what is otherwise chosen on held-out items; orders "
                     "2 also fits on every item with its options reversed; the method's own parameters are "
                     "checked by the method")
@@ -204,12 +243,16 @@ class ProfileCreate(Request):
                           "questions; for a user, none. [] for none. Stored as params.contrast")
 
 
+BASE64_PATTERN = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
+
+
 class ProfileImport(Request):
     subject: SubjectIn
     adapter_config: dict[str, Any] = Field(description="the content of peft's adapter_config.json (a LoRA "
                                                        "adapter for the served base model)")
     adapter_model: str = Field(description="adapter_model.safetensors, base64-encoded (safetensors only: "
-                                           "pickled .bin adapters are refused)")
+                                           "pickled .bin adapters are refused)", json_schema_extra={
+                                   "pattern": BASE64_PATTERN, **deployment("max_adapter_chars")})
 
 
 class Progress(Response):
@@ -255,9 +298,9 @@ class ProfileListQuery(Request):
     status: Literal["queued", "building", "ready", "failed"] | None = None
     method: str | None = None
     subject_kind: Literal["user", "group"] | None = None
-    subject_id: str | None = None
+    subject_id: str | None = Field(None, description="with subject_kind")
     limit: int = Field(50, ge=1, le=500)
-    after: str | None = Field(None, description="the last id of the previous page")
+    after: str | None = Field(None, pattern=UUID_PATTERN, description="the last id of the previous page")
 
 
 class ProfileList(Response):
@@ -273,7 +316,7 @@ class ArtifactQuery(Request):
 # ----------------------------------------------------------------------------------------------- keys
 
 class KeyCreate(Request):
-    name: str = Field(min_length=1, max_length=200, pattern=r"\S", description="what the key is for")
+    name: str = Field(min_length=1, max_length=200, pattern=NON_BLANK_TEXT, description="what the key is for")
 
 
 class KeyOut(Response):
@@ -373,7 +416,7 @@ class ChatMessageIn(Request):
 
 
 class ProfileWeight(Request):
-    id: str = Field(description="a ready profile of this tenant, built for the served model")
+    id: str = Field(pattern=UUID_PATTERN, description="a ready profile of this tenant, built for the served model")
     weight: BlendWeight = Field(1.0, description="its weight in the blend (negative steers away)")
 
     @field_validator("weight")
@@ -387,10 +430,15 @@ class SteeringIn(Request):
     nothing: then the request's `user` gets their default profile, optionally blended with their groups'
     newest ready profiles at `groups_weight` each."""
 
-    profiles: list[ProfileWeight] | None = Field(None, description="the blend: profile ids and weights")
+    model_config = ConfigDict(json_schema_extra={"not": {
+        "required": ["profiles", "experiment"],
+        "properties": {"profiles": {"type": "array", "minItems": 1}, "experiment": {"type": "string"}}}})
+    profiles: list[ProfileWeight] | None = Field(None, description="the blend: profile ids and weights",
+                                                 json_schema_extra=deployment("max_profiles"))
     positions: Literal["prompt", "last", "all"] | None = Field(
         None, description="override every profile's steered positions")
-    experiment: str | None = Field(None, description="an A/B experiment: the user's variant gives the blend")
+    experiment: str | None = Field(None, pattern=UUID_PATTERN,
+                                   description="an A/B experiment: the user's variant gives the blend")
     groups_weight: BlendWeight | None = Field(
         None, description="with `user` and no profiles: add each of the user's groups' newest ready profile "
                           "at this weight to the user's default profile")
@@ -414,15 +462,34 @@ UNSUPPORTED_CHAT_FIELDS: dict[str, tuple[Any, ...]] = {
 }
 
 
+def _state_chat_rules(schema: dict[str, Any]) -> None:
+    """Each unsupported field as the document states it (the values that ask for what the server does
+    anyway, or null), and `top_logprobs` only with `logprobs: true`."""
+    for name, accepted in UNSUPPORTED_CHAT_FIELDS.items():
+        values: list[Any] = []
+        for value in (*accepted, None):
+            if value not in values:  # 0 and 0.0 are one JSON number
+                values.append(value)
+        schema["properties"][name]["enum"] = values
+    schema["not"] = {"required": ["top_logprobs"],
+                     "properties": {"top_logprobs": {"type": "integer"}, "logprobs": {"not": {"const": True}}}}
+
+
 class ChatCompletionRequest(Request):
     """OpenAI's chat completion request (no tools, no penalties) plus `steering`."""
 
-    model: str = Field(description="the served base model, or `<base>:<profile id>` for one profile")
+    model_config = ConfigDict(json_schema_extra=_state_chat_rules)
+
+    model: str = Field(description="the served base model, or `<base>:<profile id>` for one profile",
+                       json_schema_extra=deployment("served_model"))
     messages: list[ChatMessageIn] = Field(min_length=1)
     max_tokens: StrictInt | None = Field(None, ge=1, description="new tokens at most (default: the "
                                                                  "deployment's DEFAULT_MAX_TOKENS; limit: its "
-                                                                 "MAX_NEW_TOKENS)")
-    max_completion_tokens: StrictInt | None = Field(None, ge=1, description="same as max_tokens")
+                                                                 "MAX_NEW_TOKENS)",
+                                         json_schema_extra=deployment("max_new_tokens"))
+    max_completion_tokens: StrictInt | None = Field(None, ge=1, description="same as max_tokens (give one, or "
+                                                                            "both equal)",
+                                                    json_schema_extra=deployment("max_new_tokens"))
     temperature: Number = Field(1.0, ge=0, le=2, description="0 is greedy")
     top_p: Number = Field(1.0, gt=0, le=1)
     seed: StrictInt | None = Field(None, ge=-(2**63), le=2**63 - 1)
@@ -598,18 +665,21 @@ class ChatCompletionChunk(Response):
 
 
 class ScoreQuestion(Request):
-    """A multiple-choice question; `target` or `answer` (optional) add alignment metrics to the response."""
+    """A multiple-choice question; `target` or `answer` (at most one) add alignment metrics to the response."""
 
-    id: Annotated[str, Field(max_length=MAX_ID_CHARS)] | StrictInt | None = None
-    question: str
-    options: list[str]
+    model_config = ConfigDict(json_schema_extra={"not": {"required": ["target", "answer"],
+                                                         "properties": {"target": _GIVEN, "answer": _GIVEN}}})
+    id: ItemId | None = None
+    question: Question
+    options: Options
     ordinal: list[Number] | None = None
-    target: list[Number] | None = None
-    answer: StrictInt | str | None = None
+    target: Probabilities | None = Field(None, description="probabilities summing to 1")
+    answer: Answer | None = None
 
 
 class ScoreRequest(Request):
-    model: str | None = Field(None, description="the served base model (default), or `<base>:<profile id>`")
+    model: str | None = Field(None, description="the served base model (default), or `<base>:<profile id>`",
+                              json_schema_extra=deployment("served_model"))
     questions: list[ScoreQuestion] = Field(min_length=1, max_length=MAX_SCORE_QUESTIONS)
     steering: SteeringIn | None = None
     user: str | None = Field(None, max_length=MAX_ID_CHARS)
@@ -651,15 +721,16 @@ ExperimentState = Literal["scheduled", "running", "paused", "stopped", "ended"]
 
 
 class ProfileWeightIn(Request):
-    id: str = Field(min_length=1, max_length=64, description="a ready profile of this tenant")
+    id: str = Field(pattern=UUID_PATTERN, description="a ready profile of this tenant (once per blend)")
     weight: Number = Field(1.0, ge=0, le=MAX_BLEND_WEIGHT, description="the profile's weight in the variant's "
                                                                      "blend")
 
 
 class VariantIn(Request):
     name: str = Field(pattern=VARIANT_NAME_PATTERN, description="unique within the experiment")
-    weight: Number = Field(1.0, ge=0, description="traffic weight, relative to the other variants'")
-    profiles: list[ProfileWeightIn] = Field(default_factory=list,
+    weight: Number = Field(1.0, ge=0, description="traffic weight, relative to the other variants' (the "
+                                                  "weights must sum to more than 0)")
+    profiles: list[ProfileWeightIn] = Field(default_factory=list, json_schema_extra=deployment("max_profiles"),
                                             description="the blend this variant applies; empty: unsteered")
 
 
@@ -676,14 +747,15 @@ class ExperimentCreate(Request):
                                                      "or number (any finite value)")
     scope: ScopeIn | None = None
     starts_at: AwareDatetime | None = Field(None, strict=False, description="default: now")
-    ends_at: AwareDatetime | None = Field(None, strict=False, description="default: open-ended (until stopped)")
+    ends_at: AwareDatetime | None = Field(None, strict=False, description="after starts_at and in the future; "
+                                                                     "default: open-ended (until stopped)")
 
 
 class ExperimentPatch(Request):
     weights: dict[str, Annotated[Number, Field(ge=0)]] | None = Field(
         None, description="new traffic weights by variant name (others keep theirs); users already "
                           "assigned keep their variant")
-    ends_at: AwareDatetime | None = Field(None, strict=False)
+    ends_at: AwareDatetime | None = Field(None, strict=False, description="in the future")
 
 
 class ProfileWeightOut(Response):
@@ -729,7 +801,7 @@ class ExperimentList(Response):
 class ExperimentListQuery(Request):
     model_config = ConfigDict(extra="forbid", strict=False)
     limit: int = Field(50, ge=1, le=500)
-    after: str | None = Field(None, description="the last id of the previous page")
+    after: str | None = Field(None, pattern=UUID_PATTERN, description="the last id of the previous page")
 
 
 class AssignIn(Request):
@@ -747,6 +819,11 @@ class AssignmentOut(Response):
 
 class FeedbackIn(Request):
     """Exactly one of `thumbs`, `rating` and `value`, the one the experiment's `reward` names."""
+
+    model_config = ConfigDict(json_schema_extra={"oneOf": [
+        {"required": [given], "properties": {name: _GIVEN if name == given else _NULL
+                                             for name in ("thumbs", "rating", "value")}}
+        for given in ("thumbs", "rating", "value")]})
 
     response_id: str = Field(min_length=1, max_length=200, description="the id of the chat completion")
     thumbs: Literal["up", "down"] | StrictBool | None = Field(None, description="up/down or true/false")

@@ -6,7 +6,7 @@ from flask import Blueprint
 from sqlalchemy import func, select
 
 from service import context
-from service.api.errors import ApiError
+from service.api.errors import not_found
 from service.api.openapi import api_route
 from service.api.protocol import UserOut, UserPut
 from service.api.subjects import check_id, find_subject
@@ -33,7 +33,7 @@ def put_user(uid: str, body: UserPut) -> tuple[UserOut, int]:
     session = context.session()
     wanted = body.default_profile_id
     if wanted is not None and db.get_profile(session, tenant, wanted) is None:
-        raise ApiError(422, "validation_error", f"no profile {wanted!r}", "default_profile_id")
+        raise not_found(f"profile {wanted!r}", "default_profile_id")
     user = db.get_user(session, tenant, uid)
     created = user is None
     if user is None:

@@ -45,9 +45,9 @@ def up_file(settings: Settings) -> Path:
 
 
 def gunicorn_command(host: str, port: int, workers: int) -> list[str]:
-    # gthread: request threads hand work to the process's generation engine, which batches them; at least
-    # as many threads as the engine's batch so a full batch can be in flight (plus some for other routes).
-    threads = Settings.from_env().max_batch_size + 4
+    # gthread: request threads hand work to the process's generation engine, which batches them: a full batch
+    # can be in flight, and threads beyond it are left for health checks and the other routes.
+    threads = Settings.from_env().request_threads()
     command = [sys.executable, "-m", "gunicorn", "--bind", f"{host}:{port}", "--workers", str(max(1, workers)),
                "--worker-class", "gthread", "--threads", str(threads), "--timeout", "300", "--graceful-timeout", "15",
                "--access-logfile", "-"]

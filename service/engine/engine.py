@@ -16,10 +16,13 @@ steering through `SteeringHooks.plan`; a batch with no steered row runs with no 
 finishes (stop token, stop string, `max_tokens`), is cancelled (client gone), passes its deadline or
 fails leaves the batch at the next step; an intervention that raises fails only the rows it steers.
 
-Scoring shares the loop: a score request is read in batches of `score_batch_size` questions through the
-one answer reader (`steer_core.prompts.answer_distributions`), at most one batch per step. While rows are
-decoding, scoring gets about `score_share` of the engine's time (after a scoring batch, decode steps run
-until they have used the rest), so streams keep flowing under scoring load; an idle engine scores flat out.
+Scoring shares the loop: a score request is read in batches through the one answer reader
+(`steer_core.prompts.answer_distributions`), at most one batch per step. While rows are decoding, scoring
+gets about `score_share` of the engine's time: each scoring batch is sized from measured times (decode step,
+scoring per question) to take that share of one decode step, so every step reads a small batch and each
+token waits about `1 / (1 - score_share)` of a step; where one question alone takes longer, decode steps run
+until they have used the rest of the time before the next batch. Streams keep flowing under scoring load;
+an idle engine scores flat out, `score_batch_size` questions a batch.
 
 A row that asks for log-probabilities (`SamplingParams.top_logprobs`) gets them from the logits it samples
 from, steering applied; the other rows of its batch pay nothing for it.
@@ -251,6 +254,7 @@ class EngineStats:
     largest_batch: int = 0
     steered_steps: int = 0  # forward calls that ran with steering hooks attached
     score_batches: int = 0  # scoring batches run
+    score_rows: int = 0  # questions in the last scoring batch
 
 
 @dataclass(eq=False)
@@ -455,6 +459,9 @@ class GenerationEngine:
         self._backlog: deque[_Row] = deque()
         self._scores: deque[_ScoreJob] = deque()
         self._score_debt = 0.0  # seconds of decoding owed before the next scoring batch
+        # Moving averages: seconds of one decode step, and of scoring one question (what sizes a batch).
+        self._decode_seconds: float | None = None
+        self._score_row_seconds: float | None = None
         self._batch: _Batch | None = None
         self._hooks: SteeringHooks | None = None
         self._planned: tuple[int, int] | None = None
@@ -631,7 +638,9 @@ class GenerationEngine:
         if self._batch is not None:
             started = time.perf_counter()
             self._decode()
-            self._score_debt -= time.perf_counter() - started
+            spent = time.perf_counter() - started
+            self._score_debt -= spent
+            self._decode_seconds = _moving_average(self._decode_seconds, spent)
         if self._batch is None:
             self._score_debt = 0.0  # nobody is waiting for tokens: score flat out
         if self._scores and self._score_debt <= 0:
@@ -859,7 +868,10 @@ class GenerationEngine:
 
     @staticmethod
     def _sample(logits: Tensor, row: _Row) -> int:
-        probs = torch.softmax(logits / row.sampling.temperature, dim=-1)
+        # In float64, from the largest logit down: a tiny temperature then gives 0 and -inf (the argmax),
+        # never inf - inf (NaN).
+        logits = logits.double()
+        probs = torch.softmax((logits - logits.max()) / row.sampling.temperature, dim=-1)
         if row.sampling.top_p < 1.0:
             ordered, order = probs.sort(descending=True)
             before = ordered.cumsum(-1) - ordered  # mass of the more likely tokens
@@ -974,6 +986,13 @@ class GenerationEngine:
         job.error = exc
         job.done.set()
 
+    def _score_rows(self) -> int:
+        """Questions for the next scoring batch: `score_batch_size` while no row decodes; otherwise as many as
+        take `score_share` of a decode step's time (scoring's share of each step), at least one."""
+        if self._batch is None:
+            return self.score_batch_size
+        return scoring_rows(self._decode_seconds, self._score_row_seconds, self.score_share, self.score_batch_size)
+
     def _score_batch(self) -> float:
         """Read the next batch of the oldest score request; the seconds it took."""
         job = self._scores[0]
@@ -982,8 +1001,9 @@ class GenerationEngine:
             self._end_job(job, DeadlineExceeded("scoring did not finish before its deadline"))
             return 0.0
         start = len(job.results)
-        items = job.items[start:start + self.score_batch_size]
-        steering = job.steering[start:start + self.score_batch_size]
+        rows = self._score_rows()
+        items = job.items[start:start + rows]
+        steering = job.steering[start:start + rows]
         # answer_distributions attaches its own hooks; the engine's must be off meanwhile.
         self._remove_hooks()
         began = time.perf_counter()
@@ -994,11 +1014,31 @@ class GenerationEngine:
             self._scores.popleft()
             self._end_job(job, exc)
             return time.perf_counter() - began
+        spent = time.perf_counter() - began
+        self._score_row_seconds = _moving_average(self._score_row_seconds, spent / len(items))
         self.stats.score_batches += 1
+        self.stats.score_rows = len(items)
         if len(job.results) == len(job.items):
             self._scores.popleft()
             self._end_job(job)
-        return time.perf_counter() - began
+        return spent
+
+
+def scoring_rows(decode_seconds: float | None, row_seconds: float | None, share: float, most: int) -> int:
+    """Questions a scoring batch reads between decode steps so that it takes `share` of the time of a step and
+    the next (`share / (1 - share)` of one decode step), from the measured seconds of a decode step and of
+    scoring one question: at least one, at most `most`; one until both are measured."""
+    if share >= 1.0:
+        return most
+    if decode_seconds is None or row_seconds is None:
+        return 1
+    budget = decode_seconds * share / (1.0 - share)
+    return max(1, min(most, int(budget / max(row_seconds, 1e-9))))
+
+
+def _moving_average(average: float | None, value: float, weight: float = 0.25) -> float:
+    """An exponential moving average (the first value starts it)."""
+    return value if average is None else (1.0 - weight) * average + weight * value
 
 
 def _token_logprob(log_probs: Tensor, token: int, k: int) -> TokenLogprob:

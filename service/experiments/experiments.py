@@ -136,7 +136,7 @@ def check_blend(session: Session, tenant_id: int, blend: Sequence[Any], field: s
         seen.add(entry.id)
         row = db.get_profile(session, tenant_id, entry.id)
         if row is None:
-            raise _validation(f"no profile {entry.id!r} in this tenant", f"{where}.id")
+            raise not_found(f"profile {entry.id!r}", f"{where}.id")
         if row.status != "ready":
             raise ApiError(409, "profile_not_ready", f"profile {entry.id} is {row.status}; a variant needs ready "
                            "profiles", f"{where}.id")

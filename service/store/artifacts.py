@@ -13,13 +13,13 @@ import os
 import re
 import tempfile
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import redis
 from cachetools import LRUCache
 
+from service.cli.redis_server import DOWN_BACKOFF_S, note_redis_error, redis_down
 from steer_core.profile import Profile
 
 log = logging.getLogger(__name__)
@@ -136,12 +136,12 @@ class ProfileCache:
     """
 
     def __init__(self, store: ArtifactStore, redis_client: redis.Redis | None, lru_size: int = 64,
-                 ttl: int = 3600, max_bytes: int = 64 << 20, redis_backoff_s: float = 5.0) -> None:
+                 ttl: int = 3600, max_bytes: int = 64 << 20, redis_url: str | None = None) -> None:
         self.store = store
         self.redis = redis_client
-        # After a Redis error, leave Redis alone this long: a down Redis costs one timeout, not one per read.
-        self.redis_backoff_s = float(redis_backoff_s)
-        self._redis_skip_until = 0.0
+        # The URL the process marks this Redis down under (service.cli.redis_server.redis_down), shared with
+        # the queue, the rate limits and readiness: a down Redis costs one timeout, not one per read.
+        self.redis_url = redis_url
         self.lru_size = max(0, int(lru_size))
         self.ttl = max(1, int(ttl))
         self.max_bytes = int(max_bytes)
@@ -172,14 +172,14 @@ class ProfileCache:
             self._lru[sha] = profile
 
     def _usable_redis(self) -> redis.Redis | None:
-        """The Redis client, or None when there is none or it is skipped after a failure."""
-        return self.redis if time.monotonic() >= self._redis_skip_until else None
+        """The Redis client, or None when there is none or it is marked down after a failure."""
+        return None if redis_down(self.redis_url) else self.redis
 
     def _redis_failed(self, what: str, exc: Exception) -> None:
         self._count("redis_errors")
-        self._redis_skip_until = time.monotonic() + self.redis_backoff_s
+        note_redis_error(self.redis_url)
         log.warning("profile cache: Redis %s failed (not used for %.0f s; the store answers): %s",
-                    what, self.redis_backoff_s, exc)
+                    what, DOWN_BACKOFF_S, exc)
 
     def _redis_get(self, sha: str) -> bytes | None:
         client = self._usable_redis()

@@ -36,17 +36,17 @@ def make_groups(client, auth) -> None:
 
 
 BAD_CONTRASTS = [
-    ([{"kind": "group", "id": "nobody"}], "contrast[0].id", "does not exist"),
-    ([{"kind": "group", "id": "rural"}, {"kind": "group", "id": "urban"}], "contrast[1]", "its own contrast"),
-    ([{"kind": "group", "id": "elsewhere"}], "contrast[0].id", "none of the subject's questions"),
+    ([{"kind": "group", "id": "nobody"}], 404, "contrast[0].id", "not found"),
+    ([{"kind": "group", "id": "rural"}, {"kind": "group", "id": "urban"}], 422, "contrast[1]", "its own contrast"),
+    ([{"kind": "group", "id": "elsewhere"}], 422, "contrast[0].id", "none of the subject's questions"),
 ]
 
 
 def test_bad_contrasts_name_the_field_and_store_nothing(client, auth, settings):
     make_groups(client, auth)
-    for contrast, field, message in BAD_CONTRASTS:
+    for contrast, status, field, message in BAD_CONTRASTS:
         r = request_profile(client, auth, contrast=contrast)
-        assert r.status_code == 422, r.json
+        assert r.status_code == status, r.json
         assert r.json["error"]["field"] == field and message in r.json["error"]["message"], r.json
     r = request_profile(client, auth, contrast=[{"kind": "crowd", "id": "rural"}])
     assert r.status_code == 422 and r.json["error"]["field"].startswith("contrast"), r.json

@@ -232,7 +232,7 @@ def test_delete_removes_row_cache_and_unshared_file(client, auth, other_auth, se
 def test_default_profile_must_exist(client, auth):
     r = client.put("/v1/users/alice", json={"default_profile_id": "00000000-0000-0000-0000-000000000000"},
                    headers=auth)
-    assert r.status_code == 422 and r.json["error"]["field"] == "default_profile_id"
+    assert r.status_code == 404 and r.json["error"]["field"] == "default_profile_id"
     assert client.get("/v1/users/alice", headers=auth).status_code == 404
 
 

@@ -33,7 +33,7 @@ def test_bad_ids_are_rejected(client, auth):
 def test_group_members_must_exist_and_nothing_is_stored(client, auth, settings):
     client.put("/v1/users/alice", json={}, headers=auth)
     r = client.put("/v1/groups/g", json={"members": ["alice", "ghost"]}, headers=auth)
-    assert r.status_code == 422
+    assert r.status_code == 404
     assert r.json["error"]["field"] == "members[1]"
     assert client.get("/v1/groups/g", headers=auth).status_code == 404
     client.put("/v1/users/bob", json={}, headers=auth)

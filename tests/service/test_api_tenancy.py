@@ -73,7 +73,7 @@ def test_other_tenant_cannot_list_build_from_or_reference_a_profile(client, auth
     assert client.get("/v1/profiles", headers=other_auth).json["profiles"] == []
     assert [p["id"] for p in client.get("/v1/profiles", headers=auth).json["profiles"]] == [pid]
     r = client.get(f"/v1/profiles?after={pid}", headers=other_auth)
-    assert r.status_code == 422 and r.json["error"]["field"] == "after"
+    assert r.status_code == 404 and r.json["error"]["field"] == "after"
     r = client.get("/v1/profiles?subject_kind=group&subject_id=urban", headers=other_auth)
     assert r.json["profiles"] == []
 
@@ -82,9 +82,9 @@ def test_other_tenant_cannot_list_build_from_or_reference_a_profile(client, auth
     assert r.status_code == 404 and r.json["error"]["field"] == "subject.id"
     # A's profile as B's user's default, A's user as a member of B's group: refused.
     r = client.put("/v1/users/bob", json={"default_profile_id": pid}, headers=other_auth)
-    assert r.status_code == 422 and r.json["error"]["field"] == "default_profile_id"
+    assert r.status_code == 404 and r.json["error"]["field"] == "default_profile_id"
     r = client.put("/v1/groups/mine", json={"members": ["alice"]}, headers=other_auth)
-    assert r.status_code == 422 and r.json["error"]["field"] == "members[0]"
+    assert r.status_code == 404 and r.json["error"]["field"] == "members[0]"
     assert client.get("/v1/profiles", headers=other_auth).json["profiles"] == []
 
 

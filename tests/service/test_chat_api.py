@@ -25,6 +25,7 @@ from steer_core.profile import Profile
 sqlite_only = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 LAYER = 2
 HELLO = [{"role": "user", "content": "Hello, who are you?"}]
+UNKNOWN = "00000000-0000-4000-8000-000000000000"  # a profile id no tenant has
 
 
 def _vector(lm, seed: int) -> torch.Tensor:
@@ -225,7 +226,7 @@ def test_profiles_that_cannot_steer_are_refused(chat_client, auth, chat_settings
     other_model = _ready(chat_client, auth, chat_settings, tiny_lm, 3)
     with db.session_scope(chat_settings) as session:
         db.profile_by_id(session, other_model).model = "some-other-model"
-    r = _chat(chat_client, auth, chat_settings, steering={"profiles": [{"id": "x"}, {"id": other_model}]})
+    r = _chat(chat_client, auth, chat_settings, steering={"profiles": [{"id": UNKNOWN}, {"id": other_model}]})
     assert r.status_code == 404 and r.json["error"]["field"] == "steering.profiles[0].id"
     r = _chat(chat_client, auth, chat_settings, steering={"profiles": [{"id": other_model}]})
     assert r.status_code == 422 and r.json["error"]["type"] == "profile_model_mismatch"
@@ -261,8 +262,9 @@ def test_profiles_that_cannot_steer_are_refused(chat_client, auth, chat_settings
     ({"stop": ["a", "b", "c", "d", "e"]}, 422, "stop"),
     ({"model": "gpt-4"}, 422, "model"),
     ({"logit_bias": {"42": -100}}, 422, "logit_bias"),
-    ({"steering": {"profiles": [{"id": "a"}] * 4}}, 422, "steering.profiles"),
-    ({"steering": {"profiles": [{"id": "a", "weight": "1"}]}}, 422, "steering.profiles[0].weight"),
+    ({"steering": {"profiles": [{"id": UNKNOWN}] * 4}}, 422, "steering.profiles"),
+    ({"steering": {"profiles": [{"id": "a"}]}}, 422, "steering.profiles[0].id"),
+    ({"steering": {"profiles": [{"id": UNKNOWN, "weight": "1"}]}}, 422, "steering.profiles[0].weight"),
     ({"steering": {"positions": "middle"}}, 422, "steering.positions"),
     ({"steering": {"groups_weight": 0.5}, "model": "M:p"}, 422, "steering.groups_weight"),
     ({"messages": [{"role": "user", "content": "word " * 600}]}, 422, "messages"),

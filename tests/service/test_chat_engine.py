@@ -25,6 +25,7 @@ from service.engine.engine import (
     SteeringPlan,
     SteeringRejected,
     _piece_bytes,
+    scoring_rows,
 )
 from steer_core.data import load_items
 from steer_core.errors import SteerError
@@ -320,6 +321,14 @@ def test_seeded_sampling_is_reproducible_and_top_p_restricts(engine):
         _solo(engine, prompt, sampling=SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True))
 
 
+def test_a_temperature_too_small_to_divide_by_samples_the_most_likely_token(engine):
+    prompt = _prompt(engine, CHATS[0])
+    greedy = _solo(engine, prompt, sampling=SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True))
+    for tiny in (1e-182, 5e-324):  # logits / tiny overflow to inf: softmax of inf - inf would be NaN
+        assert _solo(engine, prompt, sampling=SamplingParams(max_tokens=10, temperature=tiny, seed=1,
+                                                             ignore_eos=True)) == greedy
+
+
 def test_bad_requests_name_the_field(engine):
     prompt = _prompt(engine, CHATS[0])
     with pytest.raises(SteerError) as info:
@@ -347,6 +356,17 @@ def test_scores_on_the_engine_thread_equal_the_answer_reader(engine, tiny_lm, pr
     for g, w in zip(got.distributions, want, strict=True):
         assert g.tolist() == pytest.approx(w.tolist(), abs=1e-6)
     assert [[a.layer for a in applied] for applied in got.applied] == [[LAYER], [], [LAYER]]
+
+
+def test_a_scoring_batch_between_decode_steps_takes_the_scoring_share_of_a_step():
+    # 40 ms decode steps, 5 ms a question, a quarter of the time for scoring: 40 * 0.25 / 0.75 = 13.3 ms,
+    # two questions a batch (each token then waits one step and a third).
+    assert scoring_rows(0.040, 0.005, 0.25, 16) == 2
+    assert scoring_rows(0.040, 0.001, 0.25, 16) == 13
+    assert scoring_rows(0.040, 0.0001, 0.25, 16) == 16  # at most the configured batch
+    assert scoring_rows(0.040, 0.5, 0.25, 16) == 1  # one question takes longer than its share: one a batch
+    assert scoring_rows(None, 0.005, 0.25, 16) == scoring_rows(0.040, None, 0.25, 16) == 1  # before measuring
+    assert scoring_rows(0.040, 0.5, 1.0, 16) == 16  # scoring may take all the time
 
 
 def test_scoring_interleaves_with_decoding(tiny_lm, profiles):

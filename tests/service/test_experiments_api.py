@@ -110,7 +110,7 @@ def test_bad_input_is_rejected_and_nothing_stored(client, auth, other_auth, sett
         ({**ok, "variants": [ok["variants"][0], {**ok["variants"][1], "weight": -1}]}, 422, "variants[1].weight"),
         ({**ok, "variants": [ok["variants"][0], {**ok["variants"][1], "name": "plain"}]}, 422, "variants[1].name"),
         ({**ok, "control": "nope"}, 422, "control"),
-        ({**ok, "variants": [ok["variants"][0], {"name": "b", "profiles": [{"id": theirs}]}]}, 422,
+        ({**ok, "variants": [ok["variants"][0], {"name": "b", "profiles": [{"id": theirs}]}]}, 404,
          "variants[1].profiles[0].id"),
         ({**ok, "variants": [ok["variants"][0], {"name": "b", "profiles": [{"id": queued}]}]}, 409,
          "variants[1].profiles[0].id"),

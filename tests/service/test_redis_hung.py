@@ -7,12 +7,13 @@ import dataclasses
 import signal
 import subprocess
 import time
+import uuid
 from collections.abc import Iterator
 
 import pytest
 from api_helpers import make_group, request_profile
 
-from service import create_app
+from service import create_app, queue
 from service.auth import create_key
 from service.cli import redis_server
 from service.store import db
@@ -21,6 +22,9 @@ pytestmark = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 
 # The client's timeouts are 0.5 s (connect) and 0.75 s (read); the rest is headroom for a loaded machine.
 BOUND_S = 1.5
+# A publish: two tries (queue.PUBLISH_RETRY_POLICY) of a 1 s read (queue.BROKER_SOCKET_TIMEOUT_S) and the
+# pause between them, about 3.2 s; the rest is headroom.
+PUBLISH_BOUND_S = 5.0
 
 
 @pytest.fixture
@@ -85,3 +89,16 @@ def test_hung_then_killed_redis_gives_bounded_answers(settings, private_redis):
         path = f"/v1/profiles/{r.json['id']}"
         r, took = timed(lambda path=path: client.get(path, headers=auth))
         assert r.status_code == 200 and took < 0.5, took
+
+
+def test_a_publish_to_a_redis_that_hangs_gives_up(settings, private_redis):
+    """Redis hangs after `check_broker`'s ping answered: the publish itself (kombu's socket, Celery's retry)
+    gives up within PUBLISH_BOUND_S instead of holding the request's thread."""
+    url, process = private_redis
+    settings = dataclasses.replace(settings, redis_url=url)
+    queue.send(queue.BUILD_TASK, [str(uuid.uuid4())], "cpu", settings)  # a pooled connection, as in a live API
+    process.send_signal(signal.SIGSTOP)
+    started = time.monotonic()
+    with pytest.raises(queue.BrokerUnavailable):
+        queue.send(queue.BUILD_TASK, [str(uuid.uuid4())], "cpu", settings)
+    assert time.monotonic() - started < PUBLISH_BOUND_S
