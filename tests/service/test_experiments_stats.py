@@ -126,7 +126,7 @@ def test_assignment_is_deterministic_and_salted():
     code = ("import importlib.util as u, sys; s = u.spec_from_file_location('m', sys.argv[1]); "
             "m = sys.modules['m'] = u.module_from_spec(s); s.loader.exec_module(m); "
             "print(repr(m.assign_bucket('salt', 'e', 'u')))")
-    out = subprocess.run([sys.executable, "-c", code, str(REPO / "service" / "experiment_stats.py")],
+    out = subprocess.run([sys.executable, "-c", code, str(REPO / "service" / "experiments" / "stats.py")],
                          capture_output=True, text=True, check=True, env={**os.environ, "PYTHONHASHSEED": "12345"})
     assert float(out.stdout) == assign_bucket("salt", "e", "u")
 
