@@ -158,7 +158,7 @@ def main() -> int:
     gain_orig: dict[str, dict[tuple, tuple[float, float]]] = {v.name: {} for v in variants}
     spec: dict[str, dict[tuple, float]] = {v.name: {} for v in variants}
     contrast_r: dict[str, list[float]] = {v.name: [] for v in variants}  # mean of the two orders' r
-    contrast_r_both: dict[str, list[float]] = {v.name: [] for v in variants}  # r of the order-averaged readings
+    contrast_r_orders: dict[str, list[list[float]]] = {v.name: [] for v in variants}  # each order's r
     person_rows: list[dict[str, tuple[float, float]]] = []
     for attribute, ga, gb in pairs:
         data = group_items(args.data, attribute, [ga, gb])
@@ -201,13 +201,13 @@ def main() -> int:
                 for c in report["steerability_contrast"]:
                     if c["profiles"][0].split("@")[0] == v.name == c["profiles"][1].split("@")[0]:
                         contrast_r[v.name].append(float(np.mean([c["r"][o] for o in ORDERS])))
-                        contrast_r_both[v.name].append(float(c["r"][BOTH]))
+                        contrast_r_orders[v.name].append([float(c["r"][o]) for o in ORDERS])
             if args.persons:
                 person_rows += judge_people(lm, args, person_variant, seed, train, judge, profiles, variants)
 
     print("\nsummary over pairs and seeds (judge questions, both option orders)")
     print(f"{'method':<30}{'gain vs calibrated':>22}{'gain vs unsteered':>22}{'original order only':>22}"
-          f"{'specificity':>20}{'contrast r':>12}{'r averaged':>12}")
+          f"{'specificity':>20}{'contrast r':>12}{'r by order':>16}")
     summary = {}
     for v in variants:
         gc = pooled(list(gain_cal[v.name].values()))
@@ -215,12 +215,12 @@ def main() -> int:
         go = pooled(list(gain_orig[v.name].values()))
         sp = spread(list(spec[v.name].values()))
         r = float(np.nanmean(contrast_r[v.name])) if contrast_r[v.name] else math.nan
-        r_both = float(np.nanmean(contrast_r_both[v.name])) if contrast_r_both[v.name] else math.nan
+        by_order = np.nanmean(contrast_r_orders[v.name], axis=0) if contrast_r_orders[v.name] else [math.nan] * 2
         summary[v.name] = (gc, sp, r)
         print(f"{v.name:<30}{gc[0]:>+13.4f} ± {gc[1]:.4f}{gu[0]:>+13.4f} ± {gu[1]:.4f}{go[0]:>+13.4f} ± {go[1]:.4f}"
-              f"{sp[0]:>+11.4f} ± {sp[1]:.4f}{r:>12.3f}{r_both:>12.3f}")
-    print("contrast r: the mean of each option order's r (the bar); r averaged: r of the readings averaged over "
-          "both orders (letter position cancels), shown beside it")
+              f"{sp[0]:>+11.4f} ± {sp[1]:.4f}{r:>12.3f}{by_order[0]:>+9.3f}/{by_order[1]:+.3f}")
+    print("contrast r: the mean of the two option orders' r (the bar); r by order: original / reversed (a profile "
+          "pair that separates the groups by letter position, not opinion, scores + in one order and - in the other)")
 
     best = max(variants, key=lambda v: summary[v.name][0][0]).name
     print(f"\ntargets (issue 13), best method by mean gain over calibrated: {best}")

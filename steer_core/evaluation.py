@@ -257,6 +257,8 @@ def format_cross_table(report: dict[str, Any], order: str | None = None) -> str:
         lines.append(f"specificity of {name} (own group {report['profiles'][name]['own_group']}): "
                      f"{s['mean']:+.4f} ± {s['standard_error']:.4f}")
     for c in report["steerability_contrast"]:
-        r = c["r"].get(order, c["r"].get(ORIGINAL))
-        lines.append(f"steerability contrast {c['profiles'][0]} vs {c['profiles'][1]}: r = {r:.3f}")
+        # r is read per option order; for the table of both orders, both are shown.
+        shown = [order] if order in c["r"] else [o for o in ORDERS if o in c["r"]]
+        r = " / ".join(f"{c['r'][o]:+.3f} ({o})" for o in shown)
+        lines.append(f"steerability contrast {c['profiles'][0]} vs {c['profiles'][1]}: r = {r}")
     return "\n".join(lines)
