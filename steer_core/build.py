@@ -209,7 +209,7 @@ def build_profile(lm: LanguageModel, items: Sequence[OpinionItem], method: str,
     params = dict(params or {})
     layer = params.pop("layer", None)
     strength = params.pop("strength", None)
-    positions = check_positions(params.pop("positions", spec.default_positions), spec)
+    positions = check_positions(params.pop("positions", spec.default_positions), spec, "params.positions")
     orders = check_orders(params.pop("orders", DEFAULT_ORDERS))
     own = spec.check_params(params)
     if layer is not None:

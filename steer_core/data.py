@@ -22,15 +22,17 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO, TypeAlias
 
-import numpy as np
-
 from steer_core.errors import SteerError
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from steer_core.tables import Columns
 
 # One answer distribution over an item's options, as the model gives it or as a list.
-Distribution: TypeAlias = Sequence[float] | np.ndarray
+# (A string: numpy is imported for type checking only, so reading items, and the command line's --help, stay
+# free of it.)
+Distribution: TypeAlias = "Sequence[float] | np.ndarray"
 
 MAX_OPTIONS = 26  # one letter each
 REFUSAL_OPTIONS = {"refused"}

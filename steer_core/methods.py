@@ -76,13 +76,14 @@ def intervention(profile: Profile, lm: LanguageModel) -> Intervention:
     return get_method(profile.method).intervention(profile, lm)
 
 
-def check_positions(positions: Any, method: Method | None = None) -> str:
-    """`positions` checked: one of `POSITIONS`, and one `method`'s profiles can steer when given."""
+def check_positions(positions: Any, method: Method | None = None, field: str = "positions") -> str:
+    """`positions` checked: one of `POSITIONS`, and one `method`'s profiles can steer when given; errors name
+    `field`."""
     if positions not in POSITIONS:
-        raise SteerError(f"must be one of {', '.join(POSITIONS)}", "positions")
+        raise SteerError(f"must be one of {', '.join(POSITIONS)}", field)
     if method is not None and positions not in method.positions:
         raise SteerError(f"{method.name} profiles steer {' or '.join(method.positions)} positions only, not "
-                         f"{positions!r}", "positions")
+                         f"{positions!r}", field)
     return positions
 
 

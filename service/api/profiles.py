@@ -70,10 +70,7 @@ def check_params(method: str, params: dict[str, Any]) -> dict[str, Any]:
     if "orders" in params:
         fixed["orders"] = check_orders(params.pop("orders"))
     if "positions" in params:
-        try:
-            fixed["positions"] = check_positions(params.pop("positions"), spec)
-        except SteerError as exc:
-            raise SteerError(exc.message, "params.positions") from None
+        fixed["positions"] = check_positions(params.pop("positions"), spec, "params.positions")
     try:
         own = spec.check_params(params)
     except SteerError as exc:
