@@ -157,8 +157,7 @@ def main() -> int:
     gain_unst: dict[str, dict[tuple, tuple[float, float]]] = {v.name: {} for v in variants}
     gain_orig: dict[str, dict[tuple, tuple[float, float]]] = {v.name: {} for v in variants}
     spec: dict[str, dict[tuple, float]] = {v.name: {} for v in variants}
-    contrast_r: dict[str, list[float]] = {v.name: [] for v in variants}  # mean of the two orders' r
-    contrast_r_orders: dict[str, list[list[float]]] = {v.name: [] for v in variants}  # each order's r
+    contrast_r: dict[str, list[list[float]]] = {v.name: [] for v in variants}  # each order's r
     person_rows: list[dict[str, tuple[float, float]]] = []
     for attribute, ga, gb in pairs:
         data = group_items(args.data, attribute, [ga, gb])
@@ -200,8 +199,7 @@ def main() -> int:
                     spec[v.name][key] = report["specificity"][BOTH][f"{v.name}@{g}"]["mean"]
                 for c in report["steerability_contrast"]:
                     if c["profiles"][0].split("@")[0] == v.name == c["profiles"][1].split("@")[0]:
-                        contrast_r[v.name].append(float(np.mean([c["r"][o] for o in ORDERS])))
-                        contrast_r_orders[v.name].append([float(c["r"][o]) for o in ORDERS])
+                        contrast_r[v.name].append([float(c["r"][o]) for o in ORDERS])
             if args.persons:
                 person_rows += judge_people(lm, args, person_variant, seed, train, judge, profiles, variants)
 
@@ -214,8 +212,8 @@ def main() -> int:
         gu = pooled(list(gain_unst[v.name].values()))
         go = pooled(list(gain_orig[v.name].values()))
         sp = spread(list(spec[v.name].values()))
-        r = float(np.nanmean(contrast_r[v.name])) if contrast_r[v.name] else math.nan
-        by_order = np.nanmean(contrast_r_orders[v.name], axis=0) if contrast_r_orders[v.name] else [math.nan] * 2
+        by_order = np.nanmean(contrast_r[v.name], axis=0) if contrast_r[v.name] else np.full(2, math.nan)
+        r = float(np.mean(by_order))  # the bar: the mean of the two orders' r
         summary[v.name] = (gc, sp, r)
         print(f"{v.name:<30}{gc[0]:>+13.4f} ± {gc[1]:.4f}{gu[0]:>+13.4f} ± {gu[1]:.4f}{go[0]:>+13.4f} ± {go[1]:.4f}"
               f"{sp[0]:>+11.4f} ± {sp[1]:.4f}{r:>12.3f}{by_order[0]:>+9.3f}/{by_order[1]:+.3f}")

@@ -101,6 +101,19 @@ def test_with_a_contrast_flattening_alone_ships_strength_zero():
     assert not select_setting(plain, unsteered, candidates, fold_indices(len(items))).by_specificity
 
 
+def _build_with_stub(lm, items, name, fit, strengths, layers, **method_fields) -> Profile:
+    """`build_profile` with a stub method registered for the call: `fit` gives constant vectors, searched
+    over `strengths` at `layers`."""
+    register(Method(name=name, fit=fit, check_params=no_params,
+                    intervention=lambda p, lm: ConstantShift(layer=p.layer, positions=p.positions,
+                                                             vector=p.strength * p.tensors["vector"]),
+                    strengths=lambda p, lm: list(strengths), layers=lambda lm: list(layers), **method_fields))
+    try:
+        return build_profile(lm, items, name)
+    finally:
+        METHODS.pop(name)
+
+
 def _zero_fit(lm, items, layers, params, positions):
     return {L: Profile(method="stub_zero", model_name=lm.name, model_fingerprint=lm.fingerprint, layer=L,
                        positions=positions, strength=1.0, tensors={"vector": torch.zeros(lm.hidden_size)})
@@ -108,16 +121,8 @@ def _zero_fit(lm, items, layers, params, positions):
 
 
 def test_a_build_whose_steering_does_nothing_ships_its_calibration_alone(tiny_lm):
-    register(Method(name="stub_zero", fit=_zero_fit, check_params=no_params,
-                    intervention=lambda p, lm: ConstantShift(layer=p.layer, positions=p.positions,
-                                                             vector=p.strength * p.tensors["vector"]),
-                    strengths=lambda p, lm: [1.0, 2.0], layers=lambda lm: [1, 2]))
-    try:
-        items = [make_item(f"Question number {i}?", ["Yes", "No", "Maybe"], target=[0.5, 0.3, 0.2])
-                 for i in range(8)]
-        profile = build_profile(tiny_lm, items, "stub_zero")
-    finally:
-        METHODS.pop("stub_zero")
+    items = [make_item(f"Question number {i}?", ["Yes", "No", "Maybe"], target=[0.5, 0.3, 0.2]) for i in range(8)]
+    profile = _build_with_stub(tiny_lm, items, "stub_zero", _zero_fit, strengths=[1.0, 2.0], layers=[1, 2])
     m = profile.metrics
     assert profile.strength == 0 and not m["improved"] and "calibrated" in m["note"]
     assert m["steered"] == m["calibrated"]
@@ -145,16 +150,10 @@ def test_a_build_finds_the_known_best_setting_of_a_stub_method(tiny_lm):
     of the scale) can favour; only the last block's vector moves answers there: the build must pick that
     layer, and ship it as a gain over the calibrated model."""
     last = tiny_lm.num_layers - 1
-    register(Method(name="stub_middle", fit=_toward_middle_fit, check_params=no_params, default_positions="last",
-                    intervention=lambda p, lm: ConstantShift(layer=p.layer, positions=p.positions,
-                                                             vector=p.strength * p.tensors["vector"]),
-                    strengths=lambda p, lm: [4.0, 16.0], layers=lambda lm: [1, last]))
-    try:
-        items = [make_item(f"Question number {i}?", ["Yes", "No", "Maybe"], target=[0.05, 0.9, 0.05])
-                 for i in range(8)]
-        profile = build_profile(tiny_lm, items, "stub_middle")
-    finally:
-        METHODS.pop("stub_middle")
+    items = [make_item(f"Question number {i}?", ["Yes", "No", "Maybe"], target=[0.05, 0.9, 0.05])
+             for i in range(8)]
+    profile = _build_with_stub(tiny_lm, items, "stub_middle", _toward_middle_fit, strengths=[4.0, 16.0],
+                               layers=[1, last], default_positions="last")
     m = profile.metrics
     assert m["choice"]["layer"] == last and profile.layer == last
     assert m["improved"] and profile.strength in (4.0, 16.0)
