@@ -174,6 +174,20 @@ class GenerationHandle:
     def cancelled(self) -> bool:
         return self._cancelled.is_set()
 
+    def _take(self, timeout: float | None) -> tuple[str, Any] | None:
+        """The next event, with what it says recorded (applied, result, error); None after `timeout` s."""
+        try:
+            kind, value = self._events.get(timeout=timeout)
+        except queue.Empty:
+            return None
+        if kind == _STARTED:
+            self.applied = value
+        elif kind == _DONE:
+            self._result = value
+        elif kind == _ERROR:
+            self._error = value
+        return kind, value
+
     def next(self, timeout: float | None = None) -> TextChunk | GenerationResult | None:
         """The next text chunk, or the result once the request finished; None when nothing came within
         `timeout` seconds. Raises the request's error (`SteeringRejected`, `GenerationFailed`, ...)."""
@@ -182,18 +196,11 @@ class GenerationHandle:
                 raise self._error
             if self._result is not None:
                 return self._result
-            try:
-                kind, value = self._events.get(timeout=timeout)
-            except queue.Empty:
+            event = self._take(timeout)
+            if event is None:
                 return None
-            if kind == _STARTED:
-                self.applied = value
-            elif kind == _CHUNK:
-                return value
-            elif kind == _DONE:
-                self._result = value
-            else:
-                self._error = value
+            if event[0] == _CHUNK:
+                return event[1]
 
     def started(self, timeout: float | None = None) -> tuple[AppliedProfile, ...] | None:
         """What the engine applied once it accepted the request's steering; raises what it refused it
@@ -201,16 +208,11 @@ class GenerationHandle:
         while self.applied is None:
             if self._error is not None:
                 raise self._error
-            try:
-                kind, value = self._events.get(timeout=timeout)
-            except queue.Empty:
+            event = self._take(timeout)
+            if event is None:
                 return None
-            if kind == _STARTED:
-                self.applied = value
-            elif kind == _ERROR:
-                self._error = value
-            else:  # a request is started before it produces anything
-                raise RuntimeError(f"unexpected {kind} event before the request started")
+            if event[0] in (_CHUNK, _DONE):  # a request is started before it produces anything
+                raise RuntimeError(f"unexpected {event[0]} event before the request started")
         return self.applied
 
     def chunks(self, timeout: float | None = None) -> Iterator[TextChunk]:
