@@ -14,7 +14,8 @@ average (`os.getloadavg()`, 1/5/15 min) and the process's CPU seconds beside the
    with `lora`, `cold_fd` and `diffmean` (default params, each method's own cross-validated choice):
    build seconds, and held-out alignment gain over `calibrated` (the unsteered model through a temperature
    and ordinal lean fitted on the 20 build items) on other questions of the same group, in their survey
-   option order, with paired standard errors; beside them the COLD-FD profile exported as a peft adapter
+   option order, reversed, and both (each question's mean over the two orders, what the goal is judged on),
+   with paired standard errors; beside them the COLD-FD profile exported as a peft adapter
    (`cold_fd_peft`, the low-rank update it steps along, scaled by its strength) and its paired
    difference to the COLD-FD profile itself; the project's goal "COLD-FD reaches >= 95% of LoRA's
    held-out gain at <= 1/10 of its build time" printed PASS or FAIL whichever way it comes out;
@@ -41,7 +42,7 @@ from service.engine.engine import GenerationEngine, PlannedProfile, SamplingPara
 from steer_core import build_profile, load_items, load_model  # noqa: E402
 from steer_core.calibration import fit_calibration, sample_alignment  # noqa: E402
 from steer_core.data import load_opinionsqa  # noqa: E402
-from steer_core.evaluation import ORIGINAL, evaluate_readings, paired_difference, read_orders  # noqa: E402
+from steer_core.evaluation import BOTH, ORDERS, evaluate_readings, paired_difference, read_orders  # noqa: E402
 from steer_core.export import cold_fd_as_lora, peft_files  # noqa: E402
 from steer_core.lora import PEFT_PREFIX, RANKS, target_modules, target_names  # noqa: E402
 from steer_core.profile import Profile  # noqa: E402
@@ -149,23 +150,30 @@ def builds(lm, items, source: str, n_train: int, n_heldout: int, group: str) -> 
         print(f"cold_fd shipped strength 0; also judged at its best out-of-fold candidate, strength "
               f"{best['strength']:g} (cold_fd@best), and that profile exported (cold_fd@best_peft)")
     calibration = fit_calibration(train, answer_distributions(lm, train))
-    orders = (ORIGINAL,)
-    readings = {name: read_orders(lm, heldout, p, orders) for name, p in profiles.items()}
-    report = evaluate_readings({group: heldout}, read_orders(lm, heldout, None, orders), readings,
+    # Both option orders: a profile that learned letter positions, not opinions, loses in the reversed one.
+    readings = {name: read_orders(lm, heldout, p, ORDERS) for name, p in profiles.items()}
+    report = evaluate_readings({group: heldout}, read_orders(lm, heldout, None, ORDERS), readings,
                                own={m: group for m in profiles}, calibrations={group: calibration})
-    cells = report["cells"][ORIGINAL]
     gains = {}
-    print("held-out alignment (mean over questions) and gain over calibrated, ± paired SE:")
+    print("held-out alignment (mean over questions) and (gain over calibrated ± paired SE) in the survey order, "
+          "the reversed order, and both (each question's mean over the two: what the goal is judged on):")
     for row in ("unsteered", "uniform", "calibrated", *profiles):
-        c = cells[row][group]
-        g = c["gain_vs_calibrated"]
-        gains[row] = g["mean"]
-        print(f"  {row:17s} {c['alignment']['mean']:.4f}   gain {g['mean']:+.4f} ± {g['standard_error']:.4f}")
+        line = []
+        for order in (*ORDERS, BOTH):
+            c = report["cells"][order][row][group]
+            g = c["gain_vs_calibrated"]
+            line.append(f"{c['alignment']['mean']:.4f} ({g['mean']:+.4f} ± {g['standard_error']:.4f})")
+        gains[row] = report["cells"][BOTH][row][group]["gain_vs_calibrated"]["mean"]
+        print(f"  {row:17s} " + "   ".join(line))
+
+    def pooled(name: str) -> list[float]:
+        """Each question's alignment averaged over the two orders."""
+        by_order = [sample_alignment(heldout, readings[name][order]) for order in ORDERS]
+        return [sum(values) / len(values) for values in zip(*by_order, strict=True)]
 
     def paired(a: str, b: str) -> str:
-        d = paired_difference(sample_alignment(heldout, readings[a][ORIGINAL]),
-                              sample_alignment(heldout, readings[b][ORIGINAL]))
-        return f"{d.mean:+.4f} ± {d.standard_error:.4f}"
+        d = paired_difference(pooled(a), pooled(b))
+        return f"{d.mean:+.4f} ± {d.standard_error:.4f} (both orders)"
 
     for adapter, profile in exported:
         print(f"{adapter} - {profile} (the exported adapter vs the COLD profile itself): {paired(adapter, profile)}")

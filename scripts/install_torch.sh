@@ -19,8 +19,11 @@ fi
 case "$(installed)" in
   "$VERSION"|"$VERSION+cpu") echo "torch: $(installed) (CPU) already installed"; exit 0 ;;
 esac
+# A quick look first: where the index cannot be reached, pip would retry it for every dependency (minutes).
+reachable() { "$BIN/python" -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=10)" \
+  "$CPU_INDEX/torch/" >/dev/null 2>&1; }
 echo "torch: no GPU; torch==$VERSION CPU build from $CPU_INDEX"
-if "$BIN/pip" install --quiet --index-url "$CPU_INDEX" "torch==$VERSION"; then exit 0; fi
+if reachable && "$BIN/pip" install --quiet --index-url "$CPU_INDEX" "torch==$VERSION"; then exit 0; fi
 if [ -n "$(installed)" ]; then
   echo "torch: $CPU_INDEX is unreachable; keeping the installed torch $(installed)" >&2
   exit 0

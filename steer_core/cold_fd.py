@@ -48,7 +48,7 @@ import math
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import cachetools
 import torch
@@ -168,6 +168,7 @@ class ColdFDShift:
     mode: str = DEFAULT_MODE
     eps: float = DEFAULT_EPS
     direction: str | None = None
+    position_local: ClassVar[bool] = False  # re-runs blocks 0..L over the whole call
 
     def displacement(self, hidden: Tensor, ctx: ForwardContext, rows: Tensor) -> Tensor:
         if self.coef == 0 or self.scale == 0:

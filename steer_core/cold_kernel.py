@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -46,6 +46,7 @@ class KernelShift:
     positions: str
     anchors: Tensor  # (N, D)
     weights: Tensor  # (N, D)
+    position_local: ClassVar[bool] = False  # reads the call's last position
 
     def displacement(self, hidden: Tensor, ctx: ForwardContext, rows: Tensor) -> Tensor:
         z = hidden[:, -1, :].float()

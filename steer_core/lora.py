@@ -31,7 +31,7 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -385,6 +385,7 @@ class LoraShift:
     positions: str
     factors: dict[str, tuple[Tensor, Tensor]]  # module path -> (A (r, in), B (out, r)), scaling folded in
     coef: float = 1.0
+    position_local: ClassVar[bool] = True
 
     def low_rank(self) -> dict[str, tuple[Tensor, Tensor]]:
         if self.coef == 1.0:

@@ -28,7 +28,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -223,6 +223,7 @@ class BarrierFlow:
     solver: str = "euler"
     steps: int = 10
     device: str = "cpu"
+    position_local: ClassVar[bool] = True
     _field: BarrierField | None = dataclass_field(init=False, repr=False)  # built from the rest in __post_init__
 
     def __post_init__(self) -> None:

@@ -44,6 +44,11 @@ def format_prompt(tokenizer: PreTrainedTokenizerBase, item: OpinionItem) -> str:
     return f"{SYSTEM_INSTRUCTION}\n\nQuestion: {format_question(item)}\nAnswer:"
 
 
+def prompt_token_ids(tokenizer: PreTrainedTokenizerBase, item: OpinionItem) -> list[int]:
+    """The token ids of `item`'s prompt, as `encode_items` tokenizes it (without the padding)."""
+    return list(tokenizer.encode(format_prompt(tokenizer, item), add_special_tokens=not tokenizer.chat_template))
+
+
 def option_token_ids(tokenizer: PreTrainedTokenizerBase, n: int) -> list[int]:
     """Token id of each option letter as the model would write it first after the prompt."""
     prefix = "" if tokenizer.chat_template else " "

@@ -14,7 +14,8 @@ Positions (per intervention):
   token);
 - ``all``: every non-padding position, prompt and generated.
 They are defined on absolute positions, so generation with and without the KV cache steers the same
-tokens.
+tokens. An intervention whose displacement at a position depends only on that position's activation sets
+`position_local = True`; only such steering may run a prompt in several forward calls (`steers_in_chunks`).
 
 Low-rank adapters (`LowRankDelta`, LoRA profiles) change module outputs inside the blocks instead:
 `LowRankRows` adds each row's own ``(x A_i^T) B_i^T`` to every adapted Linear's output at every position,
@@ -30,7 +31,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -50,7 +51,10 @@ class ForwardContext:
     """What the hooks know about the forward call being run (filled by a pre-hook on the model)."""
 
     past_length: int = 0  # tokens already in the KV cache
-    prompt_length: int = 0  # padded prompt length of the batch
+    # Where the prompt ends, in this call's absolute positions: one length for the batch (the padded
+    # prompt), or one per row, (B,), when rows of one call are at different stages (a serving engine's decode
+    # step that also feeds another request's prompt a token at a time).
+    prompt_length: int | tuple[int, ...] = 0
     seq_length: int = 0  # tokens in this call
     input_ids: Tensor | None = None  # (B, T) this call's tokens
     attention_mask: Tensor | None = None  # (B, past + T)
@@ -64,17 +68,19 @@ class ForwardContext:
 
     def position_mask(self, positions: str, rows: Tensor | None = None) -> Tensor:
         """(n, T) boolean mask of the positions of this call that `positions` steers."""
-        absolute = torch.arange(self.past_length, self.past_length + self.seq_length)
+        absolute = torch.arange(self.past_length, self.past_length + self.seq_length).unsqueeze(0)
+        ends = torch.tensor(self.prompt_length).reshape(-1, 1)  # (1, 1) or (B, 1)
+        if rows is not None and ends.shape[0] > 1:
+            ends = ends[rows.cpu()]
         if positions == "prompt":
-            wanted = absolute < self.prompt_length
+            mask = absolute < ends
         elif positions == "last":
-            wanted = absolute >= self.prompt_length - 1
+            mask = absolute >= ends - 1
         elif positions == "all":
-            wanted = torch.ones_like(absolute, dtype=torch.bool)
+            mask = torch.ones_like(absolute, dtype=torch.bool)
         else:
             raise SteerError(f"unknown positions {positions!r}; choose one of {', '.join(POSITIONS)}",
                              "positions")
-        mask = wanted.unsqueeze(0)
         if self.attention_mask is not None:
             real = self.attention_mask[:, self.past_length:self.past_length + self.seq_length].bool().cpu()
             if rows is not None:
@@ -117,6 +123,7 @@ class ConstantShift:
     layer: int
     positions: str
     vector: Tensor  # (D,)
+    position_local: ClassVar[bool] = True
 
     def displacement(self, hidden: Tensor, ctx: ForwardContext, rows: Tensor) -> Tensor:
         return self.vector.to(device=hidden.device, dtype=hidden.dtype).view(1, 1, -1)
@@ -241,6 +248,18 @@ class LowRankRows:
 RowSteering = list[Intervention]
 
 
+def steers_in_chunks(row: RowSteering) -> bool:
+    """Whether `row` steers a prompt run in several forward calls (chunked prefill, a KV cache carrying the
+    earlier positions) as it steers the prompt in one: every intervention is `position_local` (a `Scaled`
+    blend when all its parts are). Those that read the call's last position or re-run the blocks over the
+    whole call (COLD-Kernel, COLD-FD) are not."""
+    for iv in row:
+        parts = [part for part, _ in iv.parts] if isinstance(iv, Scaled) else [iv]
+        if not all(getattr(part, "position_local", False) for part in parts):
+            return False
+    return True
+
+
 def is_one_steering(rows: Sequence[RowSteering | None] | RowSteering) -> TypeIs[RowSteering]:
     """Whether `rows` is one steering for every row, rather than one steering (or None) per row."""
     return bool(rows) and not isinstance(rows[0], list | type(None))
@@ -287,7 +306,7 @@ class SteeringHooks:
         self.on_error = on_error
         self._rows: list[RowSteering] = []
         self._every_row: RowSteering | None = None
-        self._prompt_length: int | None = None
+        self._prompt_length: int | tuple[int, ...] | None = None
         self._plans: dict[int, list[tuple[Intervention, Tensor]]] = {}
         # layer -> [(positions, (B, D) summed constant vectors of each row)]
         self._constants: dict[int, list[tuple[str, Tensor]]] = {}
@@ -308,17 +327,19 @@ class SteeringHooks:
             self.remove()
             raise
 
-    def plan(self, rows: Sequence[RowSteering | None], prompt_length: int | None = None) -> None:
+    def plan(self, rows: Sequence[RowSteering | None], prompt_length: int | Sequence[int] | None = None) -> None:
         """Set the steering of each batch row for the following forward calls.
 
-        `prompt_length` is the padded prompt length; leave it None when every forward call starts a new
-        prompt (scoring) or runs with a KV cache (generation: the first call's length is taken).
+        `prompt_length` is the padded prompt length (or one per row: where each row's prompt ends, in
+        absolute positions); leave it None when every forward call starts a new prompt (scoring) or runs
+        with a KV cache (generation: the first call's length is taken).
         """
         for layer in {iv.layer for row in rows if row for iv in row}:
             self.lm.check_layer(layer)
         self._every_row = None
         self._rows = [list(r) if r else [] for r in rows]
-        self._prompt_length = prompt_length
+        self._prompt_length = prompt_length if prompt_length is None or isinstance(prompt_length, int) \
+            else tuple(prompt_length)
         plans: dict[int, dict[int, tuple[Intervention, list[int]]]] = {}
         constants: dict[tuple[int, str], Tensor] = {}
         low_rank: list[list[LowRankDelta]] = [[] for _ in self._rows]
@@ -372,6 +393,7 @@ class SteeringHooks:
         past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
         if cache is not None and not hasattr(cache, "get_seq_length") and len(cache) > 0:  # legacy tuples
             past = int(cache[0][0].shape[-2])
+        prompt: int | tuple[int, ...]
         if self._prompt_length is not None:
             prompt = self._prompt_length
         elif past == 0:

@@ -9,7 +9,7 @@ import torch
 from support import make_tiny, residual_after
 
 from steer_core.prompts import encode
-from steer_core.steering import ConstantShift, SteeringHooks, apply, compose
+from steer_core.steering import ConstantShift, ForwardContext, SteeringHooks, apply, compose, steers_in_chunks
 
 PROMPTS = ["The weather today is", "A much longer prompt that needs no padding at all, it says"]
 LAYER = 2
@@ -144,3 +144,31 @@ def test_every_family_is_steerable(family):
     v = _vector(lm, 1)
     delta = residual_after(lm, batch, 1, [ConstantShift(1, "all", v)]) - residual_after(lm, batch, 1)
     torch.testing.assert_close(delta[1, -1], v, atol=1e-4, rtol=0)
+
+
+def test_each_row_may_carry_its_own_prompt_end():
+    """A decode call whose rows are at different stages (one generating, one still feeding its prompt a token
+    at a time): `prompt` and `last` follow each row's own prompt end, padding never steered."""
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]])
+    # 6 columns, this call runs the last one; row 0's prompt ended at 4, row 1's ends at 8 (2 tokens to go).
+    ctx = ForwardContext(past_length=5, prompt_length=(4, 8), seq_length=1, attention_mask=mask)
+    assert ctx.position_mask("prompt").tolist() == [[False], [True]]
+    assert ctx.position_mask("last").tolist() == [[True], [False]]
+    assert ctx.position_mask("last", torch.tensor([1])).tolist() == [[False]]
+    whole = ForwardContext(past_length=0, prompt_length=(6, 6), seq_length=6, attention_mask=mask)
+    assert whole.position_mask("last").tolist() == [[False] * 5 + [True], [False] * 5 + [True]]
+    assert whole.position_mask("prompt", torch.tensor([1])).tolist() == [[False, False, True, True, True, True]]
+
+
+def test_only_position_local_steering_runs_a_prompt_in_pieces(tiny_lm):
+    """A constant shift (and a blend of them) steers a prompt fed in several calls as in one; an
+    intervention that does not say it is position-local, or a blend holding one, is read whole."""
+
+    class ReadsTheWholeCall(ConstantShift):
+        position_local = False
+
+    shift = ConstantShift(layer=LAYER, positions="prompt", vector=_vector(tiny_lm, 1))
+    odd = ReadsTheWholeCall(layer=LAYER, positions="prompt", vector=_vector(tiny_lm, 2))
+    assert steers_in_chunks([shift]) and steers_in_chunks([]) and steers_in_chunks(compose([(shift, 0.5)]))
+    assert not steers_in_chunks([shift, odd])
+    assert not steers_in_chunks(compose([(shift, 0.5), (odd, 0.5)]))

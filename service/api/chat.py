@@ -529,11 +529,14 @@ def _outputs(handles: Sequence[GenerationHandle],
     request step together, so none waits long behind another.
     """
     pending = list(range(len(handles)))
+    checked = time.monotonic()
     while pending:
         first = pending[0]
         waited = handles[first].next(POLL_S)
-        if waited is None:
+        # Every POLL_S whether tokens flow or not: a client that gives up mid-answer frees its row.
+        if waited is None or time.monotonic() - checked >= POLL_S:
             _check_waiting(handles, gone)
+            checked = time.monotonic()
         for i in list(pending):
             item = waited if i == first else handles[i].next(0)
             while item is not None:

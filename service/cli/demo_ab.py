@@ -89,7 +89,9 @@ def build_profile(api: Client, gid: str, timeout: float, say: Callable[[str], No
     if row["status"] == "failed":
         raise DemoError(f"profile of {gid} failed: {row['error']}")
     chosen = row.get("chosen") or {}
-    say(f"  {gid}: ready (layer {chosen.get('layer')}, strength {chosen.get('strength')})")
+    strength = chosen.get("strength")
+    unsteered = " (cross-validation found no gain: this profile serves the unsteered model)" if strength == 0 else ""
+    say(f"  {gid}: ready (layer {chosen.get('layer')}, strength {strength}){unsteered}")
     return row
 
 
@@ -137,7 +139,9 @@ def run_ab_demo(base_url: str, key: str, *, users: int = 120, seed: int = 0, bui
     tag = f"{int(time.time())}-{rng.randrange(1 << 16):04x}"  # fresh names: the demo can run again
     population = [f"ab-{tag}-user-{i:03d}" for i in range(users)]
     groups = {PREFERRED: f"ab-{tag}-urban", OTHER: f"ab-{tag}-rural"}
-    say(f"A/B demo: {users} simulated users; they prefer the {PREFERRED}-steered answers")
+    say(f"A/B demo: {users} simulated users; their thumbs are coins, up {UP_RATE[PREFERRED]:.0%} of the time under "
+        f"the {PREFERRED} variant and {UP_RATE[OTHER]:.0%} under {OTHER}, whatever the answers say (this step shows "
+        f"the experiment machinery, not which profile answers better)")
     for uid in population:
         api.call("PUT", f"/v1/users/{uid}", {})
     api.call("PUT", f"/v1/groups/{groups[PREFERRED]}", {"members": population})

@@ -16,13 +16,17 @@ steering through `SteeringHooks.plan`; a batch with no steered row runs with no 
 finishes (stop token, stop string, `max_tokens`), is cancelled (client gone), passes its deadline or
 fails leaves the batch at the next step; an intervention that raises fails only the rows it steers.
 
-Scoring shares the loop: a score request is read in batches through the one answer reader
-(`steer_core.prompts.answer_distributions`), at most one batch per step. While rows are decoding, scoring
-gets about `score_share` of the engine's time: each scoring batch is sized from measured times (decode step,
-scoring per question) to take that share of one decode step, so every step reads a small batch and each
-token waits about `1 / (1 - score_share)` of a step; where one question alone takes longer, decode steps run
-until they have used the rest of the time before the next batch. Streams keep flowing under scoring load;
-an idle engine scores flat out, `score_batch_size` questions a batch.
+Scoring shares the loop. An idle engine reads score requests flat out through the one answer reader
+(`steer_core.prompts.answer_distributions`), `score_batch_size` questions a call. While rows are decoding,
+questions ride the decode batch instead: a riding question joins with an empty KV cache and feeds its prompt
+one token per decode step, as one more row of the step's forward call, and leaves with its answer
+distribution when its last prompt token has run. A forward call's fixed cost (every block's kernels, Python
+dispatch) is paid once for streams and riders together, so a rider costs a step only its own row's compute;
+riders are added while they cost at most `score_share` of a plain step (measured: a plain step's time for
+the number of rows decoding, and each rider's extra time). Each row of a step carries where its own prompt
+ends, so a rider's prompt positions are steered as in a whole read. Steering that needs the whole prompt in
+one call (`steers_in_chunks` is False: COLD-FD, COLD-Kernel) reads its questions whole between decode steps,
+sized to take `score_share` of the engine's time; decode steps run until they have used the rest.
 
 A row that asks for log-probabilities (`SamplingParams.top_logprobs`) gets them from the logits it samples
 from, steering applied; the other rows of its batch pay nothing for it.
@@ -65,8 +69,8 @@ from service.engine.plan import (
 from steer_core.data import OpinionItem
 from steer_core.errors import SteerError
 from steer_core.models import LanguageModel
-from steer_core.prompts import answer_distributions, format_prompt
-from steer_core.steering import RowSteering, SteeringHooks
+from steer_core.prompts import answer_distributions, option_log_probs, prompt_token_ids
+from steer_core.steering import RowSteering, SteeringHooks, steers_in_chunks
 
 __all__ = ["AppliedProfile", "DeadlineExceeded", "EngineBusy", "EngineStopped", "GenerationEngine",
            "GenerationFailed", "GenerationHandle", "GenerationResult", "InterventionCache", "PlannedProfile",
@@ -255,8 +259,9 @@ class EngineStats:
     rejected: int = 0  # requests whose steering plan could not be resolved (never admitted)
     largest_batch: int = 0
     steered_steps: int = 0  # forward calls that ran with steering hooks attached
-    score_batches: int = 0  # scoring batches run
-    score_rows: int = 0  # questions in the last scoring batch
+    score_batches: int = 0  # whole scoring reads run (between decode steps, or idle)
+    score_rows: int = 0  # questions in the last whole read
+    score_riders: int = 0  # questions read riding decode steps (counted as each is read)
 
 
 @dataclass(eq=False)
@@ -277,10 +282,27 @@ class _Row:
 
 
 @dataclass(eq=False)
-class _Batch:
-    """The running batch: rows, their shared KV cache (left-padded), attention mask and next inputs."""
+class _Rider:
+    """A question of a score request riding the decode batch: it feeds one prompt token per step."""
 
-    rows: list[_Row]
+    job: _ScoreJob
+    index: int  # the item's index in the job
+    prompt_ids: list[int]
+    steering: RowSteering | None
+    fed: int = 0  # prompt tokens already in the KV cache
+
+    def prompt_end(self, width: int) -> int:
+        """Where the prompt ends, in a decode call's absolute positions (`width` columns, the token being fed
+        in the last)."""
+        return width - 1 - self.fed + len(self.prompt_ids)
+
+
+@dataclass(eq=False)
+class _Batch:
+    """The running batch: rows (generations and riding questions), their shared KV cache (left-padded),
+    attention mask and next inputs."""
+
+    rows: list[_Row | _Rider]
     cache: Any  # a transformers Cache
     mask: Tensor  # (B, T) 1 for real cache columns
     last: Tensor | None = None  # (B,) the token each row feeds next
@@ -298,6 +320,19 @@ class _Batch:
         if first > 0:
             self.mask = self.mask[:, first:]
             _map_cache(self.cache, lambda t: t[..., first:, :])
+        self.version += 1
+
+    def board(self, riders: list[_Rider], device: torch.device) -> None:
+        """Append `riders` with empty caches (all-padding columns); each feeds its first prompt token next."""
+        n = len(riders)
+        for layer in _cache_layers(self.cache):
+            layer.keys = torch.cat([layer.keys, layer.keys.new_zeros((n, *layer.keys.shape[1:]))])
+            layer.values = torch.cat([layer.values, layer.values.new_zeros((n, *layer.values.shape[1:]))])
+        self.mask = torch.cat([self.mask, self.mask.new_zeros((n, self.mask.shape[1]))])
+        self.rows += riders
+        assert self.last is not None
+        first = torch.tensor([r.prompt_ids[0] for r in riders], dtype=torch.long, device=device)
+        self.last = torch.cat([self.last, first])
         self.version += 1
 
     def extend(self, other: _Batch) -> None:
@@ -415,7 +450,8 @@ class _ScoreJob:
     deadline: float
     steering: list[RowSteering | None] = field(default_factory=list)
     applied: list[tuple[AppliedProfile, ...]] = field(default_factory=list)
-    results: list[np.ndarray] = field(default_factory=list)
+    results: dict[int, np.ndarray] = field(default_factory=dict)  # item index -> its distribution
+    unread: deque[int] = field(default_factory=deque)  # item indexes no read or rider has taken
     done: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
     queued: bool = True
@@ -461,9 +497,12 @@ class GenerationEngine:
         self._backlog: deque[_Row] = deque()
         self._scores: deque[_ScoreJob] = deque()
         self._score_debt = 0.0  # seconds of decoding owed before the next scoring batch
-        # Moving averages: seconds of one decode step, and of scoring one question (what sizes a batch).
+        # Moving averages that size scoring: seconds of one decode step and of reading one question whole;
+        # seconds of a decode step without riders, by the number of rows decoding; a rider's extra seconds.
         self._decode_seconds: float | None = None
         self._score_row_seconds: float | None = None
+        self._plain_step_seconds: dict[int, float] = {}
+        self._rider_seconds: float | None = None
         self._batch: _Batch | None = None
         self._hooks: SteeringHooks | None = None
         self._planned: tuple[int, int] | None = None
@@ -533,8 +572,7 @@ class GenerationEngine:
     def score_prompt_tokens(self, item: OpinionItem) -> int:
         """Length in tokens of the prompt the answer reader builds for `item`."""
         with self._tokenizer_lock:
-            tok = self._request_tokenizer
-            return len(tok.encode(format_prompt(tok, item), add_special_tokens=not tok.chat_template))
+            return len(prompt_token_ids(self._request_tokenizer, item))
 
     def token_bytes(self, tokens: Sequence[int]) -> list[bytes]:
         """The raw UTF-8 bytes each token stands for (a token may hold part of a character)."""
@@ -607,14 +645,15 @@ class GenerationEngine:
             plans = [p if p else None for p in plan]
             if len(plans) != len(items):
                 raise ValueError(f"{len(plans)} plans for {len(items)} items")
-        job = _ScoreJob(items=list(items), plans=plans, deadline=self._deadline(timeout))
+        job = _ScoreJob(items=list(items), plans=plans, deadline=self._deadline(timeout),
+                        unread=deque(range(len(items))))
         self._enqueue(job)
         # The engine drops the job at its deadline; the margin covers one scoring batch in flight.
         if not job.done.wait(max(0.0, job.deadline - time.monotonic()) + 60.0):
             raise DeadlineExceeded("scoring did not finish in time")
         if job.error is not None:
             raise job.error
-        return Scored(distributions=job.results, applied=job.applied)
+        return Scored(distributions=[job.results[i] for i in range(len(job.items))], applied=job.applied)
 
     # ---- the engine thread ---------------------------------------------------------------------------
 
@@ -637,26 +676,38 @@ class GenerationEngine:
             return False
         if rows:
             self._prefill(rows)
+        self._expire_jobs()
         if self._batch is not None:
+            self._board()
+            generating = self._generating()
+            riding = len(self._batch.rows) - generating
             started = time.perf_counter()
             self._decode()
             spent = time.perf_counter() - started
             self._score_debt -= spent
             self._decode_seconds = _moving_average(self._decode_seconds, spent)
+            self._measure_step(generating, riding, spent)
+            if self._batch is not None and self._generating() == 0:
+                self._land_riders()
         if self._batch is None:
             self._score_debt = 0.0  # nobody is waiting for tokens: score flat out
-        if self._scores and self._score_debt <= 0:
-            spent = self._score_batch()
+        read = self._next_read() if self._score_debt <= 0 else None
+        if read is not None:
+            spent = self._score_batch(*read)
             if self._batch is not None:
                 self._score_debt += spent * (1.0 - self.score_share) / self.score_share
         if self._batch is None and not self._scores:
             self._remove_hooks()  # idle: the model is left unsteered
-        self.stats.active_rows = len(self._batch.rows) if self._batch is not None else 0
+        self.stats.active_rows = self._generating()
         return True
+
+    def _generating(self) -> int:
+        """Generation rows in the running batch (riders not counted)."""
+        return sum(isinstance(r, _Row) for r in self._batch.rows) if self._batch is not None else 0
 
     def _admit(self) -> tuple[list[_Row], bool]:
         """Take what arrived (resolving its steering), and the rows that fit into the batch."""
-        running = len(self._batch.rows) if self._batch is not None else 0
+        running = self._generating()
         room = self.max_batch_size - running
         stop = False
 
@@ -730,7 +781,7 @@ class GenerationEngine:
                         else _wrapped(exc))
 
     def _forward(self, input_ids: Tensor, mask: Tensor, steering: list[RowSteering | None] | None,
-                 prompt_length: int, cache: Any = None, plan_key: tuple[int, int] | None = None) -> Any:
+                 prompt_length: int | list[int], cache: Any = None, plan_key: tuple[int, int] | None = None) -> Any:
         """One model call. `plan_key` names a batch composition: the hooks are re-planned only when it
         changes (a prefill always re-plans)."""
         self._hook_failures = {}
@@ -765,7 +816,7 @@ class GenerationEngine:
             self._hooks = None
         self._planned = None
 
-    def _steering_of(self, rows: Sequence[_Row]) -> list[RowSteering | None] | None:
+    def _steering_of(self, rows: Sequence[_Row | _Rider]) -> list[RowSteering | None] | None:
         plans = [row.steering for row in rows]
         return plans if any(plans) else None
 
@@ -790,23 +841,26 @@ class GenerationEngine:
             self._fail(rows[0], exc)
             return
         self.stats.prefills += 1
-        batch = _Batch(rows=rows, cache=getattr(out, self._cache_kwarg), mask=mask)
+        batch = _Batch(rows=list[_Row | _Rider](rows), cache=getattr(out, self._cache_kwarg), mask=mask)
         if self._advance(batch, out.logits[:, -1, :]):
             if self._batch is None:
                 self._batch = batch
             else:
                 self._batch.extend(batch)
-            self.stats.largest_batch = max(self.stats.largest_batch, len(self._batch.rows))
+            self.stats.largest_batch = max(self.stats.largest_batch, self._generating())
 
     def _decode(self) -> None:
         batch = self._batch
         assert batch is not None and batch.last is not None
         mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch.rows), 1)], dim=1)
         steering = self._steering_of(batch.rows)
-        # Decode calls hold no prompt position; the prompt ends where the shortest generation began.
-        prompt_end = mask.shape[1] - min(len(r.generated) for r in batch.rows)
+        # Each row's prompt ends where its generation began, or (a rider) where its prompt will end; both stay
+        # put as the batch grows a column a step, so the hooks re-plan only when the rows change.
+        width = mask.shape[1]
+        prompt_ends = [r.prompt_end(width) if isinstance(r, _Rider) else width - len(r.generated)
+                       for r in batch.rows]
         try:
-            out = self._forward(batch.last.view(-1, 1), mask, steering, prompt_length=prompt_end,
+            out = self._forward(batch.last.view(-1, 1), mask, steering, prompt_length=prompt_ends,
                                 cache=batch.cache, plan_key=(batch.serial, batch.version))
         except Exception as exc:
             self._fail_batch(exc)
@@ -824,7 +878,8 @@ class GenerationEngine:
         finite = torch.isfinite(logits).all(dim=-1).tolist()
         greedy = logits.argmax(dim=-1).tolist()
         # Log-probabilities for the rows that asked for them only.
-        asking = [i for i, row in enumerate(batch.rows) if row.sampling.top_logprobs is not None]
+        asking = [i for i, row in enumerate(batch.rows)
+                  if isinstance(row, _Row) and row.sampling.top_logprobs is not None]
         log_probs = dict(zip(asking, torch.log_softmax(logits[asking], dim=-1).cpu(), strict=True)) if asking \
             else {}
         now = time.monotonic()
@@ -832,6 +887,11 @@ class GenerationEngine:
         keep: list[int] = []
         nxt: list[int] = []
         for i, row in enumerate(batch.rows):
+            if isinstance(row, _Rider):
+                if self._ride(row, logits[i], failures.get(i)):
+                    keep.append(i)
+                    nxt.append(row.prompt_ids[row.fed])
+                continue
             if row.handle.cancelled:
                 self._finish(row, "cancelled")
                 continue
@@ -867,6 +927,64 @@ class GenerationEngine:
             batch.select(keep)
         batch.last = torch.tensor(nxt, dtype=torch.long, device=self.lm.device)
         return True
+
+    def _ride(self, rider: _Rider, logits: Tensor, failure: Exception | None) -> bool:
+        """Advance `rider` past the token it fed; True while it has prompt tokens left to feed. After its last
+        one, the logits are its answer's: record its distribution."""
+        job = rider.job
+        if job.done.is_set():  # its request ended (deadline, error)
+            return False
+        if failure is not None:
+            self._end_scoring(job, failure)
+            return False
+        rider.fed += 1
+        if rider.fed < len(rider.prompt_ids):
+            return True
+        self._answer(rider, logits)
+        return False
+
+    def _answer(self, rider: _Rider, logits: Tensor) -> None:
+        """Record a rider's distribution from the logits after its last prompt token."""
+        item = rider.job.items[rider.index]
+        probs = option_log_probs(self.lm, logits.unsqueeze(0).float(), [item]).exp().cpu().numpy()[0]
+        self.stats.score_riders += 1
+        self._record(rider.job, {rider.index: probs[:len(item.options)].astype(np.float64)})
+
+    def _land_riders(self) -> None:
+        """The streams have ended and only riders are left: run the rest of their prompts in one call on their
+        caches (each row's rest right-aligned, padding between its cache and its rest masked out), so the
+        positions they fed are not run again."""
+        batch, self._batch = self._batch, None
+        assert batch is not None
+        riders = [r for r in batch.rows if isinstance(r, _Rider)]
+        rests = [r.prompt_ids[r.fed:] for r in riders]
+        longest = max(len(rest) for rest in rests)
+        ids = torch.full((len(riders), longest), self._pad_id, dtype=torch.long)
+        tail = torch.zeros((len(riders), longest), dtype=torch.long)
+        for i, rest in enumerate(rests):
+            ids[i, longest - len(rest):] = torch.tensor(rest)
+            tail[i, longest - len(rest):] = 1
+        mask = torch.cat([batch.mask, tail.to(batch.mask.device)], dim=1)
+        try:
+            out = self._forward(ids.to(self.lm.device), mask, self._steering_of(riders),
+                                prompt_length=[mask.shape[1]] * len(riders), cache=batch.cache)
+        except Exception:
+            for rider in riders:  # read again whole, where an error of their own surfaces
+                self._unboard(rider)
+            return
+        failures, self._hook_failures = self._hook_failures, {}
+        for i, rider in enumerate(riders):
+            if rider.job.done.is_set():
+                continue
+            if i in failures:
+                self._end_scoring(rider.job, failures[i])
+            else:
+                self._answer(rider, out.logits[i, -1, :])
+
+    def _unboard(self, rider: _Rider) -> None:
+        """Give a rider's question back to its request, to be read again."""
+        if not rider.job.done.is_set():
+            rider.job.unread.appendleft(rider.index)
 
     @staticmethod
     def _sample(logits: Tensor, row: _Row) -> int:
@@ -952,7 +1070,10 @@ class GenerationEngine:
         self._remove_hooks()
         if batch is not None:
             for row in batch.rows:
-                self._fail(row, exc)
+                if isinstance(row, _Rider):
+                    self._unboard(row)
+                else:
+                    self._fail(row, exc)
         self.stats.active_rows = 0
 
     def _shutdown(self, admitted: list[_Row]) -> None:
@@ -988,41 +1109,92 @@ class GenerationEngine:
         job.error = exc
         job.done.set()
 
+    def _expire_jobs(self) -> None:
+        now = time.monotonic()
+        for job in [job for job in self._scores if now > job.deadline]:
+            self._end_scoring(job, DeadlineExceeded("scoring did not finish before its deadline"))
+
+    def _end_scoring(self, job: _ScoreJob, exc: BaseException | None = None) -> None:
+        if job in self._scores:
+            self._scores.remove(job)
+        self._end_job(job, exc)
+
+    def _record(self, job: _ScoreJob, distributions: Mapping[int, np.ndarray]) -> None:
+        job.results.update(distributions)
+        if len(job.results) == len(job.items):
+            self._end_scoring(job)
+
+    @staticmethod
+    def _can_ride(job: _ScoreJob, index: int) -> bool:
+        steering = job.steering[index]
+        return not steering or steers_in_chunks(steering)
+
+    def _board(self) -> None:
+        """Let unread questions ride the running batch, as many as keep their cost within `score_share`."""
+        assert self._batch is not None
+        generating = self._generating()
+        riding = len(self._batch.rows) - generating
+        plain = self._plain_step_seconds.get(generating)
+        # Unmeasured for this many rows: add none, so that a step without riders measures it.
+        room = (riders_within_share(plain, self._rider_seconds, self.score_share, self.score_batch_size)
+                if plain is not None else riding) - riding
+        if room <= 0:
+            return
+        riders: list[_Rider] = []
+        for job in self._scores:
+            for index in [i for i in job.unread if self._can_ride(job, i)][:room - len(riders)]:
+                job.unread.remove(index)
+                riders.append(_Rider(job=job, index=index, steering=job.steering[index],
+                                     prompt_ids=prompt_token_ids(self.lm.tokenizer, job.items[index])))
+            if len(riders) >= room:
+                break
+        if riders:
+            self._batch.board(riders, self.lm.device)
+
+    def _measure_step(self, generating: int, riding: int, seconds: float) -> None:
+        plain = self._plain_step_seconds.get(generating)
+        if riding == 0:
+            self._plain_step_seconds[generating] = _moving_average(plain, seconds)
+        elif plain is not None:
+            self._rider_seconds = _moving_average(self._rider_seconds, max(0.0, seconds - plain) / riding)
+
     def _score_rows(self) -> int:
-        """Questions for the next scoring batch: `score_batch_size` while no row decodes; otherwise as many as
-        take `score_share` of a decode step's time (scoring's share of each step), at least one."""
+        """Questions for the next whole read: `score_batch_size` while no row decodes; otherwise as many as
+        take `score_share` of a decode step's time, at least one."""
         if self._batch is None:
             return self.score_batch_size
         return scoring_rows(self._decode_seconds, self._score_row_seconds, self.score_share, self.score_batch_size)
 
-    def _score_batch(self) -> float:
-        """Read the next batch of the oldest score request; the seconds it took."""
-        job = self._scores[0]
-        if time.monotonic() > job.deadline:
-            self._scores.popleft()
-            self._end_job(job, DeadlineExceeded("scoring did not finish before its deadline"))
-            return 0.0
-        start = len(job.results)
-        rows = self._score_rows()
-        items = job.items[start:start + rows]
-        steering = job.steering[start:start + rows]
+    def _next_read(self) -> tuple[_ScoreJob, list[int]] | None:
+        """The next whole read: unread questions of the oldest request that has some (while rows decode, only
+        those that cannot ride)."""
+        decoding = self._batch is not None
+        for job in self._scores:
+            picked = [i for i in job.unread if not (decoding and self._can_ride(job, i))]
+            if picked:
+                return job, picked[:self._score_rows()]
+        return None
+
+    def _score_batch(self, job: _ScoreJob, indexes: list[int]) -> float:
+        """Read the questions `indexes` of `job` whole, in one call; the seconds it took."""
+        for index in indexes:
+            job.unread.remove(index)
+        items = [job.items[i] for i in indexes]
+        steering = [job.steering[i] for i in indexes]
         # answer_distributions attaches its own hooks; the engine's must be off meanwhile.
         self._remove_hooks()
         began = time.perf_counter()
         try:
-            job.results.extend(answer_distributions(self.lm, items, steering if any(steering) else None,
-                                                    batch_size=len(items)))
+            distributions = answer_distributions(self.lm, items, steering if any(steering) else None,
+                                                 batch_size=len(items))
         except Exception as exc:
-            self._scores.popleft()
-            self._end_job(job, exc)
+            self._end_scoring(job, exc)
             return time.perf_counter() - began
         spent = time.perf_counter() - began
         self._score_row_seconds = _moving_average(self._score_row_seconds, spent / len(items))
         self.stats.score_batches += 1
         self.stats.score_rows = len(items)
-        if len(job.results) == len(job.items):
-            self._scores.popleft()
-            self._end_job(job)
+        self._record(job, dict(zip(indexes, distributions, strict=True)))
         return spent
 
 
@@ -1036,6 +1208,18 @@ def scoring_rows(decode_seconds: float | None, row_seconds: float | None, share:
         return 1
     budget = decode_seconds * share / (1.0 - share)
     return max(1, min(most, int(budget / max(row_seconds, 1e-9))))
+
+
+def riders_within_share(plain_seconds: float, rider_seconds: float | None, share: float, most: int) -> int:
+    """Riders a decode step carries so that their extra time is `share` of the step with them
+    (`share / (1 - share)` of a step without riders, `plain_seconds`), from the measured extra seconds of one
+    rider: at least one, at most `most`; one until a rider's time is measured."""
+    if share >= 1.0:
+        return most
+    if rider_seconds is None:
+        return 1
+    budget = plain_seconds * share / (1.0 - share)
+    return max(1, min(most, int(budget / max(rider_seconds, 1e-9))))
 
 
 def _moving_average(average: float | None, value: float, weight: float = 0.25) -> float:

@@ -10,6 +10,7 @@ import hashlib
 import threading
 import time
 
+import numpy as np
 import pytest
 import torch
 from support import FIXTURES, Gate, make_tiny
@@ -25,8 +26,10 @@ from service.engine.engine import (
     SteeringPlan,
     SteeringRejected,
     _piece_bytes,
+    riders_within_share,
     scoring_rows,
 )
+from service.engine.interventions import InterventionCache
 from steer_core.data import load_items
 from steer_core.errors import SteerError
 from steer_core.methods import METHODS, get_method, intervention
@@ -369,27 +372,80 @@ def test_a_scoring_batch_between_decode_steps_takes_the_scoring_share_of_a_step(
     assert scoring_rows(0.040, 0.5, 1.0, 16) == 16  # scoring may take all the time
 
 
+def test_riders_a_step_carries_cost_the_scoring_share_of_a_step():
+    # 90 ms plain steps, 3 ms more a rider, a quarter of the time for scoring: 90 * 0.25 / 0.75 = 30 ms,
+    # ten riders (the step then takes 120 ms, of which riders 30 ms).
+    assert riders_within_share(0.090, 0.003, 0.25, 16) == 10
+    assert riders_within_share(0.090, 0.0001, 0.25, 16) == 16  # at most the configured batch
+    assert riders_within_share(0.090, 0.5, 0.25, 16) == 1  # one rider costs more than its share: one
+    assert riders_within_share(0.090, None, 0.25, 16) == 1  # before a rider's time is measured
+    assert riders_within_share(0.090, 0.5, 1.0, 16) == 16  # scoring may take all the time
+
+
 def test_scoring_interleaves_with_decoding(tiny_lm, profiles):
-    """A long score request is read one batch per step between decode steps: a stream submitted with it
-    finishes long before it does (one batch per step bounds the batches read meanwhile)."""
-    engine = GenerationEngine(tiny_lm, profiles=profiles, score_batch_size=1, score_share=0.25)
+    """A long score request rides the decode steps of a stream submitted with it: the stream finishes long
+    before the scoring does; the questions riding when it ends finish their prompts in one call on the
+    positions they fed, the rest are read whole; every distribution is the answer reader's."""
+    items = load_items(FIXTURES / "opinions_group_urban.jsonl")
+    many = (items * (64 // len(items) + 1))[:64]
+    want = answer_distributions(tiny_lm, many)
+    engine = GenerationEngine(tiny_lm, profiles=profiles, score_batch_size=4, score_share=0.25)
     try:
-        items = load_items(FIXTURES / "opinions_group_urban.jsonl")
-        many = (items * (64 // len(items) + 1))[:64]
-        stream = engine.submit(_prompt(engine, CHATS[0]), SamplingParams(max_tokens=20, temperature=0.0,
+        stream = engine.submit(_prompt(engine, CHATS[0]), SamplingParams(max_tokens=40, temperature=0.0,
                                                                          ignore_eos=True))
         next(stream.chunks(60))  # decoding
         scored: dict = {}
         scorer = threading.Thread(target=lambda: scored.setdefault("out", engine.score(many, timeout=600)))
         scorer.start()
         stream.result(60)
-        read_meanwhile = engine.stats.score_batches
-        steps = engine.stats.steps
+        whole_reads = engine.stats.score_batches  # while the stream ran (one may have begun since it ended)
         scorer.join(600)
-        assert len(scored["out"].distributions) == 64
-        assert read_meanwhile <= steps + 1 and read_meanwhile < 64
+        assert whole_reads <= 1
+        assert 0 < engine.stats.score_riders < 64 and engine.stats.score_batches > 0
+        for g, w in zip(scored["out"].distributions, want, strict=True):
+            assert g.tolist() == pytest.approx(w.tolist(), abs=1e-5)
     finally:
         engine.stop()
+
+
+def test_riding_questions_are_steered_as_in_a_whole_read(tiny_lm, profiles):
+    """Questions steered at prompt, last or all positions (DiffMean, ODESteer, a blend) ride a stream's decode
+    steps, each row with its own prompt end; COLD-FD and linear COLD-Kernel (which need the whole prompt in one
+    call) are read whole between steps. Every distribution equals the answer reader's."""
+    ode = _fitted(tiny_lm, "odesteer", {"n_components": 512}, "last")
+    ode.strength = float(ode.tensors["activation_norm"]) * 0.5
+    rideable = [plan(profiles.vector(tiny_lm, LAYER, positions, _vector(tiny_lm, 20 + i)))
+                for i, positions in enumerate(("prompt", "last", "all"))]
+    rideable += [plan(profiles.add(ode)), plan((rideable[0].profiles[0].digest, 0.5), (profiles.add(ode), 0.5))]
+    whole = [plan(profiles.add(_fitted(tiny_lm, "cold_fd", {"mode": "jvp", "rank": 4}, "prompt", strength=0.5))),
+             plan(profiles.add(_fitted(tiny_lm, "cold_kernel", {"kernel": "linear"}, "last", strength=0.5)))]
+    items = load_items(FIXTURES / "opinions_group_urban.jsonl")[:3]
+    plans = [p for p in [None, *rideable, *whole] for _ in items]
+    asked = items * (len(plans) // len(items))
+    # What a whole read gives, planned the engine's way (before the engine owns the model).
+    steering = [InterventionCache(tiny_lm, profiles).resolve(p)[0] for p in plans]
+    want = answer_distributions(tiny_lm, asked, steering)
+    n = len(items)
+    for k in range(1, len(plans) // n):
+        assert not all(np.allclose(w, u, atol=1e-4) for w, u in zip(want[k * n:(k + 1) * n], want[:n], strict=True)), \
+            f"plan {k} should change the distributions"
+    # All the time for scoring: eight riders a step whatever the timings, so they finish within the stream.
+    engine = GenerationEngine(tiny_lm, profiles=profiles, score_batch_size=8, score_share=1.0)
+    try:
+        stream = engine.submit(_prompt(engine, CHATS[1]), SamplingParams(max_tokens=500, temperature=0.0,
+                                                                         ignore_eos=True))
+        next(stream.chunks(60))
+        got = engine.score(asked, plans, timeout=300)
+        assert engine.stats.active_rows == 1, "the stream should outlast the scoring"
+        riders = engine.stats.score_riders
+        stream.cancel()
+        stream.result(60)
+    finally:
+        engine.stop()
+    assert riders == n * (1 + len(rideable))
+    assert engine.stats.score_batches > 0  # the COLD-FD and COLD-Kernel questions, whole
+    for g, w in zip(got.distributions, want, strict=True):
+        assert g.tolist() == pytest.approx(w.tolist(), abs=1e-5)
 
 
 def test_request_threads_never_touch_torch(engine, tiny_lm, profiles, monkeypatch):
