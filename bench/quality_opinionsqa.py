@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/quality_opinionsqa.py [--data DIR] [--pairs POLIDEOLOGY:Liberal:Conservative ...]
         [--seeds 0 1 2] [--train 20] [--judge N] [--methods diffmean diffmean+contrast+orders ...]
-        [--persons K] [--person-method diffmean+orders] [--threads N]
+        [--persons K] [--person-method diffmean+orders] [--personas NAME ...] [--persona-method odesteer]
+        [--threads N]
 
 For each attribute pair and seed the questions both groups answered are shuffled; `--train` of them
 build (every profile's own cross-validated search), the others judge (`--judge` caps how many, default
@@ -17,6 +18,11 @@ group's own build questions), with paired standard errors over questions.
 draw from the group's distribution; a profile built on those one-hot answers, the group's profile and
 their 50/50 blend are judged against the person's group on the judge questions beside `calibrated`
 fitted on the person's own answers.
+
+`--personas NAME ...` (files of ../shared/data/persona, e.g. politically-liberal) builds `--persona-method`
+(default odesteer) on `--train` statements of each persona per seed and judges it on `--persona-judge` others
+of the same persona, in both orders, against `unsteered` and `calibrated` (fitted on the build statements).
+`--pairs` with no pair runs the persona part alone.
 
 The targets (issue 13) are printed as pass/fail bars; a bar that fails stays a bar.
 """
@@ -41,7 +47,7 @@ sys.path.insert(0, str(REPO))
 
 from steer_core import METHODS, build_profile, load_model  # noqa: E402
 from steer_core.calibration import fit_calibration, sample_alignment  # noqa: E402
-from steer_core.data import load_opinionsqa, make_item, with_contrast  # noqa: E402
+from steer_core.data import load_opinionsqa, load_persona, make_item, with_contrast  # noqa: E402
 from steer_core.evaluation import BOTH, ORDERS, evaluate, format_cross_table, paired_difference  # noqa: E402
 from steer_core.evaluation import read_orders as read_profile  # noqa: E402
 from steer_core.methods import intervention  # noqa: E402
@@ -127,13 +133,17 @@ def read_blend(lm, questions: list, profiles: list) -> dict[str, list[np.ndarray
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--pairs", nargs="+", default=DEFAULT_PAIRS, help="ATTRIBUTE:GroupA:GroupB")
+    parser.add_argument("--pairs", nargs="*", default=DEFAULT_PAIRS, help="ATTRIBUTE:GroupA:GroupB")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--train", type=int, default=20)
     parser.add_argument("--judge", type=int, default=0, help="judge questions per seed (0: all the others)")
     parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS)
     parser.add_argument("--persons", type=int, default=0, help="simulated people per group and seed")
     parser.add_argument("--person-method", default="diffmean+orders")
+    parser.add_argument("--personas", nargs="*", default=[], help="persona statement sets (file names)")
+    parser.add_argument("--persona-method", default="odesteer")
+    parser.add_argument("--persona-judge", type=int, default=100, help="judge statements per persona and seed")
+    parser.add_argument("--persona-data", type=Path, default=DEFAULT_DATA.parent / "persona")
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     args = parser.parse_args()
     if not args.data.is_dir():
@@ -142,6 +152,7 @@ def main() -> int:
     try:
         variants = [parse_variant(m) for m in args.methods]
         person_variant = parse_variant(args.person_method)
+        persona_variant = parse_variant(args.persona_method)
         pairs = [tuple(p.split(":")) for p in args.pairs]
         if any(len(p) != 3 for p in pairs):
             raise ValueError("each pair is ATTRIBUTE:GroupA:GroupB")
@@ -203,6 +214,43 @@ def main() -> int:
             if args.persons:
                 person_rows += judge_people(lm, args, person_variant, seed, train, judge, profiles, variants)
 
+    persona_rows = judge_personas(lm, args, persona_variant) if args.personas else []
+    if pairs:
+        summarize(variants, gain_cal, gain_unst, gain_orig, spec, contrast_r)
+    if persona_rows:
+        print(f"\n{persona_variant.name} on persona statements ({len(persona_rows)} persona x seed; both orders):")
+        for name, seed, cal, unst in persona_rows:
+            print(f"  {name:<32} seed {seed}: gain vs calibrated {cal[0]:+.4f} ± {cal[1]:.4f}, "
+                  f"vs unsteered {unst[0]:+.4f} ± {unst[1]:.4f}")
+        m, se = pooled([cal for _, _, cal, _ in persona_rows])
+        print(bar(m > se, f"{persona_variant.name} above calibrated on persona items by more than one paired SE: "
+                          f"{m:+.4f} ± {se:.4f} (mean over personas and seeds)"))
+        worst = min(persona_rows, key=lambda r: r[3][0] + r[3][1])
+        print(bar(all(u[0] > -u[1] for _, _, _, u in persona_rows),
+                  f"{persona_variant.name} never loses more than one SE against unsteered on persona items (worst "
+                  f"{worst[0]} seed {worst[1]}: {worst[3][0]:+.4f} ± {worst[3][1]:.4f})"))
+    else:
+        print("[----] ODESteer above calibrated on persona items: not measured in this run (--personas)")
+    if person_rows:
+        print(f"\nsimulated people ({len(person_rows)}; profile {args.person_method}), alignment with the "
+              "person's group on judge questions, gain vs calibrated on the person's own answers:")
+        for row in ("person", "group", "blend"):
+            m, se = pooled([r[row] for r in person_rows])
+            print(f"  {row:<8}{m:+.4f} ± {se:.4f}")
+        m, se = pooled([r["person"] for r in person_rows])
+        print(bar(m > se, f"one-person profiles above calibrated for the person's group: {m:+.4f} ± {se:.4f}"))
+        m, se = pooled([r["blend_vs_person"] for r in person_rows])
+        m2, se2 = pooled([r["blend_vs_group"] for r in person_rows])
+        print(f"  blend - person {m:+.4f} ± {se:.4f}; blend - group {m2:+.4f} ± {se2:.4f}")
+        m, se = pooled([r["own_vs_other"] for r in person_rows])
+        print(f"  20 answers tell the person's group from the other: person profile's gain for own group minus "
+              f"for the other {m:+.4f} ± {se:.4f}")
+    return 0
+
+
+def summarize(variants: list[Variant], gain_cal: dict, gain_unst: dict, gain_orig: dict, spec: dict,
+              contrast_r: dict) -> None:
+    """The summary table over pairs and seeds and issue 13's bars for the group profiles."""
     print("\nsummary over pairs and seeds (judge questions, both option orders)")
     print(f"{'method':<30}{'gain vs calibrated':>22}{'gain vs unsteered':>22}{'original order only':>22}"
           f"{'specificity':>20}{'contrast r':>12}{'r by order':>16}")
@@ -237,22 +285,33 @@ def main() -> int:
             print(bar(all(m > -se for m, se in gain_unst[v.name].values()),
                       f"{v.name} never loses more than one SE against unsteered on judge questions (worst "
                       f"{worst[0]}: {worst[1][0]:+.4f} ± {worst[1][1]:.4f})"))
-    print("[----] ODESteer above calibrated on persona items: not measured by this bench")
-    if person_rows:
-        print(f"\nsimulated people ({len(person_rows)}; profile {args.person_method}), alignment with the "
-              "person's group on judge questions, gain vs calibrated on the person's own answers:")
-        for row in ("person", "group", "blend"):
-            m, se = pooled([r[row] for r in person_rows])
-            print(f"  {row:<8}{m:+.4f} ± {se:.4f}")
-        m, se = pooled([r["person"] for r in person_rows])
-        print(bar(m > se, f"one-person profiles above calibrated for the person's group: {m:+.4f} ± {se:.4f}"))
-        m, se = pooled([r["blend_vs_person"] for r in person_rows])
-        m2, se2 = pooled([r["blend_vs_group"] for r in person_rows])
-        print(f"  blend - person {m:+.4f} ± {se:.4f}; blend - group {m2:+.4f} ± {se2:.4f}")
-        m, se = pooled([r["own_vs_other"] for r in person_rows])
-        print(f"  20 answers tell the person's group from the other: person profile's gain for own group minus "
-              f"for the other {m:+.4f} ± {se:.4f}")
-    return 0
+
+
+def judge_personas(lm, args, variant: Variant) -> list[tuple[str, int, tuple[float, float], tuple[float, float]]]:  # noqa: ANN001
+    """Each persona and seed: `variant` built on `--train` statements, judged on `--persona-judge` others (both
+    orders) against unsteered and calibrated (fitted on the build statements); (name, seed, gain vs
+    calibrated, gain vs unsteered), each (mean, paired SE)."""
+    rows = []
+    for name in args.personas:
+        statements = load_persona(args.persona_data / f"{name}.jsonl")
+        for seed in args.seeds:
+            order = list(range(len(statements)))
+            random.Random(seed).shuffle(order)
+            train = [statements[i] for i in order[:args.train]]
+            judge = [statements[i] for i in order[args.train:args.train + args.persona_judge]]
+            start = time.perf_counter()
+            profile = build_profile(lm, train, variant.method, variant.params, seed=seed)
+            calibration = fit_calibration(train, answer_distributions(lm, train))
+            report = evaluate(lm, {name: judge}, {variant.name: profile}, {variant.name: name}, {name: calibration},
+                              seed=seed)
+            cell = report["cells"][BOTH][variant.name][name]
+            cal = (cell["gain_vs_calibrated"]["mean"], cell["gain_vs_calibrated"]["standard_error"])
+            unst = (cell["gain_vs_unsteered"]["mean"], cell["gain_vs_unsteered"]["standard_error"])
+            rows.append((name, seed, cal, unst))
+            print(f"  persona {name} seed {seed} {variant.name}: layer {profile.layer} strength {profile.strength:g}, "
+                  f"build {time.perf_counter() - start:.0f} s; judge gain vs calibrated {cal[0]:+.4f} ± {cal[1]:.4f}",
+                  flush=True)
+    return rows
 
 
 def judge_people(lm, args, variant: Variant, seed: int, train: dict, judge: dict, profiles: dict,  # noqa: ANN001
