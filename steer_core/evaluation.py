@@ -244,15 +244,16 @@ def format_cross_table(report: dict[str, Any], order: str | None = None) -> str:
     cells = report["cells"][order]
     groups = report["groups"]
     width = 30
+    names = max(16, *(len(row) + 1 for row in cells))  # whole names: profiles often differ only at the end
     lines = [f"{report['questions']} questions, {order}: alignment (gain vs calibrated ± paired SE)",
-             f"{'':<16}" + "".join(f"{g[:width - 2]:>{width}}" for g in groups)]
+             f"{'':<{names}}" + "".join(f"{g[:width - 2]:>{width}}" for g in groups)]
     for row, by_group in cells.items():
         text = []
         for g in groups:
             c = by_group[g]
             gain = c["gain_vs_calibrated"]
             text.append(f"{c['alignment']['mean']:.4f} ({gain['mean']:+.4f} ± {gain['standard_error']:.4f})")
-        lines.append(f"{row[:15]:<16}" + "".join(f"{t:>{width}}" for t in text))
+        lines.append(f"{row:<{names}}" + "".join(f"{t:>{width}}" for t in text))
     for name, s in report["specificity"].get(order, {}).items():
         lines.append(f"specificity of {name} (own group {report['profiles'][name]['own_group']}): "
                      f"{s['mean']:+.4f} ± {s['standard_error']:.4f}")

@@ -114,6 +114,16 @@ def test_cross_table_by_hand():
     assert "specificity of letter" in format_cross_table(report, ORIGINAL)
 
 
+def test_the_cross_table_names_every_row_whole():
+    """Profiles of one method for two groups differ only at the end of their names: each row shows its own."""
+    names = ["diffmean+contrast+orders@lib", "diffmean+contrast+orders@con"]
+    profiles = {name: _readings([0.6] * 3, [0.4] * 3) for name in names}
+    report = evaluate_readings(_hand_groups(), _readings([0.5] * 3, [0.5] * 3), profiles,
+                               calibrations={"lib": IDENTITY, "con": IDENTITY})
+    rows = [line.split()[0] for line in format_cross_table(report, BOTH).splitlines()[2:]]
+    assert rows == ["unsteered", "uniform", "calibrated", *names]
+
+
 def test_cross_table_fits_the_calibrated_baseline_out_of_fold():
     rng = np.random.default_rng(0)
     groups = {g: [make_item(f"q{i}", ["a", "b", "c"], target=list(rng.dirichlet(np.ones(3) * 2))) for i in range(9)]
