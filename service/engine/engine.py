@@ -452,6 +452,7 @@ class _ScoreJob:
     applied: list[tuple[AppliedProfile, ...]] = field(default_factory=list)
     results: dict[int, np.ndarray] = field(default_factory=dict)  # item index -> its distribution
     unread: deque[int] = field(default_factory=deque)  # item indexes no read or rider has taken
+    rideable: list[bool] = field(default_factory=list)  # per item: its steering may feed the prompt a token a step
     done: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
     queued: bool = True
@@ -769,6 +770,7 @@ class GenerationEngine:
                 steering, applied = self.interventions.resolve(plan)
                 job.steering.append(steering)
                 job.applied.append(applied)
+                job.rideable.append(not steering or steers_in_chunks(steering))
         except Exception as exc:
             self._end_job(job, exc)
             return False
@@ -841,7 +843,7 @@ class GenerationEngine:
             self._fail(rows[0], exc)
             return
         self.stats.prefills += 1
-        batch = _Batch(rows=list[_Row | _Rider](rows), cache=getattr(out, self._cache_kwarg), mask=mask)
+        batch = _Batch(rows=[*rows], cache=getattr(out, self._cache_kwarg), mask=mask)
         if self._advance(batch, out.logits[:, -1, :]):
             if self._batch is None:
                 self._batch = batch
@@ -1124,11 +1126,6 @@ class GenerationEngine:
         if len(job.results) == len(job.items):
             self._end_scoring(job)
 
-    @staticmethod
-    def _can_ride(job: _ScoreJob, index: int) -> bool:
-        steering = job.steering[index]
-        return not steering or steers_in_chunks(steering)
-
     def _board(self) -> None:
         """Let unread questions ride the running batch, as many as keep their cost within `score_share`."""
         assert self._batch is not None
@@ -1136,13 +1133,13 @@ class GenerationEngine:
         riding = len(self._batch.rows) - generating
         plain = self._plain_step_seconds.get(generating)
         # Unmeasured for this many rows: add none, so that a step without riders measures it.
-        room = (riders_within_share(plain, self._rider_seconds, self.score_share, self.score_batch_size)
+        room = (scoring_rows(plain, self._rider_seconds, self.score_share, self.score_batch_size)
                 if plain is not None else riding) - riding
         if room <= 0:
             return
         riders: list[_Rider] = []
         for job in self._scores:
-            for index in [i for i in job.unread if self._can_ride(job, i)][:room - len(riders)]:
+            for index in list(itertools.islice((i for i in job.unread if job.rideable[i]), room - len(riders))):
                 job.unread.remove(index)
                 riders.append(_Rider(job=job, index=index, steering=job.steering[index],
                                      prompt_ids=prompt_token_ids(self.lm.tokenizer, job.items[index])))
@@ -1170,9 +1167,10 @@ class GenerationEngine:
         those that cannot ride)."""
         decoding = self._batch is not None
         for job in self._scores:
-            picked = [i for i in job.unread if not (decoding and self._can_ride(job, i))]
+            picked = list(itertools.islice((i for i in job.unread if not (decoding and job.rideable[i])),
+                                           self._score_rows()))
             if picked:
-                return job, picked[:self._score_rows()]
+                return job, picked
         return None
 
     def _score_batch(self, job: _ScoreJob, indexes: list[int]) -> float:
@@ -1198,28 +1196,17 @@ class GenerationEngine:
         return spent
 
 
-def scoring_rows(decode_seconds: float | None, row_seconds: float | None, share: float, most: int) -> int:
-    """Questions a scoring batch reads between decode steps so that it takes `share` of the time of a step and
-    the next (`share / (1 - share)` of one decode step), from the measured seconds of a decode step and of
-    scoring one question: at least one, at most `most`; one until both are measured."""
+def scoring_rows(step_seconds: float | None, row_seconds: float | None, share: float, most: int) -> int:
+    """Questions that take `share` of the engine's time beside a step of `step_seconds` (`share / (1 - share)`
+    of it), each costing `row_seconds`: read whole between decode steps (a step and a question's read), or
+    riding a step (a step without riders and a rider's extra time). At least one, at most `most`; one until
+    both times are measured."""
     if share >= 1.0:
         return most
-    if decode_seconds is None or row_seconds is None:
+    if step_seconds is None or row_seconds is None:
         return 1
-    budget = decode_seconds * share / (1.0 - share)
+    budget = step_seconds * share / (1.0 - share)
     return max(1, min(most, int(budget / max(row_seconds, 1e-9))))
-
-
-def riders_within_share(plain_seconds: float, rider_seconds: float | None, share: float, most: int) -> int:
-    """Riders a decode step carries so that their extra time is `share` of the step with them
-    (`share / (1 - share)` of a step without riders, `plain_seconds`), from the measured extra seconds of one
-    rider: at least one, at most `most`; one until a rider's time is measured."""
-    if share >= 1.0:
-        return most
-    if rider_seconds is None:
-        return 1
-    budget = plain_seconds * share / (1.0 - share)
-    return max(1, min(most, int(budget / max(rider_seconds, 1e-9))))
 
 
 def _moving_average(average: float | None, value: float, weight: float = 0.25) -> float:

@@ -26,7 +26,6 @@ from service.engine.engine import (
     SteeringPlan,
     SteeringRejected,
     _piece_bytes,
-    riders_within_share,
     scoring_rows,
 )
 from service.engine.interventions import InterventionCache
@@ -375,11 +374,11 @@ def test_a_scoring_batch_between_decode_steps_takes_the_scoring_share_of_a_step(
 def test_riders_a_step_carries_cost_the_scoring_share_of_a_step():
     # 90 ms plain steps, 3 ms more a rider, a quarter of the time for scoring: 90 * 0.25 / 0.75 = 30 ms,
     # ten riders (the step then takes 120 ms, of which riders 30 ms).
-    assert riders_within_share(0.090, 0.003, 0.25, 16) == 10
-    assert riders_within_share(0.090, 0.0001, 0.25, 16) == 16  # at most the configured batch
-    assert riders_within_share(0.090, 0.5, 0.25, 16) == 1  # one rider costs more than its share: one
-    assert riders_within_share(0.090, None, 0.25, 16) == 1  # before a rider's time is measured
-    assert riders_within_share(0.090, 0.5, 1.0, 16) == 16  # scoring may take all the time
+    assert scoring_rows(0.090, 0.003, 0.25, 16) == 10
+    assert scoring_rows(0.090, 0.0001, 0.25, 16) == 16  # at most the configured batch
+    assert scoring_rows(0.090, 0.5, 0.25, 16) == 1  # one rider costs more than its share: one
+    assert scoring_rows(0.090, None, 0.25, 16) == 1  # before a rider's time is measured
+    assert scoring_rows(0.090, 0.5, 1.0, 16) == 16  # scoring may take all the time
 
 
 def test_scoring_interleaves_with_decoding(tiny_lm, profiles):
