@@ -16,12 +16,14 @@ group's own build questions), with paired standard errors over questions.
 
 `--persons K` simulates K people per group and seed: a person answers each build question with one
 draw from the group's distribution; a profile built on those one-hot answers, the group's profile and
-their 50/50 blend are judged against the person's group on the judge questions beside `calibrated`
-fitted on the person's own answers.
+their 50/50 blend (with the blend's calibration, as the service applies it) are judged against the
+person's group on the judge questions beside `uniform` and `calibrated` on the person's own answers the
+way their build calibrates (the temperature, and the lean only where it helps out of fold).
 
 `--personas NAME ...` (files of ../shared/data/persona, e.g. politically-liberal) builds `--persona-method`
 (default odesteer) on `--train` statements of each persona per seed and judges it on `--persona-judge` others
-of the same persona, in both orders, against `unsteered` and `calibrated` (fitted on the build statements).
+of the same persona, in both orders, against `unsteered`, `uniform` and `calibrated` (fitted on the build
+statements).
 `--pairs` with no pair runs the persona part alone.
 
 The targets (issue 13) are printed as pass/fail bars; a bar that fails stays a bar.
@@ -46,10 +48,23 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from steer_core import METHODS, build_profile, load_model  # noqa: E402
-from steer_core.calibration import fit_calibration, sample_alignment  # noqa: E402
+from steer_core.calibration import (  # noqa: E402
+    blend_calibration,
+    choose_calibration,
+    fit_calibration,
+    sample_alignment,
+)
 from steer_core.data import load_opinionsqa, load_persona, make_item, with_contrast  # noqa: E402
-from steer_core.evaluation import BOTH, ORDERS, evaluate, format_cross_table, paired_difference  # noqa: E402
+from steer_core.evaluation import (  # noqa: E402
+    BOTH,
+    ORDERS,
+    evaluate,
+    format_cross_table,
+    paired_difference,
+    uniform_distributions,
+)
 from steer_core.evaluation import read_orders as read_profile  # noqa: E402
+from steer_core.folds import fold_indices  # noqa: E402
 from steer_core.methods import intervention  # noqa: E402
 from steer_core.prompts import answer_distributions  # noqa: E402
 from steer_core.steering import compose  # noqa: E402
@@ -117,16 +132,18 @@ def person_items(items: list, rng: random.Random) -> list:
 
 
 def read_blend(lm, questions: list, profiles: list) -> dict[str, list[np.ndarray]]:  # noqa: ANN001
-    """Answer distributions under an equal-weight blend of `profiles`, in both orders (survey order)."""
+    """Answer distributions under an equal-weight blend of `profiles`, in both orders (survey order), with the
+    blend's calibration applied as the service applies it (`blend_calibration` of the parts' own)."""
     from steer_core.evaluation import reverse_options
 
     live = [p for p in profiles if p.strength != 0]
     row = compose([(intervention(p, lm), 1.0 / len(profiles)) for p in live]) if live else None
+    calibration = blend_calibration([(p.calibration, 1.0 / len(profiles)) for p in profiles])
     out = {}
     for order in ORDERS:
         asked = questions if order == ORDERS[0] else [reverse_options(it) for it in questions]
         dists = answer_distributions(lm, asked, row)
-        out[order] = dists if order == ORDERS[0] else [p[::-1].copy() for p in dists]
+        out[order] = calibration.apply_all(questions, dists if order == ORDERS[0] else [p[::-1].copy() for p in dists])
     return out
 
 
@@ -219,22 +236,25 @@ def main() -> int:
         summarize(variants, gain_cal, gain_unst, gain_orig, spec, contrast_r)
     if persona_rows:
         print(f"\n{persona_variant.name} on persona statements ({len(persona_rows)} persona x seed; both orders):")
-        for name, seed, cal, unst in persona_rows:
-            print(f"  {name:<32} seed {seed}: gain vs calibrated {cal[0]:+.4f} ± {cal[1]:.4f}, "
-                  f"vs unsteered {unst[0]:+.4f} ± {unst[1]:.4f}")
-        m, se = pooled([cal for _, _, cal, _ in persona_rows])
+        for r in persona_rows:
+            print(f"  {r['name']:<32} seed {r['seed']}: gain vs calibrated {r['cal'][0]:+.4f} ± {r['cal'][1]:.4f}, "
+                  f"vs unsteered {r['unst'][0]:+.4f} ± {r['unst'][1]:.4f}; uniform vs calibrated "
+                  f"{r['uniform'][0]:+.4f} ± {r['uniform'][1]:.4f}")
+        m, se = pooled([r["uniform"] for r in persona_rows])
+        print(f"  uniform over calibrated on the same statements: {m:+.4f} ± {se:.4f} (mean over personas and seeds)")
+        m, se = pooled([r["cal"] for r in persona_rows])
         print(bar(m > se, f"{persona_variant.name} above calibrated on persona items by more than one paired SE: "
                           f"{m:+.4f} ± {se:.4f} (mean over personas and seeds)"))
-        worst = min(persona_rows, key=lambda r: r[3][0] + r[3][1])
-        print(bar(all(u[0] > -u[1] for _, _, _, u in persona_rows),
+        worst = min(persona_rows, key=lambda r: r["unst"][0] + r["unst"][1])
+        print(bar(all(r["unst"][0] > -r["unst"][1] for r in persona_rows),
                   f"{persona_variant.name} never loses more than one SE against unsteered on persona items (worst "
-                  f"{worst[0]} seed {worst[1]}: {worst[3][0]:+.4f} ± {worst[3][1]:.4f})"))
+                  f"{worst['name']} seed {worst['seed']}: {worst['unst'][0]:+.4f} ± {worst['unst'][1]:.4f})"))
     else:
         print("[----] ODESteer above calibrated on persona items: not measured in this run (--personas)")
     if person_rows:
         print(f"\nsimulated people ({len(person_rows)}; profile {args.person_method}), alignment with the "
               "person's group on judge questions, gain vs calibrated on the person's own answers:")
-        for row in ("person", "group", "blend"):
+        for row in ("person", "group", "blend", "uniform"):
             m, se = pooled([r[row] for r in person_rows])
             print(f"  {row:<8}{m:+.4f} ± {se:.4f}")
         m, se = pooled([r["person"] for r in person_rows])
@@ -287,10 +307,11 @@ def summarize(variants: list[Variant], gain_cal: dict, gain_unst: dict, gain_ori
                       f"{worst[0]}: {worst[1][0]:+.4f} ± {worst[1][1]:.4f})"))
 
 
-def judge_personas(lm, args, variant: Variant) -> list[tuple[str, int, tuple[float, float], tuple[float, float]]]:  # noqa: ANN001
+def judge_personas(lm, args, variant: Variant) -> list[dict[str, Any]]:  # noqa: ANN001
     """Each persona and seed: `variant` built on `--train` statements, judged on `--persona-judge` others (both
-    orders) against unsteered and calibrated (fitted on the build statements); (name, seed, gain vs
-    calibrated, gain vs unsteered), each (mean, paired SE)."""
+    orders) against unsteered, uniform and calibrated (fitted on the build statements); rows with the persona's
+    name, the seed and the gains (mean, paired SE) of the profile over calibrated (`cal`) and unsteered
+    (`unst`) and of uniform over calibrated (`uniform`)."""
     rows = []
     for name in args.personas:
         statements = load_persona(args.persona_data / f"{name}.jsonl")
@@ -307,7 +328,9 @@ def judge_personas(lm, args, variant: Variant) -> list[tuple[str, int, tuple[flo
             cell = report["cells"][BOTH][variant.name][name]
             cal = (cell["gain_vs_calibrated"]["mean"], cell["gain_vs_calibrated"]["standard_error"])
             unst = (cell["gain_vs_unsteered"]["mean"], cell["gain_vs_unsteered"]["standard_error"])
-            rows.append((name, seed, cal, unst))
+            flat = report["cells"][BOTH]["uniform"][name]["gain_vs_calibrated"]
+            rows.append({"name": name, "seed": seed, "cal": cal, "unst": unst,
+                         "uniform": (flat["mean"], flat["standard_error"])})
             print(f"  persona {name} seed {seed} {variant.name}: layer {profile.layer} strength {profile.strength:g}, "
                   f"build {time.perf_counter() - start:.0f} s; judge gain vs calibrated {cal[0]:+.4f} ± {cal[1]:.4f}",
                   flush=True)
@@ -329,7 +352,9 @@ def judge_people(lm, args, variant: Variant, seed: int, train: dict, judge: dict
             answers = person_items(train[g], random.Random(f"{seed}:{g}:{k}"))
             items = with_contrast(answers, [train[other]]) if variant.contrast else answers
             person = build_profile(lm, items, variant.method, variant.params, seed=seed)
-            calibration = fit_calibration(answers, unsteered_train)  # all the person's own answers allow
+            # The floor the person's build judged itself against: temperature, with the lean only where it
+            # helped out of fold (a lean fitted on 20 one-hot answers overshoots; this baseline is the stronger).
+            calibration = choose_calibration(answers, unsteered_train, fold_indices(len(answers), seed=seed))[0]
             readings = {"person": read_profile(lm, judge[g], person), "group": group_readings,
                         "blend": read_blend(lm, judge[g], [person, profiles[f"{group_variant.name}@{g}"]])}
 
@@ -345,13 +370,15 @@ def judge_people(lm, args, variant: Variant, seed: int, train: dict, judge: dict
                 e = paired_difference(x, y)
                 return e.mean, e.standard_error
 
+            uniform = sample_alignment(judge[g], uniform_distributions(judge[g]))  # the same in both orders
             row = {"person": diff(a["person"], calibrated), "group": diff(a["group"], calibrated),
+                   "uniform": diff(uniform, calibrated),
                    "blend": diff(a["blend"], calibrated), "blend_vs_person": diff(a["blend"], a["person"]),
                    "blend_vs_group": diff(a["blend"], a["group"]), "own_vs_other": diff(own_gain, other_gain)}
             rows.append(row)
             print(f"  person {k} of {g} (seed {seed}, strength {person.strength:g}): vs calibrated person "
-                  f"{row['person'][0]:+.4f}, group {row['group'][0]:+.4f}, blend {row['blend'][0]:+.4f}",
-                  flush=True)
+                  f"{row['person'][0]:+.4f}, group {row['group'][0]:+.4f}, blend {row['blend'][0]:+.4f}, uniform "
+                  f"{row['uniform'][0]:+.4f}", flush=True)
     return rows
 
 

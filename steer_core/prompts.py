@@ -104,21 +104,31 @@ def answer_distributions(lm: LanguageModel, items: Sequence[OpinionItem], steeri
     `steering` is one `RowSteering` for every item, or a list with one entry per item.
     """
     per_item = _per_item_steering(steering, len(items))
-    out: list[np.ndarray] = []
+    out: list[np.ndarray] = [np.empty(0)] * len(items)
+    order = by_length(lm, items)
     for start in range(0, len(items), batch_size):
-        chunk = items[start:start + batch_size]
+        indices = order[start:start + batch_size]
+        chunk = [items[i] for i in indices]
         batch = encode_items(lm, chunk)
-        rows = per_item[start:start + batch_size] if per_item is not None else None
+        rows = [per_item[i] for i in indices] if per_item is not None else None
         if rows is not None and any(rows):
             with apply(lm, rows):
                 logits = lm.model(**batch, use_cache=False, **last_logits_only(lm)).logits[:, -1, :]
         else:
             logits = lm.model(**batch, use_cache=False, **last_logits_only(lm)).logits[:, -1, :]
         probs = option_log_probs(lm, logits, chunk).exp().cpu().numpy()
-        out.extend(probs[i, :len(it.options)].astype(np.float64) for i, it in enumerate(chunk))
+        for row, (i, it) in enumerate(zip(indices, chunk, strict=True)):
+            out[i] = probs[row, :len(it.options)].astype(np.float64)
         if progress is not None:
             progress(min(start + batch_size, len(items)), len(items))
     return out
+
+
+def by_length(lm: LanguageModel, items: Sequence[OpinionItem]) -> list[int]:
+    """Indices of `items` from the shortest prompt to the longest (stable): batches cut from this order pad
+    little (a batch costs its longest prompt times its rows; OpinionsQA prompts run 50..100 tokens)."""
+    lengths = [len(prompt_token_ids(lm.tokenizer, it)) for it in items]
+    return sorted(range(len(items)), key=lengths.__getitem__)
 
 
 def last_logits_only(lm: LanguageModel) -> dict[str, int]:

@@ -155,6 +155,13 @@ def test_build_chooses_a_strength_by_cross_validation(tiny_lm):
     assert again.params["adapter_config"] == profile.params["adapter_config"]
 
 
+def test_a_build_adapts_the_top_quarter_of_the_blocks(tiny_lm):
+    profile = build_profile(tiny_lm, ITEMS[:8], "lora", {"steps": 2, "rank": 2, "lr": 0.01})
+    top = tiny_lm.num_layers - max(1, tiny_lm.num_layers // 4)
+    assert profile.layer == lo.first_block(tiny_lm) == top
+    assert {int(k.split(".layers.")[1].split(".")[0]) for k in profile.tensors} == set(range(top, tiny_lm.num_layers))
+
+
 def test_build_searches_rank_steps_and_lr_out_of_fold(tiny_lm, monkeypatch):
     """What the params leave open is searched; the shipped adapter is the chosen setting trained on every
     item (its steps a checkpoint of the longer run: the same tensors as a run of that many steps)."""

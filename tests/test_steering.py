@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
 import pytest
 import torch
-from support import make_tiny, residual_after
+from support import FIXTURES, make_tiny, residual_after
 
-from steer_core.prompts import encode
+from steer_core.data import load_items
+from steer_core.prompts import answer_distributions, by_length, encode, prompt_token_ids
 from steer_core.steering import ConstantShift, ForwardContext, SteeringHooks, apply, compose, steers_in_chunks
 
 PROMPTS = ["The weather today is", "A much longer prompt that needs no padding at all, it says"]
@@ -53,6 +55,20 @@ def test_rows_of_a_batch_are_independent(tiny_lm):
     assert torch.equal(mixed[0], only_a[0])
     assert torch.equal(mixed[1], only_b[1])
     assert not torch.allclose(mixed[0], mixed[1])
+
+
+def test_answer_distributions_read_in_length_order_keep_each_items_place_and_steering(tiny_lm):
+    """The reader batches items from the shortest prompt to the longest; each result (and each row's own
+    steering) still belongs to the item at its place in the input."""
+    items = load_items(FIXTURES / "opinions_group_rural.jsonl")[:6]
+    order = by_length(tiny_lm, items)
+    lengths = [len(prompt_token_ids(tiny_lm.tokenizer, it)) for it in items]
+    assert [lengths[i] for i in order] == sorted(lengths) and order != list(range(len(items)))
+    shifts = [[ConstantShift(LAYER, "prompt", _vector(tiny_lm, k))] if k % 2 else None for k in range(len(items))]
+    together = answer_distributions(tiny_lm, items, shifts, batch_size=4)
+    for item, shift, read in zip(items, shifts, together, strict=True):
+        np.testing.assert_allclose(read, answer_distributions(tiny_lm, [item], [shift])[0], atol=1e-5)
+    assert not np.allclose(together[1], answer_distributions(tiny_lm, [items[1]])[0], atol=1e-3)
 
 
 def test_zero_weight_blend_reproduces_unsteered_logits_exactly(tiny_lm):
