@@ -3,9 +3,9 @@
 The adapter is a peft `LoraConfig` on the model's attention projections (peft's own default targets for
 the model type; every Linear of a block for types peft does not know) in blocks ``layer..n-1`` (by default
 the top quarter, `first_block`: training then runs the frozen blocks below once rather than once per
-step), trained
-with the loss module COLD-Steer uses (`steer_core.losses`: ``ce`` to the target distribution, ``dpo``,
-``sft``), full batch with Adam, from a seeded initialization: the same sample gives the same adapter.
+step), trained with the loss module COLD-Steer uses (`steer_core.losses`: ``ce`` to the target
+distribution, ``dpo``, ``sft``), full batch with Adam in batches of items of like prompt lengths, from a
+seeded initialization: the same sample gives the same adapter.
 
 Choice: rank, training steps and learning rate not given in the params are chosen by the build's
 cross-validation (`grid`: every combination of `RANKS`, `STEPS` and `LRS`, each trained on the folds and
