@@ -64,7 +64,7 @@ from steer_core.methods import check_positions, fit_settings, get_method
 from steer_core.metrics import item_metrics, mean_metrics
 from steer_core.models import LanguageModel
 from steer_core.profile import Profile
-from steer_core.prompts import answer_distributions
+from steer_core.prompts import answer_distributions, answer_distributions_under
 
 # progress(done, total, stage)
 Progress = Callable[[int, int, str], None]
@@ -258,18 +258,17 @@ def build_profile(lm: LanguageModel, items: Sequence[OpinionItem], method: str,
         done += 1
         judged = [items[i] for i in fold]
         for L in layers:
-            # Every (setting, strength) in one call, a row per (setting, strength, item): batches fill up.
-            rows: list[Any] = []
+            # Every (setting, strength) of the layer in one call: batches fill up, and shared work is shared.
+            steerings: list[Any] = []
             keys: list[tuple[int, int, int]] = []
             for v in range(len(settings)):
                 fold_grid = [float(strength)] if strength is not None else spec.strengths(fitted[v][L], lm)
                 for j, s in enumerate(fold_grid):
                     fitted[v][L].strength = s
-                    rows += [[spec.intervention(fitted[v][L], lm)] if s != 0 else None] * len(judged)
+                    steerings.append([spec.intervention(fitted[v][L], lm)] if s != 0 else None)
                     keys.append((v, L, j))
-            dists = answer_distributions(lm, judged * len(keys), rows)
-            for n, key in enumerate(keys):
-                for i, d in zip(fold, dists[n * len(judged):(n + 1) * len(judged)], strict=True):
+            for key, dists in zip(keys, answer_distributions_under(lm, judged, steerings), strict=True):
+                for i, d in zip(fold, dists, strict=True):
                     oof[key][i] = d
             done += 1
             report(done, total, f"fold {f + 1}/{len(folds)}: searched layer {L}")

@@ -2,7 +2,8 @@
 
 Every method, metric and endpoint formats multiple-choice prompts with `format_prompt` and reads the
 model's answer distribution with `answer_distributions`: the softmax over the option letters' logits at
-the first assistant position, renormalized over the item's valid options.
+the first assistant position, renormalized over the item's valid options (`answer_distributions_under`
+reads the same items under several steerings, as a build's search does).
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ import torch
 from torch import Tensor
 from transformers import BatchEncoding, PreTrainedTokenizerBase
 
+from steer_core.blocks import block_inputs, last_logits_from
 from steer_core.data import OpinionItem
 from steer_core.models import LanguageModel
-from steer_core.steering import RowSteering, apply, is_one_steering
+from steer_core.steering import LowRankDelta, LowRankRows, RowSteering, apply, is_one_steering
 
 LETTERS = string.ascii_uppercase
 SYSTEM_INSTRUCTION = "Answer the question with the letter of one option only."
@@ -60,10 +62,16 @@ def option_token_ids(tokenizer: PreTrainedTokenizerBase, n: int) -> list[int]:
 
 
 def encode(lm: LanguageModel, texts: Sequence[str]) -> BatchEncoding:
-    """Tokenize with left padding (so the last position is every row's last token) onto the model's device."""
+    """Tokenize with left padding (so the last position is every row's last token) onto the model's device.
+
+    Where the model takes `position_ids`, each row's positions count its real tokens only (as the engine and
+    `generate` count them): a model with absolute position embeddings (GPT-2) then reads a prompt the same
+    alone and beside longer ones (rotary models do either way)."""
     tok = lm.tokenizer
     tok.padding_side = "left"
     batch = tok(list(texts), return_tensors="pt", padding=True, add_special_tokens=not tok.chat_template)
+    if _takes(type(lm.model).forward, "position_ids"):
+        batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
     return batch.to(lm.device)
 
 
@@ -124,6 +132,40 @@ def answer_distributions(lm: LanguageModel, items: Sequence[OpinionItem], steeri
     return out
 
 
+@torch.no_grad()
+def answer_distributions_under(lm: LanguageModel, items: Sequence[OpinionItem],
+                               steerings: Sequence[RowSteering | None], batch_size: int = 16) -> list[list[np.ndarray]]:
+    """Every item's answer distribution under each of `steerings` (None: unsteered), one list per steering.
+
+    Where every steering is made of low-rank deltas alone (LoRA adapters: they change module outputs from
+    their first adapted block on and need nothing else of the forward call), the blocks below the lowest
+    adapted one run once per item rather than once per steering; otherwise this is `answer_distributions`
+    over the items repeated once per steering."""
+    rows = [list(s) if s else [] for s in steerings]
+    if not any(rows) or not all(isinstance(iv, LowRankDelta) for row in rows for iv in row):
+        flat = answer_distributions(lm, list(items) * len(rows), [row or None for row in rows for _ in items],
+                                    batch_size=batch_size)
+        return [flat[k * len(items):(k + 1) * len(items)] for k in range(len(rows))]
+    deltas = [[iv for iv in row if isinstance(iv, LowRankDelta)] for row in rows]
+    first = min(iv.layer for row in deltas for iv in row)
+    out = [[np.empty(0)] * len(items) for _ in rows]
+    order = by_length(lm, items)
+    low_rank = LowRankRows(lm)
+    try:
+        for start in range(0, len(items), batch_size):
+            indices = order[start:start + batch_size]
+            chunk = [items[i] for i in indices]
+            args, kwargs = block_inputs(lm, encode_items(lm, chunk), first)
+            for k, row in enumerate(deltas):
+                low_rank.plan([row] * len(chunk))
+                probs = option_log_probs(lm, last_logits_from(lm, first, args, kwargs), chunk).exp().cpu().numpy()
+                for r, (i, it) in enumerate(zip(indices, chunk, strict=True)):
+                    out[k][i] = probs[r, :len(it.options)].astype(np.float64)
+    finally:
+        low_rank.remove()
+    return out
+
+
 def by_length(lm: LanguageModel, items: Sequence[OpinionItem]) -> list[int]:
     """Indices of `items` from the shortest prompt to the longest (stable): batches cut from this order pad
     little (a batch costs its longest prompt times its rows; OpinionsQA prompts run 50..100 tokens)."""
@@ -134,12 +176,12 @@ def by_length(lm: LanguageModel, items: Sequence[OpinionItem]) -> list[int]:
 def last_logits_only(lm: LanguageModel) -> dict[str, int]:
     """Ask for the last position's logits only where the model takes `logits_to_keep` (transformers >= 4.50):
     the LM head over every position dominates a small model's forward, and readers need the last one."""
-    return {"logits_to_keep": 1} if _takes_logits_to_keep(type(lm.model).forward) else {}
+    return {"logits_to_keep": 1} if _takes(type(lm.model).forward, "logits_to_keep") else {}
 
 
 @functools.cache
-def _takes_logits_to_keep(forward: Callable[..., Any]) -> bool:
-    return "logits_to_keep" in inspect.signature(forward).parameters
+def _takes(forward: Callable[..., Any], argument: str) -> bool:
+    return argument in inspect.signature(forward).parameters
 
 
 def _per_item_steering(steering: Steering, n: int) -> list[RowSteering | None] | None:

@@ -7,6 +7,7 @@ import json
 import pickle
 import tarfile
 
+import numpy as np
 import pytest
 import torch
 from peft import PeftModel
@@ -22,7 +23,13 @@ from steer_core.losses import item_losses
 from steer_core.methods import intervention
 from steer_core.models import model_layout, read_model_layout
 from steer_core.profile import Profile
-from steer_core.prompts import encode, encode_items, last_logits_only
+from steer_core.prompts import (
+    answer_distributions,
+    answer_distributions_under,
+    encode,
+    encode_items,
+    last_logits_only,
+)
 from steer_core.steering import ConstantShift, apply, compose
 
 ITEMS = load_items(FIXTURES / "opinions_group_rural.jsonl")
@@ -117,6 +124,26 @@ def test_every_row_of_a_mixed_batch_equals_the_row_alone(tiny_lm, adapters):
         width = int(alone["attention_mask"].sum())
         torch.testing.assert_close(mixed[i, -width:], own[-width:], atol=2e-5, rtol=1e-4)
     assert not torch.allclose(mixed[0, -1], mixed[1, -1], atol=1e-3)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox", "qwen2"])
+def test_reading_items_under_several_adapters_from_a_shared_prefix_equals_reading_each(family):
+    """`answer_distributions_under` runs the blocks below the lowest adapter once for all adapters; every
+    item under every steering reads as `answer_distributions` reads it alone (mixed prompt lengths, in
+    batches smaller than the items)."""
+    lm = make_tiny(family)
+    items = ITEMS[:5]
+    a, b = (intervention(_fit(lm, ITEMS[6:12], layer=layer), lm) for layer in (2, 1))
+    steerings = [[a], None, [b], compose([(a, 0.5), (b, -1.0)])]
+    read = answer_distributions_under(lm, items, steerings, batch_size=3)
+    for steering, dists in zip(steerings, read, strict=True):
+        for item, d in zip(items, dists, strict=True):
+            np.testing.assert_allclose(d, answer_distributions(lm, [item], steering)[0], atol=2e-5)
+    assert not np.allclose(read[0][0], read[1][0], atol=1e-3)
+    # Steering that is not low-rank alone reads the plain way.
+    shift = [ConstantShift(1, "prompt", torch.randn(lm.hidden_size, generator=torch.Generator().manual_seed(2)))]
+    mixed = answer_distributions_under(lm, items, [[a], shift])
+    np.testing.assert_allclose(mixed[1][3], answer_distributions(lm, [items[3]], shift)[0], atol=2e-5)
 
 
 def test_blend_weight_scales_the_adapters_delta(tiny_lm, adapters):

@@ -71,6 +71,17 @@ def test_answer_distributions_read_in_length_order_keep_each_items_place_and_ste
     assert not np.allclose(together[1], answer_distributions(tiny_lm, [items[1]])[0], atol=1e-3)
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox", "qwen2"])
+def test_a_prompt_reads_the_same_alone_and_left_padded_beside_longer_ones(family):
+    """Positions count each row's real tokens: GPT-2's absolute position embeddings would otherwise see a
+    padded prompt shifted right (its answer changed by ~0.09 here before)."""
+    lm = make_tiny(family)
+    items = load_items(FIXTURES / "opinions_group_rural.jsonl")[:5]
+    together = answer_distributions(lm, items, batch_size=5)
+    for item, read in zip(items, together, strict=True):
+        np.testing.assert_allclose(read, answer_distributions(lm, [item])[0], atol=1e-5)
+
+
 def test_zero_weight_blend_reproduces_unsteered_logits_exactly(tiny_lm):
     batch = encode(tiny_lm, PROMPTS)
     blend = compose([(ConstantShift(LAYER, "prompt", _vector(tiny_lm, 1)), 0.0),
