@@ -9,7 +9,7 @@ For each attribute pair and seed the questions both groups answered are shuffled
 build (every profile's own cross-validated search), the others judge (`--judge` caps how many, default
 all of them). A method is a registered method with options: `+contrast` builds on items that carry the
 other group's answers to the same questions (DiffMean weighs options by group minus other; COLD methods
-take loss `contrast`), `+orders` fits on every item also with its options reversed. Every number comes
+and LoRA take loss `contrast`), `+orders` fits on every item also with its options reversed. Every number comes
 from `steer_core.evaluation` on the judge questions, in both option orders, beside `unsteered`,
 `uniform` and `calibrated` (the unsteered model with a temperature and ordinal lean fitted on each
 group's own build questions), with paired standard errors over questions.
@@ -73,7 +73,7 @@ DEFAULT_DATA = REPO.parent / "shared" / "data" / "opinionsqa"
 DEFAULT_PAIRS = ["POLIDEOLOGY:Liberal:Conservative", "RACE:Black:White", "AGE:18-29:65+"]
 DEFAULT_METHODS = ["diffmean", "diffmean+contrast+orders", "cold_kernel", "cold_kernel+contrast+orders"]
 OPTIONS = ("contrast", "orders")
-COLD_METHODS = ("cold_kernel", "cold_fd")
+LOSS_METHODS = ("cold_kernel", "cold_fd", "lora")  # methods trained with a loss from `steer_core.losses`
 
 
 @dataclass(frozen=True)
@@ -94,9 +94,9 @@ def parse_variant(text: str) -> Variant:
     params: dict[str, Any] = {}
     if "orders" in options:
         params["orders"] = 2
-    if "contrast" in options and method in COLD_METHODS:
+    if "contrast" in options and method in LOSS_METHODS:
         params["loss"] = "contrast"
-    if "contrast" in options and method not in (*COLD_METHODS, "diffmean"):
+    if "contrast" in options and method not in (*LOSS_METHODS, "diffmean"):
         raise ValueError(f"{method} has no group-relative objective")
     return Variant(text, method, "contrast" in options, params)
 

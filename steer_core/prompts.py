@@ -3,7 +3,7 @@
 Every method, metric and endpoint formats multiple-choice prompts with `format_prompt` and reads the
 model's answer distribution with `answer_distributions`: the softmax over the option letters' logits at
 the first assistant position, renormalized over the item's valid options (`answer_distributions_under`
-reads the same items under several steerings, as a build's search does).
+reads the same items under several steerings, as a build's search does, sharing what they share).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import functools
 import inspect
 import string
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -23,7 +23,7 @@ from transformers import BatchEncoding, PreTrainedTokenizerBase
 from steer_core.blocks import block_inputs, last_logits_from
 from steer_core.data import OpinionItem
 from steer_core.models import LanguageModel
-from steer_core.steering import LowRankDelta, LowRankRows, RowSteering, apply, is_one_steering
+from steer_core.steering import RowSteering, apply, is_one_steering, steers_in_chunks
 
 LETTERS = string.ascii_uppercase
 SYSTEM_INSTRUCTION = "Answer the question with the letter of one option only."
@@ -134,36 +134,57 @@ def answer_distributions(lm: LanguageModel, items: Sequence[OpinionItem], steeri
 
 @torch.no_grad()
 def answer_distributions_under(lm: LanguageModel, items: Sequence[OpinionItem],
-                               steerings: Sequence[RowSteering | None], batch_size: int = 16) -> list[list[np.ndarray]]:
+                               steerings: Sequence[RowSteering | None], batch_size: int = 16,
+                               rows_per_call: int = 48) -> list[list[np.ndarray]]:
     """Every item's answer distribution under each of `steerings` (None: unsteered), one list per steering.
 
-    Where every steering is made of low-rank deltas alone (LoRA adapters: they change module outputs from
-    their first adapted block on and need nothing else of the forward call), the blocks below the lowest
-    adapted one run once per item rather than once per steering; otherwise this is `answer_distributions`
-    over the items repeated once per steering."""
+    Where every steering is position-local (`steers_in_chunks`: constant vectors, LoRA adapters, ODESteer
+    flows; what they add at a position depends on that position alone), the blocks below the lowest steered
+    one run once per batch of items and each steering runs the rest: a build reads one fold under every
+    candidate strength. Otherwise this is `answer_distributions` over the items once per steering."""
     rows = [list(s) if s else [] for s in steerings]
-    if not any(rows) or not all(isinstance(iv, LowRankDelta) for row in rows for iv in row):
+    if not any(rows) or not all(steers_in_chunks(row) for row in rows):
         flat = answer_distributions(lm, list(items) * len(rows), [row or None for row in rows for _ in items],
                                     batch_size=batch_size)
         return [flat[k * len(items):(k + 1) * len(items)] for k in range(len(rows))]
-    deltas = [[iv for iv in row if isinstance(iv, LowRankDelta)] for row in rows]
-    first = min(iv.layer for row in deltas for iv in row)
+    first = min(iv.layer for row in rows for iv in row)
     out = [[np.empty(0)] * len(items) for _ in rows]
     order = by_length(lm, items)
-    low_rank = LowRankRows(lm)
-    try:
-        for start in range(0, len(items), batch_size):
-            indices = order[start:start + batch_size]
-            chunk = [items[i] for i in indices]
+    for start in range(0, len(items), batch_size):
+        indices = order[start:start + batch_size]
+        chunk = [items[i] for i in indices]
+        together = max(1, rows_per_call // len(chunk))  # steerings per partial run, each on every item
+        with apply(lm, [[] for _ in chunk]) as hooks:
+            # The model's call stops at block `first`; the partial runs below steer as parts of that call
+            # (its tokens and padding say which positions are steered), stacked once per steering.
             args, kwargs = block_inputs(lm, encode_items(lm, chunk), first)
-            for k, row in enumerate(deltas):
-                low_rank.plan([row] * len(chunk))
-                probs = option_log_probs(lm, last_logits_from(lm, first, args, kwargs), chunk).exp().cpu().numpy()
-                for r, (i, it) in enumerate(zip(indices, chunk, strict=True)):
-                    out[k][i] = probs[r, :len(it.options)].astype(np.float64)
-    finally:
-        low_rank.remove()
+            call = hooks.ctx
+            for k0 in range(0, len(rows), together):
+                group = rows[k0:k0 + together]
+                hooks.plan([row for row in group for _ in chunk])
+                hooks.use_context(replace(call, input_ids=_tiled(call.input_ids, len(group), len(chunk)),
+                                          attention_mask=_tiled(call.attention_mask, len(group), len(chunk))))
+                logits = last_logits_from(lm, first, _tiled(args, len(group), len(chunk)),
+                                          _tiled(kwargs, len(group), len(chunk)))
+                probs = option_log_probs(lm, logits, chunk * len(group)).exp().cpu().numpy()
+                for g in range(len(group)):
+                    for r, (i, it) in enumerate(zip(indices, chunk, strict=True)):
+                        out[k0 + g][i] = probs[g * len(chunk) + r, :len(it.options)].astype(np.float64)
     return out
+
+
+def _tiled(value: Any, copies: int, batch: int) -> Any:
+    """`value` (a block's inputs) for `copies` stacked copies of a batch of `batch` rows: every tensor of two
+    or more dimensions with `batch` rows repeated along them (one-row tensors broadcast and stay)."""
+    if copies == 1:
+        return value
+    if isinstance(value, Tensor) and value.dim() >= 2 and value.shape[0] == batch:
+        return value.repeat(copies, *([1] * (value.dim() - 1)))
+    if isinstance(value, tuple | list):
+        return type(value)(_tiled(v, copies, batch) for v in value)
+    if isinstance(value, dict):
+        return {k: _tiled(v, copies, batch) for k, v in value.items()}
+    return value
 
 
 def by_length(lm: LanguageModel, items: Sequence[OpinionItem]) -> list[int]:

@@ -376,6 +376,12 @@ class SteeringHooks:
             self.lm.check_layer(layer)
         self._every_row = list(row)
 
+    def use_context(self, ctx: ForwardContext) -> None:
+        """Steer the following block runs as part of the forward call `ctx` describes: for a caller that
+        runs blocks itself after a model call (several steerings of one batch, stacked along the rows)."""
+        self.ctx = ctx
+        self._masks = {}
+
     def _check_thread(self) -> None:
         if threading.get_ident() != self._owner:
             raise RuntimeError("a steered model was run from a second thread; one engine thread must own it")

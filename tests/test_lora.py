@@ -6,6 +6,8 @@ import io
 import json
 import pickle
 import tarfile
+from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -126,24 +128,41 @@ def test_every_row_of_a_mixed_batch_equals_the_row_alone(tiny_lm, adapters):
     assert not torch.allclose(mixed[0, -1], mixed[1, -1], atol=1e-3)
 
 
+@dataclass(frozen=True, eq=False)
+class _LastPositionEcho:
+    """Adds half of the call's last position to every prompt position: not position-local."""
+
+    layer: int
+    positions: str = "prompt"
+    position_local: ClassVar[bool] = False
+
+    def displacement(self, hidden, ctx, rows):
+        return 0.5 * hidden[:, -1:, :]
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox", "qwen2"])
-def test_reading_items_under_several_adapters_from_a_shared_prefix_equals_reading_each(family):
-    """`answer_distributions_under` runs the blocks below the lowest adapter once for all adapters; every
-    item under every steering reads as `answer_distributions` reads it alone (mixed prompt lengths, in
-    batches smaller than the items)."""
+def test_reading_items_under_several_steerings_from_a_shared_prefix_equals_reading_each(family):
+    """`answer_distributions_under` runs the blocks below the lowest steered one once for all position-local
+    steerings (adapters, constant shifts, blends); every item under every steering reads as
+    `answer_distributions` reads it alone (mixed prompt lengths, in batches smaller than the items)."""
     lm = make_tiny(family)
     items = ITEMS[:5]
     a, b = (intervention(_fit(lm, ITEMS[6:12], layer=layer), lm) for layer in (2, 1))
-    steerings = [[a], None, [b], compose([(a, 0.5), (b, -1.0)])]
-    read = answer_distributions_under(lm, items, steerings, batch_size=3)
-    for steering, dists in zip(steerings, read, strict=True):
+    shift = ConstantShift(1, "prompt", torch.randn(lm.hidden_size, generator=torch.Generator().manual_seed(2)))
+    steerings = [[a], None, [b], compose([(a, 0.5), (b, -1.0)]), [shift], [a, shift]]
+    read = answer_distributions_under(lm, items, steerings, batch_size=3)  # all six stacked in one run
+    one_by_one = answer_distributions_under(lm, items, steerings, batch_size=3, rows_per_call=1)
+    for steering, dists, alone in zip(steerings, read, one_by_one, strict=True):
+        np.testing.assert_allclose(np.concatenate(dists), np.concatenate(alone), atol=2e-5)
         for item, d in zip(items, dists, strict=True):
             np.testing.assert_allclose(d, answer_distributions(lm, [item], steering)[0], atol=2e-5)
     assert not np.allclose(read[0][0], read[1][0], atol=1e-3)
-    # Steering that is not low-rank alone reads the plain way.
-    shift = [ConstantShift(1, "prompt", torch.randn(lm.hidden_size, generator=torch.Generator().manual_seed(2)))]
-    mixed = answer_distributions_under(lm, items, [[a], shift])
-    np.testing.assert_allclose(mixed[1][3], answer_distributions(lm, [items[3]], shift)[0], atol=2e-5)
+    assert not np.allclose(read[4][0], read[1][0], atol=1e-3)
+    # A steering that is not position-local reads the plain way, every row under its own steering.
+    echo = [_LastPositionEcho(2)]
+    mixed = answer_distributions_under(lm, items, [[a], echo])
+    for k, steering in enumerate([[a], echo]):
+        np.testing.assert_allclose(mixed[k][3], answer_distributions(lm, [items[3]], steering)[0], atol=2e-5)
 
 
 def test_blend_weight_scales_the_adapters_delta(tiny_lm, adapters):
