@@ -28,6 +28,7 @@ sys.path.insert(0, str(REPO))
 
 from steer_core import build_profile, intervention, load_items, load_model  # noqa: E402
 from steer_core import cold_fd as cf  # noqa: E402
+from steer_core.blocks import block_inputs  # noqa: E402
 from steer_core.cold import sample_gradients  # noqa: E402
 from steer_core.data import load_opinionsqa  # noqa: E402
 from steer_core.prompts import encode_items  # noqa: E402
@@ -57,7 +58,7 @@ def cosine(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> float:
 
 def displacement(lm, items, pert, layer, mode):
     batch = encode_items(lm, items)
-    args, kwargs = cf.block0_inputs(lm, batch)
+    args, kwargs = block_inputs(lm, batch, 0)
     mask = batch["attention_mask"].bool()
     if mode == "jvp":
         _, tan = cf.tangents(lm, args, kwargs, batch["input_ids"], pert, layer, torch.float32)

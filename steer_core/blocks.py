@@ -1,7 +1,8 @@
 """Run a model's decoder from a middle block: what block `L` is called with, and the logits from there.
 
 Where everything below block `L` is the same for several runs (LoRA training, whose adapter starts at `L`;
-reading one set of items under several adapters), the lower blocks run once and each run starts at `L`.
+reading one set of items under several steerings that start at `L`), the lower blocks run once and each
+run starts at `L`.
 """
 
 from __future__ import annotations

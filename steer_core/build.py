@@ -258,7 +258,7 @@ def build_profile(lm: LanguageModel, items: Sequence[OpinionItem], method: str,
         done += 1
         judged = [items[i] for i in fold]
         for L in layers:
-            # Every (setting, strength) of the layer in one call: batches fill up, and shared work is shared.
+            # Every (setting, strength) of the layer in one call, which runs what they share once.
             steerings: list[Any] = []
             keys: list[tuple[int, int, int]] = []
             for v in range(len(settings)):

@@ -55,8 +55,9 @@ import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
+from steer_core.blocks import block_inputs
 from steer_core.cold import sample_gradients
-from steer_core.cold_pass import block0_inputs, prepare_inputs, run_blocks, tangents
+from steer_core.cold_pass import prepare_inputs, run_blocks, tangents
 from steer_core.data import OpinionItem
 from steer_core.errors import SteerError
 from steer_core.losses import check_loss
@@ -301,7 +302,7 @@ def fit(lm: LanguageModel, items: Sequence[OpinionItem], layers: Sequence[int], 
 
     batch = encode_items(lm, items[:CALIBRATION_PROMPTS])
     mask = batch["attention_mask"].bool()
-    args, kwargs = block0_inputs(lm, batch)
+    args, kwargs = block_inputs(lm, batch, 0)
     dtype = lm.dtype
     z, dz = tangents(lm, args, kwargs, batch["input_ids"], compressed.map(lambda t: t.to(lm.device, dtype)),
                      top, dtype, capture=layers)

@@ -29,29 +29,6 @@ from steer_core.models import LanguageModel
 from steer_core.perturbation import Perturbation, SidePath, within_blocks
 
 
-class _Captured(Exception):
-    pass
-
-
-@torch.no_grad()
-def block0_inputs(lm: LanguageModel, batch: Any) -> tuple[tuple, dict]:
-    """What block 0 is called with for `batch` (the model stops there)."""
-    box: dict[str, Any] = {}
-
-    def stop(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        box["args"], box["kwargs"] = args, kwargs
-        raise _Captured
-
-    handle = lm.blocks[0].register_forward_pre_hook(stop, with_kwargs=True)
-    try:
-        lm.model(**batch, use_cache=False)
-    except _Captured:
-        pass
-    finally:
-        handle.remove()
-    return box["args"], box["kwargs"]
-
-
 def prepare_inputs(obj: Any, rows: Tensor | None, batch: int, dtype: torch.dtype | None) -> Any:
     """Block inputs for the extra pass: the wanted rows, floats in `dtype`, no KV cache (the pass must
     neither read nor write the served model's cache)."""

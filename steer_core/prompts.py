@@ -175,7 +175,8 @@ def answer_distributions_under(lm: LanguageModel, items: Sequence[OpinionItem],
 
 def _tiled(value: Any, copies: int, batch: int) -> Any:
     """`value` (a block's inputs) for `copies` stacked copies of a batch of `batch` rows: every tensor of two
-    or more dimensions with `batch` rows repeated along them (one-row tensors broadcast and stay)."""
+    or more dimensions with `batch` rows repeated along them; the rest (position embeddings shared by the
+    rows, 1-D position vectors, flags) stays as it is."""
     if copies == 1:
         return value
     if isinstance(value, Tensor) and value.dim() >= 2 and value.shape[0] == batch:
