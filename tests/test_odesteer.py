@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from support import FIXTURES, residual_after
@@ -23,7 +24,7 @@ from steer_core.odesteer import (
     strengths,
 )
 from steer_core.profile import Profile
-from steer_core.prompts import encode
+from steer_core.prompts import answer_distributions, answer_distributions_under, encode
 from steer_core.sketch import CountSketch
 from steer_core.steering import ConstantShift, apply, compose
 
@@ -229,6 +230,19 @@ def two_flows(tiny_lm):
         profile.strength = rel * float(profile.tensors["activation_norm"])
         flows.append(intervention(profile, tiny_lm))
     return flows
+
+
+def test_flows_read_from_a_shared_prefix_as_each_reads_alone(tiny_lm, two_flows):
+    """A build reads a fold under every path length from one pass of the blocks below the flow: the flows
+    steer the last position of each stacked copy as they steer it read alone."""
+    a, b = two_flows
+    items = load_items(FIXTURES / "opinions_group_rural.jsonl")[8:12]
+    steerings = [[a], None, [b], [BarrierFlow.blend([(a, 0.6), (b, 0.4)])]]
+    read = answer_distributions_under(tiny_lm, items, steerings)
+    for steering, dists in zip(steerings, read, strict=True):
+        for item, d in zip(items, dists, strict=True):
+            np.testing.assert_allclose(d, answer_distributions(tiny_lm, [item], steering)[0], atol=2e-5)
+    assert not np.allclose(read[0][0], read[1][0], atol=1e-4)
 
 
 def test_blend_is_one_flow_on_the_weighted_barrier(two_flows):
