@@ -9,8 +9,8 @@ For each attribute pair and seed the questions both groups answered are shuffled
 build (every profile's own cross-validated search), the others judge (`--judge` caps how many, default
 all of them). A method is a registered method with options: `+contrast` builds on items that carry the
 other group's answers to the same questions (DiffMean weighs options by group minus other; COLD methods
-and LoRA take loss `contrast`), `+orders` fits on every item also with its options reversed. Every number comes
-from `steer_core.evaluation` on the judge questions, in both option orders, beside `unsteered`,
+and LoRA take loss `contrast`), `+orders` fits on every item also with its options reversed. Every number
+comes from `steer_core.evaluation` on the judge questions, in both option orders, beside `unsteered`,
 `uniform` and `calibrated` (the unsteered model with a temperature and ordinal lean fitted on each
 group's own build questions), with paired standard errors over questions.
 
@@ -263,8 +263,8 @@ def main() -> int:
         m2, se2 = pooled([r["blend_vs_group"] for r in person_rows])
         print(f"  blend - person {m:+.4f} ± {se:.4f}; blend - group {m2:+.4f} ± {se2:.4f}")
         m, se = pooled([r["own_vs_other"] for r in person_rows])
-        print(f"  20 answers tell the person's group from the other: person profile's gain for own group minus "
-              f"for the other {m:+.4f} ± {se:.4f}")
+        print(f"  {args.train} answers tell the person's group from the other: person profile's gain for own group "
+              f"minus for the other {m:+.4f} ± {se:.4f}")
     return 0
 
 
@@ -348,6 +348,7 @@ def judge_people(lm, args, variant: Variant, seed: int, train: dict, judge: dict
     unsteered = read_profile(lm, judge[ga], None)
     for g, other in ((ga, gb), (gb, ga)):
         group_readings = read_profile(lm, judge[g], profiles[f"{group_variant.name}@{g}"])
+        uniform = sample_alignment(judge[g], uniform_distributions(judge[g]))  # the same in both orders
         for k in range(args.persons):
             answers = person_items(train[g], random.Random(f"{seed}:{g}:{k}"))
             items = with_contrast(answers, [train[other]]) if variant.contrast else answers
@@ -370,7 +371,6 @@ def judge_people(lm, args, variant: Variant, seed: int, train: dict, judge: dict
                 e = paired_difference(x, y)
                 return e.mean, e.standard_error
 
-            uniform = sample_alignment(judge[g], uniform_distributions(judge[g]))  # the same in both orders
             row = {"person": diff(a["person"], calibrated), "group": diff(a["group"], calibrated),
                    "uniform": diff(uniform, calibrated),
                    "blend": diff(a["blend"], calibrated), "blend_vs_person": diff(a["blend"], a["person"]),
