@@ -2,7 +2,8 @@
 configuration, and enqueueing. The worker imports this module; nothing in `service` imports `worker`.
 
 A message names a task and carries ids only (JSON): `pluristeer.build_profile(profile_id)` goes to the
-`gpu` queue for methods that need one while a GPU worker is listening, the `cpu` queue otherwise;
+`gpu` queue while a GPU worker is listening for the methods that train or follow gradients (COLD-FD,
+COLD-Kernel, ODESteer, LoRA: `Method.prefers_gpu`), the `cpu` queue otherwise;
 `pluristeer.offline_comparison(comparison_id)` goes to `cpu` (or `gpu` while one listens). Also the queue
 depth for /metrics.
 
@@ -141,7 +142,7 @@ def gpu_worker_listening(settings: Settings) -> bool:
 def choose_queue(method: str, settings: Settings) -> str:
     from steer_core.methods import get_method
 
-    if get_method(method).needs_gpu and gpu_worker_listening(settings):
+    if get_method(method).prefers_gpu and gpu_worker_listening(settings):
         return "gpu"
     return "cpu"
 

@@ -359,4 +359,4 @@ def candidate_layers(lm: LanguageModel) -> list[int]:
 
 METHOD = register(Method(name="cold_fd", fit=fit, intervention=intervention,
                          strengths=lambda profile, lm: list(STRENGTHS), check_params=check_params,
-                         layers=candidate_layers, positions=("prompt",)))
+                         layers=candidate_layers, positions=("prompt",), prefers_gpu=True))

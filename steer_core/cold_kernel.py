@@ -124,4 +124,4 @@ def intervention(profile: Profile, lm: LanguageModel) -> ConstantShift | KernelS
 
 METHOD = register(Method(name="cold_kernel", fit=fit, intervention=intervention,
                          strengths=lambda profile, lm: list(STRENGTHS), check_params=check_params,
-                         constant_vector=constant_vector))
+                         constant_vector=constant_vector, prefers_gpu=True))

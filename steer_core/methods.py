@@ -36,7 +36,9 @@ class Method:
     positions: tuple[str, ...] = POSITIONS
     # Layers searched when the caller gives none.
     layers: Callable[[LanguageModel], list[int]] = lambda lm: default_layers(lm)
-    needs_gpu: bool = False
+    # Built on the `gpu` queue while a GPU worker listens: methods that train or follow gradients. DiffMean
+    # (one forward pass per item) stays on the CPU queue and leaves the GPU to them.
+    prefers_gpu: bool = False
     # The displacement at the profile's strength when it is one vector for every input and position (what
     # a llama.cpp control vector can carry); None, or returning None, where it depends on the input.
     constant_vector: Callable[[Profile], Tensor | None] | None = None

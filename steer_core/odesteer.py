@@ -359,4 +359,5 @@ def strengths(profile: Profile, lm: LanguageModel) -> list[float]:
 
 
 METHOD = register(Method(name="odesteer", fit=fit, intervention=intervention, strengths=strengths,
-                         check_params=barrier_params, default_positions="last"))
+                         check_params=barrier_params, default_positions="last",
+                         prefers_gpu=True))

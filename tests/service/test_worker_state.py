@@ -136,21 +136,16 @@ def test_sweeper_resends_a_queued_build_whose_message_was_lost(state_settings):
     assert row_of(state_settings, pid)[0].status == "queued"
 
 
-def test_gpu_methods_go_to_the_gpu_queue_only_while_a_gpu_worker_listens(state_settings):
-    from steer_core.diffmean import METHOD
-    from steer_core.methods import METHODS, register
-
-    gpu_method = replace(METHOD, name="test-gpu-method", needs_gpu=True)
-    register(gpu_method)
+def test_training_methods_go_to_the_gpu_queue_only_while_a_gpu_worker_listens(state_settings):
+    trained = ("cold_fd", "cold_kernel", "odesteer", "lora")
     client = redis.Redis.from_url(state_settings.redis_url)
     try:
-        assert choose_queue("diffmean", state_settings) == "cpu"
-        assert choose_queue("test-gpu-method", state_settings) == "cpu"  # no GPU worker: CPU runs it
+        assert [choose_queue(m, state_settings) for m in (*trained, "diffmean")] == ["cpu"] * 5  # no GPU worker
         client.set(QUEUE_ALIVE_KEY.format(queue="gpu"), "host", ex=5)
-        assert choose_queue("test-gpu-method", state_settings) == "gpu"
-        assert choose_queue("diffmean", state_settings) == "cpu"
+        assert [choose_queue(m, state_settings) for m in trained] == ["gpu"] * 4
+        assert choose_queue("diffmean", state_settings) == "cpu"  # one forward pass per item: leaves the GPU
     finally:
-        METHODS.pop("test-gpu-method", None)
+        client.delete(QUEUE_ALIVE_KEY.format(queue="gpu"))
         client.close()
 
 
