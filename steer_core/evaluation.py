@@ -5,7 +5,8 @@ beside three baselines: `unsteered`, `uniform` (1/n per option) and `calibrated`
 through a temperature and an ordinal lean, fitted for each group out of fold: `steer_core.calibration`).
 Each question is also read with its options in reverse order (letters re-assigned, target permuted with
 them); a profile that learned "answer A" gains in one order and loses in the other. Every gain is a
-paired difference over questions with its standard error.
+paired difference over questions with its standard error, over each baseline (`gain_vs_uniform` says
+directly whether a profile does more than flattening would).
 
 Pluralism:
 - specificity: a profile's gain for its own group minus its mean gain for the other groups, per question,
@@ -172,6 +173,7 @@ def evaluate_readings(groups: Mapping[str, Sequence[OpinionItem]], unsteered: Re
     for order, table in alignment.items():
         cells[order] = {row: {g: {"alignment": estimate(v).to_json(),
                                   "gain_vs_unsteered": paired_difference(v, table["unsteered"][g]).to_json(),
+                                  "gain_vs_uniform": paired_difference(v, table["uniform"][g]).to_json(),
                                   "gain_vs_calibrated": paired_difference(v, table["calibrated"][g]).to_json()}
                               for g, v in by_group.items()}
                         for row, by_group in table.items()}

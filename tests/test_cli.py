@@ -33,7 +33,7 @@ def test_build_then_eval_the_cross_table(tmp_path, capsys):
     assert report["groups"] == ["opinions_group_urban", "opinions_group_rural"] and report["questions"] == 5
     assert set(report["cells"]["both orders"]) == {"unsteered", "uniform", "calibrated", "p", "p#2"}
     cell = report["cells"]["reversed"]["p"]["opinions_group_rural"]
-    assert {"alignment", "gain_vs_unsteered", "gain_vs_calibrated"} == set(cell)
+    assert {"alignment", "gain_vs_unsteered", "gain_vs_uniform", "gain_vs_calibrated"} == set(cell)
     assert set(report["specificity"]["original"]) == {"p"}  # only the profile said to be built for a group
     assert report["profiles"]["p"]["own_group"] == "opinions_group_urban"
     assert report["profiles"]["p"]["calibration"] == report["profiles"]["p#2"]["calibration"]

@@ -84,6 +84,20 @@ def _readings(first_yes, reversed_yes):
             REVERSED: [np.array([p, 1 - p]) for p in reversed_yes]}
 
 
+def test_gains_over_each_baseline_are_paired_over_questions():
+    # An over-confident unsteered model ([0.9, 0.1] everywhere) and a profile that flattens it part way.
+    items = [_two_option(f"q{i}", q) for i, q in enumerate([0.6, 0.8, 0.5])]
+    unsteered = {ORIGINAL: [np.array([0.9, 0.1])] * 3}
+    report = evaluate_readings({"g": items}, unsteered, {"p": {ORIGINAL: [np.array([0.7, 0.3])] * 3}},
+                               calibrations={"g": IDENTITY})
+    cell = report["cells"][ORIGINAL]["p"]["g"]
+    # alignment 1 - |p_yes - q_yes|: profile 0.9, 0.9, 0.8; unsteered 0.7, 0.9, 0.6; uniform 0.9, 0.7, 1.0
+    assert cell["gain_vs_unsteered"]["mean"] == pytest.approx(0.4 / 3)
+    assert cell["gain_vs_uniform"]["mean"] == pytest.approx(0.0)
+    assert cell["gain_vs_uniform"]["standard_error"] == pytest.approx(0.2 / 3 ** 0.5)  # gains 0, +0.2, -0.2
+    assert report["cells"][ORIGINAL]["uniform"]["g"]["gain_vs_uniform"]["mean"] == 0
+
+
 def test_cross_table_by_hand():
     groups = _hand_groups()
     unsteered = _readings([0.5] * 3, [0.5] * 3)

@@ -873,6 +873,9 @@ class OfflineScores(Response):
     total_variation: float
     kl: float
     gain_vs_unsteered: Gain | None = Field(None, description="mean alignment gain over the unsteered model")
+    gain_vs_uniform: Gain | None = Field(
+        None, description="mean alignment gain over answering 1/n per option (a profile that only flattens an "
+                          "over-confident model gains over unsteered, not over this)")
     gain_vs_calibrated: Gain | None = Field(
         None, description="mean alignment gain over the unsteered model with an output calibration fitted on "
                           "these items out of fold (what flattening alone gives; none under 4 items)")

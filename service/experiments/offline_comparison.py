@@ -187,9 +187,9 @@ def compute(session: Session, row: db.OfflineComparisonRow, model: str, scorer: 
 
 def score(found: Inputs, scorer: Scorer) -> OfflineResult:
     """Each variant's mean alignment, total variation and KL on the inputs' items, under its blend (with its
-    profiles' calibration), and its alignment gains over the unsteered and calibrated baselines."""
+    profiles' calibration), and its alignment gains over the unsteered, uniform and calibrated baselines."""
     from steer_core.calibration import sample_alignment
-    from steer_core.evaluation import baseline_alignments, paired_difference
+    from steer_core.evaluation import baseline_alignments, paired_difference, uniform_distributions
     from steer_core.folds import MIN_HELDOUT, MIN_TRAIN
     from steer_core.metrics import summarize
 
@@ -200,7 +200,11 @@ def score(found: Inputs, scorer: Scorer) -> OfflineResult:
     items = found.items
     unsteered = scorer(items, [])
     enough = len(items) >= MIN_HELDOUT + MIN_TRAIN  # the calibrated baseline is fitted out of fold
-    baselines = baseline_alignments(items, unsteered) if enough else {"unsteered": sample_alignment(items, unsteered)}
+    if enough:
+        baselines = baseline_alignments(items, unsteered)
+    else:
+        baselines = {"unsteered": sample_alignment(items, unsteered),
+                     "uniform": sample_alignment(items, uniform_distributions(items))}
     scores: dict[str, OfflineScores] = {}
     for name, blend in found.blends.items():
         dists = scorer(items, blend) if blend else unsteered
@@ -208,6 +212,7 @@ def score(found: Inputs, scorer: Scorer) -> OfflineResult:
         scores[name] = OfflineScores(
             alignment=m["alignment"], total_variation=m["total_variation"], kl=m["kl"],
             gain_vs_unsteered=gain(aligned, baselines["unsteered"]),
+            gain_vs_uniform=gain(aligned, baselines["uniform"]),
             gain_vs_calibrated=gain(aligned, baselines["calibrated"]) if enough else None)
     detail = (f"{len(found.items)} {found.evaluation} opinion items of the scope group"
               + (" (in no compared profile's sample)" if found.evaluation == "held-out" else

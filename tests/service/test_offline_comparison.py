@@ -147,7 +147,7 @@ def test_results_ask_a_worker_and_read_the_stored_comparison_back(api, auth, off
         metrics = summarize(held_out, dists)
         assert by_name[name]["alignment"] == pytest.approx(metrics["alignment"], abs=1e-9)
         assert by_name[name]["kl"] == pytest.approx(metrics["kl"], abs=1e-9)
-        for baseline in ("unsteered", "calibrated"):
+        for baseline in ("unsteered", "uniform", "calibrated"):
             gain = paired_difference(sample_alignment(held_out, dists), baselines[baseline])
             assert by_name[name][f"gain_vs_{baseline}"]["mean"] == pytest.approx(gain.mean, abs=1e-9)
             assert by_name[name][f"gain_vs_{baseline}"]["standard_error"] == pytest.approx(gain.standard_error,
