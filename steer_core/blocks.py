@@ -7,6 +7,7 @@ run starts at `L`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -38,6 +39,19 @@ def block_inputs(lm: LanguageModel, batch: Any, layer: int) -> tuple[tuple, dict
     finally:
         handle.remove()
     return box["args"], box["kwargs"]
+
+
+def map_rows(value: Any, batch: int, fn: Callable[[Tensor], Tensor]) -> Any:
+    """`value` (a block's inputs) with `fn` applied to every tensor of two or more dimensions that has `batch`
+    rows (hidden states, masks, per-row position embeddings); the rest (position embeddings shared by the
+    rows, 1-D position vectors, flags) stays as it is."""
+    if isinstance(value, Tensor) and value.dim() >= 2 and value.shape[0] == batch:
+        return fn(value)
+    if isinstance(value, tuple | list):
+        return type(value)(map_rows(v, batch, fn) for v in value)
+    if isinstance(value, dict):
+        return {k: map_rows(v, batch, fn) for k, v in value.items()}
+    return value
 
 
 def final_norm(lm: LanguageModel) -> nn.Module:

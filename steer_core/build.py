@@ -64,7 +64,7 @@ from steer_core.methods import check_positions, fit_settings, get_method
 from steer_core.metrics import item_metrics, mean_metrics
 from steer_core.models import LanguageModel
 from steer_core.profile import Profile
-from steer_core.prompts import answer_distributions, answer_distributions_under
+from steer_core.prompts import answer_distributions, answer_distributions_under, reuse_block_inputs
 
 # progress(done, total, stage)
 Progress = Callable[[int, int, str], None]
@@ -194,6 +194,7 @@ def select_setting(items: Sequence[OpinionItem], unsteered: Sequence[np.ndarray]
 
 
 @reuse_answer_activations()  # the folds refit on subsets of the items the full fit has read
+@reuse_block_inputs()
 def build_profile(lm: LanguageModel, items: Sequence[OpinionItem], method: str,
                   params: dict[str, Any] | None = None, progress: Progress | None = None,
                   seed: int = 0) -> Profile:

@@ -38,14 +38,14 @@ import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
-from steer_core.blocks import block_inputs, last_logits_from
+from steer_core.blocks import last_logits_from
 from steer_core.data import OpinionItem
 from steer_core.errors import SteerError
 from steer_core.losses import check_loss, item_losses
 from steer_core.methods import Method, register
 from steer_core.models import LanguageModel, ModelLayout
 from steer_core.profile import Profile
-from steer_core.prompts import by_length, encode_items
+from steer_core.prompts import block_batches
 
 if TYPE_CHECKING:
     from peft.tuners.lora import LoraLayer
@@ -191,9 +191,11 @@ def train_checkpoints(lm: LanguageModel, items: Sequence[OpinionItem], layer: in
                 trainable.append(weight)
         paths = [_path_of(lm, parent, name) for parent, name, _ in swapped]
         optimizer = torch.optim.Adam(trainable, lr=params["lr"])
-        order = by_length(lm, items)  # chunks of like lengths: little padding to run forward and back
-        chunks = [[items[i] for i in order[start:start + TRAIN_BATCH]] for start in range(0, len(items), TRAIN_BATCH)]
-        inputs = [block_inputs(lm, encode_items(lm, chunk), layer) for chunk in chunks]
+        # Chunks of like lengths (little padding to run forward and back); in a build, the folds' runs take
+        # their items' block inputs from the full run's (`reuse_block_inputs`).
+        runs = list(block_batches(lm, items, layer, TRAIN_BATCH, keep=True))
+        chunks = [[items[i] for i in run.indices] for run in runs]
+        inputs = [(run.args, run.kwargs) for run in runs]
         losses: list[float] = []
         with torch.enable_grad():
             for step in range(1, max(checkpoints) + 1):
@@ -481,4 +483,4 @@ def imported_profile(config: Any, weights: bytes, base: ModelLayout, max_rank: i
 METHOD = register(Method(name="lora", fit=fit, intervention=intervention,
                          strengths=lambda profile, lm: list(STRENGTHS), check_params=check_params,
                          default_positions="all", positions=("all",), layers=lambda lm: [first_block(lm)],
-                         grid=grid, fit_grid=fit_grid))
+                         grid=grid, fit_grid=fit_grid, prefers_gpu=True))

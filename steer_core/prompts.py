@@ -11,8 +11,10 @@ from __future__ import annotations
 import functools
 import inspect
 import string
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -20,10 +22,10 @@ import torch
 from torch import Tensor
 from transformers import BatchEncoding, PreTrainedTokenizerBase
 
-from steer_core.blocks import block_inputs, last_logits_from
+from steer_core.blocks import block_inputs, last_logits_from, map_rows
 from steer_core.data import OpinionItem
 from steer_core.models import LanguageModel
-from steer_core.steering import RowSteering, apply, is_one_steering, steers_in_chunks
+from steer_core.steering import ForwardContext, RowSteering, apply, is_one_steering, steers_in_chunks
 
 LETTERS = string.ascii_uppercase
 SYSTEM_INSTRUCTION = "Answer the question with the letter of one option only."
@@ -132,6 +134,87 @@ def answer_distributions(lm: LanguageModel, items: Sequence[OpinionItem], steeri
     return out
 
 
+@dataclass
+class BlockBatch:
+    """Prompts run together through the blocks below one block: which of the caller's items they are
+    (`indices`), their left-padded tokens, and what that block is called with for them."""
+
+    indices: list[int]
+    input_ids: Tensor
+    attention_mask: Tensor
+    args: tuple
+    kwargs: dict
+
+    def rows(self, rows: Sequence[int], indices: list[int]) -> BlockBatch:
+        """Rows `rows` of this batch, as the caller's items `indices`."""
+        index = torch.tensor(rows, device=self.input_ids.device)
+        n = len(self.indices)
+        return BlockBatch(indices, self.input_ids[index], self.attention_mask[index],
+                          map_rows(self.args, n, lambda t: t[index]), map_rows(self.kwargs, n, lambda t: t[index]))
+
+    def stacked(self, copies: int) -> BlockBatch:
+        """`copies` copies of the batch stacked along the rows (one per steering read in one run)."""
+        n = len(self.indices)
+        return BlockBatch(self.indices * copies, _tiled(self.input_ids, copies, n),
+                          _tiled(self.attention_mask, copies, n), _tiled(self.args, copies, n),
+                          _tiled(self.kwargs, copies, n))
+
+    def context(self, lm: LanguageModel) -> ForwardContext:
+        """The forward call the steering hooks see while the upper blocks run on this batch: whole prompts."""
+        seq = int(self.input_ids.shape[1])
+        return ForwardContext(prompt_length=seq, seq_length=seq, input_ids=self.input_ids,
+                              attention_mask=self.attention_mask, model=lm)
+
+
+# (model fingerprint, layer) -> {prompt: (the batch it was run in, its row)} while `reuse_block_inputs` is on.
+_BLOCK_MEMO: ContextVar[dict[tuple[str, int], dict[str, tuple[BlockBatch, int]]] | None] = ContextVar(
+    "block_input_memo", default=None)
+
+
+@contextmanager
+def reuse_block_inputs() -> Iterator[None]:
+    """Within this block a prompt that `block_batches(..., keep=True)` has run up to a block is not run there
+    again: a LoRA build trains its folds on subsets of the items its full run has read, and reads each fold's
+    held-out items from the same."""
+    token = _BLOCK_MEMO.set({})
+    try:
+        yield
+    finally:
+        _BLOCK_MEMO.reset(token)
+
+
+def block_batches(lm: LanguageModel, items: Sequence[OpinionItem], layer: int, batch_size: int,
+                  keep: bool = False) -> Iterator[BlockBatch]:
+    """`items` in batches of at most `batch_size` prompts of like lengths, each with what block `layer` is
+    called with (the blocks below run unsteered, as the batch comes). Within `reuse_block_inputs`, items whose
+    prompts were kept come first, as rows of the batches they were run in; `keep` keeps the prompts run here."""
+    prompts = [format_prompt(lm.tokenizer, it) for it in items]
+    memo = _BLOCK_MEMO.get()
+    known = memo.setdefault((lm.fingerprint, layer), {}) if memo is not None else {}
+    found: dict[int, tuple[BlockBatch, list[int], list[int]]] = {}  # id(source) -> (source, rows, indices)
+    missing = []
+    for i, prompt in enumerate(prompts):
+        if prompt in known:
+            source, row = known[prompt]
+            _, rows, indices = found.setdefault(id(source), (source, [], []))
+            rows.append(row)
+            indices.append(i)
+        else:
+            missing.append(i)
+    for source, rows, indices in found.values():
+        for start in range(0, len(rows), batch_size):
+            yield source.rows(rows[start:start + batch_size], indices[start:start + batch_size])
+    order = [missing[j] for j in by_length(lm, [items[i] for i in missing])]
+    for start in range(0, len(order), batch_size):
+        indices = order[start:start + batch_size]
+        batch = encode(lm, [prompts[i] for i in indices])
+        args, kwargs = block_inputs(lm, batch, layer)
+        run = BlockBatch(indices, batch["input_ids"], batch["attention_mask"], args, kwargs)
+        if keep and memo is not None:
+            known.update((prompts[i], (run, row)) for row, i in enumerate(indices))
+        yield run
+
+
 @torch.no_grad()
 def answer_distributions_under(lm: LanguageModel, items: Sequence[OpinionItem],
                                steerings: Sequence[RowSteering | None], batch_size: int = 16,
@@ -140,8 +223,9 @@ def answer_distributions_under(lm: LanguageModel, items: Sequence[OpinionItem],
 
     Where every steering is position-local (`steers_in_chunks`: constant vectors, LoRA adapters, ODESteer
     flows; what they add at a position depends on that position alone), the blocks below the lowest steered
-    one run once per batch of items and each steering runs the rest: a build reads one fold under every
-    candidate strength. Otherwise this is `answer_distributions` over the items once per steering."""
+    one run once per batch of items (or not at all, for prompts kept by `reuse_block_inputs`) and each
+    steering runs the rest: a build reads one fold under every candidate strength. Otherwise this is
+    `answer_distributions` over the items once per steering."""
     rows = [list(s) if s else [] for s in steerings]
     if not any(rows) or not all(steers_in_chunks(row) for row in rows):
         flat = answer_distributions(lm, list(items) * len(rows), [row or None for row in rows for _ in items],
@@ -149,43 +233,30 @@ def answer_distributions_under(lm: LanguageModel, items: Sequence[OpinionItem],
         return [flat[k * len(items):(k + 1) * len(items)] for k in range(len(rows))]
     first = min(iv.layer for row in rows for iv in row)
     out = [[np.empty(0)] * len(items) for _ in rows]
-    order = by_length(lm, items)
-    for start in range(0, len(items), batch_size):
-        indices = order[start:start + batch_size]
-        chunk = [items[i] for i in indices]
+    for run in block_batches(lm, items, first, batch_size):
+        chunk = [items[i] for i in run.indices]
         together = max(1, rows_per_call // len(chunk))  # steerings per partial run, each on every item
         with apply(lm, [[] for _ in chunk]) as hooks:
-            # The model's call stops at block `first`; the partial runs below steer as parts of that call
-            # (its tokens and padding say which positions are steered), stacked once per steering.
-            args, kwargs = block_inputs(lm, encode_items(lm, chunk), first)
-            call = hooks.ctx
             for k0 in range(0, len(rows), together):
                 group = rows[k0:k0 + together]
+                stacked = run.stacked(len(group))
+                # The partial run steers as a forward call over these tokens (they and their padding say
+                # which positions are steered), one stacked copy of the batch per steering.
                 hooks.plan([row for row in group for _ in chunk])
-                hooks.use_context(replace(call, input_ids=_tiled(call.input_ids, len(group), len(chunk)),
-                                          attention_mask=_tiled(call.attention_mask, len(group), len(chunk))))
-                logits = last_logits_from(lm, first, _tiled(args, len(group), len(chunk)),
-                                          _tiled(kwargs, len(group), len(chunk)))
+                hooks.use_context(stacked.context(lm))
+                logits = last_logits_from(lm, first, stacked.args, stacked.kwargs)
                 probs = option_log_probs(lm, logits, chunk * len(group)).exp().cpu().numpy()
                 for g in range(len(group)):
-                    for r, (i, it) in enumerate(zip(indices, chunk, strict=True)):
+                    for r, (i, it) in enumerate(zip(run.indices, chunk, strict=True)):
                         out[k0 + g][i] = probs[g * len(chunk) + r, :len(it.options)].astype(np.float64)
     return out
 
 
 def _tiled(value: Any, copies: int, batch: int) -> Any:
-    """`value` (a block's inputs) for `copies` stacked copies of a batch of `batch` rows: every tensor of two
-    or more dimensions with `batch` rows repeated along them; the rest (position embeddings shared by the
-    rows, 1-D position vectors, flags) stays as it is."""
+    """`value` (a block's inputs) for `copies` stacked copies of a batch of `batch` rows."""
     if copies == 1:
         return value
-    if isinstance(value, Tensor) and value.dim() >= 2 and value.shape[0] == batch:
-        return value.repeat(copies, *([1] * (value.dim() - 1)))
-    if isinstance(value, tuple | list):
-        return type(value)(_tiled(v, copies, batch) for v in value)
-    if isinstance(value, dict):
-        return {k: _tiled(v, copies, batch) for k, v in value.items()}
-    return value
+    return map_rows(value, batch, lambda t: t.repeat(copies, *([1] * (t.dim() - 1))))
 
 
 def by_length(lm: LanguageModel, items: Sequence[OpinionItem]) -> list[int]:

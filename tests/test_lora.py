@@ -31,6 +31,7 @@ from steer_core.prompts import (
     encode,
     encode_items,
     last_logits_only,
+    reuse_block_inputs,
 )
 from steer_core.steering import ConstantShift, apply, compose
 
@@ -163,6 +164,40 @@ def test_reading_items_under_several_steerings_from_a_shared_prefix_equals_readi
     mixed = answer_distributions_under(lm, items, [[a], echo])
     for k, steering in enumerate([[a], echo]):
         np.testing.assert_allclose(mixed[k][3], answer_distributions(lm, [items[3]], steering)[0], atol=2e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox", "qwen2"])
+def test_a_build_runs_the_blocks_below_its_adapter_once_per_prompt(family):
+    """Within `reuse_block_inputs`, what the first adapted block is called with is computed once per prompt:
+    a fold's training run on a subset of the items and the reading of its held-out items take it from the
+    full run (the lower blocks do not run again), and train and read as they would without it."""
+    lm = make_tiny(family)
+    items, layer = ITEMS[:7], 2
+    params = lo.resolved(lo.check_params({"steps": 3, "lr": 0.01}))
+    subset, held_out = items[:2] + items[3:], [items[2]]
+    adapter = intervention(_fit(lm, subset, layer=layer), lm)
+    shift = ConstantShift(1, "prompt", torch.randn(lm.hidden_size, generator=torch.Generator().manual_seed(3)))
+    alone_states, _, alone_losses = lo.train_checkpoints(lm, subset, layer, params, [3])
+    alone_read = answer_distributions_under(lm, held_out, [[adapter], None, [shift]])
+
+    calls = []
+    hook = lm.blocks[0].register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        with reuse_block_inputs():
+            lo.train_checkpoints(lm, items, layer, params, [3])  # the full run: every prompt once
+            ran = len(calls)
+            states, _, losses = lo.train_checkpoints(lm, subset, layer, params, [3])
+            read = answer_distributions_under(lm, held_out, [[adapter], None])
+            assert ran > 0 and len(calls) == ran
+            below = answer_distributions_under(lm, held_out, [[shift]])
+            assert len(calls) > ran  # a steering below the kept block runs the lower blocks again
+    finally:
+        hook.remove()
+    np.testing.assert_allclose(losses, alone_losses, rtol=1e-4)
+    for key, tensor in alone_states[3].items():
+        torch.testing.assert_close(states[3][key], tensor, atol=1e-5, rtol=1e-4)
+    for mine, theirs in zip([*read, *below], alone_read, strict=True):
+        np.testing.assert_allclose(mine[0], theirs[0], atol=2e-5)
 
 
 def test_blend_weight_scales_the_adapters_delta(tiny_lm, adapters):
