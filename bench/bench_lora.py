@@ -1,7 +1,8 @@
 """LoRA profiles against COLD-FD and DiffMean on the default model (CPU): quality, build cost, serving cost.
 
     nice -n 10 .venv/bin/python bench/bench_lora.py [--threads 2] [--items 20] [--heldout 40] [--tokens 32]
-                                                     [--reps 3] [--group Liberal] [--data DIR] [--skip-builds]
+                                                     [--reps 3] [--group Liberal] [--data DIR]
+                                                     [--persona politically-liberal] [--skip-builds]
 
 Everything is measured side by side in this one run; each timing is printed with the machine's load
 average (`os.getloadavg()`, 1/5/15 min) and the process's CPU seconds beside the wall seconds. Targets
@@ -19,6 +20,9 @@ average (`os.getloadavg()`, 1/5/15 min) and the process's CPU seconds beside the
    (`cold_fd_peft`, the low-rank update it steps along, scaled by its strength) and its paired
    difference to the COLD-FD profile itself; the project's goal "COLD-FD reaches >= 95% of LoRA's
    held-out gain at <= 1/10 of its build time" printed PASS or FAIL whichever way it comes out;
+   The same again on 20 persona statements (`--persona`, a file of ../shared/data/persona, else the repo's
+   fixture; "" skips it), judged on other statements of the same persona: one-hot Yes/No targets, where
+   flattening does not pay (`uniform` is below `calibrated` there);
 3. LoRA build from 20 items < 60 s; the adapter's size in bytes (stored tensors and the peft folder).
 """
 
@@ -41,7 +45,7 @@ sys.path.insert(0, str(REPO))
 from service.engine.engine import GenerationEngine, PlannedProfile, SamplingParams, SteeringPlan  # noqa: E402
 from steer_core import build_profile, load_items, load_model  # noqa: E402
 from steer_core.calibration import fit_calibration, sample_alignment  # noqa: E402
-from steer_core.data import load_opinionsqa  # noqa: E402
+from steer_core.data import load_opinionsqa, load_persona  # noqa: E402
 from steer_core.evaluation import BOTH, ORDERS, evaluate_readings, paired_difference, read_orders  # noqa: E402
 from steer_core.export import cold_fd_as_lora, peft_files  # noqa: E402
 from steer_core.lora import PEFT_PREFIX, target_modules, target_names  # noqa: E402
@@ -52,6 +56,7 @@ RANK = 8
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "opinionsqa"
 FIXTURE = REPO / "tests" / "fixtures" / "opinions_group_rural.jsonl"
+PERSONA_FIXTURE = REPO / "tests" / "fixtures" / "persona_environmentalist.jsonl"
 
 
 def opinion_items(data: Path, group: str) -> tuple[list, str]:
@@ -63,6 +68,16 @@ def opinion_items(data: Path, group: str) -> tuple[list, str]:
         items, source = load_items(FIXTURE), f"{FIXTURE.name} ({data} absent)"
     random.Random(0).shuffle(items)
     return items, source
+
+
+def persona_items(data: Path, name: str) -> tuple[list, str]:
+    path = data.parent / "persona" / f"{name}.jsonl"
+    if path.exists():
+        items, source = load_persona(path), f"persona {name}"
+    else:
+        items, source = load_persona(PERSONA_FIXTURE), f"{PERSONA_FIXTURE.name} ({path} absent)"
+    random.Random(0).shuffle(items)
+    return items, f"{source}, {len(items)} statements"
 
 
 def load() -> str:
@@ -165,6 +180,9 @@ def builds(lm, items, source: str, n_train: int, n_heldout: int, group: str) -> 
             line.append(f"{c['alignment']['mean']:.4f} ({g['mean']:+.4f} ± {g['standard_error']:.4f})")
         gains[row] = report["cells"][BOTH][row][group]["gain_vs_calibrated"]["mean"]
         print(f"  {row:17s} " + "   ".join(line))
+    over_uniform = {name: report["cells"][BOTH][name][group]["gain_vs_uniform"] for name in profiles}
+    print("gain over uniform (both orders, paired SE; more than flattening when > 0): " + ", ".join(
+        f"{name} {g['mean']:+.4f} ± {g['standard_error']:.4f}" for name, g in over_uniform.items()))
 
     def pooled(name: str) -> list[float]:
         """Each question's alignment averaged over the two orders."""
@@ -204,6 +222,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--group", default="Liberal")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the OpinionsQA folder")
+    parser.add_argument("--persona", default="politically-liberal", help="persona statements beside it (\"\": none)")
     parser.add_argument("--skip-builds", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -213,6 +232,9 @@ def main() -> None:
     if not args.skip_builds:
         items, source = opinion_items(args.data, args.group)
         builds(lm, items, source, args.items, args.heldout, args.group)
+        if args.persona:
+            items, source = persona_items(args.data, args.persona)
+            builds(lm, items, source, args.items, args.heldout, args.persona)
 
 
 if __name__ == "__main__":

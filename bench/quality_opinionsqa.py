@@ -9,7 +9,8 @@ For each attribute pair and seed the questions both groups answered are shuffled
 build (every profile's own cross-validated search), the others judge (`--judge` caps how many, default
 all of them). A method is a registered method with options: `+contrast` builds on items that carry the
 other group's answers to the same questions (DiffMean weighs options by group minus other; COLD methods
-and LoRA take loss `contrast`), `+orders` fits on every item also with its options reversed. Every number
+and LoRA take loss `contrast`), `+orders` fits on every item also with its options reversed, `+last` steers
+only the last prompt position (where the answer letter is read) instead of the method's default positions. Every number
 comes from `steer_core.evaluation` on the judge questions, in both option orders, beside `unsteered`,
 `uniform` and `calibrated` (the unsteered model with a temperature and ordinal lean fitted on each
 group's own build questions), with paired standard errors over questions.
@@ -72,7 +73,7 @@ from steer_core.steering import compose  # noqa: E402
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "opinionsqa"
 DEFAULT_PAIRS = ["POLIDEOLOGY:Liberal:Conservative", "RACE:Black:White", "AGE:18-29:65+"]
 DEFAULT_METHODS = ["diffmean", "diffmean+contrast+orders", "cold_kernel", "cold_kernel+contrast+orders"]
-OPTIONS = ("contrast", "orders")
+OPTIONS = ("contrast", "orders", "last")
 LOSS_METHODS = ("cold_kernel", "cold_fd", "lora")  # methods trained with a loss from `steer_core.losses`
 
 
@@ -94,6 +95,8 @@ def parse_variant(text: str) -> Variant:
     params: dict[str, Any] = {}
     if "orders" in options:
         params["orders"] = 2
+    if "last" in options:
+        params["positions"] = "last"
     if "contrast" in options and method in LOSS_METHODS:
         params["loss"] = "contrast"
     if "contrast" in options and method not in (*LOSS_METHODS, "diffmean"):
@@ -184,6 +187,7 @@ def main() -> int:
     gain_cal: dict[str, dict[tuple, tuple[float, float]]] = {v.name: {} for v in variants}
     gain_unst: dict[str, dict[tuple, tuple[float, float]]] = {v.name: {} for v in variants}
     gain_orig: dict[str, dict[tuple, tuple[float, float]]] = {v.name: {} for v in variants}
+    gain_unif: dict[str, dict[tuple, tuple[float, float]]] = {v.name: {} for v in variants}
     spec: dict[str, dict[tuple, float]] = {v.name: {} for v in variants}
     contrast_r: dict[str, list[list[float]]] = {v.name: [] for v in variants}  # each order's r
     person_rows: list[dict[str, tuple[float, float]]] = []
@@ -222,6 +226,8 @@ def main() -> int:
                                              cell["gain_vs_calibrated"]["standard_error"])
                     gain_unst[v.name][key] = (cell["gain_vs_unsteered"]["mean"],
                                               cell["gain_vs_unsteered"]["standard_error"])
+                    gain_unif[v.name][key] = (cell["gain_vs_uniform"]["mean"],
+                                              cell["gain_vs_uniform"]["standard_error"])
                     first = report["cells"][ORDERS[0]][f"{v.name}@{g}"][g]["gain_vs_unsteered"]
                     gain_orig[v.name][key] = (first["mean"], first["standard_error"])
                     spec[v.name][key] = report["specificity"][BOTH][f"{v.name}@{g}"]["mean"]
@@ -233,7 +239,7 @@ def main() -> int:
 
     persona_rows = judge_personas(lm, args, persona_variant) if args.personas else []
     if pairs:
-        summarize(variants, gain_cal, gain_unst, gain_orig, spec, contrast_r)
+        summarize(variants, gain_cal, gain_unst, gain_unif, gain_orig, spec, contrast_r)
     if persona_rows:
         print(f"\n{persona_variant.name} on persona statements ({len(persona_rows)} persona x seed; both orders):")
         for r in persona_rows:
@@ -268,22 +274,24 @@ def main() -> int:
     return 0
 
 
-def summarize(variants: list[Variant], gain_cal: dict, gain_unst: dict, gain_orig: dict, spec: dict,
-              contrast_r: dict) -> None:
+def summarize(variants: list[Variant], gain_cal: dict, gain_unst: dict, gain_unif: dict, gain_orig: dict,
+              spec: dict, contrast_r: dict) -> None:
     """The summary table over pairs and seeds and issue 13's bars for the group profiles."""
     print("\nsummary over pairs and seeds (judge questions, both option orders)")
-    print(f"{'method':<30}{'gain vs calibrated':>22}{'gain vs unsteered':>22}{'original order only':>22}"
-          f"{'specificity':>20}{'contrast r':>12}{'r by order':>16}")
+    print(f"{'method':<30}{'gain vs calibrated':>22}{'gain vs unsteered':>22}{'gain vs uniform':>22}"
+          f"{'original order only':>22}{'specificity':>20}{'contrast r':>12}{'r by order':>16}")
     summary = {}
     for v in variants:
         gc = pooled(list(gain_cal[v.name].values()))
         gu = pooled(list(gain_unst[v.name].values()))
         go = pooled(list(gain_orig[v.name].values()))
+        gf = pooled(list(gain_unif[v.name].values()))
         sp = spread(list(spec[v.name].values()))
         by_order = np.nanmean(contrast_r[v.name], axis=0) if contrast_r[v.name] else np.full(2, math.nan)
         r = float(np.mean(by_order))  # the bar: the mean of the two orders' r
         summary[v.name] = (gc, sp, r)
-        print(f"{v.name:<30}{gc[0]:>+13.4f} ± {gc[1]:.4f}{gu[0]:>+13.4f} ± {gu[1]:.4f}{go[0]:>+13.4f} ± {go[1]:.4f}"
+        print(f"{v.name:<30}{gc[0]:>+13.4f} ± {gc[1]:.4f}{gu[0]:>+13.4f} ± {gu[1]:.4f}{gf[0]:>+13.4f} ± {gf[1]:.4f}"
+              f"{go[0]:>+13.4f} ± {go[1]:.4f}"
               f"{sp[0]:>+11.4f} ± {sp[1]:.4f}{r:>12.3f}{by_order[0]:>+9.3f}/{by_order[1]:+.3f}")
     print("contrast r: the mean of the two option orders' r (the bar); r by order: original / reversed (a profile "
           "pair that separates the groups by letter position, not opinion, scores + in one order and - in the other)")
