@@ -260,7 +260,7 @@ def main() -> int:
     if person_rows:
         print(f"\nsimulated people ({len(person_rows)}; profile {args.person_method}), alignment with the "
               "person's group on judge questions, gain vs calibrated on the person's own answers:")
-        for row in ("person", "group", "blend", "uniform"):
+        for row in ("person", "group", "blend", "uniform", "unsteered"):
             m, se = pooled([r[row] for r in person_rows])
             print(f"  {row:<8}{m:+.4f} ± {se:.4f}")
         m, se = pooled([r["person"] for r in person_rows])
@@ -380,7 +380,7 @@ def judge_people(lm, args, variant: Variant, seed: int, train: dict, judge: dict
                 return e.mean, e.standard_error
 
             row = {"person": diff(a["person"], calibrated), "group": diff(a["group"], calibrated),
-                   "uniform": diff(uniform, calibrated),
+                   "uniform": diff(uniform, calibrated), "unsteered": diff(both_orders(unsteered), calibrated),
                    "blend": diff(a["blend"], calibrated), "blend_vs_person": diff(a["blend"], a["person"]),
                    "blend_vs_group": diff(a["blend"], a["group"]), "own_vs_other": diff(own_gain, other_gain)}
             rows.append(row)
