@@ -19,10 +19,10 @@ average (`os.getloadavg()`, 1/5/15 min) and the process's CPU seconds beside the
    with paired standard errors; beside them the COLD-FD profile exported as a peft adapter
    (`cold_fd_peft`, the low-rank update it steps along, scaled by its strength) and its paired
    difference to the COLD-FD profile itself; the project's goal "COLD-FD reaches >= 95% of LoRA's
-   held-out gain at <= 1/10 of its build time" printed PASS or FAIL whichever way it comes out;
-   The same again on 20 persona statements (`--persona`, a file of ../shared/data/persona, else the repo's
-   fixture; "" skips it), judged on other statements of the same persona: one-hot Yes/No targets, where
-   flattening does not pay (`uniform` is below `calibrated` there);
+   held-out gain at <= 1/10 of its build time" printed PASS or FAIL whichever way it comes out. The same
+   again on 20 persona statements (`--persona`, a file of ../shared/data/persona, else the repo's fixture;
+   "" skips it), judged on other statements of the same persona (one-hot Yes/No targets: one person's
+   answers rather than a group's spread);
 3. LoRA build from 20 items < 60 s; the adapter's size in bytes (stored tensors and the peft folder).
 """
 

@@ -9,11 +9,11 @@ For each attribute pair and seed the questions both groups answered are shuffled
 build (every profile's own cross-validated search), the others judge (`--judge` caps how many, default
 all of them). A method is a registered method with options: `+contrast` builds on items that carry the
 other group's answers to the same questions (DiffMean weighs options by group minus other; COLD methods
-and LoRA take loss `contrast`), `+orders` fits on every item also with its options reversed, `+last` steers
-only the last prompt position (where the answer letter is read) instead of the method's default positions. Every number
-comes from `steer_core.evaluation` on the judge questions, in both option orders, beside `unsteered`,
-`uniform` and `calibrated` (the unsteered model with a temperature and ordinal lean fitted on each
-group's own build questions), with paired standard errors over questions.
+and LoRA take loss `contrast`), `+orders` fits on every item also with its options reversed, `+last`
+steers only the last prompt position (where the answer letter is read) instead of the method's default
+positions. Every number comes from `steer_core.evaluation` on the judge questions, in both option orders,
+beside `unsteered`, `uniform` and `calibrated` (the unsteered model with a temperature and ordinal lean
+fitted on each group's own build questions), with paired standard errors over questions.
 
 `--persons K` simulates K people per group and seed: a person answers each build question with one
 draw from the group's distribution; a profile built on those one-hot answers, the group's profile and
