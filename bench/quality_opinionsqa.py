@@ -186,7 +186,9 @@ def main() -> int:
     # results[variant][(pair, seed, group)] = gain vs calibrated / vs unsteered (mean, se) in both orders
     gain_cal: dict[str, dict[tuple, tuple[float, float]]] = {v.name: {} for v in variants}
     gain_unst: dict[str, dict[tuple, tuple[float, float]]] = {v.name: {} for v in variants}
-    gain_orig: dict[str, dict[tuple, tuple[float, float]]] = {v.name: {} for v in variants}
+    # gain vs calibrated in each option order: a letter-position profile gains in one and loses in the other
+    gain_by_order: dict[str, dict[str, dict[tuple, tuple[float, float]]]] = {
+        v.name: {o: {} for o in ORDERS} for v in variants}
     gain_unif: dict[str, dict[tuple, tuple[float, float]]] = {v.name: {} for v in variants}
     spec: dict[str, dict[tuple, float]] = {v.name: {} for v in variants}
     contrast_r: dict[str, list[list[float]]] = {v.name: [] for v in variants}  # each order's r
@@ -228,8 +230,9 @@ def main() -> int:
                                               cell["gain_vs_unsteered"]["standard_error"])
                     gain_unif[v.name][key] = (cell["gain_vs_uniform"]["mean"],
                                               cell["gain_vs_uniform"]["standard_error"])
-                    first = report["cells"][ORDERS[0]][f"{v.name}@{g}"][g]["gain_vs_unsteered"]
-                    gain_orig[v.name][key] = (first["mean"], first["standard_error"])
+                    for o in ORDERS:
+                        c = report["cells"][o][f"{v.name}@{g}"][g]["gain_vs_calibrated"]
+                        gain_by_order[v.name][o][key] = (c["mean"], c["standard_error"])
                     spec[v.name][key] = report["specificity"][BOTH][f"{v.name}@{g}"]["mean"]
                 for c in report["steerability_contrast"]:
                     if c["profiles"][0].split("@")[0] == v.name == c["profiles"][1].split("@")[0]:
@@ -239,7 +242,7 @@ def main() -> int:
 
     persona_rows = judge_personas(lm, args, persona_variant) if args.personas else []
     if pairs:
-        summarize(variants, gain_cal, gain_unst, gain_unif, gain_orig, spec, contrast_r)
+        summarize(variants, gain_cal, gain_unst, gain_unif, gain_by_order, spec, contrast_r)
     if persona_rows:
         print(f"\n{persona_variant.name} on persona statements ({len(persona_rows)} persona x seed; both orders):")
         for r in persona_rows:
@@ -274,24 +277,24 @@ def main() -> int:
     return 0
 
 
-def summarize(variants: list[Variant], gain_cal: dict, gain_unst: dict, gain_unif: dict, gain_orig: dict,
+def summarize(variants: list[Variant], gain_cal: dict, gain_unst: dict, gain_unif: dict, gain_by_order: dict,
               spec: dict, contrast_r: dict) -> None:
     """The summary table over pairs and seeds and issue 13's bars for the group profiles."""
     print("\nsummary over pairs and seeds (judge questions, both option orders)")
     print(f"{'method':<30}{'gain vs calibrated':>22}{'gain vs unsteered':>22}{'gain vs uniform':>22}"
-          f"{'original order only':>22}{'specificity':>20}{'contrast r':>12}{'r by order':>16}")
+          f"{'vs calibrated, original / reversed order':>44}{'specificity':>20}{'contrast r':>12}{'r by order':>16}")
     summary = {}
     for v in variants:
         gc = pooled(list(gain_cal[v.name].values()))
         gu = pooled(list(gain_unst[v.name].values()))
-        go = pooled(list(gain_orig[v.name].values()))
+        go, gr = (pooled(list(gain_by_order[v.name][o].values())) for o in ORDERS)
         gf = pooled(list(gain_unif[v.name].values()))
         sp = spread(list(spec[v.name].values()))
         by_order = np.nanmean(contrast_r[v.name], axis=0) if contrast_r[v.name] else np.full(2, math.nan)
         r = float(np.mean(by_order))  # the bar: the mean of the two orders' r
         summary[v.name] = (gc, sp, r)
         print(f"{v.name:<30}{gc[0]:>+13.4f} ± {gc[1]:.4f}{gu[0]:>+13.4f} ± {gu[1]:.4f}{gf[0]:>+13.4f} ± {gf[1]:.4f}"
-              f"{go[0]:>+13.4f} ± {go[1]:.4f}"
+              f"{go[0]:>+17.4f} ± {go[1]:.4f} / {gr[0]:+.4f} ± {gr[1]:.4f}"
               f"{sp[0]:>+11.4f} ± {sp[1]:.4f}{r:>12.3f}{by_order[0]:>+9.3f}/{by_order[1]:+.3f}")
     print("contrast r: the mean of the two option orders' r (the bar); r by order: original / reversed (a profile "
           "pair that separates the groups by letter position, not opinion, scores + in one order and - in the other)")
