@@ -75,6 +75,11 @@ DEFAULT_PAIRS = ["POLIDEOLOGY:Liberal:Conservative", "RACE:Black:White", "AGE:18
 DEFAULT_METHODS = ["diffmean", "diffmean+contrast+orders", "cold_kernel", "cold_kernel+contrast+orders"]
 OPTIONS = ("contrast", "orders", "last")
 LOSS_METHODS = ("cold_kernel", "cold_fd", "lora")  # methods trained with a loss from `steer_core.losses`
+# The summary's gain columns: (option order, the report cell's field). By order, a profile that learned letter
+# positions gains in one order and loses in the other.
+GAIN_COLUMNS = {"calibrated": (BOTH, "gain_vs_calibrated"), "unsteered": (BOTH, "gain_vs_unsteered"),
+                "uniform": (BOTH, "gain_vs_uniform"),
+                **{f"calibrated, {o}": (o, "gain_vs_calibrated") for o in ORDERS}}
 
 
 @dataclass(frozen=True)
@@ -183,13 +188,9 @@ def main() -> int:
     print(f"model {lm.name}; pairs {args.pairs}; seeds {args.seeds}; {args.train} questions build, "
           f"{args.judge or 'all other'} judge; methods {args.methods}")
 
-    # results[variant][(pair, seed, group)] = gain vs calibrated / vs unsteered (mean, se) in both orders
-    gain_cal: dict[str, dict[tuple, tuple[float, float]]] = {v.name: {} for v in variants}
-    gain_unst: dict[str, dict[tuple, tuple[float, float]]] = {v.name: {} for v in variants}
-    # gain vs calibrated in each option order: a letter-position profile gains in one and loses in the other
-    gain_by_order: dict[str, dict[str, dict[tuple, tuple[float, float]]]] = {
-        v.name: {o: {} for o in ORDERS} for v in variants}
-    gain_unif: dict[str, dict[tuple, tuple[float, float]]] = {v.name: {} for v in variants}
+    # gains[variant][column][(pair, seed, group)] = (mean, se), the columns of `GAIN_COLUMNS`
+    gains: dict[str, dict[str, dict[tuple, tuple[float, float]]]] = {
+        v.name: {column: {} for column in GAIN_COLUMNS} for v in variants}
     spec: dict[str, dict[tuple, float]] = {v.name: {} for v in variants}
     contrast_r: dict[str, list[list[float]]] = {v.name: [] for v in variants}  # each order's r
     person_rows: list[dict[str, tuple[float, float]]] = []
@@ -222,17 +223,10 @@ def main() -> int:
             print(f"\n{attribute} {ga} vs {gb}, seed {seed}\n{format_cross_table(report, BOTH)}\n", flush=True)
             for v in variants:
                 for g in (ga, gb):
-                    cell = report["cells"][BOTH][f"{v.name}@{g}"][g]
                     key = (attribute, seed, g)
-                    gain_cal[v.name][key] = (cell["gain_vs_calibrated"]["mean"],
-                                             cell["gain_vs_calibrated"]["standard_error"])
-                    gain_unst[v.name][key] = (cell["gain_vs_unsteered"]["mean"],
-                                              cell["gain_vs_unsteered"]["standard_error"])
-                    gain_unif[v.name][key] = (cell["gain_vs_uniform"]["mean"],
-                                              cell["gain_vs_uniform"]["standard_error"])
-                    for o in ORDERS:
-                        c = report["cells"][o][f"{v.name}@{g}"][g]["gain_vs_calibrated"]
-                        gain_by_order[v.name][o][key] = (c["mean"], c["standard_error"])
+                    for column, (o, field) in GAIN_COLUMNS.items():
+                        e = report["cells"][o][f"{v.name}@{g}"][g][field]
+                        gains[v.name][column][key] = (e["mean"], e["standard_error"])
                     spec[v.name][key] = report["specificity"][BOTH][f"{v.name}@{g}"]["mean"]
                 for c in report["steerability_contrast"]:
                     if c["profiles"][0].split("@")[0] == v.name == c["profiles"][1].split("@")[0]:
@@ -242,7 +236,7 @@ def main() -> int:
 
     persona_rows = judge_personas(lm, args, persona_variant) if args.personas else []
     if pairs:
-        summarize(variants, gain_cal, gain_unst, gain_unif, gain_by_order, spec, contrast_r)
+        summarize(variants, gains, spec, contrast_r)
     if persona_rows:
         print(f"\n{persona_variant.name} on persona statements ({len(persona_rows)} persona x seed; both orders):")
         for r in persona_rows:
@@ -277,18 +271,14 @@ def main() -> int:
     return 0
 
 
-def summarize(variants: list[Variant], gain_cal: dict, gain_unst: dict, gain_unif: dict, gain_by_order: dict,
-              spec: dict, contrast_r: dict) -> None:
+def summarize(variants: list[Variant], gains: dict, spec: dict, contrast_r: dict) -> None:
     """The summary table over pairs and seeds and issue 13's bars for the group profiles."""
     print("\nsummary over pairs and seeds (judge questions, both option orders)")
     print(f"{'method':<30}{'gain vs calibrated':>22}{'gain vs unsteered':>22}{'gain vs uniform':>22}"
           f"{'vs calibrated, original / reversed order':>44}{'specificity':>20}{'contrast r':>12}{'r by order':>16}")
     summary = {}
     for v in variants:
-        gc = pooled(list(gain_cal[v.name].values()))
-        gu = pooled(list(gain_unst[v.name].values()))
-        go, gr = (pooled(list(gain_by_order[v.name][o].values())) for o in ORDERS)
-        gf = pooled(list(gain_unif[v.name].values()))
+        gc, gu, gf, go, gr = (pooled(list(gains[v.name][column].values())) for column in GAIN_COLUMNS)
         sp = spread(list(spec[v.name].values()))
         by_order = np.nanmean(contrast_r[v.name], axis=0) if contrast_r[v.name] else np.full(2, math.nan)
         r = float(np.mean(by_order))  # the bar: the mean of the two orders' r
@@ -301,9 +291,10 @@ def summarize(variants: list[Variant], gain_cal: dict, gain_unst: dict, gain_uni
 
     best = max(variants, key=lambda v: summary[v.name][0][0]).name
     print(f"\ntargets (issue 13), best method by mean gain over calibrated: {best}")
-    groups_seen = sorted({(a, g) for (a, _, g) in gain_cal[best]})
+    gain_cal = gains[best]["calibrated"]
+    groups_seen = sorted({(a, g) for (a, _, g) in gain_cal})
     for attribute, g in groups_seen:
-        m, se = pooled([e for (a, _, h), e in gain_cal[best].items() if (a, h) == (attribute, g)])
+        m, se = pooled([e for (a, _, h), e in gain_cal.items() if (a, h) == (attribute, g)])
         print(bar(m > se, f"{best} above calibrated for {attribute} {g} by more than one paired SE: "
                           f"{m:+.4f} ± {se:.4f} (mean over seeds)"))
     sp = summary[best][1]
@@ -312,8 +303,9 @@ def summarize(variants: list[Variant], gain_cal: dict, gain_unst: dict, gain_uni
     print(bar(summary[best][2] >= 0.3, f"steerability contrast r >= 0.3: r = {summary[best][2]:.3f}"))
     if "odesteer" in {v.method for v in variants}:
         for v in (v for v in variants if v.method == "odesteer"):
-            worst = min(gain_unst[v.name].items(), key=lambda kv: kv[1][0] + kv[1][1])
-            print(bar(all(m > -se for m, se in gain_unst[v.name].values()),
+            gain_unst = gains[v.name]["unsteered"]
+            worst = min(gain_unst.items(), key=lambda kv: kv[1][0] + kv[1][1])
+            print(bar(all(m > -se for m, se in gain_unst.values()),
                       f"{v.name} never loses more than one SE against unsteered on judge questions (worst "
                       f"{worst[0]}: {worst[1][0]:+.4f} ± {worst[1][1]:.4f})"))
 

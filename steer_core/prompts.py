@@ -148,16 +148,19 @@ class BlockBatch:
     def rows(self, rows: Sequence[int], indices: list[int]) -> BlockBatch:
         """Rows `rows` of this batch, as the caller's items `indices`."""
         index = torch.tensor(rows, device=self.input_ids.device)
-        n = len(self.indices)
-        return BlockBatch(indices, self.input_ids[index], self.attention_mask[index],
-                          map_rows(self.args, n, lambda t: t[index]), map_rows(self.kwargs, n, lambda t: t[index]))
+        return self._per_row(lambda t: t[index], indices)
 
     def stacked(self, copies: int) -> BlockBatch:
         """`copies` copies of the batch stacked along the rows (one per steering read in one run)."""
+        if copies == 1:
+            return self
+        return self._per_row(lambda t: t.repeat(copies, *([1] * (t.dim() - 1))), self.indices * copies)
+
+    def _per_row(self, fn: Callable[[Tensor], Tensor], indices: list[int]) -> BlockBatch:
+        """This batch with `fn` applied to every tensor that has one row per prompt."""
         n = len(self.indices)
-        return BlockBatch(self.indices * copies, _tiled(self.input_ids, copies, n),
-                          _tiled(self.attention_mask, copies, n), _tiled(self.args, copies, n),
-                          _tiled(self.kwargs, copies, n))
+        return BlockBatch(indices, fn(self.input_ids), fn(self.attention_mask), map_rows(self.args, n, fn),
+                          map_rows(self.kwargs, n, fn))
 
     def context(self, lm: LanguageModel) -> ForwardContext:
         """The forward call the steering hooks see while the upper blocks run on this batch: whole prompts."""
@@ -250,13 +253,6 @@ def answer_distributions_under(lm: LanguageModel, items: Sequence[OpinionItem],
                     for r, (i, it) in enumerate(zip(run.indices, chunk, strict=True)):
                         out[k0 + g][i] = probs[g * len(chunk) + r, :len(it.options)].astype(np.float64)
     return out
-
-
-def _tiled(value: Any, copies: int, batch: int) -> Any:
-    """`value` (a block's inputs) for `copies` stacked copies of a batch of `batch` rows."""
-    if copies == 1:
-        return value
-    return map_rows(value, batch, lambda t: t.repeat(copies, *([1] * (t.dim() - 1))))
 
 
 def by_length(lm: LanguageModel, items: Sequence[OpinionItem]) -> list[int]:
