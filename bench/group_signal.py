@@ -1,0 +1,208 @@
+"""How much of the way two groups differ could a profile built on 20 of their answers carry at all?
+
+    .venv/bin/python bench/group_signal.py [--data DIR] [--pairs POLIDEOLOGY:Liberal:Conservative ...]
+        [--train 20 50 100 300] [--splits 30] [--encoder DIR] [--threads N]
+
+Issue 13 asks for profiles whose answers differ the way the groups differ (steerability contrast r >= 0.3
+over unseen questions). A profile can get that from two places, and this bench measures both on the
+questions both groups of each OpinionsQA attribute pair answered:
+
+- what the model already knows: the unsteered model asked to answer "as <a member of the group> would" (a
+  persona line before the question, no learning). Printed: r over questions between the two personas'
+  difference in expected ordinal answer and the groups' difference, in both option orders;
+- what can be learned from the items: a ridge probe from the model's reading of a question (the hidden state
+  after each block, at the last prompt position and averaged over the prompt, both option orders averaged)
+  to the groups' difference in expected ordinal answer (and one probe on the probed blocks' last-position
+  states side by side: several layers at once), trained on `--train` random questions and judged on
+  all the others. A steering profile's effect on an answer is a function of the same hidden states, fitted
+  on the same N items; a regularized linear probe is about the best such few-shot learner, so when it
+  cannot predict the difference out of sample, a profile fitted on N items is not expected to (evidence,
+  not a proof). Printed: held-out r by training size, the layer chosen on the training questions alone (ridge
+  leave-one-out error) and, as an optimistic ceiling, the best layer on the judge questions; mean and
+  standard deviation over `--splits` random splits. The groups' mean answer (what every group shares, on
+  each question's scale mapped to [-1, 1]) is probed beside it for scale.
+
+`--encoder DIR` adds the same probe on a sentence encoder's mean-pooled embedding of the question and its
+options (any transformers encoder directory, e.g. all-MiniLM-L6-v2): is the limit the 135M model's reading
+or the number of items?
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.linear_model import RidgeCV
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from quality_opinionsqa import group_items  # noqa: E402
+
+from steer_core import load_model  # noqa: E402
+from steer_core.calibration import ordinal_z  # noqa: E402
+from steer_core.data import OpinionItem, make_item, reverse_options  # noqa: E402
+from steer_core.evaluation import BOTH, ORDERS, expected_ordinal, read_orders  # noqa: E402
+from steer_core.models import LanguageModel  # noqa: E402
+from steer_core.prompts import by_length, encode_items  # noqa: E402
+
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "opinionsqa"
+DEFAULT_PAIRS = ["POLIDEOLOGY:Liberal:Conservative", "RACE:Black:White", "AGE:18-29:65+"]
+PERSONAS = {"Liberal": "a political liberal", "Conservative": "a political conservative",
+            "Black": "a Black American", "White": "a White American",
+            "18-29": "an American aged 18 to 29", "65+": "an American aged 65 or older"}
+ALPHAS = np.logspace(-1, 5, 13)
+MIN_CONTRAST_R = 0.3  # issue 13's steerability-contrast bar
+BUILD_ITEMS = 20  # issue 13's build size
+
+
+def persona_items(items: list[OpinionItem], attribute: str, group: str) -> list[OpinionItem]:
+    who = PERSONAS.get(group, f"a person whose {attribute.lower()} is {group}")
+    return [make_item(f"Answer as {who} would.\n{it.question}", it.options, target=it.target,
+                      ordinal=it.ordinal, id=it.id) for it in items]
+
+
+def expected(items: list[OpinionItem], dists: list[np.ndarray] | None = None) -> np.ndarray:
+    """Expected ordinal answer per question under `dists` (the items' targets when None)."""
+    return np.array([expected_ordinal(it.target if dists is None else p, it.ordinal)
+                     for it, p in zip(items, dists if dists is not None else items, strict=True)])
+
+
+def scaled_answer(items: list[OpinionItem]) -> np.ndarray:
+    """The targets' expected answer on each question's own ordinal scale mapped to [-1, 1], so that a
+    question's number of options is no signal."""
+    return np.array([np.dot(it.target, ordinal_z(it.ordinal)) for it in items])
+
+
+def correlation(x: np.ndarray, y: np.ndarray) -> float:
+    return float(np.corrcoef(x, y)[0, 1]) if x.std() > 0 and y.std() > 0 else 0.0
+
+
+@torch.no_grad()
+def question_states(lm: LanguageModel, items: list[OpinionItem], batch_size: int = 16) -> dict[str, np.ndarray]:
+    """(questions, blocks, hidden) states after each block: at the last prompt position and averaged over the
+    prompt's tokens, each the mean of the two option orders."""
+    out = {"last": np.zeros((len(items), lm.num_layers, lm.hidden_size)), "mean": None}
+    out["mean"] = np.zeros_like(out["last"])
+    for order in ORDERS:
+        asked = items if order == ORDERS[0] else [reverse_options(it) for it in items]
+        index = by_length(lm, asked)
+        for start in range(0, len(index), batch_size):
+            rows = index[start:start + batch_size]
+            batch = encode_items(lm, [asked[i] for i in rows])
+            hidden = lm.model(**batch, output_hidden_states=True, use_cache=False).hidden_states[1:]
+            states = torch.stack(hidden, dim=1).float()  # (B, blocks, T, H)
+            mask = batch["attention_mask"].float()[:, None, :, None]
+            out["last"][rows] += states[:, :, -1].cpu().numpy() / len(ORDERS)
+            out["mean"][rows] += ((states * mask).sum(2) / mask.sum(2)).cpu().numpy() / len(ORDERS)
+    return out
+
+
+@torch.no_grad()
+def encoder_embeddings(path: Path, items: list[OpinionItem]) -> np.ndarray:
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
+    texts = [f"{it.question} {' / '.join(it.options)}" for it in items]
+    out = []
+    for start in range(0, len(texts), 32):
+        batch = tokenizer(texts[start:start + 32], padding=True, truncation=True, return_tensors="pt")
+        mask = batch["attention_mask"][..., None].float()
+        out.append(((model(**batch).last_hidden_state * mask).sum(1) / mask.sum(1)).numpy())
+    return np.concatenate(out)
+
+
+def probe_r(features: np.ndarray, y: np.ndarray, train: int, splits: int, seed: int) -> dict[str, np.ndarray]:
+    """Held-out r of ridge probes from each layer's features to `y`, per random split: the layer whose
+    leave-one-out error on the training questions is lowest ("chosen") and the best on the judge questions
+    ("ceiling"). `features` is (questions, layers, dim)."""
+    rng = np.random.default_rng(seed)
+    chosen, ceiling = [], []
+    for _ in range(splits):
+        order = rng.permutation(len(y))
+        fit, judge = order[:train], order[train:]
+        scores, rs = [], []
+        for layer in range(features.shape[1]):
+            x = features[:, layer]
+            mu, sd = x[fit].mean(0), x[fit].std(0) + 1e-6
+            model = RidgeCV(alphas=ALPHAS).fit((x[fit] - mu) / sd, y[fit])
+            scores.append(model.best_score_)
+            rs.append(correlation(model.predict((x[judge] - mu) / sd), y[judge]))
+        chosen.append(rs[int(np.argmax(scores))])
+        ceiling.append(max(rs))
+    return {"chosen": np.array(chosen), "ceiling": np.array(ceiling)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--pairs", nargs="+", default=DEFAULT_PAIRS, help="ATTRIBUTE:GROUP:GROUP")
+    parser.add_argument("--train", nargs="+", type=int, default=[20, 50, 100, 300])
+    parser.add_argument("--splits", type=int, default=30)
+    parser.add_argument("--layer-step", type=int, default=3, help="probe every k-th block (and the last)")
+    parser.add_argument("--encoder", type=Path, help="a transformers sentence-encoder directory to probe beside")
+    parser.add_argument("--threads", type=int)
+    args = parser.parse_args()
+    if not args.data.is_dir():
+        print(f"no OpinionsQA data at {args.data}; nothing to measure")
+        return 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    lm = load_model()
+    layers = sorted({*range(args.layer_step - 1, lm.num_layers, args.layer_step), lm.num_layers - 1})
+    for pair in args.pairs:
+        attribute, g1, g2 = pair.split(":")
+        t0 = time.time()
+        groups = group_items(args.data, attribute, [g1, g2])
+        a, b = groups[g1], groups[g2]
+        difference = expected(a) - expected(b)
+        shared = (scaled_answer(a) + scaled_answer(b)) / 2
+        print(f"\n== {attribute}: {g1} vs {g2}, {len(a)} questions (sd of the groups' difference in expected "
+              f"answer {difference.std():.3f})")
+
+        # What the model already knows: persona prompts, no learning.
+        reads = {g: read_orders(lm, persona_items(a, attribute, g)) for g in (g1, g2)}
+        answered = {g: {order: expected(a, reads[g][order]) for order in ORDERS} for g in (g1, g2)}
+        for g in (g1, g2):
+            answered[g][BOTH] = np.mean([answered[g][order] for order in ORDERS], axis=0)
+        for order in (*ORDERS, BOTH):
+            r = correlation(answered[g1][order] - answered[g2][order], difference)
+            print(f"persona prompts ({PERSONAS.get(g1, g1)} / {PERSONAS.get(g2, g2)}), {order}: r = {r:+.3f}")
+
+        # What can be learned from N items: probes.
+        states = question_states(lm, a)
+        features = {"model, last position": states["last"][:, layers],
+                    "model, mean over prompt": states["mean"][:, layers],
+                    # several layers at once: one probe on the probed blocks' states side by side
+                    "model, blocks together": states["last"][:, layers].reshape(len(a), 1, -1)}
+        if args.encoder:
+            features["sentence encoder"] = encoder_embeddings(args.encoder, a)[:, None, :]
+        print(f"probes (held-out r, mean ± sd over {args.splits} splits; model blocks {layers}):")
+        header = f"{'target':12s} {'features':24s} {'layer':8s}" + "".join(f"{f'n={n}':>15s}" for n in args.train)
+        print(header)
+        at_build = []
+        for target, y in (("difference", difference), ("mean, scaled", shared)):
+            for name, x in features.items():
+                results = {n: probe_r(x, y, n, args.splits, seed=n) for n in args.train if n < len(y) - 10}
+                for pick in ("chosen", "ceiling") if x.shape[1] > 1 else ("chosen",):
+                    cells = "".join(f"{f'{r[pick].mean():+.3f} ± {r[pick].std(ddof=1):.3f}':>15s}"
+                                    for r in results.values())
+                    print(f"{target:12s} {name:24s} {pick:8s}{cells}")
+                if target == "difference" and BUILD_ITEMS in results:
+                    at_build.append(results[BUILD_ITEMS]["ceiling" if x.shape[1] > 1 else "chosen"].mean())
+        if at_build:
+            best = max(at_build)
+            ok = best >= MIN_CONTRAST_R
+            print(f"[{'PASS' if ok else 'FAIL'}] best probe of the groups' difference from {BUILD_ITEMS} items "
+                  f"(optimistic: layer picked on the judge questions): r = {best:+.3f}; the contrast bar is r >= "
+                  f"{MIN_CONTRAST_R}")
+        print(f"({time.time() - t0:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
