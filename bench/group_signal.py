@@ -1,7 +1,8 @@
 """How much of the way two groups differ could a profile built on 20 of their answers carry at all?
 
     .venv/bin/python bench/group_signal.py [--data DIR] [--pairs POLIDEOLOGY:Liberal:Conservative ...]
-        [--train 20 50 100 300] [--splits 30] [--encoder DIR] [--threads N]
+        [--train 20 50 100 300] [--splits 30] [--lean-train 20 300] [--seeds 0 1 2] [--encoder DIR]
+        [--threads N]
 
 Issue 13 asks for profiles whose answers differ the way the groups differ (steerability contrast r >= 0.3
 over unseen questions). A profile can get that from two places, and this bench measures both on the
@@ -22,6 +23,14 @@ questions both groups of each OpinionsQA attribute pair answered:
   standard deviation over `--splits` random splits. The groups' mean answer (what every group shares, on
   each question's scale mapped to [-1, 1]) is probed beside it for scale.
 
+What a profile that reads the question could carry (`--lean-train 20 300`, `--seeds 0 1 2`): a
+question-conditional lean, built for each group on its build questions: the temperature and lean of
+`steer_core.calibration` fitted on them, each build question's own best lean at that temperature (the
+target's cross-entropy, both orders), and a ridge probe from the question's states (mean over the prompt,
+layer chosen by leave-one-out error) to that lean, which sets each judge question's lean. Judged with
+`steer_core.evaluation` like every profile (both orders; `calibrated` is each group's own fit on the build
+questions): gain over calibrated, specificity, steerability contrast r by order.
+
 `--encoder DIR` adds the same probe on a sentence encoder's mean-pooled embedding of the question and its
 options (any transformers encoder directory, e.g. all-MiniLM-L6-v2): is the limit the 135M model's reading
 or the number of items?
@@ -33,20 +42,22 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from scipy.optimize import minimize_scalar
 from sklearn.linear_model import RidgeCV
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from quality_opinionsqa import group_items  # noqa: E402
+from quality_opinionsqa import bar, group_items, pooled  # noqa: E402
 
 from steer_core import load_model  # noqa: E402
-from steer_core.calibration import ordinal_z  # noqa: E402
+from steer_core.calibration import MAX_LEAN, Calibration, fit_calibration, ordinal_z  # noqa: E402
 from steer_core.data import OpinionItem, make_item, reverse_options  # noqa: E402
-from steer_core.evaluation import BOTH, ORDERS, expected_ordinal, read_orders  # noqa: E402
+from steer_core.evaluation import BOTH, ORDERS, evaluate_readings, expected_ordinal, read_orders  # noqa: E402
 from steer_core.models import LanguageModel  # noqa: E402
 from steer_core.prompts import by_length, encode_items  # noqa: E402
 
@@ -116,33 +127,130 @@ def encoder_embeddings(path: Path, items: list[OpinionItem]) -> np.ndarray:
     return np.concatenate(out)
 
 
+def layer_probes(features: np.ndarray, y: np.ndarray, fit: np.ndarray) -> list[tuple[float, Any]]:
+    """Per layer, a ridge probe (standardized features, penalty by leave-one-out error) fitted on the `fit`
+    rows: its leave-one-out score and a function predicting `y` for any rows. `features`: (rows, layers, dim)."""
+    probes = []
+    for layer in range(features.shape[1]):
+        x = features[:, layer]
+        mu, sd = x[fit].mean(0), x[fit].std(0) + 1e-6
+        model = RidgeCV(alphas=ALPHAS).fit((x[fit] - mu) / sd, y[fit])
+        probes.append((model.best_score_, lambda rows, x=x, mu=mu, sd=sd, model=model:
+                       model.predict((x[rows] - mu) / sd)))
+    return probes
+
+
+def fit_probe(features: np.ndarray, y: np.ndarray, fit: np.ndarray) -> Any:
+    """The probe of the layer with the best leave-one-out score on the `fit` rows."""
+    return max(layer_probes(features, y, fit), key=lambda probe: probe[0])[1]
+
+
 def probe_r(features: np.ndarray, y: np.ndarray, train: int, splits: int, seed: int) -> dict[str, np.ndarray]:
-    """Held-out r of ridge probes from each layer's features to `y`, per random split: the layer whose
-    leave-one-out error on the training questions is lowest ("chosen") and the best on the judge questions
-    ("ceiling"). `features` is (questions, layers, dim)."""
+    """Held-out r of the layers' probes to `y`, per random split: the layer chosen on the training questions
+    (`fit_probe`: "chosen") and the best on the judge questions ("ceiling")."""
     rng = np.random.default_rng(seed)
     chosen, ceiling = [], []
     for _ in range(splits):
         order = rng.permutation(len(y))
         fit, judge = order[:train], order[train:]
-        scores, rs = [], []
-        for layer in range(features.shape[1]):
-            x = features[:, layer]
-            mu, sd = x[fit].mean(0), x[fit].std(0) + 1e-6
-            model = RidgeCV(alphas=ALPHAS).fit((x[fit] - mu) / sd, y[fit])
-            scores.append(model.best_score_)
-            rs.append(correlation(model.predict((x[judge] - mu) / sd), y[judge]))
-        chosen.append(rs[int(np.argmax(scores))])
+        probes = layer_probes(features, y, fit)
+        rs = [correlation(predict(judge), y[judge]) for _, predict in probes]
+        chosen.append(rs[int(np.argmax([score for score, _ in probes]))])
         ceiling.append(max(rs))
     return {"chosen": np.array(chosen), "ceiling": np.array(ceiling)}
+
+
+def best_lean(item: OpinionItem, readings: list[np.ndarray], temperature: float) -> float:
+    """The ordinal lean that minimizes the target's cross-entropy under `readings` (one per option order)
+    calibrated at `temperature`."""
+    def loss(lean: float) -> float:
+        calibration = Calibration(temperature, lean)
+        return -sum(float(np.dot(item.target, np.log(np.maximum(calibration.apply(p, item.ordinal), 1e-12))))
+                    for p in readings)
+    return float(minimize_scalar(loss, bounds=(-MAX_LEAN, MAX_LEAN), method="bounded").x)
+
+
+def conditional_lean(items: list[OpinionItem], unsteered: dict[str, list[np.ndarray]], features: np.ndarray,
+                     build: np.ndarray, judge: np.ndarray) -> tuple[Calibration, dict[str, list[np.ndarray]]]:
+    """A group's question-conditional lean built on `build` (see the module docstring): its calibration on
+    the build questions, and its readings of the `judge` questions in each order."""
+    calibration = fit_calibration([items[i] for i in build for _ in ORDERS],
+                                  [unsteered[order][i] for i in build for order in ORDERS])
+    leans = np.zeros(len(items))
+    leans[build] = [best_lean(items[i], [unsteered[order][i] for order in ORDERS], calibration.temperature)
+                    for i in build]
+    predict = fit_probe(features, leans, build)
+    judged = [Calibration(calibration.temperature, float(lean)) for lean in predict(judge)]
+    return calibration, {order: [c.apply(unsteered[order][i], items[i].ordinal)
+                                 for c, i in zip(judged, judge, strict=True)] for order in ORDERS}
+
+
+def print_probes(features: dict[str, np.ndarray], targets: dict[str, np.ndarray], sizes: list[int],
+                 splits: int) -> None:
+    print(f"{'target':12s} {'features':24s} {'layer':8s}" + "".join(f"{f'n={n}':>15s}" for n in sizes))
+    at_build = []
+    for target, y in targets.items():
+        for name, x in features.items():
+            results = {n: probe_r(x, y, n, splits, seed=n) for n in sizes if n < len(y) - 10}
+            for pick in ("chosen", "ceiling") if x.shape[1] > 1 else ("chosen",):
+                cells = "".join(f"{f'{r[pick].mean():+.3f} ± {r[pick].std(ddof=1):.3f}':>15s}"
+                                for r in results.values())
+                print(f"{target:12s} {name:24s} {pick:8s}{cells}")
+            if target == "difference" and BUILD_ITEMS in results:
+                at_build.append(results[BUILD_ITEMS]["ceiling" if x.shape[1] > 1 else "chosen"].mean())
+    if at_build:
+        best = max(at_build)
+        print(bar(best >= MIN_CONTRAST_R, f"best probe of the groups' difference from {BUILD_ITEMS} items "
+                  f"(optimistic: layer picked on the judge questions): r = {best:+.3f}; the contrast bar is r >= "
+                  f"{MIN_CONTRAST_R}"))
+
+
+def print_conditional_lean(groups: dict[str, list[OpinionItem]], unsteered: dict[str, list[np.ndarray]],
+                           features: np.ndarray, size: int, seeds: list[int]) -> None:
+    """Each group's conditional lean built on `size` random questions per seed, judged on the others."""
+    names = list(groups)
+    gains: dict[str, dict[str, list[tuple[float, float]]]] = {g: {"calibrated": [], "uniform": []} for g in names}
+    spec: dict[str, list[tuple[float, float]]] = {g: [] for g in names}
+    r: dict[str, list[float]] = {order: [] for order in ORDERS}
+    for seed in seeds:
+        shuffled = np.random.default_rng(seed).permutation(len(groups[names[0]]))
+        build, judge = shuffled[:size], shuffled[size:]
+        made = {g: conditional_lean(groups[g], unsteered, features, build, judge) for g in names}
+        report = evaluate_readings({g: [groups[g][i] for i in judge] for g in names},
+                                   {o: [unsteered[o][i] for i in judge] for o in ORDERS},
+                                   {f"lean@{g}": made[g][1] for g in names}, own={f"lean@{g}": g for g in names},
+                                   calibrations={g: made[g][0] for g in names})
+        for g in names:
+            cell = report["cells"][BOTH][f"lean@{g}"][g]
+            for baseline in gains[g]:
+                gain = cell[f"gain_vs_{baseline}"]
+                gains[g][baseline].append((gain["mean"], gain["standard_error"]))
+            own = report["specificity"][BOTH][f"lean@{g}"]
+            spec[g].append((own["mean"], own["standard_error"]))
+        for o in ORDERS:
+            r[o].append(report["steerability_contrast"][0]["r"][o])
+    contrast = float(np.mean([np.mean(r[o]) for o in ORDERS]))
+    print(f"  build {size}, judge {len(groups[names[0]]) - size}: contrast r {contrast:+.3f} "
+          f"({np.mean(r[ORDERS[0]]):+.3f} / {np.mean(r[ORDERS[1]]):+.3f} by order)")
+    for g in names:
+        over_calibrated, over_uniform, specific = pooled(gains[g]["calibrated"]), pooled(gains[g]["uniform"]), \
+            pooled(spec[g])
+        print(f"    {g:14s} gain vs calibrated {over_calibrated[0]:+.4f} ± {over_calibrated[1]:.4f}, vs uniform "
+              f"{over_uniform[0]:+.4f} ± {over_uniform[1]:.4f}, specificity {specific[0]:+.4f} ± {specific[1]:.4f}  "
+              + bar(over_calibrated[0] > over_calibrated[1], "above calibrated by one SE"))
+    print("    " + bar(contrast >= MIN_CONTRAST_R, f"contrast r >= {MIN_CONTRAST_R}"))
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--pairs", nargs="+", default=DEFAULT_PAIRS, help="ATTRIBUTE:GROUP:GROUP")
-    parser.add_argument("--train", nargs="+", type=int, default=[20, 50, 100, 300])
+    parser.add_argument("--train", nargs="*", type=int, default=[20, 50, 100, 300],
+                        help="training sizes for the probes (none: skip them)")
     parser.add_argument("--splits", type=int, default=30)
+    parser.add_argument("--lean-train", nargs="*", type=int, default=[20, 300],
+                        help="build sizes for the question-conditional lean (none: skip it)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="splits for the conditional lean")
     parser.add_argument("--layer-step", type=int, default=3, help="probe every k-th block (and the last)")
     parser.add_argument("--encoder", type=Path, help="a transformers sentence-encoder directory to probe beside")
     parser.add_argument("--threads", type=int)
@@ -173,33 +281,21 @@ def main() -> int:
             r = correlation(answered[g1][order] - answered[g2][order], difference)
             print(f"persona prompts ({PERSONAS.get(g1, g1)} / {PERSONAS.get(g2, g2)}), {order}: r = {r:+.3f}")
 
-        # What can be learned from N items: probes.
         states = question_states(lm, a)
-        features = {"model, last position": states["last"][:, layers],
-                    "model, mean over prompt": states["mean"][:, layers],
-                    # several layers at once: one probe on the probed blocks' states side by side
-                    "model, blocks together": states["last"][:, layers].reshape(len(a), 1, -1)}
-        if args.encoder:
-            features["sentence encoder"] = encoder_embeddings(args.encoder, a)[:, None, :]
-        print(f"probes (held-out r, mean ± sd over {args.splits} splits; model blocks {layers}):")
-        header = f"{'target':12s} {'features':24s} {'layer':8s}" + "".join(f"{f'n={n}':>15s}" for n in args.train)
-        print(header)
-        at_build = []
-        for target, y in (("difference", difference), ("mean, scaled", shared)):
-            for name, x in features.items():
-                results = {n: probe_r(x, y, n, args.splits, seed=n) for n in args.train if n < len(y) - 10}
-                for pick in ("chosen", "ceiling") if x.shape[1] > 1 else ("chosen",):
-                    cells = "".join(f"{f'{r[pick].mean():+.3f} ± {r[pick].std(ddof=1):.3f}':>15s}"
-                                    for r in results.values())
-                    print(f"{target:12s} {name:24s} {pick:8s}{cells}")
-                if target == "difference" and BUILD_ITEMS in results:
-                    at_build.append(results[BUILD_ITEMS]["ceiling" if x.shape[1] > 1 else "chosen"].mean())
-        if at_build:
-            best = max(at_build)
-            ok = best >= MIN_CONTRAST_R
-            print(f"[{'PASS' if ok else 'FAIL'}] best probe of the groups' difference from {BUILD_ITEMS} items "
-                  f"(optimistic: layer picked on the judge questions): r = {best:+.3f}; the contrast bar is r >= "
-                  f"{MIN_CONTRAST_R}")
+        if args.train:
+            features = {"model, last position": states["last"][:, layers],
+                        "model, mean over prompt": states["mean"][:, layers],
+                        # several layers at once: one probe on the probed blocks' states side by side
+                        "model, blocks together": states["last"][:, layers].reshape(len(a), 1, -1)}
+            if args.encoder:
+                features["sentence encoder"] = encoder_embeddings(args.encoder, a)[:, None, :]
+            print(f"probes (held-out r, mean ± sd over {args.splits} splits; model blocks {layers}):")
+            print_probes(features, {"difference": difference, "mean, scaled": shared}, args.train, args.splits)
+        if args.lean_train:
+            print(f"question-conditional lean (both orders; mean over seeds {args.seeds}):")
+            unsteered = read_orders(lm, a)
+            for n in args.lean_train:
+                print_conditional_lean(groups, unsteered, states["mean"][:, layers], n, args.seeds)
         print(f"({time.time() - t0:.0f} s)")
     return 0
 
