@@ -59,7 +59,7 @@ from steer_core.calibration import MAX_LEAN, Calibration, fit_calibration, ordin
 from steer_core.data import OpinionItem, make_item, reverse_options  # noqa: E402
 from steer_core.evaluation import BOTH, ORDERS, evaluate_readings, expected_ordinal, read_orders  # noqa: E402
 from steer_core.models import LanguageModel  # noqa: E402
-from steer_core.prompts import by_length, encode_items  # noqa: E402
+from steer_core.prompts import by_length, encode_items, last_logits_only  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "opinionsqa"
 DEFAULT_PAIRS = ["POLIDEOLOGY:Liberal:Conservative", "RACE:Black:White", "AGE:18-29:65+"]
@@ -79,8 +79,8 @@ def persona_items(items: list[OpinionItem], attribute: str, group: str) -> list[
 
 def expected(items: list[OpinionItem], dists: list[np.ndarray] | None = None) -> np.ndarray:
     """Expected ordinal answer per question under `dists` (the items' targets when None)."""
-    return np.array([expected_ordinal(it.target if dists is None else p, it.ordinal)
-                     for it, p in zip(items, dists if dists is not None else items, strict=True)])
+    answers = dists if dists is not None else [it.target for it in items]
+    return np.array([expected_ordinal(p, it.ordinal) for it, p in zip(items, answers, strict=True)])
 
 
 def scaled_answer(items: list[OpinionItem]) -> np.ndarray:
@@ -97,15 +97,15 @@ def correlation(x: np.ndarray, y: np.ndarray) -> float:
 def question_states(lm: LanguageModel, items: list[OpinionItem], batch_size: int = 16) -> dict[str, np.ndarray]:
     """(questions, blocks, hidden) states after each block: at the last prompt position and averaged over the
     prompt's tokens, each the mean of the two option orders."""
-    out = {"last": np.zeros((len(items), lm.num_layers, lm.hidden_size)), "mean": None}
-    out["mean"] = np.zeros_like(out["last"])
+    out = {kind: np.zeros((len(items), lm.num_layers, lm.hidden_size)) for kind in ("last", "mean")}
     for order in ORDERS:
         asked = items if order == ORDERS[0] else [reverse_options(it) for it in items]
         index = by_length(lm, asked)
         for start in range(0, len(index), batch_size):
             rows = index[start:start + batch_size]
             batch = encode_items(lm, [asked[i] for i in rows])
-            hidden = lm.model(**batch, output_hidden_states=True, use_cache=False).hidden_states[1:]
+            hidden = lm.model(**batch, output_hidden_states=True, use_cache=False,
+                              **last_logits_only(lm)).hidden_states[1:]
             states = torch.stack(hidden, dim=1).float()  # (B, blocks, T, H)
             mask = batch["attention_mask"].float()[:, None, :, None]
             out["last"][rows] += states[:, :, -1].cpu().numpy() / len(ORDERS)
