@@ -29,7 +29,8 @@ question-conditional lean, built for each group on its build questions: the temp
 target's cross-entropy, both orders), and a ridge probe from the question's states (mean over the prompt,
 layer chosen by leave-one-out error) to that lean, which sets each judge question's lean. Judged with
 `steer_core.evaluation` like every profile (both orders; `calibrated` is each group's own fit on the build
-questions): gain over calibrated, specificity, steerability contrast r by order.
+questions): gains over calibrated (both orders and each order), unsteered and uniform, specificity, and
+steerability contrast r by order.
 
 `--encoder DIR` adds the same probe on a sentence encoder's mean-pooled embedding of the question and its
 options (any transformers encoder directory, e.g. all-MiniLM-L6-v2): is the limit the 135M model's reading
@@ -209,7 +210,9 @@ def print_conditional_lean(groups: dict[str, list[OpinionItem]], unsteered: dict
                            features: np.ndarray, size: int, seeds: list[int]) -> None:
     """Each group's conditional lean built on `size` random questions per seed, judged on the others."""
     names = list(groups)
-    gains: dict[str, dict[str, list[tuple[float, float]]]] = {g: {"calibrated": [], "uniform": []} for g in names}
+    # (option order, baseline) -> per group, one (gain, SE) per seed
+    columns = [(BOTH, "calibrated"), (BOTH, "unsteered"), (BOTH, "uniform"), *((o, "calibrated") for o in ORDERS)]
+    gains: dict[str, dict[tuple[str, str], list[tuple[float, float]]]] = {g: {c: [] for c in columns} for g in names}
     spec: dict[str, list[tuple[float, float]]] = {g: [] for g in names}
     r: dict[str, list[float]] = {order: [] for order in ORDERS}
     for seed in seeds:
@@ -221,10 +224,9 @@ def print_conditional_lean(groups: dict[str, list[OpinionItem]], unsteered: dict
                                    {f"lean@{g}": made[g][1] for g in names}, own={f"lean@{g}": g for g in names},
                                    calibrations={g: made[g][0] for g in names})
         for g in names:
-            cell = report["cells"][BOTH][f"lean@{g}"][g]
-            for baseline in gains[g]:
-                gain = cell[f"gain_vs_{baseline}"]
-                gains[g][baseline].append((gain["mean"], gain["standard_error"]))
+            for order, baseline in columns:
+                gain = report["cells"][order][f"lean@{g}"][g][f"gain_vs_{baseline}"]
+                gains[g][(order, baseline)].append((gain["mean"], gain["standard_error"]))
             own = report["specificity"][BOTH][f"lean@{g}"]
             spec[g].append((own["mean"], own["standard_error"]))
         for o in ORDERS:
@@ -233,10 +235,12 @@ def print_conditional_lean(groups: dict[str, list[OpinionItem]], unsteered: dict
     print(f"  build {size}, judge {len(groups[names[0]]) - size}: contrast r {contrast:+.3f} "
           f"({np.mean(r[ORDERS[0]]):+.3f} / {np.mean(r[ORDERS[1]]):+.3f} by order)")
     for g in names:
-        over_calibrated, over_uniform, specific = pooled(gains[g]["calibrated"]), pooled(gains[g]["uniform"]), \
-            pooled(spec[g])
-        print(f"    {g:14s} gain vs calibrated {over_calibrated[0]:+.4f} ± {over_calibrated[1]:.4f}, vs uniform "
-              f"{over_uniform[0]:+.4f} ± {over_uniform[1]:.4f}, specificity {specific[0]:+.4f} ± {specific[1]:.4f}  "
+        estimates = {column: pooled(values) for column, values in gains[g].items()}
+        text = ", ".join(f"vs {baseline}{'' if order == BOTH else f' ({order} order)'} {m:+.4f} ± {se:.4f}"
+                         for (order, baseline), (m, se) in estimates.items())
+        specific = pooled(spec[g])
+        over_calibrated = estimates[(BOTH, "calibrated")]
+        print(f"    {g:14s} gain {text}; specificity {specific[0]:+.4f} ± {specific[1]:.4f}  "
               + bar(over_calibrated[0] > over_calibrated[1], "above calibrated by one SE"))
     print("    " + bar(contrast >= MIN_CONTRAST_R, f"contrast r >= {MIN_CONTRAST_R}"))
 
