@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/group_signal.py [--data DIR] [--pairs POLIDEOLOGY:Liberal:Conservative ...]
         [--train 20 50 100 300] [--splits 30] [--lean-train 20 300] [--seeds 0 1 2] [--encoder DIR]
-        [--threads N]
+        [--skip-personas] [--threads N]
 
 Issue 13 asks for profiles whose answers differ the way the groups differ (steerability contrast r >= 0.3
 over unseen questions). A profile can get that from two places, and this bench measures both on the
@@ -23,14 +23,15 @@ questions both groups of each OpinionsQA attribute pair answered:
   standard deviation over `--splits` random splits. The groups' mean answer (what every group shares, on
   each question's scale mapped to [-1, 1]) is probed beside it for scale.
 
-What a profile that reads the question could carry (`--lean-train 20 300`, `--seeds 0 1 2`): a
-question-conditional lean, built for each group on its build questions: the temperature and lean of
-`steer_core.calibration` fitted on them, each build question's own best lean at that temperature (the
-target's cross-entropy, both orders), and a ridge probe from the question's states (mean over the prompt,
-layer chosen by leave-one-out error) to that lean, which sets each judge question's lean. Judged with
-`steer_core.evaluation` like every profile (both orders; `calibrated` is each group's own fit on the build
-questions): gains over calibrated (both orders and each order), unsteered and uniform, specificity, and
-steerability contrast r by order.
+What a profile that reads the question carries (`--lean-train 20 300`, `--seeds 0 1 2`): the question lean
+of `steer_core.question_lean` as `build_profile` makes it when no steering beats calibration (the typical
+build), for each group on its build questions (survey order): the calibration chosen out of fold, each
+build question's own best lean at its temperature, a ridge probe from the prompt's mean hidden state (one
+of `build.lean_blocks`) to that lean, shipped only where it beats the calibration out of fold ("as built";
+"always" fits it regardless, to tell the lean from the choice). Each judge question is read as a served
+profile reads it, in each option order from its own prompt. Judged with `steer_core.evaluation` like every
+profile (`calibrated` is each group's own plain calibration): gains over calibrated (both orders and each
+order), unsteered and uniform, specificity, steerability contrast r by order, and how often it shipped.
 
 `--encoder DIR` adds the same probe on a sentence encoder's mean-pooled embedding of the question and its
 options (any transformers encoder directory, e.g. all-MiniLM-L6-v2): is the limit the 135M model's reading
@@ -47,7 +48,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy.optimize import minimize_scalar
 from sklearn.linear_model import RidgeCV
 
 REPO = Path(__file__).resolve().parent.parent
@@ -56,11 +56,21 @@ sys.path.insert(0, str(REPO))
 from quality_opinionsqa import bar, group_items, pooled  # noqa: E402
 
 from steer_core import load_model  # noqa: E402
-from steer_core.calibration import MAX_LEAN, Calibration, fit_calibration, ordinal_z  # noqa: E402
+from steer_core.build import choose_question_lean, lean_blocks, select_setting  # noqa: E402
+from steer_core.calibration import Calibration, ordinal_z  # noqa: E402
 from steer_core.data import OpinionItem, make_item, reverse_options  # noqa: E402
-from steer_core.evaluation import BOTH, ORDERS, evaluate_readings, expected_ordinal, read_orders  # noqa: E402
+from steer_core.evaluation import (  # noqa: E402
+    BOTH,
+    ORDERS,
+    ORIGINAL,
+    evaluate_readings,
+    expected_ordinal,
+    read_orders,
+)
+from steer_core.folds import fold_indices  # noqa: E402
 from steer_core.models import LanguageModel  # noqa: E402
-from steer_core.prompts import by_length, encode_items, last_logits_only  # noqa: E402
+from steer_core.prompts import AnswerRead, by_length, encode_items, last_logits_only, read_answers  # noqa: E402
+from steer_core.question_lean import QuestionLean, fit_for_sample  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "opinionsqa"
 DEFAULT_PAIRS = ["POLIDEOLOGY:Liberal:Conservative", "RACE:Black:White", "AGE:18-29:65+"]
@@ -161,29 +171,44 @@ def probe_r(features: np.ndarray, y: np.ndarray, train: int, splits: int, seed: 
     return {"chosen": np.array(chosen), "ceiling": np.array(ceiling)}
 
 
-def best_lean(item: OpinionItem, readings: list[np.ndarray], temperature: float) -> float:
-    """The ordinal lean that minimizes the target's cross-entropy under `readings` (one per option order)
-    calibrated at `temperature`."""
-    def loss(lean: float) -> float:
-        calibration = Calibration(temperature, lean)
-        return -sum(float(np.dot(item.target, np.log(np.maximum(calibration.apply(p, item.ordinal), 1e-12))))
-                    for p in readings)
-    return float(minimize_scalar(loss, bounds=(-MAX_LEAN, MAX_LEAN), method="bounded").x)
+def read_both(lm: LanguageModel, items: list[OpinionItem], layers: list[int]) -> dict[str, AnswerRead]:
+    """Each option order's read of `items` (distributions mapped back to survey order) with the prompts' states
+    after `layers`, as a served profile reads them: each order from its own prompt."""
+    out = {}
+    for order in ORDERS:
+        asked = items if order == ORIGINAL else [reverse_options(it) for it in items]
+        read = read_answers(lm, asked, state_layers=layers)
+        if order != ORIGINAL:
+            read.distributions = [p[::-1].copy() for p in read.distributions]
+        out[order] = read
+    return out
 
 
-def conditional_lean(items: list[OpinionItem], unsteered: dict[str, list[np.ndarray]], features: np.ndarray,
-                     build: np.ndarray, judge: np.ndarray) -> tuple[Calibration, dict[str, list[np.ndarray]]]:
-    """A group's question-conditional lean built on `build` (see the module docstring): its calibration on
-    the build questions, and its readings of the `judge` questions in each order."""
-    calibration = fit_calibration([items[i] for i in build for _ in ORDERS],
-                                  [unsteered[order][i] for i in build for order in ORDERS])
-    leans = np.zeros(len(items))
-    leans[build] = [best_lean(items[i], [unsteered[order][i] for order in ORDERS], calibration.temperature)
-                    for i in build]
-    predict = fit_probe(features, leans, build)
-    judged = [Calibration(calibration.temperature, float(lean)) for lean in predict(judge)]
-    return calibration, {order: [c.apply(unsteered[order][i], items[i].ordinal)
-                                 for c, i in zip(judged, judge, strict=True)] for order in ORDERS}
+def built_lean(items: list[OpinionItem], reads: dict[str, AnswerRead], build: np.ndarray,
+               seed: int) -> tuple[Calibration, QuestionLean | None, QuestionLean]:
+    """What `build_profile` ships for a group when no steering beats calibration, built on the `build`
+    questions in survey order: the calibration, and the question lean when it beats it out of fold (else
+    None); and the question lean fitted regardless (to tell the lean from the choice)."""
+    sample = [items[i] for i in build]
+    readings = [reads[ORIGINAL].distributions[i] for i in build]
+    states = {layer: x[build] for layer, x in reads[ORIGINAL].states.items()}
+    folds = fold_indices(len(sample), seed=seed)
+    chosen = select_setting(sample, readings, {}, folds)
+    lean, _, _ = choose_question_lean(sample, readings, states, chosen, folds)
+    return chosen.calibration, lean, fit_for_sample(sample, readings, states, chosen.calibration.temperature)
+
+
+def leaned(items: list[OpinionItem], reads: dict[str, AnswerRead], judge: np.ndarray, calibration: Calibration,
+           lean: QuestionLean | None) -> dict[str, list[np.ndarray]]:
+    """The `judge` questions' distributions in each order under `calibration`, its lean read off each
+    question's prompt when `lean` is given."""
+    out = {}
+    for order, read in reads.items():
+        calibrations = ([calibration] * len(judge) if lean is None else
+                        lean.calibrations(calibration.temperature, read.states[lean.layer][judge]))
+        out[order] = [c.apply(read.distributions[i], items[i].ordinal)
+                      for c, i in zip(calibrations, judge, strict=True)]
+    return out
 
 
 def print_probes(features: dict[str, np.ndarray], targets: dict[str, np.ndarray], sizes: list[int],
@@ -206,43 +231,59 @@ def print_probes(features: dict[str, np.ndarray], targets: dict[str, np.ndarray]
                   f"{MIN_CONTRAST_R}"))
 
 
-def print_conditional_lean(groups: dict[str, list[OpinionItem]], unsteered: dict[str, list[np.ndarray]],
-                           features: np.ndarray, size: int, seeds: list[int]) -> None:
-    """Each group's conditional lean built on `size` random questions per seed, judged on the others."""
+def print_conditional_lean(groups: dict[str, list[OpinionItem]], reads: dict[str, AnswerRead], size: int,
+                           seeds: list[int]) -> None:
+    """Each group's question lean built on `size` random questions per seed and judged on the others: as the
+    build ships it ("as built": only where it beats the plain calibration out of fold) and fitted regardless."""
     names = list(groups)
-    # (option order, baseline) -> per group, one (gain, SE) per seed
+    variants = ("as built", "always")
+    # (option order, baseline) -> per variant and group, one (gain, SE) per seed
     columns = [(BOTH, "calibrated"), (BOTH, "unsteered"), (BOTH, "uniform"), *((o, "calibrated") for o in ORDERS)]
-    gains: dict[str, dict[tuple[str, str], list[tuple[float, float]]]] = {g: {c: [] for c in columns} for g in names}
-    spec: dict[str, list[tuple[float, float]]] = {g: [] for g in names}
-    r: dict[str, list[float]] = {order: [] for order in ORDERS}
+    gains = {(v, g): {c: [] for c in columns} for v in variants for g in names}
+    spec: dict[tuple[str, str], list[tuple[float, float]]] = {(v, g): [] for v in variants for g in names}
+    r: dict[str, dict[str, list[float]]] = {v: {order: [] for order in ORDERS} for v in variants}
+    shipped = {g: 0 for g in names}
     for seed in seeds:
         shuffled = np.random.default_rng(seed).permutation(len(groups[names[0]]))
         build, judge = shuffled[:size], shuffled[size:]
-        made = {g: conditional_lean(groups[g], unsteered, features, build, judge) for g in names}
+        made = {g: built_lean(groups[g], reads, build, seed) for g in names}
+        profiles = {}
+        for g, (calibration, lean, forced) in made.items():
+            shipped[g] += lean is not None
+            profiles[f"as built@{g}"] = leaned(groups[g], reads, judge, calibration, lean)
+            profiles[f"always@{g}"] = leaned(groups[g], reads, judge, calibration, forced)
         report = evaluate_readings({g: [groups[g][i] for i in judge] for g in names},
-                                   {o: [unsteered[o][i] for i in judge] for o in ORDERS},
-                                   {f"lean@{g}": made[g][1] for g in names}, own={f"lean@{g}": g for g in names},
+                                   {o: [reads[o].distributions[i] for i in judge] for o in ORDERS}, profiles,
+                                   own={f"{v}@{g}": g for v in variants for g in names},
                                    calibrations={g: made[g][0] for g in names})
+        for v in variants:
+            for g in names:
+                for order, baseline in columns:
+                    gain = report["cells"][order][f"{v}@{g}"][g][f"gain_vs_{baseline}"]
+                    gains[(v, g)][(order, baseline)].append((gain["mean"], gain["standard_error"]))
+                own = report["specificity"][BOTH][f"{v}@{g}"]
+                spec[(v, g)].append((own["mean"], own["standard_error"]))
+            pair = [f"{v}@{g}" for g in names]
+            contrast = next(c for c in report["steerability_contrast"] if c["profiles"] == pair)
+            for o in ORDERS:
+                r[v][o].append(contrast["r"][o])
+    print(f"  build {size}, judge {len(groups[names[0]]) - size}; the build shipped the lean for "
+          + ", ".join(f"{g} {shipped[g]}/{len(seeds)}" for g in names))
+    for v in variants:
+        # r is undefined (nan) where the two groups' profiles read every question alike; left out of the mean.
+        undefined = int(np.isnan(r[v][ORDERS[0]]).sum())
+        contrast_r = float(np.nanmean([np.nanmean(r[v][o]) for o in ORDERS]))
+        print(f"   {v}: contrast r {contrast_r:+.3f} ({np.nanmean(r[v][ORDERS[0]]):+.3f} / "
+              f"{np.nanmean(r[v][ORDERS[1]]):+.3f} by order{f'; undefined in {undefined} seeds' if undefined else ''})"
+              "  " + bar(contrast_r >= MIN_CONTRAST_R, f"contrast r >= {MIN_CONTRAST_R}"))
         for g in names:
-            for order, baseline in columns:
-                gain = report["cells"][order][f"lean@{g}"][g][f"gain_vs_{baseline}"]
-                gains[g][(order, baseline)].append((gain["mean"], gain["standard_error"]))
-            own = report["specificity"][BOTH][f"lean@{g}"]
-            spec[g].append((own["mean"], own["standard_error"]))
-        for o in ORDERS:
-            r[o].append(report["steerability_contrast"][0]["r"][o])
-    contrast = float(np.mean([np.mean(r[o]) for o in ORDERS]))
-    print(f"  build {size}, judge {len(groups[names[0]]) - size}: contrast r {contrast:+.3f} "
-          f"({np.mean(r[ORDERS[0]]):+.3f} / {np.mean(r[ORDERS[1]]):+.3f} by order)")
-    for g in names:
-        estimates = {column: pooled(values) for column, values in gains[g].items()}
-        text = ", ".join(f"vs {baseline}{'' if order == BOTH else f' ({order} order)'} {m:+.4f} ± {se:.4f}"
-                         for (order, baseline), (m, se) in estimates.items())
-        specific = pooled(spec[g])
-        over_calibrated = estimates[(BOTH, "calibrated")]
-        print(f"    {g:14s} gain {text}; specificity {specific[0]:+.4f} ± {specific[1]:.4f}  "
-              + bar(over_calibrated[0] > over_calibrated[1], "above calibrated by one SE"))
-    print("    " + bar(contrast >= MIN_CONTRAST_R, f"contrast r >= {MIN_CONTRAST_R}"))
+            estimates = {column: pooled(values) for column, values in gains[(v, g)].items()}
+            text = ", ".join(f"vs {baseline}{'' if order == BOTH else f' ({order} order)'} {m:+.4f} ± {se:.4f}"
+                             for (order, baseline), (m, se) in estimates.items())
+            specific = pooled(spec[(v, g)])
+            over_calibrated = estimates[(BOTH, "calibrated")]
+            print(f"    {g:14s} gain {text}; specificity {specific[0]:+.4f} ± {specific[1]:.4f}  "
+                  + bar(over_calibrated[0] > over_calibrated[1], "above calibrated by one SE"))
 
 
 def main() -> int:
@@ -257,6 +298,7 @@ def main() -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="splits for the conditional lean")
     parser.add_argument("--layer-step", type=int, default=3, help="probe every k-th block (and the last)")
     parser.add_argument("--encoder", type=Path, help="a transformers sentence-encoder directory to probe beside")
+    parser.add_argument("--skip-personas", action="store_true", help="leave out the persona prompts")
     parser.add_argument("--threads", type=int)
     args = parser.parse_args()
     if not args.data.is_dir():
@@ -276,17 +318,17 @@ def main() -> int:
         print(f"\n== {attribute}: {g1} vs {g2}, {len(a)} questions (sd of the groups' difference in expected "
               f"answer {difference.std():.3f})")
 
-        # What the model already knows: persona prompts, no learning.
-        reads = {g: read_orders(lm, persona_items(a, attribute, g)) for g in (g1, g2)}
-        answered = {g: {order: expected(a, reads[g][order]) for order in ORDERS} for g in (g1, g2)}
-        for g in (g1, g2):
-            answered[g][BOTH] = np.mean([answered[g][order] for order in ORDERS], axis=0)
-        for order in (*ORDERS, BOTH):
-            r = correlation(answered[g1][order] - answered[g2][order], difference)
-            print(f"persona prompts ({PERSONAS.get(g1, g1)} / {PERSONAS.get(g2, g2)}), {order}: r = {r:+.3f}")
+        if not args.skip_personas:  # what the model already knows: persona prompts, no learning
+            reads = {g: read_orders(lm, persona_items(a, attribute, g)) for g in (g1, g2)}
+            answered = {g: {order: expected(a, reads[g][order]) for order in ORDERS} for g in (g1, g2)}
+            for g in (g1, g2):
+                answered[g][BOTH] = np.mean([answered[g][order] for order in ORDERS], axis=0)
+            for order in (*ORDERS, BOTH):
+                r = correlation(answered[g1][order] - answered[g2][order], difference)
+                print(f"persona prompts ({PERSONAS.get(g1, g1)} / {PERSONAS.get(g2, g2)}), {order}: r = {r:+.3f}")
 
-        states = question_states(lm, a)
         if args.train:
+            states = question_states(lm, a)
             features = {"model, last position": states["last"][:, layers],
                         "model, mean over prompt": states["mean"][:, layers],
                         # several layers at once: one probe on the probed blocks' states side by side
@@ -296,10 +338,10 @@ def main() -> int:
             print(f"probes (held-out r, mean ± sd over {args.splits} splits; model blocks {layers}):")
             print_probes(features, {"difference": difference, "mean, scaled": shared}, args.train, args.splits)
         if args.lean_train:
-            print(f"question-conditional lean (both orders; mean over seeds {args.seeds}):")
-            unsteered = read_orders(lm, a)
+            print(f"question lean (judged in both orders; mean over seeds {args.seeds}):")
+            reads = read_both(lm, a, lean_blocks(lm))
             for n in args.lean_train:
-                print_conditional_lean(groups, unsteered, states["mean"][:, layers], n, args.seeds)
+                print_conditional_lean(groups, reads, n, args.seeds)
         print(f"({time.time() - t0:.0f} s)")
     return 0
 

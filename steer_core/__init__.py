@@ -21,17 +21,19 @@ _EXPORTS = {
     "summarize": "metrics",
     "DEFAULT_MODEL": "defaults", "LanguageModel": "models", "fetch_default_model": "models", "load_model": "models",
     "Profile": "profile",
-    "answer_distributions": "prompts", "format_prompt": "prompts",
+    "answer_distributions": "prompts", "format_prompt": "prompts", "read_answers": "prompts",
+    "QuestionLean": "question_lean",
     "ConstantShift": "steering", "Intervention": "steering", "RowSteering": "steering", "SteeringHooks": "steering",
     "apply": "steering", "compose": "steering",
 }
 
 __all__ = [
     "DEFAULT_MODEL", "METHODS", "Calibration", "ConstantShift", "Intervention", "LanguageModel", "Method",
-    "ModelLoadError", "OpinionItem", "Profile", "ProfileError", "RowSteering", "SteerError", "SteeringHooks",
+    "ModelLoadError", "OpinionItem", "Profile", "ProfileError", "QuestionLean", "RowSteering", "SteerError",
+    "SteeringHooks",
     "answer_distributions", "apply", "build_profile", "compose", "evaluate", "fetch_default_model", "format_prompt",
     "get_method", "intervention", "item_from_json", "items_from_json", "load_items", "load_model", "make_item",
-    "sample_hash", "split_sample", "summarize",
+    "read_answers", "sample_hash", "split_sample", "summarize",
 ]
 
 
@@ -59,5 +61,6 @@ if TYPE_CHECKING:
     from steer_core.metrics import summarize
     from steer_core.models import LanguageModel, fetch_default_model, load_model
     from steer_core.profile import Profile
-    from steer_core.prompts import answer_distributions, format_prompt
+    from steer_core.prompts import answer_distributions, format_prompt, read_answers
+    from steer_core.question_lean import QuestionLean
     from steer_core.steering import ConstantShift, Intervention, RowSteering, SteeringHooks, apply, compose

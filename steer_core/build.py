@@ -16,6 +16,11 @@ reader can tell a clear gain from a lucky one; `per_item` keeps each item's out-
 unsteered, calibrated and as shipped (the first PER_ITEM_LIMIT items), for a reader who wants to see which
 items moved.
 
+After the selection a build may replace the calibration's one lean by a question lean
+(`steer_core.question_lean`: each question's lean read off its prompt's hidden state by a ridge probe),
+built and judged out of fold on the readings of what ships, against the plain calibration by the same
+measure as the selection; it ships only when it wins, and reads blocks below the shipped steering's.
+
 With a contrast (every item carries the answers of the groups to be told apart from), the selection
 judges each candidate by its specificity instead: its gain over the calibrated floor in alignment with the
 group minus its gain in alignment with the contrast, among candidates that do not lower the group's own
@@ -64,7 +69,8 @@ from steer_core.methods import check_positions, fit_settings, get_method
 from steer_core.metrics import item_metrics, mean_metrics
 from steer_core.models import LanguageModel
 from steer_core.profile import Profile
-from steer_core.prompts import answer_distributions, answer_distributions_under, reuse_block_inputs
+from steer_core.prompts import answer_distributions, answer_distributions_under, read_answers, reuse_block_inputs
+from steer_core.question_lean import MIN_LEAN_ITEMS, QuestionLean, fit_for_sample, lean_out_of_fold
 
 # progress(done, total, stage)
 Progress = Callable[[int, int, str], None]
@@ -78,6 +84,7 @@ DEFAULT_ORDERS = 1
 # document), each question cut to QUESTION_CHARS characters.
 PER_ITEM_LIMIT = 500
 QUESTION_CHARS = 120
+LEAN_BLOCKS = 8  # blocks a question lean may read (spread over the depth: the probe picks one)
 
 
 def check_orders(orders: Any) -> int:
@@ -119,6 +126,12 @@ def per_item_record(items: Sequence[OpinionItem], unsteered: np.ndarray, calibra
 def _gain(after: np.ndarray, before: np.ndarray) -> dict[str, float]:
     d = paired_difference(after, before)
     return {SELECTION_METRIC: d.mean, "standard_error": d.standard_error}
+
+
+def contrast_items(items: Sequence[OpinionItem]) -> list[OpinionItem] | None:
+    """The items with their contrast as the target, when every item has one (else None)."""
+    contrasted = [replace(it, target=it.contrast) for it in items if it.contrast is not None]
+    return contrasted if len(contrasted) == len(items) else None
 
 
 Setting = TypeVar("Setting", bound=Hashable)  # what identifies a candidate, e.g. (layer, strength index)
@@ -165,9 +178,7 @@ def select_setting(items: Sequence[OpinionItem], unsteered: Sequence[np.ndarray]
                  "uniform": item_metrics(items, uniform_distributions(items)),
                  "calibrated": item_metrics(items, calibrated)}
     floor = baselines["calibrated"][SELECTION_METRIC]
-    # The items with their contrast as the target, when every item has one.
-    contrasted = [replace(it, target=it.contrast) for it in items if it.contrast is not None]
-    others = contrasted if len(contrasted) == len(items) else None
+    others = contrast_items(items)
     others_floor = sample_alignment(others, calibrated) if others is not None else None
     search: dict[Setting, float] = {}
     best: tuple[float, Setting, list[np.ndarray]] | None = None
@@ -191,6 +202,44 @@ def select_setting(items: Sequence[OpinionItem], unsteered: Sequence[np.ndarray]
         calibration = fit_calibration(items, candidates[best[1]], lean)
     return Selection(best[1], improved, calibration, lean, search, baselines, item_metrics(items, best[2]),
                      others is not None)
+
+
+def lean_blocks(lm: LanguageModel) -> list[int]:
+    """The blocks whose states a question lean may read: LEAN_BLOCKS spread evenly over the model's depth."""
+    return sorted({round(k * (lm.num_layers - 1) / (LEAN_BLOCKS - 1)) for k in range(LEAN_BLOCKS)})
+
+
+def choose_question_lean(items: Sequence[OpinionItem], readings: Sequence[np.ndarray],
+                         states: Mapping[int, np.ndarray], chosen: Selection[Any],
+                         folds: Sequence[Sequence[int]]) -> tuple[QuestionLean | None, dict[str, Any],
+                                                                   dict[str, np.ndarray]]:
+    """Whether a question lean (`steer_core.question_lean`) beats the plain calibration of what ships, both
+    built out of fold on `readings` (what ships, read out of fold) and judged as the selection judges (by
+    specificity when the items carry a contrast). Returns the lean to ship (None: the plain calibration
+    stays), its record for the metrics, and the per-item metrics of what ships."""
+    if not states:
+        return None, {"shipped": False, "note": "no block below the shipped steering to read"}, chosen.shipped_items
+    if len(items) - max(len(fold) for fold in folds) < MIN_LEAN_ITEMS:
+        return None, {"shipped": False, "note": f"a fold's complement holds fewer than {MIN_LEAN_ITEMS} items"}, \
+            chosen.shipped_items
+    plain = calibrate_out_of_fold(items, readings, folds, chosen.lean)
+    leaned = lean_out_of_fold(items, readings, states, folds, chosen.lean)
+    own = sample_alignment(items, leaned)
+    gain = _gain(own, sample_alignment(items, plain))
+    others = contrast_items(items)
+    if others is None:
+        margin = gain[SELECTION_METRIC]
+    else:
+        contrast_gain = float((sample_alignment(others, leaned) - sample_alignment(others, plain)).mean())
+        margin = gain[SELECTION_METRIC] - contrast_gain if gain[SELECTION_METRIC] >= 0 else -math.inf
+    record: dict[str, Any] = {"shipped": bool(margin > MIN_GAIN), "blocks": sorted(states),
+                              "gain_vs_calibration": gain,
+                              "metric": "specificity" if others is not None else SELECTION_METRIC,
+                              "margin": margin if math.isfinite(margin) else None}
+    if not record["shipped"]:
+        return None, {**record, "layer": None}, chosen.shipped_items
+    lean = fit_for_sample(items, readings, states, chosen.calibration.temperature)
+    return lean, {**record, "layer": lean.layer}, item_metrics(items, leaned)
 
 
 @reuse_answer_activations()  # the folds refit on subsets of the items the full fit has read
@@ -246,7 +295,9 @@ def build_profile(lm: LanguageModel, items: Sequence[OpinionItem], method: str,
     grids = {(v, L): ([float(strength)] if strength is not None else spec.strengths(full[v][L], lm))
              for v in range(len(settings)) for L in layers}
     report(1, total, "score unsteered")
-    unsteered = answer_distributions(lm, items)
+    # The unsteered read also keeps the prompts' states a question lean may read.
+    unsteered_read = read_answers(lm, items, state_layers=lean_blocks(lm))
+    unsteered = unsteered_read.distributions
     done = 2
     # Out-of-fold answer distributions of every candidate (setting, layer, index into its strength grid).
     oof: dict[tuple[int, int, int], list[Any]] = {(v, L, j): [None] * len(items) for (v, L), grid in grids.items()
@@ -286,6 +337,11 @@ def build_profile(lm: LanguageModel, items: Sequence[OpinionItem], method: str,
     profile = full[best_setting][best_layer]
     profile.strength = grids[(best_setting, best_layer)][best_index] if improved else 0.0
     profile.calibration = chosen.calibration
+    # A question lean reads states that the shipped steering does not move: blocks below its own.
+    lean_states = {L: x for L, x in unsteered_read.states.items() if not improved or L < best_layer}
+    shipped_readings = oof[chosen.best] if improved else unsteered
+    profile.question_lean, lean_record, shipped_items = choose_question_lean(items, shipped_readings, lean_states,
+                                                                             chosen, folds)
     profile.sample_hash = sample_hash(items)
     best_alignment = chosen.best_items[SELECTION_METRIC]
     calibrated_alignment = chosen.baselines["calibrated"][SELECTION_METRIC]
@@ -296,11 +352,12 @@ def build_profile(lm: LanguageModel, items: Sequence[OpinionItem], method: str,
                       "group minus gain in alignment with its contrast; own gain >= 0)" if chosen.by_specificity
                       else "out-of-fold alignment over the calibrated unsteered model"),
         **baselines,
-        "steered": mean_metrics(chosen.shipped_items),
+        "steered": mean_metrics(shipped_items),
         "best_candidate": best_after,
         "gain": _gain(best_alignment, unsteered_alignment),
         "gain_vs_calibrated": _gain(best_alignment, calibrated_alignment),
         "calibration": {**chosen.calibration.to_json(), "lean_fitted": chosen.lean},
+        "question_lean": lean_record,
         "improved": improved,
         "choice": {"layer": best_layer, "strength": profile.strength, **{k: settings[best_setting][k] for k in varied},
                    "metric": score_name},
@@ -311,7 +368,7 @@ def build_profile(lm: LanguageModel, items: Sequence[OpinionItem], method: str,
             "no setting beat the calibrated unsteered model on held-out items")
             + "; strength set to 0 (the profile applies its calibration only)",
         "per_item": per_item_record(items, unsteered_alignment, calibrated_alignment,
-                                    chosen.shipped_items[SELECTION_METRIC]),
+                                    shipped_items[SELECTION_METRIC]),
     }
     report(total, total, "done")
     return profile

@@ -213,3 +213,11 @@ def blend_calibration(parts: Sequence[tuple[Calibration, float]]) -> Calibration
     inv_t = sum(abs(w) / c.temperature for c, w in parts) / total
     lean = sum(abs(w) * c.lean for c, w in parts) / total
     return Calibration(temperature=1.0 / inv_t, lean=lean)
+
+
+def blend_per_question(parts: Sequence[tuple[Calibration, float]],
+                       leans: Sequence[Sequence[float | None]]) -> list[Calibration]:
+    """Each question's calibration of a blend whose profiles may read their lean off the question (a question
+    lean, `steer_core.question_lean`): `leans[q][k]` replaces part k's lean for question q (None: its own)."""
+    return [blend_calibration([(c if lean is None else Calibration(c.temperature, lean), w)
+                               for (c, w), lean in zip(parts, row, strict=True)]) for row in leans]

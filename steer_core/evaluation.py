@@ -206,20 +206,22 @@ def read_orders(lm: LanguageModel, items: Sequence[OpinionItem], profile: Profil
     """Answer distributions of `items` in each order, mapped back to survey option order, under `profile`
     (None: unsteered) with the profile's own calibration applied."""
     from steer_core.methods import intervention
-    from steer_core.prompts import answer_distributions
+    from steer_core.prompts import read_answers
 
     unknown = set(orders) - set(ORDERS)
     if unknown:
         raise ValueError(f"unknown order {sorted(unknown)[0]!r}; choose from {ORDERS}")
     asked = [it if order == ORIGINAL else reverse_options(it) for order in orders for it in items]
     steering = [intervention(profile, lm)] if profile is not None and profile.strength != 0 else None
-    dists = answer_distributions(lm, asked, steering)  # one call: batches fill up across orders
-    calibration = profile.calibration if profile is not None else IDENTITY
+    lean = profile.question_lean if profile is not None else None
+    # One call: batches fill up across orders. A question lean reads each order's own prompt.
+    read = read_answers(lm, asked, steering, [lean.layer] if lean is not None else [])
+    calibrations = profile.calibrations(asked, read.states) if profile is not None else [IDENTITY] * len(asked)
     out: dict[str, list[np.ndarray]] = {}
     for k, order in enumerate(orders):
-        chunk = dists[k * len(items):(k + 1) * len(items)]
-        chunk = [p if order == ORIGINAL else p[::-1].copy() for p in chunk]
-        out[order] = calibration.apply_all(items, chunk)
+        part = slice(k * len(items), (k + 1) * len(items))
+        chunk = [p if order == ORIGINAL else p[::-1].copy() for p in read.distributions[part]]
+        out[order] = [c.apply(p, it.ordinal) for c, p, it in zip(calibrations[part], chunk, items, strict=True)]
     return out
 
 
@@ -235,7 +237,8 @@ def evaluate(lm: LanguageModel, groups: Mapping[str, Sequence[OpinionItem]], pro
     report = evaluate_readings(groups, unsteered, readings, own, calibrations, seed)
     for name, p in profiles.items():
         report["profiles"][name].update({"method": p.method, "layer": p.layer, "strength": p.strength,
-                                         "calibration": p.calibration.to_json()})
+                                         "calibration": p.calibration.to_json(),
+                                         "question_lean": p.question_lean.to_json() if p.question_lean else None})
     return report
 
 

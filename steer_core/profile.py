@@ -9,11 +9,13 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
@@ -21,8 +23,11 @@ from safetensors.torch import save as st_save
 from torch import Tensor
 
 from steer_core.calibration import IDENTITY, Calibration
-from steer_core.errors import ProfileError
+from steer_core.data import OpinionItem
+from steer_core.errors import ProfileError, SteerError
 from steer_core.models import LanguageModel
+from steer_core.question_lean import TENSOR_NAMES as LEAN_TENSORS
+from steer_core.question_lean import QuestionLean
 
 FORMAT_VERSION = 1
 _META_KEY = "pluristeer"
@@ -36,7 +41,9 @@ class Profile:
     0 means the build found no setting that beat the unsteered model. `params` holds the method's other
     hyperparameters, `metrics` the held-out scores and the hyperparameter search. `calibration` maps the
     steered answer distribution (temperature and ordinal lean, fitted out of fold by the build); readers of
-    answer distributions (`/v1/score`, `pluristeer eval`, the offline comparison) apply it.
+    answer distributions (`/v1/score`, `pluristeer eval`, the offline comparison) apply it. `question_lean`,
+    when the build shipped one, replaces the calibration's lean by one read off each question's prompt
+    (`steer_core.question_lean`); its tensors travel beside `tensors` in the same file.
     """
 
     method: str
@@ -50,6 +57,7 @@ class Profile:
     sample_hash: str = ""
     metrics: dict[str, Any] = field(default_factory=dict)
     calibration: Calibration = IDENTITY
+    question_lean: QuestionLean | None = None
     created_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     format_version: int = FORMAT_VERSION
 
@@ -57,17 +65,33 @@ class Profile:
         return {"method": self.method, "model_name": self.model_name, "model_fingerprint": self.model_fingerprint,
                 "layer": self.layer, "positions": self.positions, "strength": self.strength,
                 "params": self.params, "sample_hash": self.sample_hash, "metrics": self.metrics,
-                "calibration": self.calibration.to_json(), "created_at": self.created_at,
-                "format_version": self.format_version}
+                "calibration": self.calibration.to_json(),
+                "question_lean": None if self.question_lean is None else self.question_lean.to_json(),
+                "created_at": self.created_at, "format_version": self.format_version}
+
+    def calibrations(self, items: Sequence[OpinionItem], states: Mapping[int, np.ndarray] | None) -> list[Calibration]:
+        """Each item's output calibration: the profile's own, with its lean read off the item's prompt when the
+        profile has a question lean (`states`: block -> (items, hidden), from the same read)."""
+        if self.question_lean is None:
+            return [self.calibration] * len(items)
+        if states is None or self.question_lean.layer not in states:
+            raise ProfileError(f"its question lean needs the prompts' states after block {self.question_lean.layer}",
+                               "profile")
+        return self.question_lean.calibrations(self.calibration.temperature, states[self.question_lean.layer])
+
+    def all_tensors(self) -> dict[str, Tensor]:
+        """What the file's body holds: the method's tensors and the question lean's."""
+        return {**self.tensors, **(self.question_lean.tensors() if self.question_lean is not None else {})}
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+        return sum(t.numel() * t.element_size() for t in self.all_tensors().values())
 
     def to_bytes(self) -> bytes:
-        for name, t in self.tensors.items():
+        stored = self.all_tensors()
+        for name, t in stored.items():
             if t.is_floating_point() and not torch.isfinite(t).all():
                 raise ProfileError(f"tensor {name!r} has NaN or inf values; refusing to store it", "profile")
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self.tensors.items()}
+        tensors = {k: v.detach().cpu().contiguous() for k, v in stored.items()}
         return st_save(tensors, metadata={_META_KEY: json.dumps(self.metadata(), allow_nan=False)})
 
     @classmethod
@@ -76,7 +100,12 @@ class Profile:
             tensors = st_load(data)
             meta = _read_metadata(data)
             meta["calibration"] = Calibration.from_json(meta.get("calibration", IDENTITY.to_json()))
+            lean = meta.pop("question_lean", None)
+            meta["question_lean"] = None if lean is None else QuestionLean.from_parts(lean, tensors)
+            tensors = {k: v for k, v in tensors.items() if k not in LEAN_TENSORS}
             return cls(tensors=tensors, **meta)
+        except SteerError as exc:
+            raise ProfileError(f"not a valid pluristeer profile: {exc.field}: {exc.message}", source) from None
         except (SafetensorError, ValueError, KeyError, TypeError, json.JSONDecodeError) as exc:
             raise ProfileError(f"not a valid pluristeer profile: {exc}", source) from None
 
@@ -113,6 +142,11 @@ class Profile:
                 f"built for model {self.model_name!r} (fingerprint {self.model_fingerprint}), "
                 f"not for the loaded {lm.name!r} (fingerprint {lm.fingerprint})", source)
         lm.check_layer(self.layer, field=f"{source}: layer")
+        if self.question_lean is not None:
+            lm.check_layer(self.question_lean.layer, field=f"{source}: question_lean.layer")
+            if self.question_lean.hidden_size != lm.hidden_size:
+                raise ProfileError(f"its question lean reads {self.question_lean.hidden_size} hidden units, the "
+                                   f"loaded model has {lm.hidden_size}", source)
 
 
 def _read_metadata(data: bytes) -> dict[str, Any]:

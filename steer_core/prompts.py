@@ -105,7 +105,6 @@ class AnswerDistribution:
 Steering = RowSteering | Sequence[RowSteering | None] | None
 
 
-@torch.no_grad()
 def answer_distributions(lm: LanguageModel, items: Sequence[OpinionItem], steering: Steering = None,
                          batch_size: int = 16,
                          progress: Callable[[int, int], None] | None = None) -> list[np.ndarray]:
@@ -113,25 +112,60 @@ def answer_distributions(lm: LanguageModel, items: Sequence[OpinionItem], steeri
 
     `steering` is one `RowSteering` for every item, or a list with one entry per item.
     """
+    return read_answers(lm, items, steering, (), batch_size, progress).distributions
+
+
+@dataclass
+class AnswerRead:
+    """What one read of some items gives: each item's answer distribution and, for each block asked for,
+    each prompt's hidden state after that block averaged over the prompt's tokens, (items, hidden)."""
+
+    distributions: list[np.ndarray]
+    states: dict[int, np.ndarray]
+
+
+@torch.no_grad()
+def read_answers(lm: LanguageModel, items: Sequence[OpinionItem], steering: Steering = None,
+                 state_layers: Sequence[int] = (), batch_size: int = 16,
+                 progress: Callable[[int, int], None] | None = None) -> AnswerRead:
+    """`answer_distributions`, and the prompts' mean hidden states after the blocks `state_layers`, from the
+    same forward calls. A state is read before the steering of its own block acts on that block's output
+    (its hook comes first), so a steering at block L does not move the states of blocks up to L."""
     per_item = _per_item_steering(steering, len(items))
     out: list[np.ndarray] = [np.empty(0)] * len(items)
+    states = {layer: np.zeros((len(items), lm.hidden_size)) for layer in state_layers}
     order = by_length(lm, items)
     for start in range(0, len(items), batch_size):
         indices = order[start:start + batch_size]
         chunk = [items[i] for i in indices]
         batch = encode_items(lm, chunk)
-        rows = [per_item[i] for i in indices] if per_item is not None else None
-        if rows is not None and any(rows):
-            with apply(lm, rows):
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        handles = [lm.blocks[layer].register_forward_hook(_keep_prompt_mean(states[layer], indices, mask))
+                   for layer in state_layers]
+        try:
+            rows = [per_item[i] for i in indices] if per_item is not None else None
+            if rows is not None and any(rows):
+                with apply(lm, rows):
+                    logits = lm.model(**batch, use_cache=False, **last_logits_only(lm)).logits[:, -1, :]
+            else:
                 logits = lm.model(**batch, use_cache=False, **last_logits_only(lm)).logits[:, -1, :]
-        else:
-            logits = lm.model(**batch, use_cache=False, **last_logits_only(lm)).logits[:, -1, :]
+        finally:
+            for handle in handles:
+                handle.remove()
         probs = option_log_probs(lm, logits, chunk).exp().cpu().numpy()
         for row, (i, it) in enumerate(zip(indices, chunk, strict=True)):
             out[i] = probs[row, :len(it.options)].astype(np.float64)
         if progress is not None:
             progress(min(start + batch_size, len(items)), len(items))
-    return out
+    return AnswerRead(out, states)
+
+
+def _keep_prompt_mean(out: np.ndarray, rows: list[int], mask: Tensor) -> Callable[..., None]:
+    """A block's forward hook writing each prompt's output state averaged over its tokens into `out[rows]`."""
+    def hook(module: torch.nn.Module, args: tuple, output: Any) -> None:
+        hidden = (output[0] if isinstance(output, tuple) else output).float()
+        out[rows] = ((hidden * mask).sum(1) / mask.sum(1)).cpu().numpy()
+    return hook
 
 
 @dataclass

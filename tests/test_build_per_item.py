@@ -47,14 +47,21 @@ def test_a_cross_validated_build_records_the_numbers_its_summary_averages(tiny_l
     for name in ("unsteered", "calibrated", "steered"):
         assert column(per_item, name).mean() == pytest.approx(m[name]["alignment"], abs=1e-6), name
     gain = column(per_item, "steered") - column(per_item, "calibrated")
+    # A shipped question lean adds its own out-of-fold gain over the plain calibration of what ships.
+    lean = m["question_lean"]
+    assert lean["shipped"] == (profile.question_lean is not None)
+    lean_gain = lean["gain_vs_calibration"]["alignment"] if lean["shipped"] else 0.0
     if m["improved"]:
         assert profile.strength > 0
         # The shipped setting is the best candidate: its per-item gains are the recorded gain and its error.
-        assert gain.mean() == pytest.approx(m["gain_vs_calibrated"]["alignment"], abs=1e-6)
-        assert gain.std(ddof=1) / np.sqrt(gain.size) == pytest.approx(m["gain_vs_calibrated"]["standard_error"],
-                                                                       abs=1e-6)
+        assert gain.mean() == pytest.approx(m["gain_vs_calibrated"]["alignment"] + lean_gain, abs=1e-5)
+        if not lean["shipped"]:
+            assert gain.std(ddof=1) / np.sqrt(gain.size) == pytest.approx(
+                m["gain_vs_calibrated"]["standard_error"], abs=1e-6)
     else:
-        assert profile.strength == 0 and np.all(gain == 0)  # calibration only: steered is calibrated
+        assert profile.strength == 0  # calibration only: steered is calibrated, with the lean's gain if any
+        assert gain.mean() == pytest.approx(lean_gain, abs=1e-5)
+        assert np.all(gain == 0) or lean["shipped"]
 
 
 @pytest.mark.parametrize("strength", [0.0, 1.0])

@@ -203,9 +203,9 @@ def _blend_scorer(settings: Settings, lm: Any) -> offline.Scorer:
     checks the sha256), interventions composed as the serving engine composes them, the profiles' output
     calibrations pooled and applied as /v1/score applies them."""
     from service.cli.redis_server import redis_client
-    from steer_core.calibration import blend_calibration
+    from steer_core.calibration import blend_per_question
     from steer_core.methods import intervention
-    from steer_core.prompts import answer_distributions
+    from steer_core.prompts import read_answers
     from steer_core.steering import compose
 
     cache = ProfileCache(ArtifactStore(settings.artifact_dir), redis_client(settings), redis_url=settings.redis_url,
@@ -213,13 +213,19 @@ def _blend_scorer(settings: Settings, lm: Any) -> offline.Scorer:
                          ttl=settings.profile_cache_ttl, max_bytes=settings.profile_cache_max_bytes)
 
     def score(items: Sequence[OpinionItem], blend: Sequence[tuple[db.ProfileRow, float]]) -> list[np.ndarray]:
-        weighted, calibrations = [], []
+        weighted, calibrations, probes = [], [], []
         for row, weight in blend:
             assert row.artifact_sha256 is not None  # `offline.inputs` takes ready profiles only
             profile = cache.load(row.artifact_sha256)
             weighted.append((intervention(profile, lm), weight))
             calibrations.append((profile.calibration, weight))
-        dists = answer_distributions(lm, items, compose(weighted) if weighted else None)
-        return blend_calibration(calibrations).apply_all(items, dists)  # as /v1/score reads a blend
+            probes.append(profile.question_lean)
+        read = read_answers(lm, items, compose(weighted) if weighted else None,
+                            sorted({p.layer for p in probes if p is not None}))
+        # As /v1/score reads a blend: a question lean's lean replaces its profile's, question by question.
+        per_profile = [None if p is None else p.leans(read.states[p.layer]) for p in probes]
+        leans = [[None if values is None else float(values[i]) for values in per_profile] for i in range(len(items))]
+        return [c.apply(p, it.ordinal)
+                for c, p, it in zip(blend_per_question(calibrations, leans), read.distributions, items, strict=True)]
 
     return score

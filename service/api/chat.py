@@ -67,7 +67,7 @@ from service.engine.engine import (
 )
 from service.settings import Settings
 from service.store import db
-from steer_core.calibration import IDENTITY, Calibration, blend_calibration, recorded_calibration
+from steer_core.calibration import Calibration, blend_calibration, blend_per_question, recorded_calibration
 from steer_core.data import OpinionItem, make_item
 from steer_core.errors import SteerError
 from steer_core.methods import check_positions, get_method
@@ -629,15 +629,22 @@ def _score(body: ScoreRequest, base: str, shorthand: str | None, items: list[Opi
     context.session().commit()
     scored = eng.score(items, planned.plan, timeout=REQUEST_TIMEOUT_S)
     steering = planned.report(scored.applied[0] if scored.applied else ())
-    calibration = blend_calibration(applied_calibrations(steering)) if body.calibrated else IDENTITY
-    dists = calibration.apply_all(items, scored.distributions)
+    parts = applied_calibrations(steering) if body.calibrated else []
+    calibration = blend_calibration(parts)
+    # A profile with a question lean read each question's own lean off its prompt; it replaces that
+    # profile's recorded lean in the blend, question by question.
+    per_question = any(lean is not None for leans in scored.leans for lean in leans) and bool(parts)
+    calibrations = blend_per_question(parts, scored.leans) if per_question else [calibration] * len(items)
+    dists = [c.apply(p, item.ordinal) for c, p, item in zip(calibrations, scored.distributions, items, strict=True)]
     scores = [QuestionScore(id=item.id, probs=[float(x) for x in p], answer=int(np.argmax(p)),
-                            expected_ordinal=float(np.dot(p, item.ordinal)))
-              for item, p in zip(items, dists, strict=True)]
+                            expected_ordinal=float(np.dot(p, item.ordinal)),
+                            lean=c.lean if per_question else None)
+              for item, p, c in zip(items, dists, calibrations, strict=True)]
     known = all(q.target is not None or q.answer is not None for q in body.questions)
     return ScoreResponse(model=base, scores=scores, metrics=summarize(items, dists) if known else None,
                          steering=steering,
-                         calibration=None if calibration.is_identity else CalibrationOut(**calibration.to_json()))
+                         calibration=None if calibration.is_identity and not per_question else
+                         CalibrationOut(**calibration.to_json(), lean_per_question=per_question))
 
 
 def applied_calibrations(applied: SteeringOut) -> list[tuple[Calibration, float]]:

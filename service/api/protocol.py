@@ -690,7 +690,10 @@ class ScoreRequest(Request):
 
 class CalibrationOut(Response):
     temperature: float
-    lean: float
+    lean: float = Field(description="the ordinal lean (with `lean_per_question`: the profiles' recorded leans "
+                                    "blended; each question's own is in its score)")
+    lean_per_question: bool = Field(False, description="a profile read each question's lean off its prompt "
+                                                       "(a question lean): the lean differs by question")
 
 
 class QuestionScore(Response):
@@ -698,6 +701,8 @@ class QuestionScore(Response):
     probs: list[float] = Field(description="the answer distribution over the options, in order")
     answer: int = Field(description="index of the most likely option")
     expected_ordinal: float = Field(description="the distribution's mean ordinal position")
+    lean: float | None = Field(None, description="the ordinal lean of this question's calibration, when a "
+                                                 "profile reads it off the question (a question lean)")
 
 
 class ScoreResponse(Response):

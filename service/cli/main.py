@@ -114,6 +114,14 @@ def _parse_params(pairs: Sequence[str]) -> dict[str, Any]:
     return params
 
 
+def describe_calibration(profile: Any) -> str:
+    """A profile's output calibration in words (its lean read off each question when it has a question lean)."""
+    text = f"calibration T {profile.calibration.temperature:g}"
+    if profile.question_lean is not None:
+        return text + f", lean read off the question (block {profile.question_lean.layer})"
+    return text + f" lean {profile.calibration.lean:g}"
+
+
 def cmd_build(args: argparse.Namespace) -> int:
     items = _load_sample(args)  # bad input answers before torch loads
     params = _parse_params(args.param)
@@ -136,8 +144,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     m = profile.metrics
     print(f"{args.method} profile from {len(items)} items in {time.perf_counter() - start:.1f} s -> {out} "
           f"({out.stat().st_size / 1e6:.2f} MB)")
-    print(f"layer {profile.layer}, strength {profile.strength:g}, positions {profile.positions}; calibration "
-          f"T {profile.calibration.temperature:g} lean {profile.calibration.lean:g}")
+    print(f"layer {profile.layer}, strength {profile.strength:g}, positions {profile.positions}; "
+          f"{describe_calibration(profile)}")
     print(f"{m['evaluation']} alignment: unsteered {m['unsteered']['alignment']:.4f} -> "
           f"steered {m['steered']['alignment']:.4f}")
     gain = dict(m.get("gain") or {})
@@ -149,6 +157,11 @@ def cmd_build(args: argparse.Namespace) -> int:
         over = m["gain_vs_calibrated"]
         print(f"baselines: uniform {m['uniform']['alignment']:.4f}, calibrated {m['calibrated']['alignment']:.4f}; "
               f"best setting vs calibrated {over['alignment']:+.4f} ± {over['standard_error']:.4f}")
+    lean = m.get("question_lean")
+    if lean and "gain_vs_calibration" in lean:
+        over = lean["gain_vs_calibration"]
+        print(f"question lean {'shipped' if lean['shipped'] else 'not shipped'}: out of fold "
+              f"{over['alignment']:+.4f} ± {over['standard_error']:.4f} over the plain calibration")
     if m.get("note"):
         print(m["note"])
     return 0
@@ -215,8 +228,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return 0
     for name, p in profiles.items():
         own = report["profiles"][name]["own_group"]
-        print(f"{name}: {p.method} layer {p.layer} strength {p.strength:g}, calibration T {p.calibration.temperature:g}"
-              f" lean {p.calibration.lean:g}" + (f", built for {own}" if own else ""))
+        print(f"{name}: {p.method} layer {p.layer} strength {p.strength:g}, {describe_calibration(p)}"
+              + (f", built for {own}" if own else ""))
     for order in report["orders"]:
         print()
         print(format_cross_table(report, order))

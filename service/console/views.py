@@ -198,9 +198,12 @@ def _calibration(row: db.ProfileRow) -> str | None:
     from service.store.artifacts import ArtifactError
 
     try:
-        calibration = context.profile_cache().load(row.artifact_sha256).calibration
+        profile = context.profile_cache().load(row.artifact_sha256)
     except ArtifactError as exc:
         return f"unavailable: {exc}"
+    calibration, lean = profile.calibration, profile.question_lean
+    if lean is not None:
+        return f"temperature {_fmt(calibration.temperature)}, lean read off each question (block {lean.layer})"
     if calibration.is_identity:
         return "none (the identity)"
     return ", ".join(f"{k} {_fmt(float(v))}" for k, v in calibration.to_json().items())

@@ -25,8 +25,10 @@ dispatch) is paid once for streams and riders together, so a rider costs a step 
 riders are added while they cost at most `score_share` of a plain step (measured: a plain step's time for
 the number of rows decoding, and each rider's extra time). Each row of a step carries where its own prompt
 ends, so a rider's prompt positions are steered as in a whole read. Steering that needs the whole prompt in
-one call (`steers_in_chunks` is False: COLD-FD, COLD-Kernel) reads its questions whole between decode steps,
-sized to take `score_share` of the engine's time; decode steps run until they have used the rest.
+one call (`steers_in_chunks` is False: COLD-FD, COLD-Kernel), and a profile with a question lean (it reads
+the whole prompt's states, `steer_core.question_lean`), read their questions whole between decode steps,
+sized to take `score_share` of the engine's time; decode steps run until they have used the rest. Such a
+read also returns each question's lean (`Scored.leans`); the request thread applies the calibrations.
 
 A row that asks for log-probabilities (`SamplingParams.top_logprobs`) gets them from the logits it samples
 from, steering applied; the other rows of its batch pay nothing for it.
@@ -69,7 +71,8 @@ from service.engine.plan import (
 from steer_core.data import OpinionItem
 from steer_core.errors import SteerError
 from steer_core.models import LanguageModel
-from steer_core.prompts import answer_distributions, option_log_probs, prompt_token_ids
+from steer_core.prompts import option_log_probs, prompt_token_ids, read_answers
+from steer_core.question_lean import QuestionLean
 from steer_core.steering import RowSteering, SteeringHooks, steers_in_chunks
 
 __all__ = ["AppliedProfile", "DeadlineExceeded", "EngineBusy", "EngineStopped", "GenerationEngine",
@@ -150,6 +153,9 @@ class Scored:
 
     distributions: list[np.ndarray]
     applied: list[tuple[AppliedProfile, ...]]
+    # Per item, per plan entry: the lean its profile's question lean read off the item's prompt (None: the
+    # profile has none; its recorded calibration's lean applies).
+    leans: list[tuple[float | None, ...]]
 
 
 _STARTED, _DONE, _CHUNK, _ERROR = "started", "done", "chunk", "error"
@@ -453,6 +459,8 @@ class _ScoreJob:
     results: dict[int, np.ndarray] = field(default_factory=dict)  # item index -> its distribution
     unread: deque[int] = field(default_factory=deque)  # item indexes no read or rider has taken
     rideable: list[bool] = field(default_factory=list)  # per item: its steering may feed the prompt a token a step
+    question_leans: list[tuple[QuestionLean | None, ...]] = field(default_factory=list)  # per item, per plan entry
+    leans: dict[int, tuple[float | None, ...]] = field(default_factory=dict)  # item index -> what they read
     done: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
     queued: bool = True
@@ -654,7 +662,8 @@ class GenerationEngine:
             raise DeadlineExceeded("scoring did not finish in time")
         if job.error is not None:
             raise job.error
-        return Scored(distributions=[job.results[i] for i in range(len(job.items))], applied=job.applied)
+        return Scored(distributions=[job.results[i] for i in range(len(job.items))], applied=job.applied,
+                      leans=[job.leans.get(i, (None,) * len(job.question_leans[i])) for i in range(len(job.items))])
 
     # ---- the engine thread ---------------------------------------------------------------------------
 
@@ -768,9 +777,12 @@ class GenerationEngine:
         try:
             for plan in job.plans:
                 steering, applied = self.interventions.resolve(plan)
+                leans = self.interventions.question_leans(plan)
                 job.steering.append(steering)
                 job.applied.append(applied)
-                job.rideable.append(not steering or steers_in_chunks(steering))
+                job.question_leans.append(leans)
+                # A question lean reads the whole prompt's states: such an item is read whole, not ridden.
+                job.rideable.append((not steering or steers_in_chunks(steering)) and not any(leans))
         except Exception as exc:
             self._end_job(job, exc)
             return False
@@ -1179,15 +1191,22 @@ class GenerationEngine:
             job.unread.remove(index)
         items = [job.items[i] for i in indexes]
         steering = [job.steering[i] for i in indexes]
-        # answer_distributions attaches its own hooks; the engine's must be off meanwhile.
+        # read_answers attaches its own hooks; the engine's must be off meanwhile.
         self._remove_hooks()
+        probes = [job.question_leans[i] for i in indexes]
         began = time.perf_counter()
         try:
-            distributions = answer_distributions(self.lm, items, steering if any(steering) else None,
-                                                 batch_size=len(items))
+            read = read_answers(self.lm, items, steering if any(steering) else None,
+                                sorted({p.layer for row in probes for p in row if p is not None}),
+                                batch_size=len(items))
         except Exception as exc:
             self._end_scoring(job, exc)
             return time.perf_counter() - began
+        distributions = read.distributions
+        for k, (index, row) in enumerate(zip(indexes, probes, strict=True)):
+            if any(row):
+                job.leans[index] = tuple(None if p is None else float(p.leans(read.states[p.layer][k:k + 1])[0])
+                                         for p in row)
         spent = time.perf_counter() - began
         self._score_row_seconds = _moving_average(self._score_row_seconds, spent / len(items))
         self.stats.score_batches += 1

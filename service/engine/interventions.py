@@ -4,8 +4,10 @@ A plan entry (`service.engine.plan.PlannedProfile`) names a profile by its artif
 loads the profile from the profile source (the service's profile cache), builds the method's
 intervention for the model (tensors on the model's device, built once; `displacement` a pure function of
 them and the forward call) and applies the entry's positions. A plan composes its entries' interventions
-with `steer_core.steering.compose` into one row's steering. Both results are cached by content in one
-bounded LRU. Only the engine thread resolves; the lock lets other threads read the cache's size.
+with `steer_core.steering.compose` into one row's steering; a profile's question lean (a probe of the
+prompt's states that sets its output calibration's lean) is kept beside its intervention for score
+reads. Both results are cached by content in one bounded LRU. Only the engine thread resolves; the lock
+lets other threads read the cache's size.
 
 Another kind of per-row steering (an adapter applied to some Linear modules per row, say) is another
 kind of plan entry resolved here into what the engine's hooks apply; request threads stay the same.
@@ -33,6 +35,7 @@ from steer_core.errors import SteerError
 from steer_core.methods import check_positions, get_method, intervention
 from steer_core.models import LanguageModel
 from steer_core.profile import Profile
+from steer_core.question_lean import QuestionLean
 from steer_core.steering import RowSteering, compose
 
 # A profile's artifact by its sha256 (the service passes its profile cache's `load`).
@@ -78,7 +81,7 @@ class InterventionCache:
         weighted = []
         applied = []
         for entry in plan.profiles:
-            iv, found = self._entry(entry)
+            iv, found, _ = self._entry(entry)
             weighted.append((iv, float(entry.weight)))
             applied.append(found)
         try:
@@ -90,7 +93,11 @@ class InterventionCache:
         self._put(key, value)
         return value
 
-    def _entry(self, entry: PlannedProfile) -> tuple[Any, AppliedProfile]:
+    def question_leans(self, plan: SteeringPlan | None) -> tuple[QuestionLean | None, ...]:
+        """Each entry's question lean (None: its profile has none), for the readers of answer distributions."""
+        return tuple(self._entry(entry)[2] for entry in plan.profiles) if plan else ()
+
+    def _entry(self, entry: PlannedProfile) -> tuple[Any, AppliedProfile, QuestionLean | None]:
         key = ("profile", entry.digest, self.lm.fingerprint, entry.positions)
         hit = self._get(key)
         if hit is not None:
@@ -117,6 +124,6 @@ class InterventionCache:
                                        INVALID)
             iv = dataclasses.replace(iv, positions=entry.positions)
         value = (iv, AppliedProfile(method=profile.method, layer=int(profile.layer),
-                                    strength=float(profile.strength)))
+                                    strength=float(profile.strength)), profile.question_lean)
         self._put(key, value)
         return value

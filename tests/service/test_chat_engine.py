@@ -33,7 +33,8 @@ from steer_core.data import load_items
 from steer_core.errors import SteerError
 from steer_core.methods import METHODS, get_method, intervention
 from steer_core.profile import Profile
-from steer_core.prompts import answer_distributions
+from steer_core.prompts import answer_distributions, read_answers
+from steer_core.question_lean import QuestionLean
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 CHATS = ["Hello there", "Tell me a long story about a dog who lived near the sea and liked to swim", "Why?"]
@@ -416,9 +417,14 @@ def test_riding_questions_are_steered_as_in_a_whole_read(tiny_lm, profiles):
     rideable = [plan(profiles.vector(tiny_lm, LAYER, positions, _vector(tiny_lm, 20 + i)))
                 for i, positions in enumerate(("prompt", "last", "all"))]
     rideable += [plan(profiles.add(ode)), plan((rideable[0].profiles[0].digest, 0.5), (profiles.add(ode), 0.5))]
-    whole = [plan(profiles.add(_fitted(tiny_lm, "cold_fd", {"mode": "jvp", "rank": 4}, "prompt", strength=0.5))),
-             plan(profiles.add(_fitted(tiny_lm, "cold_kernel", {"kernel": "linear"}, "last", strength=0.5)))]
     items = load_items(FIXTURES / "opinions_group_urban.jsonl")[:3]
+    # A question lean reads the whole prompt's states, so its questions are read whole too.
+    leaned = Profile.from_bytes(profiles.data[rideable[0].profiles[0].digest])
+    seen = read_answers(tiny_lm, items, state_layers=[1]).states[1]
+    leaned.question_lean = QuestionLean(1, seen.mean(0), seen.std(0) + 1e-6, _vector(tiny_lm, 30, 0.2).numpy(), 0.1)
+    whole = [plan(profiles.add(_fitted(tiny_lm, "cold_fd", {"mode": "jvp", "rank": 4}, "prompt", strength=0.5))),
+             plan(profiles.add(_fitted(tiny_lm, "cold_kernel", {"kernel": "linear"}, "last", strength=0.5))),
+             plan(profiles.add(leaned))]
     plans = [p for p in [None, *rideable, *whole] for _ in items]
     asked = items * (len(plans) // len(items))
     # What a whole read gives, planned the engine's way (before the engine owns the model).
@@ -445,6 +451,11 @@ def test_riding_questions_are_steered_as_in_a_whole_read(tiny_lm, profiles):
     assert engine.stats.score_batches > 0  # the COLD-FD and COLD-Kernel questions, whole
     for g, w in zip(got.distributions, want, strict=True):
         assert g.tolist() == pytest.approx(w.tolist(), abs=1e-5)
+    # Each question's lean, read off its own (steered) prompt: the library reader's.
+    states = read_answers(tiny_lm, items, steering[-1], [1]).states[1]
+    want_leans = leaned.question_lean.leans(states).tolist()
+    assert [lean[0] for lean in got.leans[-n:]] == pytest.approx(want_leans, abs=1e-4)
+    assert all(value is None for lean in got.leans[:-n] for value in lean)
 
 
 def test_request_threads_never_touch_torch(engine, tiny_lm, profiles, monkeypatch):

@@ -196,10 +196,12 @@ def test_upload_build_and_experiment_forms_use_the_api_functions(client, auth, t
 
 def test_the_profile_page_shows_whatever_the_build_recorded(client, auth, tenant_key, settings):
     """Baselines and gains with standard errors, in whatever entries the build wrote."""
+    import numpy as np
     import torch
 
     from steer_core.calibration import Calibration
     from steer_core.profile import Profile
+    from steer_core.question_lean import QuestionLean
 
     make_group(client, auth, "urban", n=6)
     profile_id = request_profile(client, auth, "urban", params={"layer": 3, "strength": 1.0}).json["id"]
@@ -214,9 +216,17 @@ def test_the_profile_page_shows_whatever_the_build_recorded(client, auth, tenant
             "baselines": {"uniform": {"alignment": 0.64}, "calibrated": {"alignment": 0.75}},
             "gain": {"alignment": 0.031, "standard_error": 0.012},
             "search": [{"layer": 3, "strength": 1.0, "alignment": 0.78}]}
+    leaned_id = request_profile(client, auth, "urban", params={"layer": 2, "strength": 1.0}).json["id"]
+    leaned = Profile(method="diffmean", model_name=settings.model, model_fingerprint="test", layer=3,
+                     positions="prompt", strength=1.0, tensors={"vector": torch.ones(8)},
+                     calibration=Calibration(temperature=1.5, lean=-0.25),
+                     question_lean=QuestionLean(1, np.zeros(8), np.ones(8), np.ones(8), 0.0))
+    mark_ready(settings, leaned_id, leaned.to_bytes())
     sign_in(client, tenant_key)
     page = client.get(f"/console/profiles/{profile_id}").text
     assert '<dd id="calibration">temperature 1.500, lean -0.250</dd>' in page
+    leaned_page = client.get(f"/console/profiles/{leaned_id}").text
+    assert '<dd id="calibration">temperature 1.500, lean read off each question (block 1)</dd>' in leaned_page
     metrics = page[page.index('id="metrics"'):]
     for text in ("cross-validated", "0.710", "0.780", "0.400", "baselines", "uniform", "0.640", "calibrated",
                  "0.750", "alignment: 0.031 ± 0.012", "search (1 settings)"):

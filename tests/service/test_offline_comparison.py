@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import redis
 import torch
@@ -17,13 +18,14 @@ from sqlalchemy import select
 import steer_core.models
 from service.queue import OFFLINE_TASK, create_celery, queue_depths
 from service.store import db
-from steer_core.calibration import IDENTITY, Calibration, blend_calibration, sample_alignment
+from steer_core.calibration import IDENTITY, Calibration, blend_per_question, sample_alignment
 from steer_core.data import make_item
 from steer_core.evaluation import baseline_alignments, paired_difference
 from steer_core.methods import intervention
 from steer_core.metrics import summarize
 from steer_core.profile import Profile
-from steer_core.prompts import answer_distributions
+from steer_core.prompts import answer_distributions, read_answers
+from steer_core.question_lean import QuestionLean
 from steer_core.steering import compose
 from worker import lifecycle
 
@@ -62,16 +64,17 @@ def put_group(api, auth, gid: str, items: list[dict]) -> None:
     assert r.status_code == 201, r.json
 
 
-def ready_profile(api, auth, settings, lm, gid: str, seed: int,
-                  calibration: Calibration = IDENTITY) -> tuple[str, Profile]:
+def ready_profile(api, auth, settings, lm, gid: str, seed: int, calibration: Calibration = IDENTITY,
+                  question_lean: QuestionLean | None = None) -> tuple[str, Profile]:
     layer = lm.num_layers // 2
     vector = 4.0 * torch.randn(lm.hidden_size, generator=torch.Generator().manual_seed(seed))
     profile = Profile(method="diffmean", model_name=MODEL, model_fingerprint=lm.fingerprint, layer=layer,
-                      positions="prompt", strength=1.0, tensors={"vector": vector}, calibration=calibration)
+                      positions="prompt", strength=1.0, tensors={"vector": vector}, calibration=calibration,
+                      question_lean=question_lean)
     r = request_profile(api, auth, gid, params={"layer": layer, "strength": 1.0})
     assert r.status_code == 202, r.json
     mark_ready(settings, r.json["id"], profile.to_bytes())
-    return r.json["id"], profile
+    return r.json["id"], Profile.from_bytes(profile.to_bytes())  # as stored (a question lean's numbers in float32)
 
 
 def experiment(api, auth, a: str, b: str | None, scope: str) -> dict:
@@ -105,7 +108,12 @@ def test_results_ask_a_worker_and_read_the_stored_comparison_back(api, auth, off
     put_group(api, auth, "fit-a", scope_items[:4])  # profiles fitted on the first six questions only
     put_group(api, auth, "fit-b", scope_items[2:6])
     a, profile_a = ready_profile(api, auth, settings, tiny_lm, "fit-a", 0, Calibration(2.0, 0.3))
-    b, profile_b = ready_profile(api, auth, settings, tiny_lm, "fit-b", 1)
+    # b reads each question's lean off its prompt (a question lean at block 1, below its steering).
+    items = [make_item(it["question"], it["options"], target=it["target"]) for it in scope_items]
+    seen = read_answers(tiny_lm, items, state_layers=[1]).states[1]
+    weight = 0.3 * np.random.default_rng(2).normal(size=tiny_lm.hidden_size)
+    b, profile_b = ready_profile(api, auth, settings, tiny_lm, "fit-b", 1, Calibration(0.7, -0.2),
+                                 QuestionLean(1, seen.mean(0), seen.std(0) + 1e-6, weight, 0.5))
     exp = experiment(api, auth, a, b, "scope")
     url = f"/v1/experiments/{exp['id']}/results"
     builds = queue_depths(settings)["cpu"]  # the two build messages of the profiles
@@ -135,12 +143,15 @@ def test_results_ask_a_worker_and_read_the_stored_comparison_back(api, auth, off
                 for it in scope_items[6:]]
     iv_a, iv_b = intervention(profile_a, tiny_lm), intervention(profile_b, tiny_lm)
     unsteered = answer_distributions(tiny_lm, held_out)
-    pooled = blend_calibration([(IDENTITY, 0.5), (profile_a.calibration, 0.5)])
+    blend = read_answers(tiny_lm, held_out, compose([(iv_b, 0.5), (iv_a, 0.5)]), [1])
+    leans = profile_b.question_lean.leans(blend.states[1])
+    assert leans.std() > 0.05  # each question its own lean
+    pooled = blend_per_question([(profile_b.calibration, 0.5), (profile_a.calibration, 0.5)],
+                                [[float(lean), None] for lean in leans])
     readings = {"control": unsteered,
                 "a": profile_a.calibration.apply_all(
                     held_out, answer_distributions(tiny_lm, held_out, compose([(iv_a, 1.0)]))),
-                "b": pooled.apply_all(held_out, answer_distributions(tiny_lm, held_out,
-                                                                     compose([(iv_b, 0.5), (iv_a, 0.5)])))}
+                "b": [c.apply(p, it.ordinal) for c, p, it in zip(pooled, blend.distributions, held_out, strict=True)]}
     baselines = baseline_alignments(held_out, unsteered)
     by_name = {v["name"]: v["offline"] for v in done["variants"]}
     for name, dists in readings.items():
