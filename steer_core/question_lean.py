@@ -9,11 +9,11 @@ probe from the prompt's hidden state after one block (averaged over the prompt's
 A build fits it on its items: at the shipped temperature, each item's own best lean (`item_leans`: the
 lean that minimizes the target's cross-entropy), then the probe from the items' states to those leans,
 its block and penalty chosen by the ridge's leave-one-out error (`fit_question_lean`). It ships only when
-it beats the plain calibration out of fold (`steer_core.build`). What it needs is items:
-`bench/group_signal.py` measured it built on 300 OpinionsQA items at +0.011 to +0.016 alignment over the
-calibrated model for four groups, the same in both option orders, and built on 20 items at -0.002 to
--0.005 (nothing to learn from 20). Output readers apply it (`/v1/score`, `pluristeer eval`, the offline
-comparison); free text cannot be leaned, so chat does not.
+it beats the plain calibration out of fold, and only samples of `build.MIN_LEAN_SAMPLE` items or more are
+considered (`steer_core.build`). What it needs is items: `bench/group_signal.py` measured it built on 300
+OpinionsQA items at +0.005 to +0.020 alignment over the calibrated model for six groups, and built on 20 or
+50 items the out-of-fold choice shipped leans that lost. Output readers apply it (`/v1/score`,
+`pluristeer eval`, the offline comparison); free text cannot be leaned, so chat does not.
 
 The probe is plain numbers: a block index, the standardization (center, scale), a weight per hidden unit
 and an intercept; stored in the profile's safetensors body and JSON header, never pickled.

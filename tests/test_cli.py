@@ -27,7 +27,7 @@ def test_build_then_eval_the_cross_table(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert out.exists() and "calibration" in printed
     assert "gain in alignment: " in printed and " ± " in printed, printed  # never a gain without its error
-    assert "question lean " in printed and "over the plain calibration" in printed, printed  # the choice, said
+    assert "question lean not considered: a question lean is considered from 100 items" in printed, printed
     common = ["--data", urban, "--data", rural, "--offset", "12", "--limit", "5", "--model", model]
     assert main(["eval", "--profile", f"{out}@opinions_group_urban", "--profile", str(out), *common, "--json"]) == 0
     report = json.loads(capsys.readouterr().out)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from steer_core import build_profile
-from steer_core.build import choose_question_lean, lean_blocks, select_setting
+from steer_core.build import MIN_LEAN_SAMPLE, choose_question_lean, lean_blocks, select_setting
 from steer_core.calibration import Calibration, blend_per_question, sample_alignment
 from steer_core.data import make_item
 from steer_core.errors import ProfileError, SteerError
@@ -31,20 +31,25 @@ UNIFORM = [0.25] * 4  # a placeholder target for the reads
 TOPIC_LEAN = 2.5  # trust questions lean up the scale, food questions down
 
 
-def _questions() -> list:
-    """Two kinds of question, alternating: how much one trusts an agency, how much one likes a food."""
+TRUST = ["to act in the public interest", "to tell the truth", "to protect your rights"]
+LIKE = ["eating", "cooking", "buying"]
+
+
+def _questions(kinds: int = 1) -> list:
+    """Two kinds of question, alternating: how much one trusts an agency, how much one likes a food (20 of
+    each per wording, `kinds` wordings)."""
     questions = []
-    for agency, food in zip(AGENCIES, FOODS, strict=True):
-        questions.append(make_item(f"How much do you trust {agency} to act in the public interest?", SCALE,
-                                   target=UNIFORM))
-        questions.append(make_item(f"How much do you enjoy eating {food}?", SCALE, target=UNIFORM))
+    for trust, like in zip(TRUST[:kinds], LIKE[:kinds], strict=True):
+        for agency, food in zip(AGENCIES, FOODS, strict=True):
+            questions.append(make_item(f"How much do you trust {agency} {trust}?", SCALE, target=UNIFORM))
+            questions.append(make_item(f"How much do you enjoy {like} {food}?", SCALE, target=UNIFORM))
     return questions
 
 
 def _leaned_sample(lm, leans: np.ndarray) -> tuple[list, list[np.ndarray]]:
     """The questions with targets that are the model's own reading calibrated at TRUTH's temperature and
-    leaned by `leans`, and the readings."""
-    questions = _questions()
+    leaned by `leans` (one per question: 40 per wording), and the readings."""
+    questions = _questions(len(leans) // 40)
     readings = answer_distributions(lm, questions)
     items = [make_item(q.question, q.options,
                        target=Calibration(TRUTH.temperature, float(b)).apply(p, q.ordinal).tolist())
@@ -118,8 +123,10 @@ def test_the_build_ships_a_question_lean_only_where_the_questions_carry_it(defau
         sample = [items[i] for i in build]
         folds = fold_indices(len(sample), seed=0)
         chosen = select_setting(sample, [readings[i] for i in build], {}, folds)
+        # The decision itself, on a sample smaller than a build would consider (min_items=0).
         lean, record, shipped = choose_question_lean(sample, [readings[i] for i in build],
-                                                     {k: x[build] for k, x in read.states.items()}, chosen, folds)
+                                                     {k: x[build] for k, x in read.states.items()}, chosen, folds,
+                                                     min_items=0)
         outcomes[name] = (lean, record)
         if lean is not None:
             judged = [items[i] for i in judge]
@@ -138,18 +145,23 @@ def test_the_build_ships_a_question_lean_only_where_the_questions_carry_it(defau
 
 
 def test_a_built_question_lean_travels_in_the_profile_and_every_reader_applies_it(tiny_lm, tmp_path):
-    items, _ = _leaned_sample(tiny_lm, _topic_leans(40))
-    profile = build_profile(tiny_lm, items[:30], "diffmean", {"layer": 2})
+    items, _ = _leaned_sample(tiny_lm, _topic_leans(120))
+    small = build_profile(tiny_lm, items[:MIN_LEAN_SAMPLE - 1], "diffmean", {"layer": 2})
+    assert small.question_lean is None  # too few items to be considered, however clear the signal
+    assert small.metrics["question_lean"]["note"].startswith(f"a question lean is considered from {MIN_LEAN_SAMPLE}")
+    profile = build_profile(tiny_lm, items[:MIN_LEAN_SAMPLE], "diffmean", {"layer": 2})
     record = profile.metrics["question_lean"]
     assert record["shipped"] and profile.question_lean is not None, record
     assert profile.metrics["steered"]["alignment"] > profile.metrics["calibrated"]["alignment"]
+    if profile.strength > 0:
+        assert profile.question_lean.layer < profile.layer  # a block the shipped steering does not move
 
     loaded = Profile.load(profile.save(tmp_path / "p.safetensors"), tiny_lm)
     assert loaded.question_lean is not None and loaded.question_lean.layer == profile.question_lean.layer
     assert loaded.question_lean.weight == pytest.approx(profile.question_lean.weight, abs=1e-6)
     assert set(loaded.tensors) == set(profile.tensors)  # the lean's tensors are not the method's
 
-    judged = items[30:]
+    judged = items[MIN_LEAN_SAMPLE:]
     read = read_answers(tiny_lm, judged, state_layers=[loaded.question_lean.layer])
     own = read_orders(tiny_lm, judged, loaded)["original"]
     expected = [c.apply(p, it.ordinal) for c, p, it in

@@ -162,6 +162,8 @@ def cmd_build(args: argparse.Namespace) -> int:
         over = lean["gain_vs_calibration"]
         print(f"question lean {'shipped' if lean['shipped'] else 'not shipped'}: out of fold "
               f"{over['alignment']:+.4f} ± {over['standard_error']:.4f} over the plain calibration")
+    elif lean:
+        print(f"question lean not considered: {lean['note']}")
     if m.get("note"):
         print(m["note"])
     return 0
