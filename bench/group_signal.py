@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/group_signal.py [--data DIR] [--pairs POLIDEOLOGY:Liberal:Conservative ...]
         [--train 20 50 100 300] [--splits 30] [--lean-train 20 300] [--seeds 0 1 2] [--encoder DIR]
-        [--skip-personas] [--threads N]
+        [--lean-min-items N] [--skip-personas] [--threads N]
 
 Issue 13 asks for profiles whose answers differ the way the groups differ (steerability contrast r >= 0.3
 over unseen questions). A profile can get that from two places, and this bench measures both on the
@@ -27,11 +27,13 @@ What a profile that reads the question carries (`--lean-train 20 300`, `--seeds 
 of `steer_core.question_lean` as `build_profile` makes it when no steering beats calibration (the typical
 build), for each group on its build questions (survey order): the calibration chosen out of fold, each
 build question's own best lean at its temperature, a ridge probe from the prompt's mean hidden state (one
-of `build.lean_blocks`) to that lean, shipped only where it beats the calibration out of fold ("as built";
-"always" fits it regardless, to tell the lean from the choice). Each judge question is read as a served
-profile reads it, in each option order from its own prompt. Judged with `steer_core.evaluation` like every
-profile (`calibrated` is each group's own plain calibration): gains over calibrated (both orders and each
-order), unsteered and uniform, specificity, steerability contrast r by order, and how often it shipped.
+of `build.lean_blocks`) to that lean. "As built" ships it only where it beats the calibration out of fold
+and the build has `--lean-min-items` items (default `build.MIN_LEAN_SAMPLE`; 0 shows what the choice does
+on smaller builds); "always" fits it regardless, to tell the lean from the choice. Each judge question is
+read as a served profile reads it, in each option order from its own prompt. Judged with
+`steer_core.evaluation` like every profile (`calibrated` is each group's own plain calibration): gains
+over calibrated (both orders and each order), unsteered and uniform, specificity, steerability contrast r
+by order, and how often it shipped.
 
 `--encoder DIR` adds the same probe on a sentence encoder's mean-pooled embedding of the question and its
 options (any transformers encoder directory, e.g. all-MiniLM-L6-v2): is the limit the 135M model's reading
@@ -56,7 +58,7 @@ sys.path.insert(0, str(REPO))
 from quality_opinionsqa import bar, group_items, pooled  # noqa: E402
 
 from steer_core import load_model  # noqa: E402
-from steer_core.build import choose_question_lean, lean_blocks, select_setting  # noqa: E402
+from steer_core.build import MIN_LEAN_SAMPLE, choose_question_lean, lean_blocks, select_setting  # noqa: E402
 from steer_core.calibration import Calibration, ordinal_z  # noqa: E402
 from steer_core.data import OpinionItem, make_item, reverse_options  # noqa: E402
 from steer_core.evaluation import (  # noqa: E402
@@ -184,8 +186,8 @@ def read_both(lm: LanguageModel, items: list[OpinionItem], layers: list[int]) ->
     return out
 
 
-def built_lean(items: list[OpinionItem], reads: dict[str, AnswerRead], build: np.ndarray,
-               seed: int) -> tuple[Calibration, QuestionLean | None, QuestionLean]:
+def built_lean(items: list[OpinionItem], reads: dict[str, AnswerRead], build: np.ndarray, seed: int,
+               min_items: int) -> tuple[Calibration, QuestionLean | None, QuestionLean]:
     """What `build_profile` ships for a group when no steering beats calibration, built on the `build`
     questions in survey order: the calibration, and the question lean when it beats it out of fold (else
     None); and the question lean fitted regardless (to tell the lean from the choice)."""
@@ -194,7 +196,7 @@ def built_lean(items: list[OpinionItem], reads: dict[str, AnswerRead], build: np
     states = {layer: x[build] for layer, x in reads[ORIGINAL].states.items()}
     folds = fold_indices(len(sample), seed=seed)
     chosen = select_setting(sample, readings, {}, folds)
-    lean, _, _ = choose_question_lean(sample, readings, states, chosen, folds)
+    lean, _, _ = choose_question_lean(sample, readings, states, chosen, folds, min_items)
     return chosen.calibration, lean, fit_for_sample(sample, readings, states, chosen.calibration.temperature)
 
 
@@ -232,7 +234,7 @@ def print_probes(features: dict[str, np.ndarray], targets: dict[str, np.ndarray]
 
 
 def print_conditional_lean(groups: dict[str, list[OpinionItem]], reads: dict[str, AnswerRead], size: int,
-                           seeds: list[int]) -> None:
+                           seeds: list[int], min_items: int) -> None:
     """Each group's question lean built on `size` random questions per seed and judged on the others: as the
     build ships it ("as built": only where it beats the plain calibration out of fold) and fitted regardless."""
     names = list(groups)
@@ -246,7 +248,7 @@ def print_conditional_lean(groups: dict[str, list[OpinionItem]], reads: dict[str
     for seed in seeds:
         shuffled = np.random.default_rng(seed).permutation(len(groups[names[0]]))
         build, judge = shuffled[:size], shuffled[size:]
-        made = {g: built_lean(groups[g], reads, build, seed) for g in names}
+        made = {g: built_lean(groups[g], reads, build, seed, min_items) for g in names}
         profiles = {}
         for g, (calibration, lean, forced) in made.items():
             shipped[g] += lean is not None
@@ -298,6 +300,8 @@ def main() -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="splits for the conditional lean")
     parser.add_argument("--layer-step", type=int, default=3, help="probe every k-th block (and the last)")
     parser.add_argument("--encoder", type=Path, help="a transformers sentence-encoder directory to probe beside")
+    parser.add_argument("--lean-min-items", type=int, default=MIN_LEAN_SAMPLE,
+                        help="the smallest build a question lean is considered for (0: every size)")
     parser.add_argument("--skip-personas", action="store_true", help="leave out the persona prompts")
     parser.add_argument("--threads", type=int)
     args = parser.parse_args()
@@ -341,7 +345,7 @@ def main() -> int:
             print(f"question lean (judged in both orders; mean over seeds {args.seeds}):")
             reads = read_both(lm, a, lean_blocks(lm))
             for n in args.lean_train:
-                print_conditional_lean(groups, reads, n, args.seeds)
+                print_conditional_lean(groups, reads, n, args.seeds, args.lean_min_items)
         print(f"({time.time() - t0:.0f} s)")
     return 0
 

@@ -215,10 +215,11 @@ def main() -> int:
                     start = time.perf_counter()
                     p = build_profile(lm, items, v.method, v.params, seed=seed)
                     profiles[f"{v.name}@{g}"], own[f"{v.name}@{g}"] = p, g
+                    lean = "" if p.question_lean is None else f", question lean at block {p.question_lean.layer}"
                     print(f"  {attribute} seed {seed} {g:<13} {v.name:<28} layer {p.layer:>2} strength "
                           f"{p.strength:<6g} out-of-fold gain {p.metrics['gain']['alignment']:+.4f} +- "
-                          f"{p.metrics['gain']['standard_error']:.4f}; build {time.perf_counter() - start:.0f} s",
-                          flush=True)
+                          f"{p.metrics['gain']['standard_error']:.4f}{lean}; build "
+                          f"{time.perf_counter() - start:.0f} s", flush=True)
             report = evaluate(lm, judge, profiles, own, calibrations, seed=seed)
             print(f"\n{attribute} {ga} vs {gb}, seed {seed}\n{format_cross_table(report, BOTH)}\n", flush=True)
             for v in variants:

@@ -3,7 +3,8 @@
 Every method, metric and endpoint formats multiple-choice prompts with `format_prompt` and reads the
 model's answer distribution with `answer_distributions`: the softmax over the option letters' logits at
 the first assistant position, renormalized over the item's valid options (`answer_distributions_under`
-reads the same items under several steerings, as a build's search does, sharing what they share).
+reads the same items under several steerings, as a build's search does, sharing what they share;
+`read_answers` also returns the prompts' mean hidden states after some blocks, from the same calls).
 """
 
 from __future__ import annotations
