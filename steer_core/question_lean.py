@@ -106,8 +106,11 @@ def item_leans(items: Sequence[OpinionItem], dists: Sequence[Distribution], temp
     its distribution calibrated (bounded by the calibration's lean bounds)."""
     out = np.zeros(len(items))
     for i, (item, p) in enumerate(zip(items, dists, strict=True)):
+        z = ordinal_z(item.ordinal)
+        if not z.any():
+            continue  # every option at one position: a lean changes nothing; 0 is the neutral one
         log_p = np.log(np.maximum(np.asarray(p, dtype=float), _FLOOR)) / temperature
-        out[i] = _best_lean(log_p, ordinal_z(item.ordinal), np.asarray(item.target, dtype=float))
+        out[i] = _best_lean(log_p, z, np.asarray(item.target, dtype=float))
     return out
 
 
@@ -120,20 +123,20 @@ def _best_lean(log_p: np.ndarray, z: np.ndarray, target: np.ndarray) -> float:
     return float(minimize_scalar(cross_entropy, bounds=(-MAX_LEAN, MAX_LEAN), method="bounded").x)
 
 
-def _ridge(x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray, float]:
+def _ridge(x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
     """A ridge fit of centered `y` on standardized `x` with the penalty of least leave-one-out error: that
-    error, the weights and the penalty (closed form from one SVD: each row's leave-one-out residual is its
-    residual over 1 - its leverage)."""
+    error and the weights (closed form from one SVD: each row's leave-one-out residual is its residual over
+    1 - its leverage)."""
     u, s, vt = np.linalg.svd(x, full_matrices=False)
     uy = u.T @ y
-    best: tuple[float, np.ndarray, float] | None = None
+    best: tuple[float, np.ndarray] | None = None
     for penalty in PENALTIES:
         shrink = s**2 / (s**2 + penalty)
         residual = y - u @ (shrink * uy)
         leverage = (u**2) @ shrink + 1.0 / len(y)  # the intercept's share of each row's fit
         error = float(np.mean((residual / np.maximum(1.0 - leverage, 1e-9)) ** 2))
         if best is None or error < best[0]:
-            best = (error, vt.T @ (s / (s**2 + penalty) * uy), float(penalty))
+            best = (error, vt.T @ (s / (s**2 + penalty) * uy))
     assert best is not None
     return best
 
@@ -149,7 +152,7 @@ def fit_question_lean(states: Mapping[int, np.ndarray], leans: np.ndarray) -> Qu
     best: tuple[float, QuestionLean] | None = None
     for layer, x in states.items():
         center, scale = x.mean(0), x.std(0) + 1e-6
-        error, weight, _ = _ridge((x - center) / scale, leans - intercept)
+        error, weight = _ridge((x - center) / scale, leans - intercept)
         if best is None or error < best[0]:
             best = (error, QuestionLean(int(layer), center, scale, weight, intercept))
     assert best is not None

@@ -71,6 +71,9 @@ def test_item_leans_recover_each_items_own_lean():
     assert item_leans(items, dists, 0.7) == pytest.approx(truth, abs=1e-3)
     # At another temperature the best lean is another one: the temperature is part of the fit.
     assert np.abs(item_leans(items, dists, 2.0) - truth).max() > 0.05
+    # Options all at one ordinal position: no lean moves them, and the neutral one is recorded.
+    flat = make_item("q?", ["a", "b"], target=[0.9, 0.1], ordinal=[1, 1])
+    assert item_leans([flat], [np.array([0.2, 0.8])], 1.0).tolist() == [0.0]
 
 
 def test_the_probe_reads_the_lean_from_the_block_that_carries_it():
