@@ -72,14 +72,13 @@ from steer_core.evaluation import (  # noqa: E402
 from steer_core.folds import fold_indices  # noqa: E402
 from steer_core.models import LanguageModel  # noqa: E402
 from steer_core.prompts import AnswerRead, by_length, encode_items, last_logits_only, read_answers  # noqa: E402
-from steer_core.question_lean import QuestionLean, fit_for_sample  # noqa: E402
+from steer_core.question_lean import PENALTIES, QuestionLean, fit_for_sample  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "opinionsqa"
 DEFAULT_PAIRS = ["POLIDEOLOGY:Liberal:Conservative", "RACE:Black:White", "AGE:18-29:65+"]
 PERSONAS = {"Liberal": "a political liberal", "Conservative": "a political conservative",
             "Black": "a Black American", "White": "a White American",
             "18-29": "an American aged 18 to 29", "65+": "an American aged 65 or older"}
-ALPHAS = np.logspace(-1, 5, 13)
 MIN_CONTRAST_R = 0.3  # issue 13's steerability-contrast bar
 BUILD_ITEMS = 20  # issue 13's build size
 
@@ -147,7 +146,7 @@ def layer_probes(features: np.ndarray, y: np.ndarray, fit: np.ndarray) -> list[t
     for layer in range(features.shape[1]):
         x = features[:, layer]
         mu, sd = x[fit].mean(0), x[fit].std(0) + 1e-6
-        model = RidgeCV(alphas=ALPHAS).fit((x[fit] - mu) / sd, y[fit])
+        model = RidgeCV(alphas=PENALTIES).fit((x[fit] - mu) / sd, y[fit])
         probes.append((model.best_score_, lambda rows, x=x, mu=mu, sd=sd, model=model:
                        model.predict((x[rows] - mu) / sd)))
     return probes

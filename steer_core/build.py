@@ -305,8 +305,8 @@ def build_profile(lm: LanguageModel, items: Sequence[OpinionItem], method: str,
     grids = {(v, L): ([float(strength)] if strength is not None else spec.strengths(full[v][L], lm))
              for v in range(len(settings)) for L in layers}
     report(1, total, "score unsteered")
-    # The unsteered read also keeps the prompts' states a question lean may read.
-    unsteered_read = read_answers(lm, items, state_layers=lean_blocks(lm))
+    # The unsteered read also keeps the prompts' states a question lean may read (when one is considered).
+    unsteered_read = read_answers(lm, items, state_layers=lean_blocks(lm) if len(items) >= MIN_LEAN_SAMPLE else [])
     unsteered = unsteered_read.distributions
     done = 2
     # Out-of-fold answer distributions of every candidate (setting, layer, index into its strength grid).

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 from scipy.optimize import minimize_scalar
+from sklearn.linear_model import RidgeCV
 from torch import Tensor
 
 from steer_core.calibration import MAX_LEAN, Calibration, fit_calibration, ordinal_z
@@ -123,24 +124,6 @@ def _best_lean(log_p: np.ndarray, z: np.ndarray, target: np.ndarray) -> float:
     return float(minimize_scalar(cross_entropy, bounds=(-MAX_LEAN, MAX_LEAN), method="bounded").x)
 
 
-def _ridge(x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
-    """A ridge fit of centered `y` on standardized `x` with the penalty of least leave-one-out error: that
-    error and the weights (closed form from one SVD: each row's leave-one-out residual is its residual over
-    1 - its leverage)."""
-    u, s, vt = np.linalg.svd(x, full_matrices=False)
-    uy = u.T @ y
-    best: tuple[float, np.ndarray] | None = None
-    for penalty in PENALTIES:
-        shrink = s**2 / (s**2 + penalty)
-        residual = y - u @ (shrink * uy)
-        leverage = (u**2) @ shrink + 1.0 / len(y)  # the intercept's share of each row's fit
-        error = float(np.mean((residual / np.maximum(1.0 - leverage, 1e-9)) ** 2))
-        if best is None or error < best[0]:
-            best = (error, vt.T @ (s / (s**2 + penalty) * uy))
-    assert best is not None
-    return best
-
-
 def fit_question_lean(states: Mapping[int, np.ndarray], leans: np.ndarray) -> QuestionLean:
     """The probe from prompts' states to their `leans`, on the block (a key of `states`: block -> (prompts,
     hidden)) and penalty with the least leave-one-out error."""
@@ -148,13 +131,13 @@ def fit_question_lean(states: Mapping[int, np.ndarray], leans: np.ndarray) -> Qu
     if not states or len(leans) < MIN_LEAN_ITEMS:
         raise SteerError(f"a question lean needs states of at least one block and at least {MIN_LEAN_ITEMS} items",
                          "items")
-    intercept = float(leans.mean())
     best: tuple[float, QuestionLean] | None = None
     for layer, x in states.items():
         center, scale = x.mean(0), x.std(0) + 1e-6
-        error, weight = _ridge((x - center) / scale, leans - intercept)
+        ridge = RidgeCV(alphas=PENALTIES).fit((x - center) / scale, leans)  # efficient leave-one-out
+        error = -float(ridge.best_score_)  # its mean squared leave-one-out error
         if best is None or error < best[0]:
-            best = (error, QuestionLean(int(layer), center, scale, weight, intercept))
+            best = (error, QuestionLean(int(layer), center, scale, ridge.coef_, float(ridge.intercept_)))
     assert best is not None
     return best[1]
 
