@@ -23,7 +23,9 @@ from safetensors.torch import save as st_save
 from torch import Tensor
 
 from steer_core.errors import SteerError
+from steer_core.lora import peft_config
 from steer_core.methods import get_method
+from steer_core.models import hub_id
 from steer_core.profile import Profile
 
 CONTROL_VECTOR_ARCH = "controlvector"
@@ -59,14 +61,20 @@ def control_vector_gguf(profile: Profile) -> bytes:
 def peft_files(profile: Profile) -> dict[str, bytes]:
     """A LoRA profile (built here, imported, or from `cold_fd_as_lora`) as peft's adapter folder:
     ``adapter_config.json`` and ``adapter_model.safetensors``, with the profile's strength folded into the
-    B factors (peft has no scale knob besides ``lora_alpha``)."""
+    B factors (peft has no scale knob besides ``lora_alpha``). The config holds only the keys peft's
+    `LoraConfig` defines, and names the base model by its hub id where the model is an alias of one
+    (`steer_core.models.HUB_IDS`), so that peft loads the folder against the hub model."""
     if profile.method != "lora":
         raise SteerError(f"a {profile.method} profile is not a LoRA adapter; peft export is for lora and "
                          "cold_fd profiles", "format")
     tensors = {k: (profile.strength * v if k.endswith(".lora_B.weight") else v).float().contiguous()
                for k, v in profile.tensors.items()}
-    config = dict(profile.params["adapter_config"])
+    config = peft_config(profile.params["adapter_config"])
     config["inference_mode"] = True
+    named = config.get("base_model_name_or_path")
+    hub = hub_id(profile.model_name) or (hub_id(named) if isinstance(named, str) else None)
+    if hub is not None:
+        config["base_model_name_or_path"] = hub
     return {"adapter_config.json": json.dumps(config, indent=2, sort_keys=True).encode(),
             "adapter_model.safetensors": st_save(tensors, metadata={"format": "pt"})}
 

