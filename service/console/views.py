@@ -460,26 +460,58 @@ def experiment_action(experiment_id: str, action: str) -> BaseResponse:
     return redirect(url_for("console.experiment_page", experiment_id=experiment_id))
 
 
+TEST_NAMES = {"welch_t": "Welch's t-test", "two_proportion_z": "two-proportion z-test",
+              "barnard_exact": "Barnard's exact test"}
+
+
 def summary_sentences(results: Any) -> list[str]:
-    """The statistical summary in words, one sentence per variant against the control."""
+    """The statistical summary in words: one sentence per variant against the control (a direction only
+    when the difference is significant), the split of users against the weights, the winner."""
     out = []
     level = f"{results.confidence:.0%}"
+    control = next(v for v in results.variants if v.is_control)
     for v in results.variants:
         c = v.vs_control
         if c is None:
             continue
-        if c.difference is None or c.p_value is None:
-            out.append(f"{v.name}: too little feedback yet to compare with {results.control} "
-                       f"({v.feedback} rewards so far).")
+        if c.verdict == "not enough data" or c.difference is None or c.p_value is None:
+            out.append(f"{v.name} vs {results.control}: not enough data, too little feedback to compare yet "
+                       f"({v.feedback} and {control.feedback} rewards; a verdict needs {results.min_per_arm} "
+                       "on each side).")
             continue
-        direction = "better" if c.difference > 0 else "worse"
-        verdict = "significant" if c.significant else "not significant"
-        out.append(f"{v.name} is {direction} than {results.control} by {abs(c.difference):.3f} "
-                   f"({level} interval {_fmt(c.ci_low)} to {_fmt(c.ci_high)}), p = {c.p_value:.3g}: "
-                   f"{verdict} at α = {results.alpha:g}.")
+        detail = (f"{level} interval {_fmt(c.ci_low)} to {_fmt(c.ci_high)}, p = {c.p_value:.3g}, "
+                  f"{TEST_NAMES.get(c.test, c.test)}")
+        if c.significant:
+            direction = "better" if c.difference > 0 else "worse"
+            out.append(f"{v.name} is {direction} than {results.control} by {abs(c.difference):.3f} ({detail}): "
+                       f"significant at α = {results.alpha:g}.")
+        else:
+            out.append(f"{v.name} vs {results.control}: no significant difference at α = {results.alpha:g} "
+                       f"(difference {c.difference:+.3f}, {detail}).")
+    split = split_sentence(results)
+    if split:
+        out.append(split)
     if results.winner:
         out.append(f"Winner: {results.winner}.")
     return out
+
+
+def split_sentence(results: Any) -> str | None:
+    """The users per variant against the shares the weights ask, with the sample-ratio check."""
+    total = sum(v.assigned for v in results.variants)
+    if not total:
+        return None
+    parts = ", ".join(f"{v.name} {v.assigned} ({v.observed_share:.0%}; weights ask {v.share:.0%})"
+                      for v in results.variants)
+    srm = results.sample_ratio
+    if srm.p_value is None:
+        return f"Split of {total} users: {parts}."
+    if srm.mismatch:
+        return (f"Sample ratio mismatch: {total} users split {parts} (χ² p = {srm.p_value:.2g} < "
+                f"{srm.threshold:g}): the assignment or its logging is off, and the comparison may be biased.")
+    check = (f"sample-ratio check χ² p = {srm.p_value:.3g}, flagged below {srm.threshold:g}" if srm.enough_data
+             else "too few users yet for the sample-ratio check")
+    return f"Split of {total} users: {parts} ({check})."
 
 
 # ------------------------------------------------------------------------------------------ playground

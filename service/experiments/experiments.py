@@ -36,24 +36,28 @@ from service.api.protocol import (
     FeedbackIn,
     ProfileWeightOut,
     RewardStats,
+    SampleRatioCheck,
     ScopeOut,
     VariantOut,
     VariantResult,
 )
 from service.experiments.offline_comparison import OfflineResult
 from service.experiments.stats import (
+    ALPHA,
     CONFIDENCE,
+    MIN_PER_ARM,
+    SRM_ALPHA,
     PlotBar,
     RewardSummary,
     assign_bucket,
     choose_variant,
     compare,
     rewards_png,
+    sample_ratio_check,
     summarize_rewards,
 )
 from service.store import db
 
-ALPHA = 0.05
 THUMBS = {"up": 1.0, "down": 0.0, True: 1.0, False: 0.0}
 
 # ------------------------------------------------------------------------------------------- lookups
@@ -412,35 +416,45 @@ def summaries(session: Session, exp: db.Experiment) -> tuple[dict[int, list[floa
 
 
 def experiment_results(session: Session, exp: db.Experiment, offline: OfflineResult) -> ExperimentResults:
-    """Per-variant exposures, feedback, mean reward with its interval, the test against the control, the
-    offline scores, and the winner (best mean among variants significantly better than the control)."""
+    """Per-variant exposures, feedback, mean reward with its interval, the test against the control (a
+    verdict only from `MIN_PER_ARM` rewards a side), the offline scores, the split of users against the
+    weights with its sample-ratio check, and the winner (best mean among variants significantly better
+    than the control)."""
     assigned = _counts(session, db.Assignment, exp)
     exposures = _counts(session, db.Exposure, exp)
     rewards, summary = summaries(session, exp)
     control = control_variant(exp)
+    total_weight = math.fsum(v.weight for v in exp.variants)
+    total_assigned = sum(assigned.get(v.id, 0) for v in exp.variants)
     out: list[VariantResult] = []
     winner: tuple[float, str] | None = None
     for v in exp.variants:
         s = summary[v.id]
         vs = None
         if v.id != control.id:
-            c = compare(rewards[v.id], rewards[control.id], exp.reward_kind, CONFIDENCE)
-            significant = None if c.p_value is None else c.p_value < ALPHA
+            c = compare(rewards[v.id], rewards[control.id], exp.reward_kind, ALPHA)
             vs = ControlComparison(test=c.test, difference=c.difference, ci_low=c.ci_low, ci_high=c.ci_high,
                                    statistic=_finite(c.statistic), p_value=c.p_value, df=c.df,
-                                   significant=significant)
-            if significant and c.difference is not None and c.difference > 0 and s.mean is not None \
-                    and (winner is None or s.mean > winner[0]):
+                                   significant=c.significant, enough_data=c.enough_data, verdict=c.verdict)
+            if c.verdict == "better" and s.mean is not None and (winner is None or s.mean > winner[0]):
                 winner = (s.mean, v.name)
         out.append(VariantResult(
             name=v.name, is_control=v.id == control.id, weight=v.weight, profiles=profile_refs(v),
+            share=v.weight / total_weight if total_weight > 0 else 0.0,
+            observed_share=assigned.get(v.id, 0) / total_assigned if total_assigned else None,
             assigned=assigned.get(v.id, 0), exposures=exposures.get(v.id, 0), feedback=s.n,
             reward=RewardStats(n=s.n, mean=s.mean, std=s.std, ci_low=s.ci_low, ci_high=s.ci_high,
                                successes=s.successes),
             vs_control=vs, offline=offline.scores.get(v.name)))
+    # Users, not exposures: the user is what the hash assigns, and how often a user chats may depend on
+    # the variant itself.
+    srm = sample_ratio_check([assigned.get(v.id, 0) for v in exp.variants], [v.weight for v in exp.variants])
+    sample_ratio = SampleRatioCheck(unit="assigned users", statistic=srm.statistic, p_value=srm.p_value,
+                                    threshold=SRM_ALPHA, enough_data=srm.enough_data, mismatch=srm.mismatch)
     return ExperimentResults(experiment_id=exp.id, name=exp.name, state=state_of(exp), reward=exp.reward_kind,
-                             control=exp.control, confidence=CONFIDENCE, alpha=ALPHA, variants=out,
-                             winner=winner[1] if winner else None, offline=offline.comparison)
+                             control=exp.control, confidence=CONFIDENCE, alpha=ALPHA, min_per_arm=MIN_PER_ARM,
+                             sample_ratio=sample_ratio, variants=out, winner=winner[1] if winner else None,
+                             offline=offline.comparison)
 
 
 def _finite(x: float | None) -> float | None:

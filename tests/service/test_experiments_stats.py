@@ -74,10 +74,11 @@ def test_two_proportions_match_chi_square_without_correction():
         assert ours.statistic ** 2 == pytest.approx(chi2, rel=1e-10)
         assert ours.p_value == pytest.approx(p, rel=1e-9)
         assert math.copysign(1, ours.statistic) == math.copysign(1, s_t / n_t - s_c / n_c)
-        # The difference's interval is the unpooled Wald interval.
+        # The difference's interval inverts the same score test (Mee): inside [-1, 1], around the
+        # estimate, excluding 0 exactly when p < 0.05 (the unpooled Wald interval could leave [-1, 1]).
         diff = s_t / n_t - s_c / n_c
-        se = math.sqrt(s_t / n_t * (1 - s_t / n_t) / n_t + s_c / n_c * (1 - s_c / n_c) / n_c)
-        assert ours.ci_high - diff == pytest.approx(stats.norm.ppf(0.975) * se, rel=1e-10)
+        assert -1 <= ours.ci_low <= diff <= ours.ci_high <= 1
+        assert ours.significant == (ours.p_value < 0.05) == (ours.ci_low > 0 or ours.ci_high < 0)
 
 
 def test_two_proportions_degenerate():
@@ -106,7 +107,9 @@ def test_wilson_interval_matches_scipy():
 
 
 def test_compare_picks_the_test_of_the_kind():
-    assert compare([1, 1, 0, 1], [0, 0, 1, 0], "thumbs").test == "two_proportion_z"
+    # Thumbs: the exact test while an expected cell count is under 5, the z-test beyond.
+    assert compare([1, 1, 0, 1], [0, 0, 1, 0], "thumbs").test == "barnard_exact"
+    assert compare([1, 0] * 20, [0, 1, 0] * 12, "thumbs").test == "two_proportion_z"
     assert compare(B, A, "rating").test == "welch_t"
     with pytest.raises(ValueError):
         compare(B, A, "stars")
