@@ -1,0 +1,326 @@
+"""A population: what many groups that answered the same questions share, learned once; a subject blends it.
+
+One subject's 20 answers are too few to learn how its answers move from question to question (`bench/
+group_signal.py` and issue 28: every per-subject learner tried loses to a plain calibration at 20 items). A
+survey answered by many groups holds that structure for all of them at once. A `Population` is the
+multi-output form of the question lean (`steer_core.question_lean`): one ridge probe from a question's prompt
+state (after one block, averaged over the prompt's tokens) to every group's own lean on that question, each
+group with its own temperature. A new subject (a group or one person) then fits only its simplex weights over
+the groups' predicted leans and its temperature (`fit_subject`): a handful of numbers from a convex fit over
+readings already taken, no backward pass through the model. The result is an ordinary profile's parts: a
+temperature and a `QuestionLean` whose weight and intercept are the blend of the groups' (the probe is linear,
+so blending the leans is blending the probes).
+
+`informative_questions` ranks the questions a new subject should answer first: those on which the groups'
+predicted leans disagree most, where one answer tells the blend weights apart the most.
+
+Everything here is plain numbers (numpy arrays and names), for a safetensors body and a JSON header.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.optimize import LinearConstraint, minimize
+from sklearn.linear_model import RidgeCV
+from torch import Tensor
+
+from steer_core.calibration import (
+    MAX_LEAN,
+    MAX_TEMPERATURE,
+    MIN_TEMPERATURE,
+    Calibration,
+    fit_calibration,
+    ordinal_z,
+)
+from steer_core.data import Distribution, OpinionItem
+from steer_core.errors import SteerError
+from steer_core.question_lean import MIN_LEAN_ITEMS, PENALTIES, QuestionLean, item_leans
+
+MIN_GROUPS = 2
+# The subject fit's pull toward uniform weights: `SUBJECT_PENALTY * |w - 1/G|^2` is added to the subject's
+# summed (not mean) cross-entropy, so it fades as a subject gives more answers. It is a soft prior, not a
+# constraint: the simplex already bounds the subject's lean by the groups', and the penalty only breaks ties
+# that 20 answers cannot (groups whose predicted leans nearly coincide). A lean moves one answer's
+# cross-entropy by about Var(z) * d^2 / 2 (Var(z) ~ 0.4), so at 0.25 a subject that is plainly one group still
+# reaches it (weight 0.94 on the toy of tests/test_population.py; 0.83 at 1.0, 0.97 at 0.1).
+SUBJECT_PENALTY = 0.25
+TENSOR_NAMES = ("population.center", "population.scale", "population.weight", "population.intercept",
+                "population.temperatures")
+_FLOOR = 1e-12
+
+
+@dataclass(frozen=True, eq=False)
+class Population:
+    """Group `g`'s lean on a question is `((state - center) / scale) @ weight[:, g] + intercept[g]`, `state`
+    the prompt's hidden state after block `layer` averaged over its tokens; its temperature `temperatures[g]`."""
+
+    groups: tuple[str, ...]
+    layer: int
+    center: np.ndarray
+    scale: np.ndarray
+    weight: np.ndarray  # (hidden, groups)
+    intercept: np.ndarray  # (groups,)
+    temperatures: np.ndarray  # (groups,)
+
+    def __post_init__(self) -> None:
+        if len(self.groups) < MIN_GROUPS or len(set(self.groups)) != len(self.groups):
+            raise SteerError(f"needs at least {MIN_GROUPS} distinct group names", "population.groups")
+        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0:
+            raise SteerError("must be an integer >= 0", "population.layer")
+        g = len(self.groups)
+        hidden = np.shape(self.center)[0] if np.ndim(self.center) == 1 else -1
+        shapes = {"center": (hidden,), "scale": (hidden,), "weight": (hidden, g), "intercept": (g,),
+                  "temperatures": (g,)}
+        for name, shape in shapes.items():
+            value = np.asarray(getattr(self, name))
+            if hidden < 1 or value.shape != shape or not np.isfinite(value).all():
+                raise SteerError(f"must be finite numbers of shape {shape}", f"population.{name}")
+        if not (np.asarray(self.scale) > 0).all():
+            raise SteerError("must be > 0 everywhere", "population.scale")
+        t = np.asarray(self.temperatures)
+        if not ((t >= MIN_TEMPERATURE) & (t <= MAX_TEMPERATURE)).all():
+            raise SteerError(f"must lie in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}]", "population.temperatures")
+
+    @property
+    def hidden_size(self) -> int:
+        return int(np.shape(self.center)[0])
+
+    def tensors(self) -> dict[str, Tensor]:
+        values = (self.center, self.scale, self.weight, self.intercept, self.temperatures)
+        return {name: torch.tensor(np.asarray(v), dtype=torch.float32)
+                for name, v in zip(TENSOR_NAMES, values, strict=True)}
+
+    def to_json(self) -> dict[str, Any]:
+        return {"groups": list(self.groups), "layer": self.layer}
+
+    @classmethod
+    def from_parts(cls, meta: Any, tensors: Mapping[str, Tensor]) -> Population:
+        """Validate stored parts (`{"groups", "layer"}` and the tensors of `tensors()`) into a population."""
+        if not isinstance(meta, dict) or set(meta) != {"groups", "layer"}:
+            raise SteerError("must be an object with exactly 'groups' and 'layer'", "population")
+        groups = meta["groups"]
+        if not isinstance(groups, list) or not all(isinstance(g, str) and g for g in groups):
+            raise SteerError("must be a list of non-empty strings", "population.groups")
+        missing = [name for name in TENSOR_NAMES if name not in tensors]
+        if missing:
+            raise SteerError(f"tensor {missing[0]!r} is missing", "population")
+        center, scale, weight, intercept, temperatures = (tensors[n].double().numpy() for n in TENSOR_NAMES)
+        return cls(tuple(groups), meta["layer"], center, scale, weight, intercept, temperatures)
+
+
+@dataclass(frozen=True, eq=False)
+class SubjectFit:
+    """A subject fitted against a population: its weight per group (on the simplex), its temperature, and the
+    blended probe; `calibration` and `question_lean` are what an ordinary profile carries (strength 0)."""
+
+    groups: tuple[str, ...]
+    weights: np.ndarray
+    temperature: float
+    question_lean: QuestionLean
+    loss: float  # the mean cross-entropy of the subject's targets at the fit (without the penalty)
+
+    @property
+    def calibration(self) -> Calibration:
+        """The profile's calibration: the temperature; its lean is read off each question by `question_lean`."""
+        return Calibration(self.temperature, 0.0)
+
+    def weight_of(self) -> dict[str, float]:
+        return {g: float(w) for g, w in zip(self.groups, self.weights, strict=True)}
+
+
+def build_population(groups: Mapping[str, Sequence[OpinionItem]], dists: Sequence[Distribution],
+                     states: Mapping[int, np.ndarray], folds: Sequence[Sequence[int]] | None = None) -> Population:
+    """Learn the population from groups that answered the same questions (only their targets differ), given
+    the unsteered readings `dists` (one per question) and the questions' states per candidate block (block ->
+    (questions, hidden)). Each group gets the temperature that fits all its items and each item's own best
+    lean at that temperature; one ridge maps standardized states to all groups' leans at once, on the block
+    and penalty with the least leave-one-out error (one penalty shared by the groups: the probe learns what
+    they share). With `folds` (question indices, e.g. one fold per survey wave) the block and penalty are
+    chosen by the folds' held-out error instead: questions of one wave share topics, so leave-one-out on
+    them rewards a probe that memorizes topics (on OpinionsQA it picked a block whose leans lost to no lean
+    at all on new waves, `bench/population.py`)."""
+    names = list(groups)
+    if len(names) < MIN_GROUPS:
+        raise SteerError(f"a population needs at least {MIN_GROUPS} groups, got {len(names)}", "groups")
+    n = len(dists)
+    for name in names:
+        if len(groups[name]) != n:
+            raise SteerError(f"group {name!r} has {len(groups[name])} items for {n} distributions; every group "
+                             "answers the same questions", "groups")
+    if n < MIN_LEAN_ITEMS:
+        raise SteerError(f"a population needs at least {MIN_LEAN_ITEMS} shared questions, got {n}", "dists")
+    _check_states(states, n)
+    first = groups[names[0]]
+    for name in names[1:]:
+        for a, b in zip(first, groups[name], strict=True):
+            if len(a.options) != len(b.options):
+                raise SteerError(f"group {name!r}'s items are not the same questions as {names[0]!r}'s", "groups")
+    temperatures = np.array([fit_calibration(groups[g], dists, lean=False).temperature for g in names])
+    leans = np.column_stack([item_leans(groups[g], dists, t) for g, t in zip(names, temperatures, strict=True)])
+    if folds is not None:
+        _check_folds(folds, n)
+    best: tuple[float, Population] | None = None
+    for layer, x in states.items():
+        x = np.asarray(x, dtype=float)
+        center, scale = x.mean(0), x.std(0) + 1e-6
+        if folds is None:
+            ridge = RidgeCV(alphas=PENALTIES).fit((x - center) / scale, leans)  # efficient leave-one-out
+            error = -float(ridge.best_score_)  # mean squared leave-one-out error over questions and groups
+        else:
+            errors = _fold_errors(x, leans, folds)
+            error = float(errors.min())
+            ridge = RidgeCV(alphas=[float(PENALTIES[int(errors.argmin())])]).fit((x - center) / scale, leans)
+        if best is None or error < best[0]:
+            population = Population(tuple(names), int(layer), center, scale, np.asarray(ridge.coef_).T.copy(),
+                                    np.asarray(ridge.intercept_, dtype=float).copy(), temperatures)
+            best = (error, population)
+    assert best is not None
+    return best[1]
+
+
+def group_leans(population: Population, states: Mapping[int, np.ndarray]) -> np.ndarray:
+    """Each group's predicted lean on each question (questions x groups), from the questions' states (block ->
+    (questions, hidden); the population's block is read). Not clipped: a subject's lean is
+    `clip(group_leans @ weights)`, what its `QuestionLean` computes."""
+    x = _layer_states(population, states)
+    return ((x - population.center) / population.scale) @ population.weight + population.intercept
+
+
+def subject_lean(population: Population, weights: np.ndarray) -> QuestionLean:
+    """The question lean of a blend of the population's groups: the probes' weights and intercepts blended."""
+    w = np.asarray(weights, dtype=float)
+    if w.shape != (len(population.groups),) or not np.isfinite(w).all():
+        raise SteerError(f"must be {len(population.groups)} finite numbers, one per group", "weights")
+    return QuestionLean(population.layer, np.asarray(population.center, dtype=float).copy(),
+                        np.asarray(population.scale, dtype=float).copy(), population.weight @ w,
+                        float(population.intercept @ w))
+
+
+def fit_subject(population: Population, items: Sequence[OpinionItem], dists: Sequence[Distribution],
+                states: Mapping[int, np.ndarray], penalty: float = SUBJECT_PENALTY) -> SubjectFit:
+    """Fit a subject's weights over the groups (on the simplex) and its temperature to its answers: minimize
+    the summed cross-entropy of its targets under `p ∝ p^(1/T) exp(clip(leans @ w) z)` plus
+    `penalty * |w - 1/G|^2` (`SUBJECT_PENALTY` says why). Without the lean's clip the problem is convex in
+    (1/T, w), so SLSQP on the simplex finds its one optimum. `dists` are the unsteered readings of the
+    subject's questions and `states` their states (block -> (items, hidden))."""
+    if not items:
+        raise SteerError("a subject needs at least one answered question", "items")
+    if len(dists) != len(items):
+        raise SteerError(f"needs one distribution per item: {len(dists)} for {len(items)} items", "dists")
+    if not (math.isfinite(penalty) and penalty >= 0):
+        raise SteerError("must be a finite number >= 0", "penalty")
+    _check_states({population.layer: _layer_states(population, states)}, len(items))
+    g = len(population.groups)
+    leans = group_leans(population, states)
+    k = max(len(it.options) for it in items)
+    log_p = np.zeros((len(items), k))
+    z = np.zeros((len(items), k))
+    q = np.zeros((len(items), k))
+    valid = np.zeros((len(items), k), dtype=bool)
+    for r, (item, p) in enumerate(zip(items, dists, strict=True)):
+        m = len(item.options)
+        if len(p) != m:
+            raise SteerError(f"item {r} has {m} options but its distribution {len(p)}", "dists")
+        log_p[r, :m] = np.log(np.maximum(np.asarray(p, dtype=float), _FLOOR))
+        z[r, :m] = ordinal_z(item.ordinal)
+        q[r, :m] = item.target
+        valid[r, :m] = True
+    uniform = np.full(g, 1.0 / g)
+
+    def cross_entropy(x: np.ndarray) -> tuple[float, np.ndarray]:
+        inv_t, w = x[0], x[1:]
+        raw = leans @ w
+        lean = np.clip(raw, -MAX_LEAN, MAX_LEAN)
+        logits = np.where(valid, inv_t * log_p + lean[:, None] * z, -np.inf)
+        top = logits.max(axis=1, keepdims=True)
+        lse = top[:, 0] + np.log(np.exp(logits - top).sum(axis=1))
+        probs = np.exp(logits - lse[:, None])
+        ce = float((q * (lse[:, None] - np.where(valid, logits, 0.0))).sum())
+        residual = probs - q
+        grad_t = float((residual * log_p).sum())
+        d_lean = (residual * z).sum(axis=1) * (np.abs(raw) < MAX_LEAN)
+        return ce, np.concatenate([[grad_t], leans.T @ d_lean])
+
+    def objective(x: np.ndarray) -> tuple[float, np.ndarray]:
+        ce, grad = cross_entropy(x)
+        gap = x[1:] - uniform
+        grad[1:] += 2.0 * penalty * gap
+        return ce + penalty * float(gap @ gap), grad
+
+    inv_t0 = float(np.mean(1.0 / np.asarray(population.temperatures)))
+    x0 = np.concatenate([[inv_t0], uniform])
+    bounds = [(1.0 / MAX_TEMPERATURE, 1.0 / MIN_TEMPERATURE)] + [(0.0, 1.0)] * g
+    simplex = LinearConstraint(np.concatenate([[0.0], np.ones(g)])[None, :], 1.0, 1.0)
+    result = minimize(objective, x0, jac=True, method="SLSQP", bounds=bounds, constraints=simplex,
+                      options={"ftol": 1e-12, "maxiter": 500})
+    x = result.x if np.isfinite(result.x).all() else x0
+    w = np.clip(x[1:], 0.0, None)
+    w = w / w.sum() if w.sum() > 0 else uniform
+    inv_t = float(np.clip(x[0], *bounds[0]))
+    ce = cross_entropy(np.concatenate([[inv_t], w]))[0] / len(items)
+    return SubjectFit(population.groups, w, 1.0 / inv_t, subject_lean(population, w), ce)
+
+
+def informative_questions(population: Population, states: Mapping[int, np.ndarray], k: int) -> list[int]:
+    """The `k` questions (indices into `states`' rows) on which the groups' predicted leans disagree most (their
+    variance across groups, each clipped as a group's own lean would be), most informative first: where one
+    answer moves a subject's weights the most."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise SteerError("must be an integer >= 0", "k")
+    spread = np.clip(group_leans(population, states), -MAX_LEAN, MAX_LEAN).var(axis=1)
+    order = np.argsort(-spread, kind="stable")
+    return [int(i) for i in order[:k]]
+
+
+def _fold_errors(x: np.ndarray, y: np.ndarray, folds: Sequence[Sequence[int]]) -> np.ndarray:
+    """The mean squared held-out error of a ridge (standardized on the rest) for each of `PENALTIES`, over
+    `folds`: one SVD per fold serves every penalty."""
+    squared = np.zeros(len(PENALTIES))
+    count = 0
+    for fold in folds:
+        held = np.asarray(fold, dtype=int)
+        rest = np.setdiff1d(np.arange(len(x)), held)
+        center, scale = x[rest].mean(0), x[rest].std(0) + 1e-6
+        train, test = (x[rest] - center) / scale, (x[held] - center) / scale
+        y_mean = y[rest].mean(0)
+        u, sv, vt = np.linalg.svd(train, full_matrices=False)
+        uty = u.T @ (y[rest] - y_mean)
+        projected = test @ vt.T
+        for a, alpha in enumerate(PENALTIES):
+            predicted = projected @ ((sv / (sv ** 2 + alpha))[:, None] * uty) + y_mean
+            squared[a] += float(((predicted - y[held]) ** 2).sum())
+        count += held.size * y.shape[1]
+    return squared / count
+
+
+def _check_folds(folds: Sequence[Sequence[int]], n: int) -> None:
+    seen = [int(i) for fold in folds for i in fold]
+    if len(folds) < 2 or sorted(seen) != list(range(n)) or any(len(fold) == 0 for fold in folds):
+        raise SteerError(f"must be at least 2 non-empty folds that cover the {n} questions once each", "folds")
+
+
+def _layer_states(population: Population, states: Mapping[int, np.ndarray]) -> np.ndarray:
+    if population.layer not in states:
+        raise SteerError(f"needs the questions' states after block {population.layer}", "states")
+    x = np.asarray(states[population.layer], dtype=float)
+    if x.ndim != 2 or x.shape[1] != population.hidden_size:
+        raise SteerError(f"block {population.layer}'s states must be (questions, {population.hidden_size}), "
+                         f"got {x.shape}", "states")
+    return x
+
+
+def _check_states(states: Mapping[int, np.ndarray], n: int) -> None:
+    if not states:
+        raise SteerError("needs the questions' states after at least one block", "states")
+    for layer, x in states.items():
+        shape = np.shape(x)
+        if len(shape) != 2 or shape[0] != n or shape[1] < 1:
+            raise SteerError(f"block {layer}'s states must be (questions={n}, hidden), got {shape}", "states")
+        if not np.isfinite(np.asarray(x, dtype=float)).all():
+            raise SteerError(f"block {layer}'s states must be finite", "states")
