@@ -1,7 +1,10 @@
 # One image for the API and the build workers (docker-compose.yml picks the command).
-# CPU build by default; for GPU workers: docker build --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu124 .
+# torch is pinned as the Makefile pins it (TORCH_VERSION) and chosen as scripts/install_torch.sh chooses it:
+# the CPU build from PyTorch's CPU wheel index by default; for GPU workers, the default package index's
+# build, which is the CUDA one: docker build --build-arg TORCH_INDEX= .
 FROM python:3.11-slim
 
+ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -11,7 +14,8 @@ ENV PYTHONUNBUFFERED=1 \
 
 WORKDIR /app
 # torch first, from the index that matches the hardware; the project's range accepts it.
-RUN pip install torch --index-url "${TORCH_INDEX}"
+RUN if [ -n "${TORCH_INDEX}" ]; then pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX}"; \
+    else pip install "torch==${TORCH_VERSION}"; fi
 COPY . /app
 # Editable: migrations/ and the demo's fixture are read from the source tree.
 RUN pip install -e . \

@@ -34,11 +34,12 @@ demo: setup
 	bash scripts/demo.sh
 
 # The console's browser tests drive the system's Chromium through chromedriver: install both when absent
-# (root and apt-get: a fresh CI machine), otherwise say what is missing.
+# (root and apt-get: a fresh CI machine), otherwise say what is missing. Without Recommends (upower, udev,
+# a notification daemon, printer tools, fonts-liberation: fontconfig brings DejaVu fonts instead).
 browser:
 	@if ! { command -v chromium || command -v chromium-browser; } >/dev/null || ! command -v chromedriver >/dev/null; then \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-			apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; \
+			apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium chromium-driver; \
 		else \
 			echo "the console's browser tests need Chromium and chromedriver (e.g. apt-get install chromium chromium-driver)"; \
 			exit 1; \
@@ -46,11 +47,13 @@ browser:
 	fi
 
 # tests/test_compose.py validates docker-compose.yml with the `docker-compose` tool (Debian's package; no
-# Docker daemon needed): install it when absent (root and apt-get), otherwise say what is missing.
+# Docker daemon needed): install it when absent (root and apt-get), otherwise say what is missing. Without
+# Recommends: Debian's docker-compose recommends docker.io (the daemon, containerd, runc, iptables: 286 MB),
+# which `docker-compose config` never talks to.
 compose-tool:
 	@if ! command -v docker-compose >/dev/null; then \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-			apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker-compose; \
+			apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends docker-compose; \
 		else \
 			echo "tests/test_compose.py needs the docker-compose tool (e.g. apt-get install docker-compose)"; \
 			exit 1; \

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -67,18 +67,29 @@ def open_table(source: str | Path, fmt: str, split: str = "train") -> Any:
     return table
 
 
+def cli_flag(role: str) -> str:
+    """How a command line maps a field's column: `--question-column`."""
+    return f"--{role}-column"
+
+
+def query_parameter(role: str) -> str:
+    """How an HTTP upload maps a field's column: `?question_column=`."""
+    return f"?{role}_column="
+
+
 def items_from_rows(rows: Iterable[Mapping[str, Any]], columns: Columns, column_names: Iterable[str],
-                    name: str) -> list[OpinionItem]:
-    """Rows with the mapped columns as opinion items; `name` prefixes error fields."""
+                    name: str, mapped_by: Callable[[str], str] = cli_flag) -> list[OpinionItem]:
+    """Rows with the mapped columns as opinion items; `name` prefixes error fields; `mapped_by` names the
+    option that maps a field's column (a command line's flag, an HTTP query parameter) in errors."""
     present = set(column_names)
     for role in ("question", "options"):
         column = getattr(columns, role)
         if column not in present:
             raise SteerError(f"no column {column!r} in {name} (columns: {', '.join(sorted(present))}); "
-                             f"map it with --{role}-column", f"{role}_column")
+                             f"map it with {mapped_by(role)}", f"{role}_column")
     if columns.target not in present and columns.answer not in present:
         raise SteerError(f"{name} has neither a {columns.target!r} nor an {columns.answer!r} column; map one "
-                         "with --target-column or --answer-column", "target_column")
+                         f"with {mapped_by('target')} or {mapped_by('answer')}", "target_column")
     source = {field: column for field, column in asdict(columns).items() if column in present}
     items = []
     for i, row in enumerate(rows):

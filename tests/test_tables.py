@@ -71,6 +71,7 @@ def test_errors_name_the_row_and_the_source_column(tmp_path):
     with pytest.raises(SteerError) as caught:
         load_items(tmp_path / "bad.csv")  # default names: there is no `question` column
     assert caught.value.field == "question_column" and "prompt" in caught.value.message
+    assert "--question-column" in caught.value.message  # a file read by the command line: its flag
 
 
 def test_the_cli_maps_columns_and_reports_a_bad_cell_before_loading_a_model(tmp_path, capsys):

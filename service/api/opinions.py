@@ -64,7 +64,7 @@ def post_opinions(kind: str, external_id: str, body: OpinionsPost | None,
 
 def uploaded_items(query: OpinionsUploadQuery) -> list[OpinionItem]:
     """The uploaded table's rows as items (errors name `upload[row].<column>`); the file is deleted after."""
-    from steer_core.tables import Columns, items_from_rows, open_table
+    from steer_core.tables import Columns, items_from_rows, open_table, query_parameter
 
     fmt = UPLOADS[request.mimetype]
     path = receive_upload(context.settings().max_upload_bytes, suffix=f".{fmt}")
@@ -75,7 +75,7 @@ def uploaded_items(query: OpinionsUploadQuery) -> list[OpinionItem]:
                            f"has {table.num_rows}", "body")
         columns = Columns(**{field: getattr(query, f"{field}_column") for field in
                              ("question", "options", "target", "answer", "ordinal", "id")})
-        return items_from_rows(table, columns, table.column_names, "upload")
+        return items_from_rows(table, columns, table.column_names, "upload", mapped_by=query_parameter)
     finally:
         path.unlink(missing_ok=True)
 

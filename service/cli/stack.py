@@ -44,13 +44,16 @@ def up_file(settings: Settings) -> Path:
     return Path(settings.home) / UP_FILE
 
 
-def gunicorn_command(host: str, port: int, workers: int) -> list[str]:
+def gunicorn_command(host: str, port: int, workers: int, access_log: bool = True) -> list[str]:
+    """The API under gunicorn. `access_log`: a line per request on stdout, as production serving (`serve`, the
+    compose file's API) keeps it; `up` leaves it off unless asked (`--access-log`), as it would drown the rest."""
     # gthread: request threads hand work to the process's generation engine, which batches them: a full batch
     # can be in flight, and threads beyond it are left for health checks and the other routes.
     threads = Settings.from_env().request_threads()
     command = [sys.executable, "-m", "gunicorn", "--bind", f"{host}:{port}", "--workers", str(max(1, workers)),
-               "--worker-class", "gthread", "--threads", str(threads), "--timeout", "300", "--graceful-timeout", "15",
-               "--access-logfile", "-"]
+               "--worker-class", "gthread", "--threads", str(threads), "--timeout", "300", "--graceful-timeout", "15"]
+    if access_log:
+        command += ["--access-logfile", "-"]
     if _gunicorn_has("control_socket_disable"):
         # Newer gunicorn opens a control socket at one fixed path in $HOME: two stacks would collide.
         command.append("--no-control-socket")
@@ -290,7 +293,7 @@ def _restore_signals(previous: dict[int, Any]) -> None:
 
 
 def run_up(args: Any) -> int:
-    """`pluristeer up [--host H] [--port P] [--workers N] [--build-workers N] [--queues Q]`."""
+    """`pluristeer up [--host H] [--port P] [--workers N] [--build-workers N] [--queues Q] [--access-log]`."""
     from service.cli.redis_server import embedded_redis_url, ensure_redis, stop_embedded_redis
     from service.store.db import upgrade
 
@@ -319,8 +322,9 @@ def run_up(args: Any) -> int:
         if queues:
             worker_cmd += ["--queues", queues]
         children.append(start_child("build worker", worker_cmd, env))
-        children.append(start_child("API", gunicorn_command(host, port, int(getattr(args, "workers", 1) or 1)),
-                                    env))
+        api_cmd = gunicorn_command(host, port, int(getattr(args, "workers", 1) or 1),
+                                   access_log=bool(getattr(args, "access_log", False)))
+        children.append(start_child("API", api_cmd, env))
         wait_healthy(url, children)
         path = save_up_file(settings, url, key)
         print(f"\npluristeer is up at {url}", flush=True)

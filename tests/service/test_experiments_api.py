@@ -4,6 +4,10 @@ endpoint calls; the full run through chat is in test_experiments_live.py."""
 
 from __future__ import annotations
 
+import json
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 from api_helpers import make_group, mark_ready, profile_bytes, request_profile
@@ -67,6 +71,17 @@ def create(client, auth, body) -> dict:
     r = client.post("/v1/experiments", json=body, headers=auth)
     assert r.status_code == 201, r.json
     return r.json
+
+
+def test_the_readmes_experiment_request_creates_a_running_experiment(client, auth, profiles):
+    """README.md shows `POST /v1/experiments` with its body: that body, with a real profile id, is accepted."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    shown = re.search(r"/v1/experiments -d '\n(\{.*?\})'", readme, re.S)
+    assert shown is not None, "README.md no longer shows an experiment request"
+    exp = create(client, auth, json.loads(shown.group(1).replace("<profile id>", profiles[0])))
+    assert exp["state"] == "running" and exp["control"] == "plain" and exp["reward"] == "thumbs", exp
+    assert [(v["name"], [p["id"] for p in v["profiles"]]) for v in exp["variants"]] == [("plain", []),
+                                                                                       ("rural", [profiles[0]])]
 
 
 def expose(settings, exp_id: str, user: str, response_id: str, tenant: str = "tenant-a"):
@@ -272,9 +287,23 @@ def test_results_match_scipy(client, auth, settings, profiles):
             continue
         ref = stats.ttest_ind(values, rewards["plain"], equal_var=False)
         assert v["vs_control"]["test"] == "welch_t"
+        if min(len(values), len(rewards["plain"])) < res["min_per_arm"]:  # the split is the salted hash's
+            assert v["vs_control"]["p_value"] is None and v["vs_control"]["verdict"] == "not enough data"
+            assert v["vs_control"]["significant"] is False
+            continue
         assert v["vs_control"]["p_value"] == pytest.approx(ref.pvalue)
         assert v["vs_control"]["significant"] == (ref.pvalue < 0.05)
+        lo, hi = ref.confidence_interval(0.95)
+        assert (v["vs_control"]["ci_low"], v["vs_control"]["ci_high"]) == (pytest.approx(lo), pytest.approx(hi))
     assert sum(v["exposures"] for v in res["variants"]) == 90
+    # The split against the weights (1, 1, 0.5), with the sample-ratio check of the assigned users.
+    names = ["plain", "urban", "quiet"]
+    assigned = [by_name[name]["assigned"] for name in names]
+    assert [by_name[name]["share"] for name in names] == pytest.approx([0.4, 0.4, 0.2])
+    assert [by_name[name]["observed_share"] for name in names] == pytest.approx([a / 90 for a in assigned])
+    srm = res["sample_ratio"]
+    assert srm["p_value"] == pytest.approx(stats.chisquare(assigned, [36, 36, 18]).pvalue)
+    assert srm["threshold"] == 0.001 and srm["enough_data"] and srm["mismatch"] == (srm["p_value"] < 0.001)
     expected_winner = "urban" if by_name["urban"]["vs_control"]["significant"] else None
     assert res["winner"] == expected_winner
     png = client.get(f"/v1/experiments/{exp['id']}/results.png", headers=auth)

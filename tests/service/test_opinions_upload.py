@@ -90,6 +90,12 @@ def test_jsonl_and_parquet_uploads_store_the_same_items_as_json(client, auth):
 
     r = client.post("/v1/groups/jsonl/opinions", data=as_csv(rows), headers={**auth, "Content-Type": "text/csv"})
     assert r.status_code == 422 and r.json["error"]["field"] == "question_column", r.json
+    # Named as an HTTP client maps it (the query parameter), not as the command line does (--question-column).
+    assert "?question_column=" in r.json["error"]["message"] and "--" not in r.json["error"]["message"], r.json
+    r = client.post("/v1/groups/jsonl/opinions?question_column=prompt&options_column=choices", data=as_csv(rows),
+                    headers={**auth, "Content-Type": "text/csv"})
+    assert r.status_code == 422 and r.json["error"]["field"] == "target_column", r.json
+    assert "?target_column=" in r.json["error"]["message"] and "?answer_column=" in r.json["error"]["message"]
     r = client.post(f"/v1/groups/jsonl/opinions?{MAPPING}&colour=red", data=as_csv(rows),
                     headers={**auth, "Content-Type": "text/csv"})
     assert r.status_code == 422 and r.json["error"]["field"] == "colour", r.json

@@ -99,6 +99,9 @@ def test_up_runs_the_stack_and_sigint_stops_everything(tmp_path, default_model_p
 
         proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
         assert proc.wait(timeout=90) == 0, "".join(lines)[-3000:]
+        reader.join(timeout=10)
+        # No access log unless asked (`up --access-log`): the requests above left no line each.
+        assert not any("HTTP/1.1" in line for line in lines), "".join(lines)[-3000:]
         gone, alive = psutil.wait_procs(started, timeout=30)
         assert not alive, [p.cmdline() for p in alive]
         with pytest.raises(OSError):
@@ -110,3 +113,46 @@ def test_up_runs_the_stack_and_sigint_stops_everything(tmp_path, default_model_p
         for p in started:
             if p.is_running():
                 p.kill()
+
+
+def test_the_access_log_is_off_in_up_unless_asked_and_on_in_serve(tmp_path, monkeypatch):
+    """What `up` and `serve` start gunicorn with, from their own command lines (nothing is started)."""
+    import service.cli.redis_server as redis_server
+    import service.store.db as db
+    from service.cli import stack
+    from service.cli.main import build_parser
+
+    monkeypatch.setenv("PLURISTEER_HOME", str(tmp_path))
+    started: dict[str, list[str]] = {}
+
+    class Exited:
+        class process:
+            @staticmethod
+            def wait() -> int:
+                return 0
+
+    def start_child(name, command, env):
+        started[name] = command
+        return Exited()
+
+    def stop_once_started(url, children):
+        raise stack._Stop("SIGINT")  # as Ctrl-C would: `up` stops before it serves
+
+    monkeypatch.setattr(stack, "start_child", start_child)
+    monkeypatch.setattr(stack, "stop_child", lambda child: None)
+    monkeypatch.setattr(stack, "port_free", lambda host, port: True)
+    monkeypatch.setattr(stack, "first_key", lambda settings: ("psk_test", False))
+    monkeypatch.setattr(stack, "wait_healthy", stop_once_started)
+    monkeypatch.setattr(redis_server, "ensure_redis", lambda url: "redis://127.0.0.1:1/0")
+    monkeypatch.setattr(redis_server, "stop_embedded_redis", lambda: None)
+    monkeypatch.setattr(db, "upgrade", lambda url: None)
+
+    def api_command(argv: list[str]) -> list[str]:
+        started.clear()
+        args = build_parser().parse_args(argv)
+        assert args.func(args) == 0
+        return started["API"]
+
+    assert "--access-logfile" not in api_command(["up"])
+    assert "--access-logfile" in api_command(["up", "--access-log"])
+    assert "--access-logfile" in api_command(["serve"])  # production serving (and the compose file's API) keeps it
