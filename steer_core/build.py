@@ -35,9 +35,22 @@ tried on OpinionsQA (20 items, 3 folds) and stopped an ODESteer build that won b
 lost 0.09 on other questions, but also four COLD-FD and COLD-Kernel builds whose gains held on other
 questions (+0.035 to +0.071): with 20 items one standard error is about the size of a real gain.
 
-Option orders: with `orders = 2` every method fits on each item twice, in its options' order and
-reversed (letters re-assigned, targets permuted with them), so an option's letter cannot carry the
-signal; items are still judged in their own order.
+Option orders (`orders`, default 2): every method fits on each item twice, in its options' order and
+reversed (letters re-assigned, targets permuted with them), and every reading the selection, the
+calibration and the question lean see is the order-averaged one (`steer_core.prompts`: both orders read
+and averaged), which is what the debiased readers (`/v1/score`, eval, the offline comparison) serve. So an
+option's letter cannot carry the signal, and what was chosen is what is served in any option order.
+`orders = 1` fits and reads in the survey's order only (half the reads; on held-out OpinionsQA waves such
+profiles lost up to 0.18 alignment against a calibration once the options were reversed).
+
+What a profile does is said plainly (`steer_core.verdict`): `metrics["verdict"]` says what it serves
+(steering, the calibrated model or the unsteered model), whether its answers are near uniform, and whether
+it improved, meaning what ships beats both the calibrated model and uniform answers by more than one
+standard error out of fold; `metrics["generation"]` is what chat gets (the steering alone, uncalibrated,
+read one option order at a time, against unsteered). A candidate whose out-of-fold gain for chat is negative
+cannot ship, however it reads once calibrated and averaged over orders: a push toward one letter averages
+out over the two orders into mere flattening, which a calibration then undoes, while chat, which reads one
+order, would get the push.
 
 Why folds, not one held-out share: with 20 items a single split judges on 6, and which 6 decides the
 choice (on OpinionsQA a split whose 6 items the model answered badly shipped profiles that hurt the
@@ -47,7 +60,7 @@ other questions); every item judging once spreads that luck over the whole sampl
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Generic, TypeVar
 
@@ -68,9 +81,11 @@ from steer_core.folds import FOLDS, HELDOUT_SHARE, MIN_HELDOUT, MIN_TRAIN, fold_
 from steer_core.methods import check_positions, fit_settings, get_method
 from steer_core.metrics import item_metrics, mean_metrics
 from steer_core.models import LanguageModel
+from steer_core.option_orders import average_orders, in_both_orders, split_orders
 from steer_core.profile import Profile
-from steer_core.prompts import answer_distributions, answer_distributions_under, read_answers, reuse_block_inputs
+from steer_core.prompts import answer_distributions_under, read_answers, reuse_block_inputs
 from steer_core.question_lean import MIN_LEAN_ITEMS, QuestionLean, fit_for_sample, lean_out_of_fold
+from steer_core.verdict import Serves, generation_gain, judge
 
 # progress(done, total, stage)
 Progress = Callable[[int, int, str], None]
@@ -78,8 +93,8 @@ Progress = Callable[[int, int, str], None]
 SELECTION_METRIC = "alignment"
 # A setting must beat unsteered by more than this much mean alignment to ship.
 MIN_GAIN = 1e-4
-ORDERS = (1, 2)  # fit on each item in its own option order only, or also reversed
-DEFAULT_ORDERS = 1
+ORDERS = (1, 2)  # fit and read each item in its own option order only, or also reversed (read: averaged)
+DEFAULT_ORDERS = 2
 # `metrics["per_item"]` keeps at most this many items (a profile's metrics travel in its file and its API
 # document), each question cut to QUESTION_CHARS characters.
 PER_ITEM_LIMIT = 500
@@ -95,21 +110,13 @@ MIN_LEAN_SAMPLE = 100
 def check_orders(orders: Any) -> int:
     if isinstance(orders, bool) or orders not in ORDERS:
         raise SteerError(f"must be one of {', '.join(map(str, ORDERS))} (2: also fit on each item with its "
-                         "options reversed)", "params.orders")
+                         "options reversed, and judge on both orders' reads averaged)", "params.orders")
     return int(orders)
 
 
 def in_orders(items: Sequence[OpinionItem], orders: int) -> list[OpinionItem]:
     """The items a method fits on: each item, and with `orders = 2` also its options reversed."""
     return list(items) + ([reverse_options(it) for it in items] if orders == 2 else [])
-
-
-def score_items(lm: LanguageModel, items: Sequence[OpinionItem], profile: Profile | None) -> dict[str, np.ndarray]:
-    """Every metric of every item of `items` under `profile` (None: unsteered)."""
-    if profile is None or profile.strength == 0:
-        return item_metrics(items, answer_distributions(lm, items))
-    return item_metrics(items, answer_distributions(lm, items,
-                                                    [get_method(profile.method).intervention(profile, lm)]))
 
 
 def per_item_record(items: Sequence[OpinionItem], unsteered: np.ndarray, calibrated: np.ndarray | None,
@@ -147,7 +154,9 @@ class Selection(Generic[Setting]):
     """What `select_setting` chose. `best`: the candidate with the best out-of-fold score (`search`: calibrated
     alignment, or specificity when `by_specificity`); `improved`: it beats the calibrated unsteered model
     (else strength 0 ships); `calibration`: the map that ships (fitted on every item's reading of the shipped
-    setting); `baselines` and `best_items`: per-item metrics (`metrics.item_metrics`), every one out of fold."""
+    setting); `baselines` and `best_items`: per-item metrics (`metrics.item_metrics`), every one out of fold;
+    `calibrated` and `best_answers`: the calibrated unsteered model's and the best candidate's calibrated
+    answer distributions, out of fold."""
 
     best: Setting | None
     improved: bool
@@ -156,6 +165,8 @@ class Selection(Generic[Setting]):
     search: dict[Setting, float]
     baselines: dict[str, dict[str, np.ndarray]]
     best_items: dict[str, np.ndarray]
+    calibrated: list[np.ndarray]
+    best_answers: list[np.ndarray]
     by_specificity: bool = False
 
     @property
@@ -163,10 +174,14 @@ class Selection(Generic[Setting]):
         """Per-item metrics of what ships: the best candidate when it improved, else the calibrated model."""
         return self.best_items if self.improved else self.baselines["calibrated"]
 
+    @property
+    def shipped_answers(self) -> list[np.ndarray]:
+        return self.best_answers if self.improved else self.calibrated
+
 
 def select_setting(items: Sequence[OpinionItem], unsteered: Sequence[np.ndarray],
                    candidates: Mapping[Setting, Sequence[np.ndarray]], folds: Sequence[Sequence[int]],
-                   min_gain: float = MIN_GAIN) -> Selection[Setting]:
+                   min_gain: float = MIN_GAIN, eligible: Collection[Setting] | None = None) -> Selection[Setting]:
     """Choose among `candidates` (setting -> out-of-fold answer distributions, one per item), each judged
     after its own calibration, itself fitted out of fold (each fold's items mapped by a fit on the other
     folds' readings), against the unsteered model with its out-of-fold calibration (the floor):
@@ -177,6 +192,9 @@ def select_setting(items: Sequence[OpinionItem], unsteered: Sequence[np.ndarray]
       alignment with its contrast, among candidates whose own gain is not negative; the best ships if
       its specificity exceeds `min_gain`. Flattening moves both alignments alike and scores about 0, so
       steering ships only for what tells the group apart, and never at a loss to the group itself.
+
+    `eligible` (None: all) are the candidates that may ship; `best` is the best of them (the best of all when
+    none is eligible, which then does not ship).
     """
     calibration, calibrated, lean = choose_calibration(items, unsteered, folds)
     baselines = {"unsteered": item_metrics(items, unsteered),
@@ -186,7 +204,7 @@ def select_setting(items: Sequence[OpinionItem], unsteered: Sequence[np.ndarray]
     others = contrast_items(items)
     others_floor = sample_alignment(others, calibrated) if others is not None else None
     search: dict[Setting, float] = {}
-    best: tuple[float, Setting, list[np.ndarray]] | None = None
+    best: tuple[float, Setting, list[np.ndarray], bool] | None = None
     for key, dists in candidates.items():
         mapped = calibrate_out_of_fold(items, dists, folds, lean)
         own = sample_alignment(items, mapped)
@@ -197,16 +215,18 @@ def select_setting(items: Sequence[OpinionItem], unsteered: Sequence[np.ndarray]
             own_gain = float((own - floor).mean())
             search[key] = own_gain - float((sample_alignment(others, mapped) - others_floor).mean())
             margin = search[key] if own_gain >= 0 else -math.inf
-        if best is None or margin > best[0]:
-            best = (margin, key, mapped)
+        may_ship = eligible is None or key in eligible
+        # Eligible candidates first, then by margin.
+        if best is None or (may_ship, margin) > (best[3], best[0]):
+            best = (margin, key, mapped, may_ship)
     if best is None:
-        return Selection(None, False, calibration, lean, search, baselines, baselines["calibrated"],
-                         others is not None)
-    improved = best[0] > min_gain
+        return Selection(None, False, calibration, lean, search, baselines, baselines["calibrated"], calibrated,
+                         calibrated, others is not None)
+    improved = best[3] and best[0] > min_gain
     if improved:
         calibration = fit_calibration(items, candidates[best[1]], lean)
     return Selection(best[1], improved, calibration, lean, search, baselines, item_metrics(items, best[2]),
-                     others is not None)
+                     calibrated, best[2], others is not None)
 
 
 def lean_blocks(lm: LanguageModel) -> list[int]:
@@ -217,12 +237,12 @@ def lean_blocks(lm: LanguageModel) -> list[int]:
 def choose_question_lean(items: Sequence[OpinionItem], readings: Sequence[np.ndarray],
                          states: Mapping[int, np.ndarray], chosen: Selection[Any],
                          folds: Sequence[Sequence[int]], min_items: int = MIN_LEAN_SAMPLE
-                         ) -> tuple[QuestionLean | None, dict[str, Any], dict[str, np.ndarray]]:
+                         ) -> tuple[QuestionLean | None, dict[str, Any], dict[str, np.ndarray], list[np.ndarray]]:
     """Whether a question lean (`steer_core.question_lean`) beats the plain calibration of what ships, both
     built out of fold on `readings` (what ships, read out of fold) and judged as the selection judges (by
     specificity when the items carry a contrast); considered for samples of at least `min_items` items.
     Returns the lean to ship (None: the plain calibration stays), its record for the metrics, and the
-    per-item metrics of what ships."""
+    per-item metrics and answers (out of fold) of what ships."""
     skipped = None
     if len(items) < min_items:
         skipped = f"a question lean is considered from {min_items} items; this sample has {len(items)}"
@@ -231,7 +251,7 @@ def choose_question_lean(items: Sequence[OpinionItem], readings: Sequence[np.nda
     elif len(items) - max(len(fold) for fold in folds) < MIN_LEAN_ITEMS:
         skipped = f"a fold's complement holds fewer than {MIN_LEAN_ITEMS} items"
     if skipped is not None:
-        return None, {"shipped": False, "layer": None, "note": skipped}, chosen.shipped_items
+        return None, {"shipped": False, "layer": None, "note": skipped}, chosen.shipped_items, chosen.shipped_answers
     plain = calibrate_out_of_fold(items, readings, folds, chosen.lean)
     leaned = lean_out_of_fold(items, readings, states, folds, chosen.lean)
     own = sample_alignment(items, leaned)
@@ -247,9 +267,9 @@ def choose_question_lean(items: Sequence[OpinionItem], readings: Sequence[np.nda
                               "metric": "specificity" if others is not None else SELECTION_METRIC,
                               "margin": margin if math.isfinite(margin) else None}
     if not record["shipped"]:
-        return None, {**record, "layer": None}, chosen.shipped_items
+        return None, {**record, "layer": None}, chosen.shipped_items, chosen.shipped_answers
     lean = fit_for_sample(items, readings, states, chosen.calibration.temperature)
-    return lean, {**record, "layer": lean.layer}, item_metrics(items, leaned)
+    return lean, {**record, "layer": lean.layer}, item_metrics(items, leaned), leaned
 
 
 @reuse_answer_activations()  # the folds refit on subsets of the items the full fit has read
@@ -284,11 +304,21 @@ def build_profile(lm: LanguageModel, items: Sequence[OpinionItem], method: str,
         profile = spec.fit(lm, in_orders(items, orders), [layer], own, positions)[layer]
         profile.strength = float(strength)
         report(1, 3, "score")
-        before, after = score_items(lm, items, None), score_items(lm, items, profile)
+        steering = [spec.intervention(profile, lm)] if profile.strength != 0 else None
+        unsteered_read = read_answers(lm, items, orders=orders)
+        steered_read = read_answers(lm, items, steering, orders=orders) if steering else unsteered_read
+        before = item_metrics(items, unsteered_read.distributions)
+        after = item_metrics(items, steered_read.distributions)
         report(3, 3, "done")
-        improved = bool(after[SELECTION_METRIC].mean() > before[SELECTION_METRIC].mean())
+        uniform = item_metrics(items, uniform_distributions(items))[SELECTION_METRIC]
+        # Nothing was calibrated: the unsteered model is the calibrated floor here.
+        verdict = judge(after[SELECTION_METRIC], before[SELECTION_METRIC], uniform, steered_read.distributions,
+                        "steering" if steering else "unsteered model")
         profile.metrics = {"evaluation": "in-sample", "orders": orders, "unsteered": mean_metrics(before),
-                           "steered": mean_metrics(after), "search": None, "improved": improved,
+                           "steered": mean_metrics(after), "search": None, "steering_shipped": bool(steering),
+                           "improved": verdict.improved, "verdict": verdict.to_json(),
+                           "generation": {"steering": bool(steering), **generation_gain(
+                               items, steered_read.by_order, unsteered_read.by_order, contrast_items(items))},
                            "per_item": per_item_record(items, before[SELECTION_METRIC], None,
                                                        after[SELECTION_METRIC])}
         profile.sample_hash = sample_hash(items)
@@ -306,12 +336,15 @@ def build_profile(lm: LanguageModel, items: Sequence[OpinionItem], method: str,
              for v in range(len(settings)) for L in layers}
     report(1, total, "score unsteered")
     # The unsteered read also keeps the prompts' states a question lean may read (when one is considered).
-    unsteered_read = read_answers(lm, items, state_layers=lean_blocks(lm) if len(items) >= MIN_LEAN_SAMPLE else [])
+    unsteered_read = read_answers(lm, items, state_layers=lean_blocks(lm) if len(items) >= MIN_LEAN_SAMPLE else [],
+                                  orders=orders)
     unsteered = unsteered_read.distributions
     done = 2
-    # Out-of-fold answer distributions of every candidate (setting, layer, index into its strength grid).
-    oof: dict[tuple[int, int, int], list[Any]] = {(v, L, j): [None] * len(items) for (v, L), grid in grids.items()
-                                                  for j in range(len(grid))}
+    # Out-of-fold answer distributions of every candidate (setting, layer, index into its strength grid):
+    # oof_by_order[key][o][i] in order o alone (o = 0: the item's own, 1: reversed, mapped back), oof the mean.
+    oof_by_order: dict[tuple[int, int, int], list[list[Any]]] = {
+        (v, L, j): [[None] * len(items) for _ in range(orders)] for (v, L), grid in grids.items()
+        for j in range(len(grid))}
     for f, fold in enumerate(folds):
         held = set(fold)
         report(done, total, f"fold {f + 1}/{len(folds)}: fit")
@@ -319,6 +352,7 @@ def build_profile(lm: LanguageModel, items: Sequence[OpinionItem], method: str,
                               layers, settings, positions)
         done += 1
         judged = [items[i] for i in fold]
+        asked = in_both_orders(judged) if orders == 2 else judged  # both orders in the same batches
         for L in layers:
             # Every (setting, strength) of the layer in one call, which runs what they share once.
             steerings: list[Any] = []
@@ -329,16 +363,23 @@ def build_profile(lm: LanguageModel, items: Sequence[OpinionItem], method: str,
                     fitted[v][L].strength = s
                     steerings.append([spec.intervention(fitted[v][L], lm)] if s != 0 else None)
                     keys.append((v, L, j))
-            for key, dists in zip(keys, answer_distributions_under(lm, judged, steerings), strict=True):
-                for i, d in zip(fold, dists, strict=True):
-                    oof[key][i] = d
+            for key, dists in zip(keys, answer_distributions_under(lm, asked, steerings, orders=1), strict=True):
+                for o, reads in enumerate(split_orders(dists, len(judged)) if orders == 2 else [dists]):
+                    for i, d in zip(fold, reads, strict=True):
+                        oof_by_order[key][o][i] = d
             done += 1
             report(done, total, f"fold {f + 1}/{len(folds)}: searched layer {L}")
-    chosen = select_setting(items, unsteered, oof, folds)
+    oof = {key: average_orders(reads) for key, reads in oof_by_order.items()}
+    # What chat would get from each candidate: its steering alone, read one order at a time, over unsteered.
+    # A candidate that makes that worse (a letter bias that a calibrated, order-averaged read hides) cannot ship.
+    for_chat = {key: generation_gain(items, reads, unsteered_read.by_order)["gain_vs_unsteered"]["mean"]
+                for key, reads in oof_by_order.items()}
+    chosen = select_setting(items, unsteered, oof, folds, eligible={key for key, g in for_chat.items() if g >= 0})
     score_name = "specificity" if chosen.by_specificity else SELECTION_METRIC
     search = [{"layer": L, "strength": grids[(v, L)][j], **{k: settings[v][k] for k in varied},
                score_name: chosen.search[(v, L, j)],
-               "uncalibrated_alignment": float(sample_alignment(items, oof[(v, L, j)]).mean())} for v, L, j in oof]
+               "uncalibrated_alignment": float(sample_alignment(items, oof[(v, L, j)]).mean()),
+               "generation_gain": for_chat[(v, L, j)]} for v, L, j in oof]
     assert chosen.best is not None
     best_setting, best_layer, best_index = chosen.best
     improved = chosen.improved
@@ -350,12 +391,24 @@ def build_profile(lm: LanguageModel, items: Sequence[OpinionItem], method: str,
     # A question lean reads states that the shipped steering does not move: blocks below its own.
     lean_states = {L: x for L, x in unsteered_read.states.items() if not improved or L < best_layer}
     shipped_readings = oof[chosen.best] if improved else unsteered
-    profile.question_lean, lean_record, shipped_items = choose_question_lean(items, shipped_readings, lean_states,
-                                                                             chosen, folds)
+    profile.question_lean, lean_record, shipped_items, shipped_answers = choose_question_lean(
+        items, shipped_readings, lean_states, chosen, folds)
     profile.sample_hash = sample_hash(items)
     best_alignment = chosen.best_items[SELECTION_METRIC]
     calibrated_alignment = chosen.baselines["calibrated"][SELECTION_METRIC]
     unsteered_alignment = chosen.baselines["unsteered"][SELECTION_METRIC]
+    shipped_alignment = shipped_items[SELECTION_METRIC]
+    serves: Serves = "steering" if improved else (
+        "unsteered model" if profile.calibration.is_identity and profile.question_lean is None else "calibrated model")
+    verdict = judge(shipped_alignment, calibrated_alignment, chosen.baselines["uniform"][SELECTION_METRIC],
+                    shipped_answers, serves)
+    # What chat gets: the shipped steering alone, one option order at a time (none shipped: exactly unsteered).
+    steered_by_order = oof_by_order[chosen.best] if improved else unsteered_read.by_order
+    generation = {"steering": improved, **generation_gain(items, steered_by_order, unsteered_read.by_order,
+                                                          contrast_items(items)),
+                  "note": "the steering alone, uncalibrated, read one option order at a time as a chat prompt is; "
+                          "the calibration and question lean act on option distributions only" if improved else
+                          "no steering ships: chat gets the unsteered model"}
     profile.metrics = {
         "evaluation": "cross-validated", "folds": len(folds), "items": len(items), "orders": orders,
         "selection": ("out-of-fold specificity over the calibrated unsteered model (gain in alignment with the "
@@ -366,9 +419,15 @@ def build_profile(lm: LanguageModel, items: Sequence[OpinionItem], method: str,
         "best_candidate": best_after,
         "gain": _gain(best_alignment, unsteered_alignment),
         "gain_vs_calibrated": _gain(best_alignment, calibrated_alignment),
+        "shipped_gain": {"vs_unsteered": _gain(shipped_alignment, unsteered_alignment),
+                         "vs_calibrated": _gain(shipped_alignment, calibrated_alignment),
+                         "vs_uniform": _gain(shipped_alignment, chosen.baselines["uniform"][SELECTION_METRIC])},
         "calibration": {**chosen.calibration.to_json(), "lean_fitted": chosen.lean},
         "question_lean": lean_record,
-        "improved": improved,
+        "steering_shipped": improved,
+        "improved": verdict.improved,
+        "verdict": verdict.to_json(),
+        "generation": generation,
         "choice": {"layer": best_layer, "strength": profile.strength, **{k: settings[best_setting][k] for k in varied},
                    "metric": score_name},
         "search": search,
@@ -376,6 +435,7 @@ def build_profile(lm: LanguageModel, items: Sequence[OpinionItem], method: str,
             "no setting told the group apart from its contrast better than the calibrated unsteered model on "
             "held-out items without a loss to the group" if chosen.by_specificity else
             "no setting beat the calibrated unsteered model on held-out items")
+            + " without making what chat gets (the steering alone, one option order at a time) worse than unsteered"
             + "; strength set to 0 (the profile applies its calibration only)",
         "per_item": per_item_record(items, unsteered_alignment, calibrated_alignment,
                                     shipped_items[SELECTION_METRIC]),

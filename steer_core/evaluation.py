@@ -3,8 +3,10 @@
 Several profiles are judged against several groups' targets on the same questions (the cross table),
 beside three baselines: `unsteered`, `uniform` (1/n per option) and `calibrated` (the unsteered model
 through a temperature and an ordinal lean, fitted for each group out of fold: `steer_core.calibration`).
-Each question is also read with its options in reverse order (letters re-assigned, target permuted with
-them); a profile that learned "answer A" gains in one order and loses in the other. Every gain is a
+Each question is also presented with its options in reverse order (letters re-assigned, target permuted
+with them); read one order at a time, a profile that learned "answer A" gains in one order and loses in
+the other. `evaluate` reads as the service does, debiased (both orders read and averaged, so the two
+presentations get the same answers); `debiased=False` shows each order on its own. Every gain is a
 paired difference over questions with its standard error, over each baseline (`gain_vs_uniform` says
 directly whether a profile does more than flattening would).
 
@@ -202,39 +204,53 @@ def evaluate_readings(groups: Mapping[str, Sequence[OpinionItem]], unsteered: Re
 
 
 def read_orders(lm: LanguageModel, items: Sequence[OpinionItem], profile: Profile | None = None,
-                orders: Sequence[str] = ORDERS) -> dict[str, list[np.ndarray]]:
+                orders: Sequence[str] = ORDERS, debiased: bool = True) -> dict[str, list[np.ndarray]]:
     """Answer distributions of `items` in each order, mapped back to survey option order, under `profile`
-    (None: unsteered) with the profile's own calibration applied."""
+    (None: unsteered) with the profile's own calibration applied.
+
+    `debiased` (the default, as the service's readers serve): each question is read in both option orders and
+    the two averaged (`steer_core.prompts`), so every order asked gets that same reading; False: each order is
+    read on its own (what a single-order reader, and chat, sees)."""
     from steer_core.methods import intervention
     from steer_core.prompts import read_answers
 
     unknown = set(orders) - set(ORDERS)
     if unknown:
         raise ValueError(f"unknown order {sorted(unknown)[0]!r}; choose from {ORDERS}")
-    asked = [it if order == ORIGINAL else reverse_options(it) for order in orders for it in items]
     steering = [intervention(profile, lm)] if profile is not None and profile.strength != 0 else None
     lean = profile.question_lean if profile is not None else None
+    layers = [lean.layer] if lean is not None else []
+    n = len(items)
+    if debiased:
+        read = read_answers(lm, items, steering, layers, orders=2)
+        calibrations = profile.calibrations(items, read.states) if profile is not None else [IDENTITY] * n
+        debiased_reads = [c.apply(p, it.ordinal) for c, p, it in zip(calibrations, read.distributions, items,
+                                                                     strict=True)]
+        return {order: debiased_reads for order in orders}
+    asked = [it if order == ORIGINAL else reverse_options(it) for order in orders for it in items]
     # One call: batches fill up across orders. A question lean reads each order's own prompt.
-    read = read_answers(lm, asked, steering, [lean.layer] if lean is not None else [])
+    read = read_answers(lm, asked, steering, layers, orders=1)
     calibrations = profile.calibrations(asked, read.states) if profile is not None else [IDENTITY] * len(asked)
     out: dict[str, list[np.ndarray]] = {}
     for k, order in enumerate(orders):
-        part = slice(k * len(items), (k + 1) * len(items))
-        chunk = [p if order == ORIGINAL else p[::-1].copy() for p in read.distributions[part]]
+        part = slice(k * n, (k + 1) * n)
+        reads = read.distributions[part]
+        chunk = reads if order == ORIGINAL else [p[::-1].copy() for p in reads]
         out[order] = [c.apply(p, it.ordinal) for c, p, it in zip(calibrations[part], chunk, items, strict=True)]
     return out
 
 
 def evaluate(lm: LanguageModel, groups: Mapping[str, Sequence[OpinionItem]], profiles: Mapping[str, Profile],
              own: Mapping[str, str | None] | None = None, calibrations: Mapping[str, Calibration] | None = None,
-             orders: Sequence[str] = ORDERS, seed: int = 0) -> dict[str, Any]:
-    """Read the model unsteered and under each profile (its calibration applied) in every order, then
-    `evaluate_readings`. Profiles are checked against `lm`."""
+             orders: Sequence[str] = ORDERS, seed: int = 0, debiased: bool = True) -> dict[str, Any]:
+    """Read the model unsteered and under each profile (its calibration applied) in every order (`read_orders`:
+    debiased by default), then `evaluate_readings`. Profiles are checked against `lm`."""
     _check_same_questions(groups)
     questions = list(next(iter(groups.values())))
-    unsteered = read_orders(lm, questions, None, orders)
-    readings = {name: read_orders(lm, questions, p, orders) for name, p in profiles.items()}
+    unsteered = read_orders(lm, questions, None, orders, debiased)
+    readings = {name: read_orders(lm, questions, p, orders, debiased) for name, p in profiles.items()}
     report = evaluate_readings(groups, unsteered, readings, own, calibrations, seed)
+    report["debiased"] = debiased
     for name, p in profiles.items():
         report["profiles"][name].update({"method": p.method, "layer": p.layer, "strength": p.strength,
                                          "calibration": p.calibration.to_json(),

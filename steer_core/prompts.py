@@ -5,6 +5,11 @@ model's answer distribution with `answer_distributions`: the softmax over the op
 the first assistant position, renormalized over the item's valid options (`answer_distributions_under`
 reads the same items under several steerings, as a build's search does, sharing what they share;
 `read_answers` also returns the prompts' mean hidden states after some blocks, from the same calls).
+
+Option order (`steer_core.option_orders`): the readers are debiased by default (`orders = 2`): each question
+is read in its options' order and reversed, in the same batches, and the two distributions (the reversed one
+mapped back) are averaged, as are the prompts' states. The result is the same whichever order the caller
+gave the options in, at twice the reads; `orders = 1` reads the given order only (what generation sees).
 """
 
 from __future__ import annotations
@@ -26,6 +31,13 @@ from transformers import BatchEncoding, PreTrainedTokenizerBase
 from steer_core.blocks import block_inputs, last_logits_from, map_rows
 from steer_core.data import OpinionItem
 from steer_core.models import LanguageModel
+from steer_core.option_orders import (
+    DEFAULT_READ_ORDERS,
+    average_orders,
+    check_read_orders,
+    in_both_orders,
+    split_orders,
+)
 from steer_core.steering import ForwardContext, RowSteering, apply, is_one_steering, steers_in_chunks
 
 LETTERS = string.ascii_uppercase
@@ -97,41 +109,55 @@ def option_log_probs(lm: LanguageModel, last_logits: Tensor, items: Sequence[Opi
     return torch.log_softmax(option_logits(lm, last_logits, items), dim=-1)
 
 
-@dataclass
-class AnswerDistribution:
-    item: OpinionItem
-    probs: np.ndarray  # one probability per option
-
-
 Steering = RowSteering | Sequence[RowSteering | None] | None
 
 
 def answer_distributions(lm: LanguageModel, items: Sequence[OpinionItem], steering: Steering = None,
-                         batch_size: int = 16,
-                         progress: Callable[[int, int], None] | None = None) -> list[np.ndarray]:
-    """The model's answer distribution over each item's options, optionally steered.
+                         batch_size: int = 16, progress: Callable[[int, int], None] | None = None,
+                         orders: int = DEFAULT_READ_ORDERS) -> list[np.ndarray]:
+    """The model's answer distribution over each item's options, optionally steered; with `orders = 2` the
+    mean of the reads in both option orders (the module's docstring says why).
 
     `steering` is one `RowSteering` for every item, or a list with one entry per item.
     """
-    return read_answers(lm, items, steering, (), batch_size, progress).distributions
+    return read_answers(lm, items, steering, (), batch_size, progress, orders).distributions
 
 
 @dataclass
 class AnswerRead:
     """What one read of some items gives: each item's answer distribution and, for each block asked for,
-    each prompt's hidden state after that block averaged over the prompt's tokens, (items, hidden)."""
+    each prompt's hidden state after that block averaged over the prompt's tokens, (items, hidden); both
+    averaged over the orders read. `by_order`: each order's distributions on their own (the given order
+    first, then reversed and mapped back to the given order), what a single-order reader would see."""
 
     distributions: list[np.ndarray]
     states: dict[int, np.ndarray]
+    by_order: list[list[np.ndarray]]
 
 
 @torch.no_grad()
 def read_answers(lm: LanguageModel, items: Sequence[OpinionItem], steering: Steering = None,
                  state_layers: Sequence[int] = (), batch_size: int = 16,
-                 progress: Callable[[int, int], None] | None = None) -> AnswerRead:
+                 progress: Callable[[int, int], None] | None = None,
+                 orders: int = DEFAULT_READ_ORDERS) -> AnswerRead:
     """`answer_distributions`, and the prompts' mean hidden states after the blocks `state_layers`, from the
     same forward calls. A state is read before the steering of its own block acts on that block's output
-    (its hook comes first), so a steering at block L does not move the states of blocks up to L."""
+    (its hook comes first), so a steering at block L does not move the states of blocks up to L. With
+    `orders = 2` both orders are read in the same batches and averaged (distributions and states)."""
+    if check_read_orders(orders) == 1:
+        return _read(lm, items, steering, state_layers, batch_size, progress)
+    per_item = _per_item_steering(steering, len(items))
+    read = _read(lm, in_both_orders(items), None if per_item is None else per_item * 2, state_layers, batch_size,
+                 None if progress is None else lambda done, total: progress(done // 2, total // 2))
+    n = len(items)
+    by_order = split_orders(read.distributions, n)
+    states = {layer: 0.5 * (s[:n] + s[n:]) for layer, s in read.states.items()}
+    return AnswerRead(average_orders(by_order), states, by_order)
+
+
+def _read(lm: LanguageModel, items: Sequence[OpinionItem], steering: Steering, state_layers: Sequence[int],
+          batch_size: int, progress: Callable[[int, int], None] | None) -> AnswerRead:
+    """Each item read once, in its own option order."""
     per_item = _per_item_steering(steering, len(items))
     out: list[np.ndarray] = [np.empty(0)] * len(items)
     states = {layer: np.zeros((len(items), lm.hidden_size)) for layer in state_layers}
@@ -158,7 +184,7 @@ def read_answers(lm: LanguageModel, items: Sequence[OpinionItem], steering: Stee
             out[i] = probs[row, :len(it.options)].astype(np.float64)
         if progress is not None:
             progress(min(start + batch_size, len(items)), len(items))
-    return AnswerRead(out, states)
+    return AnswerRead(out, states, [out])
 
 
 def _keep_prompt_mean(out: np.ndarray, rows: list[int], mask: Tensor) -> Callable[..., None]:
@@ -256,18 +282,22 @@ def block_batches(lm: LanguageModel, items: Sequence[OpinionItem], layer: int, b
 @torch.no_grad()
 def answer_distributions_under(lm: LanguageModel, items: Sequence[OpinionItem],
                                steerings: Sequence[RowSteering | None], batch_size: int = 16,
-                               rows_per_call: int = 48) -> list[list[np.ndarray]]:
-    """Every item's answer distribution under each of `steerings` (None: unsteered), one list per steering.
+                               rows_per_call: int = 48, orders: int = DEFAULT_READ_ORDERS) -> list[list[np.ndarray]]:
+    """Every item's answer distribution under each of `steerings` (None: unsteered), one list per steering;
+    with `orders = 2` the mean of both option orders (read together, as `read_answers` does).
 
     Where every steering is position-local (`steers_in_chunks`: constant vectors, LoRA adapters, ODESteer
     flows; what they add at a position depends on that position alone), the blocks below the lowest steered
     one run once per batch of items (or not at all, for prompts kept by `reuse_block_inputs`) and each
     steering runs the rest: a build reads one fold under every candidate strength. Otherwise this is
     `answer_distributions` over the items once per steering."""
+    if check_read_orders(orders) == 2:
+        both = answer_distributions_under(lm, in_both_orders(items), steerings, batch_size, rows_per_call, orders=1)
+        return [average_orders(split_orders(reads, len(items))) for reads in both]
     rows = [list(s) if s else [] for s in steerings]
     if not any(rows) or not all(steers_in_chunks(row) for row in rows):
         flat = answer_distributions(lm, list(items) * len(rows), [row or None for row in rows for _ in items],
-                                    batch_size=batch_size)
+                                    batch_size=batch_size, orders=1)
         return [flat[k * len(items):(k + 1) * len(items)] for k in range(len(rows))]
     first = min(iv.layer for row in rows for iv in row)
     out = [[np.empty(0)] * len(items) for _ in rows]

@@ -51,7 +51,7 @@ def test_a_cross_validated_build_records_the_numbers_its_summary_averages(tiny_l
     lean = m["question_lean"]
     assert lean["shipped"] == (profile.question_lean is not None)
     lean_gain = lean["gain_vs_calibration"]["alignment"] if lean["shipped"] else 0.0
-    if m["improved"]:
+    if m["steering_shipped"]:
         assert profile.strength > 0
         # The shipped setting is the best candidate: its per-item gains are the recorded gain and its error.
         assert gain.mean() == pytest.approx(m["gain_vs_calibrated"]["alignment"] + lean_gain, abs=1e-5)

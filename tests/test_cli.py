@@ -28,6 +28,7 @@ def test_build_then_eval_the_cross_table(tmp_path, capsys):
     assert out.exists() and "calibration" in printed
     assert "gain in alignment: " in printed and " ± " in printed, printed  # never a gain without its error
     assert "question lean not considered: a question lean is considered from 100 items" in printed, printed
+    assert "verdict: serves " in printed and "what chat gets" in printed, printed
     common = ["--data", urban, "--data", rural, "--offset", "12", "--limit", "5", "--model", model]
     assert main(["eval", "--profile", f"{out}@opinions_group_urban", "--profile", str(out), *common, "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
@@ -38,9 +39,14 @@ def test_build_then_eval_the_cross_table(tmp_path, capsys):
     assert set(report["specificity"]["original"]) == {"p"}  # only the profile said to be built for a group
     assert report["profiles"]["p"]["own_group"] == "opinions_group_urban"
     assert report["profiles"]["p"]["calibration"] == report["profiles"]["p#2"]["calibration"]
+    # Debiased reads (the default): both orders are read and averaged, so the two orders score the same.
+    assert report["debiased"] and report["cells"]["original"] == report["cells"]["reversed"]
     assert main(["eval", "--profile", f"{out}@opinions_group_urban", *common]) == 0
     text = capsys.readouterr().out
-    assert "specificity of p" in text and "calibrated" in text and "reversed" in text
+    assert "specificity of p" in text and "calibrated" in text and "debiased reads" in text
+    assert main(["eval", "--profile", f"{out}@opinions_group_urban", *common, "--single-order", "--json"]) == 0
+    single = json.loads(capsys.readouterr().out)
+    assert not single["debiased"] and single["cells"]["original"] != single["cells"]["reversed"]
     assert main(["eval", "--profile", f"{out}@nobody", *common]) == 2
     assert "'nobody' is not one of the targets" in capsys.readouterr().err
     assert main(["eval", "--data", urban, "--limit", "3", "--model", model]) == 2

@@ -42,8 +42,8 @@ def test_fitting_also_in_reversed_order_leaves_nothing_for_a_letter_to_carry(tin
     is 'A rather than B'; fitted in both orders it is zero. (Reversal swaps the first and last letters; with
     more than two options the middle ones keep their letters.)"""
     items = [make_item(f"Pick one {i}?", ["this one", "this one"], answer=0) for i in range(6)]
-    once = build_profile(tiny_lm, items, "diffmean", {"layer": 1, "strength": 1.0})
-    both = build_profile(tiny_lm, items, "diffmean", {"layer": 1, "strength": 1.0, "orders": 2})
+    once = build_profile(tiny_lm, items, "diffmean", {"layer": 1, "strength": 1.0, "orders": 1})
+    both = build_profile(tiny_lm, items, "diffmean", {"layer": 1, "strength": 1.0})  # both orders: the default
     assert once.tensors["vector"].norm() > 0.1 * answer_activations(tiny_lm, items[:1], [1]).by_layer[1].norm()
     assert both.tensors["vector"].norm() < 1e-4 * once.tensors["vector"].norm()
     assert both.metrics["orders"] == 2 and once.metrics["orders"] == 1
@@ -83,8 +83,11 @@ def test_build_records_its_choice_and_scores(tiny_lm):
     assert gain["alignment"] == pytest.approx(m["best_candidate"]["alignment"] - m["unsteered"]["alignment"])
     over = m["gain_vs_calibrated"]
     assert over["alignment"] == pytest.approx(m["best_candidate"]["alignment"] - m["calibrated"]["alignment"])
-    assert m["improved"] == (over["alignment"] > MIN_GAIN) and gain["standard_error"] >= 0
-    if not m["improved"]:
+    # Steering ships when the best candidate beats the calibrated model and leaves what chat gets no worse.
+    chosen = min(m["search"], key=lambda row: abs(row["alignment"] - m["best_candidate"]["alignment"]))
+    assert m["steering_shipped"] == (over["alignment"] > MIN_GAIN and chosen["generation_gain"] >= 0)
+    assert gain["standard_error"] >= 0
+    if not m["steering_shipped"]:
         assert profile.strength == 0 and "no setting beat" in m["note"]
         assert m["steered"] == m["calibrated"]
     else:
@@ -119,12 +122,14 @@ def test_diffmean_raises_persona_matching_on_other_statements(default_lm):
     statements = load_items(path)
     train, judge = statements[:20], statements[20:70]
     assert len(judge) == 50
-    profile = build_profile(default_lm, train, "diffmean")
+    # Built and read in the statements' own order (`orders: 1`): what the method's steering can do at all (the
+    # order-robust default has tests of its own, tests/test_option_orders.py).
+    profile = build_profile(default_lm, train, "diffmean", {"orders": 1})
     assert profile.strength == 0 and profile.metrics["calibrated"]["matching_rate"] > 0.9, profile.metrics
     profile = steering_alone(profile)
     assert profile.strength > 0, profile.metrics
-    before = summarize(judge, answer_distributions(default_lm, judge))
-    after = summarize(judge, answer_distributions(default_lm, judge, [intervention(profile, default_lm)]))
+    before = summarize(judge, answer_distributions(default_lm, judge, orders=1))
+    after = summarize(judge, answer_distributions(default_lm, judge, [intervention(profile, default_lm)], orders=1))
     assert after["matching_rate"] > before["matching_rate"]
     assert after["alignment"] > before["alignment"]
 

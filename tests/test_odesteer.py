@@ -308,7 +308,7 @@ def test_build_chooses_layer_and_t_on_held_out_items(tiny_lm):
         assert len(set(grid)) >= 3 and min(grid) > 0
     tried = {row["strength"] for row in m["search"] if row["layer"] == profile.layer}
     assert profile.layer == m["choice"]["layer"]
-    if m["improved"]:
+    if m["steering_shipped"]:
         assert profile.strength in tried
     else:
         assert profile.strength == 0

@@ -98,8 +98,9 @@ def test_the_probe_reads_the_lean_from_the_block_that_carries_it():
 
 def test_read_answers_returns_the_prompts_mean_states_from_the_same_call(tiny_lm):
     questions = _questions()[:5]
-    read = read_answers(tiny_lm, questions, state_layers=[0, 2])
-    assert [p.tolist() for p in read.distributions] == [p.tolist() for p in answer_distributions(tiny_lm, questions)]
+    read = read_answers(tiny_lm, questions, state_layers=[0, 2], orders=1)  # the options as given only
+    assert [p.tolist() for p in read.distributions] == [p.tolist() for p in answer_distributions(tiny_lm, questions,
+                                                                                                 orders=1)]
     for k, item in enumerate(questions):  # alone, without padding
         batch = encode_items(tiny_lm, [item])
         with torch.no_grad():
@@ -108,9 +109,9 @@ def test_read_answers_returns_the_prompts_mean_states_from_the_same_call(tiny_lm
             assert read.states[layer][k] == pytest.approx(hidden[layer + 1][0].mean(0).numpy(), abs=1e-4)
     # A steering at block 2 moves the answers and the states after block 3, not the states it acts on.
     vector = torch.randn(tiny_lm.hidden_size) * 5
-    steered = read_answers(tiny_lm, questions, [ConstantShift(2, "prompt", vector)], [2, 3])
+    steered = read_answers(tiny_lm, questions, [ConstantShift(2, "prompt", vector)], [2, 3], orders=1)
     assert steered.states[2] == pytest.approx(read.states[2], abs=1e-5)
-    plain_3 = read_answers(tiny_lm, questions, state_layers=[3]).states[3]
+    plain_3 = read_answers(tiny_lm, questions, state_layers=[3], orders=1).states[3]
     assert np.abs(steered.states[3] - plain_3).max() > 1e-2
     assert np.abs(np.stack(steered.distributions) - np.stack(read.distributions)).max() > 1e-4
 
@@ -127,7 +128,7 @@ def test_the_build_ships_a_question_lean_only_where_the_questions_carry_it(defau
         folds = fold_indices(len(sample), seed=0)
         chosen = select_setting(sample, [readings[i] for i in build], {}, folds)
         # The decision itself, on a sample smaller than a build would consider (min_items=0).
-        lean, record, shipped = choose_question_lean(sample, [readings[i] for i in build],
+        lean, record, shipped, _ = choose_question_lean(sample, [readings[i] for i in build],
                                                      {k: x[build] for k, x in read.states.items()}, chosen, folds,
                                                      min_items=0)
         outcomes[name] = (lean, record)

@@ -124,7 +124,7 @@ def test_a_build_whose_steering_does_nothing_ships_its_calibration_alone(tiny_lm
     items = [make_item(f"Question number {i}?", ["Yes", "No", "Maybe"], target=[0.5, 0.3, 0.2]) for i in range(8)]
     profile = _build_with_stub(tiny_lm, items, "stub_zero", _zero_fit, strengths=[1.0, 2.0], layers=[1, 2])
     m = profile.metrics
-    assert profile.strength == 0 and not m["improved"] and "calibrated" in m["note"]
+    assert profile.strength == 0 and not m["steering_shipped"] and not m["improved"] and "calibrated" in m["note"]
     assert m["steered"] == m["calibrated"]
     assert [r["steered"] for r in m["per_item"]["items"]] == [r["calibrated"] for r in m["per_item"]["items"]]
     assert m["gain_vs_calibrated"]["alignment"] == pytest.approx(0.0, abs=1e-6)  # batching noise only
@@ -156,6 +156,6 @@ def test_a_build_finds_the_known_best_setting_of_a_stub_method(tiny_lm):
                                layers=[1, last], default_positions="last")
     m = profile.metrics
     assert m["choice"]["layer"] == last and profile.layer == last
-    assert m["improved"] and profile.strength in (4.0, 16.0)
+    assert m["steering_shipped"] and profile.strength in (4.0, 16.0)
     assert m["gain_vs_calibrated"]["alignment"] > 0
     assert max(m["search"], key=lambda s: s["alignment"])["layer"] == last

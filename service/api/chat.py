@@ -61,6 +61,7 @@ from service.engine.engine import (
     GenerationResult,
     PlannedProfile,
     SamplingParams,
+    Scored,
     SteeringPlan,
     TextChunk,
     TokenLogprob,
@@ -73,6 +74,7 @@ from steer_core.errors import SteerError
 from steer_core.methods import check_positions, get_method
 from steer_core.metrics import summarize
 from steer_core.models import LanguageModel
+from steer_core.option_orders import average_orders, in_both_orders, split_orders
 
 log = logging.getLogger(__name__)
 
@@ -395,6 +397,7 @@ def _complete_chat(body: ChatCompletionRequest, base: str, shorthand: str | None
                  for i in range(body.n)]
     response_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
+    model = body.model or base  # echoed as sent: `<base>:<profile id>` keeps its profile id
     # Nothing below reads the database until the engine answers: end the transaction now, not after a long
     # wait (an experiment's first assignment would otherwise hold SQLite's write lock meanwhile).
     context.session().commit()
@@ -409,7 +412,7 @@ def _complete_chat(body: ChatCompletionRequest, base: str, shorthand: str | None
         _record_exposure(applied, response_id)
         context.session().commit()
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        events = _events(eng, handles, gone, response_id, created, base, applied, include_usage,
+        events = _events(eng, handles, gone, response_id, created, model, applied, include_usage,
                          logprobs=top_logprobs is not None)
         return Response(events, mimetype="text/event-stream",
                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -419,7 +422,7 @@ def _complete_chat(body: ChatCompletionRequest, base: str, shorthand: str | None
         _cancel(handles)  # no-op when finished
     _record_exposure(applied, response_id)
     return ChatCompletion(
-        id=response_id, object="chat.completion", created=created, model=base,
+        id=response_id, object="chat.completion", created=created, model=model,
         choices=[ChatChoice(index=i, message=ChatMessageOut(role="assistant", content=result.text),
                             finish_reason=_finish_reason(result),
                             logprobs=None if result.logprobs is None else _wire_logprobs(eng, result.logprobs))
@@ -627,15 +630,20 @@ def _score(body: ScoreRequest, base: str, shorthand: str | None, items: list[Opi
                            f"({eng.context_length} tokens)", f"questions[{i}].question")
     planned = plan_steering(body.steering, shorthand, body.user)
     context.session().commit()
-    scored = eng.score(items, planned.plan, timeout=REQUEST_TIMEOUT_S)
+    # Debiased by default: every question also read with its options reversed, in the same request (so in the
+    # same engine batches), both mapped back to the order given and averaged.
+    asked = in_both_orders(items) if body.orders == 2 else items
+    scored = eng.score(asked, planned.plan, timeout=REQUEST_TIMEOUT_S)
+    distributions, leans = _merge_orders(scored, len(items)) if body.orders == 2 else (scored.distributions,
+                                                                                       scored.leans)
     steering = planned.report(scored.applied[0] if scored.applied else ())
     parts = applied_calibrations(steering) if body.calibrated else []
     calibration = blend_calibration(parts)
     # A profile with a question lean read each question's own lean off its prompt; it replaces that
     # profile's recorded lean in the blend, question by question.
-    per_question = any(lean is not None for leans in scored.leans for lean in leans) and bool(parts)
-    calibrations = blend_per_question(parts, scored.leans) if per_question else [calibration] * len(items)
-    dists = [c.apply(p, item.ordinal) for c, p, item in zip(calibrations, scored.distributions, items, strict=True)]
+    per_question = any(lean is not None for row in leans for lean in row) and bool(parts)
+    calibrations = blend_per_question(parts, leans) if per_question else [calibration] * len(items)
+    dists = [c.apply(p, item.ordinal) for c, p, item in zip(calibrations, distributions, items, strict=True)]
     scores = [QuestionScore(id=item.id, probs=[float(x) for x in p], answer=int(np.argmax(p)),
                             expected_ordinal=float(np.dot(p, item.ordinal)),
                             lean=c.lean if per_question else None)
@@ -645,6 +653,16 @@ def _score(body: ScoreRequest, base: str, shorthand: str | None, items: list[Opi
                          steering=steering,
                          calibration=None if calibration.is_identity and not per_question else
                          CalibrationOut(**calibration.to_json(), lean_per_question=per_question))
+
+
+def _merge_orders(scored: Scored, n: int) -> tuple[list[np.ndarray], list[tuple[float | None, ...]]]:
+    """Reads of `in_both_orders(items)` as one per item: the distributions averaged in the items' option order,
+    and each profile's question lean averaged over the two prompts (the lean of their mean state: the probe is
+    linear, up to its clip at the largest lean)."""
+    distributions = average_orders(split_orders(scored.distributions, n))
+    leans = [tuple(None if a is None or b is None else 0.5 * (a + b) for a, b in zip(first, second, strict=True))
+             for first, second in zip(scored.leans[:n], scored.leans[n:], strict=True)]
+    return distributions, leans
 
 
 def applied_calibrations(applied: SteeringOut) -> list[tuple[Calibration, float]]:

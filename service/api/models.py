@@ -2,7 +2,7 @@
 
 The base model and each of the tenant's ready profiles for it, as `<base>:<profile id>` (the name a chat
 request's `model` accepts), so an OpenAI-compatible client or UI can pick a profile from a list. Each
-profile's entry carries its subject, method and version under `steering`.
+profile's entry carries its subject, method, version and verdict (what it does, said plainly) under `steering`.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ OWNER = "pluristeer"
 
 def _entries(rows: list[db.ProfileRow], base: str) -> list[ModelOut]:
     return [ModelOut(id=f"{base}:{p.id}", created=int(p.created_at.timestamp()), owned_by=OWNER,
-                     steering=ModelSteering(profile=p.id, subject=p.subject, method=p.method, version=p.version))
+                     steering=ModelSteering(profile=p.id, subject=p.subject, method=p.method, version=p.version,
+                                            verdict=p.verdict))
             for p in profile_views(context.session(), rows)]
 
 

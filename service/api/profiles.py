@@ -16,11 +16,13 @@ from service.api.openapi import api_route
 from service.api.protocol import (
     ArtifactQuery,
     ArtifactRef,
+    Estimate,
     ProfileCreate,
     ProfileImport,
     ProfileList,
     ProfileListQuery,
     ProfileOut,
+    ProfileVerdict,
     Progress,
     SubjectRef,
 )
@@ -112,6 +114,19 @@ def _progress(stored: dict[str, Any] | None) -> Progress | None:
                     stage=str(stored.get("stage", "")))
 
 
+def profile_verdict(metrics: dict[str, Any] | None) -> ProfileVerdict | None:
+    """The verdict a build recorded (`metrics["verdict"]`), with what chat gets; none for rows without one."""
+    recorded = (metrics or {}).get("verdict")
+    if not isinstance(recorded, dict):
+        return None
+    generation = (metrics or {}).get("generation") or {}
+    return ProfileVerdict(
+        summary=recorded["summary"], improved=recorded["improved"], serves=recorded["serves"],
+        near_uniform=recorded["near_uniform"], gain_vs_calibrated=Estimate(**recorded["gain_vs_calibrated"]),
+        gain_vs_uniform=Estimate(**recorded["gain_vs_uniform"]),
+        generation_gain=Estimate(**generation["gain_vs_unsteered"]) if "gain_vs_unsteered" in generation else None)
+
+
 def profile_views(session: db.Session, rows: list[db.ProfileRow], per_item: bool = True) -> list[ProfileOut]:
     """Rows as responses, with subject names and attempt counts fetched in two queries, not 2N. Lists pass
     `per_item=False`: a page of profiles without each build's per-item alignment (up to
@@ -141,7 +156,8 @@ def profile_views(session: db.Session, rows: list[db.ProfileRow], per_item: bool
             metrics = {k: v for k, v in metrics.items() if k != "per_item"}
         out.append(ProfileOut(
             id=r.id, subject=subject, method=r.method, model=r.model, params=r.params, status=r.status,
-            progress=_progress(r.progress), error=r.error, chosen=r.chosen, metrics=metrics, artifact=artifact,
+            progress=_progress(r.progress), error=r.error, chosen=r.chosen, metrics=metrics,
+            verdict=profile_verdict(r.metrics), artifact=artifact,
             sample_hash=r.sample_hash, version=r.version, attempts=int(attempts.get(r.id, 0)),
             created_at=r.created_at, updated_at=r.updated_at,
             started_at=r.started_at, finished_at=r.finished_at))

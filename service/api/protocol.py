@@ -249,7 +249,9 @@ BASE64_PATTERN = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=
 class ProfileImport(Request):
     subject: SubjectIn
     adapter_config: dict[str, Any] = Field(description="the content of peft's adapter_config.json (a LoRA "
-                                                       "adapter for the served base model)")
+                                                       "adapter for the served base model, named by its alias "
+                                                       "or its hub id; keys peft's LoraConfig does not define "
+                                                       "are dropped)")
     adapter_model: str = Field(description="adapter_model.safetensors, base64-encoded (safetensors only: "
                                            "pickled .bin adapters are refused)", json_schema_extra={
                                    "pattern": BASE64_PATTERN, **deployment("max_adapter_chars")})
@@ -264,6 +266,29 @@ class Progress(Response):
 class ArtifactRef(Response):
     sha256: str
     size: int
+
+
+class Estimate(Response):
+    mean: float
+    standard_error: float | None = Field(description="paired over the items (none for a single item)")
+
+
+class ProfileVerdict(Response):
+    """What a built profile does, in plain words (`steer_core.verdict`), from its out-of-fold metrics."""
+
+    summary: str = Field(description="one sentence: what it serves, whether its answers are near uniform, and "
+                                     "its gains over calibrated and uniform with their standard errors")
+    improved: bool = Field(description="what it serves beats both the calibrated unsteered model and uniform "
+                                       "answers by more than one standard error, out of fold")
+    serves: Literal["steering", "calibrated model", "unsteered model"] = Field(
+        description="steering: a steering acts on generation; calibrated model: strength 0, only the output "
+                    "calibration acts (on option distributions, so chat gets the unsteered model); unsteered model")
+    near_uniform: bool = Field(description="its answers sit within 0.05 mean total variation of 1/n per option")
+    gain_vs_calibrated: Estimate
+    gain_vs_uniform: Estimate
+    generation_gain: Estimate | None = Field(
+        None, description="what chat gets: the steering alone, uncalibrated, read one option order at a time, "
+                          "over the unsteered model (0 when no steering ships)")
 
 
 class ProfileOut(Response):
@@ -283,6 +308,8 @@ class ProfileOut(Response):
                                            "each item's alignment unsteered, calibrated and steered (capped; "
                                            "`per_item.total` counts the whole sample; in single-profile "
                                            "documents only, not in lists)")
+    verdict: ProfileVerdict | None = Field(None, description="what the profile does, said plainly (none while "
+                                                             "building, and for imported adapters)")
     artifact: ArtifactRef | None
     sample_hash: str
     version: int
@@ -363,6 +390,7 @@ class ModelSteering(Response):
     subject: SubjectRef
     method: str
     version: int
+    verdict: ProfileVerdict | None = Field(None, description="what the profile does, said plainly")
 
 
 class ModelOut(Response):
@@ -630,7 +658,7 @@ class ChatCompletion(Response):
     id: str
     object: Literal["chat.completion"]
     created: int
-    model: str
+    model: str = Field(description="the request's `model`, as sent (`<base>:<profile id>` included)")
     choices: list[ChatChoice]
     usage: Usage
     steering: SteeringOut
@@ -658,7 +686,7 @@ class ChatCompletionChunk(Response):
     id: str
     object: Literal["chat.completion.chunk"]
     created: int
-    model: str
+    model: str = Field(description="the request's `model`, as sent (`<base>:<profile id>` included)")
     choices: list[ChunkChoice]
     usage: Usage | None = None
     steering: SteeringOut | None = None
@@ -686,6 +714,11 @@ class ScoreRequest(Request):
     calibrated: bool = Field(True, description="apply the steering profiles' own output calibration (a "
                                                "temperature and ordinal lean their builds fitted; a blend pools "
                                                "them by weight); false: the raw steered distribution")
+    orders: Literal[1, 2] = Field(
+        2, description="2 (default): each question is read with its options as given and reversed, and the two "
+                       "distributions averaged (mapped back to the order given), so the answer does not depend on "
+                       "which letter an option got; two reads per question. 1: the order given only (half the "
+                       "reads; the model's letter bias stays in, as in chat)")
 
 
 class CalibrationOut(Response):
@@ -858,14 +891,22 @@ class RewardStats(Response):
 
 
 class ControlComparison(Response):
-    test: Literal["welch_t", "two_proportion_z"]
+    test: Literal["welch_t", "two_proportion_z", "barnard_exact"] = Field(
+        description="welch_t: Welch's t-test (ratings, numbers); thumbs: barnard_exact, Barnard's exact "
+                    "unconditional score test, while an expected cell count of the 2x2 table is under 5 (and "
+                    "neither side has over 50 rewards), else two_proportion_z, the pooled z-test (chi-square "
+                    "without correction)")
     difference: float | None = Field(description="mean reward minus the control's")
-    ci_low: float | None
+    ci_low: float | None = Field(description="the interval of the difference: the differences the same test "
+                                             "does not reject (inside [-1, 1] for thumbs); null without a test")
     ci_high: float | None
     statistic: float | None
-    p_value: float | None = Field(description="two-sided; null while a side has too little feedback")
+    p_value: float | None = Field(description="two-sided; null while a side has fewer than min_per_arm rewards")
     df: float | None
-    significant: bool | None = Field(description="p_value < alpha")
+    significant: bool = Field(description="p_value < alpha, which is exactly when the interval excludes 0; "
+                                          "false while there is not enough data")
+    enough_data: bool = Field(description="both sides have at least min_per_arm rewards")
+    verdict: Literal["not enough data", "better", "worse", "no significant difference"]
 
 
 class Gain(Response):
@@ -895,6 +936,8 @@ class VariantResult(Response):
     exposures: int
     feedback: int
     reward: RewardStats
+    share: float = Field(description="the share of new users the traffic weights ask for: weight / sum of weights")
+    observed_share: float | None = Field(description="assigned / all assigned users; null before anyone is")
     vs_control: ControlComparison | None = Field(description="null for the control")
     offline: OfflineScores | None = Field(description="alignment with the scope's opinion items (see `offline`)")
 
@@ -918,6 +961,20 @@ class ResultsQuery(Request):
                                             "items: asked of a worker the first time, then read back")
 
 
+class SampleRatioCheck(Response):
+    unit: Literal["assigned users"] = Field(description="what is counted: users, the unit of assignment "
+                                                        "(exposures per user differ by variant)")
+    statistic: float | None
+    p_value: float | None = Field(description="chi-square goodness of fit of the assigned users per variant "
+                                              "against the shares of the current weights (variants of weight 0 "
+                                              "left out); null with under two such variants or nobody assigned")
+    threshold: float = Field(description="a mismatch is flagged below this p-value")
+    enough_data: bool = Field(description="every expected count is at least 5 (the chi-square approximation)")
+    mismatch: bool = Field(description="p_value < threshold with enough data: the split is not what the weights "
+                                       "ask (broken assignment or logging, or weights changed mid-experiment); "
+                                       "the comparison may be biased")
+
+
 class ExperimentResults(Response):
     experiment_id: str
     name: str
@@ -926,6 +983,8 @@ class ExperimentResults(Response):
     control: str
     confidence: float
     alpha: float
+    min_per_arm: int = Field(description="rewards each side needs before a comparison gives a verdict")
+    sample_ratio: SampleRatioCheck
     variants: list[VariantResult]
     winner: str | None = Field(description="the variant with the best mean among those significantly better "
                                            "than the control; null if none is")

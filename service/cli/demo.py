@@ -183,3 +183,10 @@ def show(profile: dict[str, Any]) -> None:
             "within about two of them can be luck)")
     if metrics.get("note"):
         say(metrics["note"])
+    verdict = profile.get("verdict")
+    if verdict:  # the plain words: whether the gain is real (above calibrated and uniform by one SE) or not
+        say(f"verdict: {verdict['summary']}")
+        if verdict.get("generation_gain"):
+            chat = verdict["generation_gain"]
+            say(f"what chat gets from it: {chat['mean']:+.3f} ± {chat['standard_error']:.3f} over unsteered "
+                "(the steering alone; the calibration acts on option distributions only)")

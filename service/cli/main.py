@@ -166,6 +166,12 @@ def cmd_build(args: argparse.Namespace) -> int:
         print(f"question lean not considered: {lean['note']}")
     if m.get("note"):
         print(m["note"])
+    if "verdict" in m:
+        print(f"verdict: {m['verdict']['summary']}")
+    chat = (m.get("generation") or {}).get("gain_vs_unsteered")
+    if chat:
+        print(f"what chat gets (the steering alone, one option order at a time): {chat['mean']:+.4f} ± "
+              f"{chat['standard_error']:.4f} over unsteered")
     return 0
 
 
@@ -219,7 +225,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     lm = load_model(args.model)
     profiles = {name: Profile.load(path, lm) for name, path, _ in specs}
     try:
-        report = evaluate(lm, groups, profiles, own={name: own for name, _, own in specs}, seed=args.seed)
+        report = evaluate(lm, groups, profiles, own={name: own for name, _, own in specs}, seed=args.seed,
+                          debiased=not args.single_order)
     except ValueError as exc:
         if isinstance(exc, SteerError):
             raise
@@ -232,6 +239,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         own = report["profiles"][name]["own_group"]
         print(f"{name}: {p.method} layer {p.layer} strength {p.strength:g}, {describe_calibration(p)}"
               + (f", built for {own}" if own else ""))
+    if report["debiased"]:
+        # Every question read in both option orders and averaged: the orders cannot differ, one table says all.
+        print("\ndebiased reads (each question read in both option orders, averaged; --single-order reads each "
+              "order on its own)")
+        print(format_cross_table(report, report["orders"][-1]))
+        return 0
     for order in report["orders"]:
         print()
         print(format_cross_table(report, order))
@@ -298,6 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0, help="folds of the calibrated baseline")
     ev.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
     ev.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    ev.add_argument("--single-order", action="store_true",
+                    help="read each option order on its own (what chat sees) instead of both orders averaged "
+                         "(the default, as /v1/score reads; twice the reads)")
     ev.set_defaults(func=cmd_eval)
 
     up = sub.add_parser("up", help="run the whole stack on this machine (embedded defaults)")
@@ -306,6 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--workers", type=int, default=1, help="API worker processes")
     up.add_argument("--build-workers", type=int, default=1, help="concurrency of the build worker")
     up.add_argument("--queues", help="queues the build worker listens on (default: gpu,cpu on a GPU host, else cpu)")
+    up.add_argument("--access-log", action="store_true",
+                    help="log every HTTP request (off by default here; `serve` always logs them)")
     up.set_defaults(func=_lazy("service.cli.stack:run_up"))
 
     serve = sub.add_parser("serve", help="run the API under a production WSGI server")

@@ -1196,9 +1196,10 @@ class GenerationEngine:
         probes = [job.question_leans[i] for i in indexes]
         began = time.perf_counter()
         try:
+            # One order as asked: a caller that wants both orders asks for both (as /v1/score does).
             read = read_answers(self.lm, items, steering if any(steering) else None,
                                 sorted({p.layer for row in probes for p in row if p is not None}),
-                                batch_size=len(items))
+                                batch_size=len(items), orders=1)
         except Exception as exc:
             self._end_scoring(job, exc)
             return time.perf_counter() - began

@@ -12,6 +12,7 @@ from service.store import db
 from service.store.artifacts import ArtifactStore
 from steer_core import diffmean
 from steer_core.data import items_from_json, with_contrast
+from steer_core.option_orders import in_both_orders
 from steer_core.profile import Profile
 
 N = 6
@@ -92,8 +93,10 @@ def test_the_build_reads_the_contrast(client, auth, task_settings, tiny_lm):
         vectors[pid] = Profile.from_bytes(data).tensors["vector"]
     urban = items_from_json(fixture_items("opinions_group_urban.jsonl", N))
     rural = items_from_json(fixture_items("opinions_group_rural.jsonl", N))
-    expected = diffmean.fit(tiny_lm, with_contrast(urban, [rural]), [1], {}, "prompt")[1].tensors["vector"]
-    plain = diffmean.fit(tiny_lm, urban, [1], {}, "prompt")[1].tensors["vector"]
+    # Builds fit on every item in both option orders (the default).
+    contrasted = in_both_orders(with_contrast(urban, [rural]))
+    expected = diffmean.fit(tiny_lm, contrasted, [1], {}, "prompt")[1].tensors["vector"]
+    plain = diffmean.fit(tiny_lm, in_both_orders(urban), [1], {}, "prompt")[1].tensors["vector"]
     torch.testing.assert_close(vectors[with_default], expected, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(vectors[without], plain, rtol=1e-4, atol=1e-5)
     assert (expected - plain).norm() > 0.1 * plain.norm()

@@ -20,6 +20,7 @@ from service.api import chat
 from service.engine.engine import EngineStopped, PlannedProfile, SamplingParams, SteeringPlan
 from service.store import db
 from steer_core.data import load_items
+from steer_core.option_orders import average_orders, in_both_orders, split_orders
 from steer_core.profile import Profile
 
 sqlite_only = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
@@ -143,6 +144,22 @@ def test_the_openai_client_works_unchanged_sync_and_streaming(live_server, chat_
                                             temperature=0)
     assert shorthand.choices[0].message.content == text
     assert shorthand.model_extra["steering"]["source"] == "model"
+
+
+@sqlite_only
+def test_the_response_names_the_model_as_the_client_asked_for_it(chat_client, auth, chat_settings, tiny_lm, group):
+    """`model` is echoed as sent, `<base>:<profile id>` included, in a plain response and in every chunk of a
+    stream."""
+    pid = _ready(chat_client, auth, chat_settings, tiny_lm, 1)
+    for model in (chat_settings.model, f"{chat_settings.model}:{pid}"):
+        plain = _chat(chat_client, auth, chat_settings, model=model)
+        assert plain.status_code == 200 and plain.json["model"] == model, plain.json
+        stream = _chat(chat_client, auth, chat_settings, model=model, stream=True)
+        assert stream.status_code == 200
+        events = [line.removeprefix("data: ") for line in stream.get_data(as_text=True).splitlines()
+                  if line.startswith("data: ")]
+        chunks = [json.loads(e) for e in events if e != "[DONE]"]
+        assert chunks and events[-1] == "[DONE]" and {c["model"] for c in chunks} == {model}, chunks
 
 
 @sqlite_only
@@ -341,10 +358,21 @@ def test_score_reads_the_answer_distributions_under_steering(chat_app, chat_clie
     items = load_items(FIXTURES / "opinions_group_urban.jsonl")[:3]
     with db.session_scope(chat_settings) as session:
         digest = db.profile_by_id(session, pid).artifact_sha256
-    want = chat.engine(chat_app).score(items, SteeringPlan((PlannedProfile(digest),)), timeout=60).distributions
+    # Debiased by default: the mean of the engine's reads of each question as given and with its options
+    # reversed (mapped back); `orders: 1` is the engine's read as given.
+    plan = SteeringPlan((PlannedProfile(digest),))
+    reads = chat.engine(chat_app).score(in_both_orders(items), plan, timeout=60).distributions
+    want = average_orders(split_orders(reads, len(items)))
     got = [s["probs"] for s in r.json["scores"]]
     for g, w in zip(got, want, strict=True):
         assert g == pytest.approx(w.tolist(), abs=1e-6)
+    one = chat_client.post("/v1/score", json={"questions": questions, "steering": {"profiles": [{"id": pid}]},
+                                              "orders": 1}, headers=auth)
+    assert one.status_code == 200, one.json
+    for g, w in zip([s["probs"] for s in one.json["scores"]], reads[:len(items)], strict=True):
+        assert g == pytest.approx(w.tolist(), abs=1e-6)
+    single = [x for score in one.json["scores"] for x in score["probs"]]
+    assert single != pytest.approx([x for probs in got for x in probs], abs=1e-4)  # the letters mattered
     assert r.json["metrics"] is not None and 0 <= r.json["metrics"]["alignment"] <= 1
     plain = chat_client.post("/v1/score", json={"questions": [{"question": q["question"], "options": q["options"]}
                                                               for q in questions]}, headers=auth)
@@ -356,6 +384,34 @@ def test_score_reads_the_answer_distributions_under_steering(chat_app, chat_clie
     assert bad.status_code == 422 and bad.json["error"]["field"] == "questions[0].options"
     empty = chat_client.post("/v1/score", json={"questions": []}, headers=auth)
     assert empty.status_code == 422 and empty.json["error"]["field"] == "questions"
+
+
+@sqlite_only
+def test_score_gives_the_same_answers_whatever_the_order_of_the_options(chat_client, auth, chat_settings, tiny_lm,
+                                                                      group):
+    """A question and the same question with its options reversed: the same distribution up to the permutation,
+    unsteered, steered and blended (the debiased read); read in one order only, they differ."""
+    first, second = _ready(chat_client, auth, chat_settings, tiny_lm, 1), _ready(chat_client, auth, chat_settings,
+                                                                                  tiny_lm, 2)
+    questions = fixture_items("opinions_group_urban.jsonl", 4)
+    flipped = [{**q, "options": q["options"][::-1], "target": q["target"][::-1],
+                **({"ordinal": q["ordinal"][::-1]} if "ordinal" in q else {})} for q in questions]
+    steerings = [None, {"profiles": [{"id": first}]},
+                 {"profiles": [{"id": first, "weight": 0.7}, {"id": second, "weight": 0.3}]}]
+    for steering in steerings:
+        reads = {}
+        for name, asked in (("given", questions), ("flipped", flipped)):
+            for orders in (1, 2):
+                r = chat_client.post("/v1/score", json={"questions": asked, "steering": steering, "orders": orders},
+                                     headers=auth)
+                assert r.status_code == 200, r.json
+                reads[name, orders] = [s["probs"] for s in r.json["scores"]]
+        for p, q in zip(reads["given", 2], reads["flipped", 2], strict=True):
+            assert p == pytest.approx(q[::-1], abs=1e-6), steering
+        assert any(p != pytest.approx(q[::-1], abs=1e-3) for p, q in zip(reads["given", 1], reads["flipped", 1],
+                                                                          strict=True)), steering
+    bad = chat_client.post("/v1/score", json={"questions": questions, "orders": 3}, headers=auth)
+    assert bad.status_code == 422 and bad.json["error"]["field"] == "orders"
 
 
 @sqlite_only

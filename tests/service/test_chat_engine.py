@@ -350,7 +350,7 @@ def test_scores_on_the_engine_thread_equal_the_answer_reader(engine, tiny_lm, pr
     vector = _vector(tiny_lm, 9)
     shift = plan(profiles.vector(tiny_lm, LAYER, "prompt", vector))
     direct = [intervention(profiles(shift.profiles[0].digest), tiny_lm)]
-    want = answer_distributions(tiny_lm, items, [direct, None, direct])  # before the engine owns the model
+    want = answer_distributions(tiny_lm, items, [direct, None, direct], orders=1)  # the engine reads as asked
     # generation keeps running while scores are read between its steps
     running = engine.submit(_prompt(engine, CHATS[0]), SamplingParams(max_tokens=40, temperature=0.0,
                                                                       ignore_eos=True), shift)
@@ -388,7 +388,7 @@ def test_scoring_interleaves_with_decoding(tiny_lm, profiles):
     positions they fed, the rest are read whole; every distribution is the answer reader's."""
     items = load_items(FIXTURES / "opinions_group_urban.jsonl")
     many = (items * (64 // len(items) + 1))[:64]
-    want = answer_distributions(tiny_lm, many)
+    want = answer_distributions(tiny_lm, many, orders=1)
     engine = GenerationEngine(tiny_lm, profiles=profiles, score_batch_size=4, score_share=0.25)
     try:
         stream = engine.submit(_prompt(engine, CHATS[0]), SamplingParams(max_tokens=40, temperature=0.0,
@@ -429,7 +429,7 @@ def test_riding_questions_are_steered_as_in_a_whole_read(tiny_lm, profiles):
     asked = items * (len(plans) // len(items))
     # What a whole read gives, planned the engine's way (before the engine owns the model).
     steering = [InterventionCache(tiny_lm, profiles).resolve(p)[0] for p in plans]
-    want = answer_distributions(tiny_lm, asked, steering)
+    want = answer_distributions(tiny_lm, asked, steering, orders=1)
     n = len(items)
     for k in range(1, len(plans) // n):
         assert not all(np.allclose(w, u, atol=1e-4) for w, u in zip(want[k * n:(k + 1) * n], want[:n], strict=True)), \
@@ -452,7 +452,7 @@ def test_riding_questions_are_steered_as_in_a_whole_read(tiny_lm, profiles):
     for g, w in zip(got.distributions, want, strict=True):
         assert g.tolist() == pytest.approx(w.tolist(), abs=1e-5)
     # Each question's lean, read off its own (steered) prompt: the library reader's.
-    states = read_answers(tiny_lm, items, steering[-1], [1]).states[1]
+    states = read_answers(tiny_lm, items, steering[-1], [1], orders=1).states[1]
     want_leans = leaned.question_lean.leans(states).tolist()
     assert [lean[0] for lean in got.leans[-n:]] == pytest.approx(want_leans, abs=1e-4)
     assert all(value is None for lean in got.leans[:-n] for value in lean)

@@ -10,6 +10,7 @@ import json
 import re
 import time
 
+import numpy as np
 import pytest
 from api_helpers import fixture_items, make_group, mark_ready, request_profile
 
@@ -268,6 +269,36 @@ def test_the_profile_page_plots_per_item_alignment_before_and_after(client, auth
     assert "No per-item alignment" not in page
     # The list pages do not carry the per-item rows.
     assert "Trains" not in client.get("/console/profiles").text
+
+
+def test_the_profile_pages_say_what_a_profile_does(client, auth, tenant_key, settings):
+    """A profile calibrated to temperature 50 that ships strength 0: its page and the list say in plain words
+    that it serves the calibrated model, answers near uniform and did not improve."""
+    from steer_core.calibration import Calibration, sample_alignment
+    from steer_core.data import make_item
+    from steer_core.evaluation import uniform_distributions
+    from steer_core.verdict import judge
+
+    items = [make_item(f"Q{i}?", ["Agree", "Unsure", "Disagree"], target=[0.6, 0.3, 0.1]) for i in range(6)]
+    confident = [np.roll([0.9, 0.07, 0.03], i) for i in range(6)]
+    flat = Calibration(temperature=50.0).apply_all(items, confident)
+    verdict = judge(sample_alignment(items, flat), sample_alignment(items, confident),
+                    sample_alignment(items, uniform_distributions(items)), flat, "calibrated model")
+    make_group(client, auth, "urban", n=6)
+    profile_id = request_profile(client, auth, "urban").json["id"]
+    mark_ready(settings, profile_id)
+    with db.session_scope(settings) as session:
+        db.profile_by_id(session, profile_id).metrics = {
+            "evaluation": "cross-validated", "verdict": verdict.to_json(), "improved": verdict.improved,
+            "generation": {"steering": False, "gain_vs_unsteered": {"mean": 0.0, "standard_error": 0.0}}}
+    sign_in(client, tenant_key)
+    page = client.get(f"/console/profiles/{profile_id}").text
+    assert '<dd id="verdict-improved">no ' in page and '<dd id="verdict-serves">calibrated model</dd>' in page
+    assert '<dd id="verdict-near-uniform">yes</dd>' in page
+    assert "serves the calibrated unsteered model" in page and "answers near uniform" in page
+    assert 'id="verdict-chat">0.000 ± 0.000 over unsteered' in page
+    listing = client.get("/console/profiles").text
+    assert "not improved, serves the calibrated model, answers near uniform" in listing
 
 
 def test_a_profile_without_per_item_numbers_says_so(client, auth, tenant_key, settings):

@@ -155,8 +155,10 @@ def test_the_preferred_variant_wins_through_the_live_server(live, client, auth, 
     for name, gid in ((BETTER, "urban"), (WORSE, "rural")):
         scored = api.call("POST", "/v1/score", {"questions": questions,
                                                 "steering": {"profiles": [{"id": profiles[gid], "weight": 1.0}]}})
-        assert by_name[name]["offline"]["alignment"] == pytest.approx(scored["metrics"]["alignment"], abs=1e-9)
-        assert by_name[name]["offline"]["kl"] == pytest.approx(scored["metrics"]["kl"], abs=1e-9)
+        # Both read each question in both option orders, the worker and the engine in batches of their own
+        # (float32 rounding of differently padded batches, about 1e-9 here).
+        assert by_name[name]["offline"]["alignment"] == pytest.approx(scored["metrics"]["alignment"], abs=1e-7)
+        assert by_name[name]["offline"]["kl"] == pytest.approx(scored["metrics"]["kl"], abs=1e-7)
 
     png = client.get(f"/v1/experiments/{exp['id']}/results.png", headers=auth)
     assert png.status_code == 200 and png.data[:4] == b"\x89PNG"

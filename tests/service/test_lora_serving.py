@@ -79,8 +79,9 @@ def test_peft_gives_the_services_distributions_on_the_default_model(default_lm, 
     profile = _adapter(default_lm, items, default_lm.num_layers - 2, 1.0)  # the top two blocks: cheap to train
     for name, data in peft_files(profile).items():
         (tmp_path / name).write_bytes(data)
-    served = answer_distributions(default_lm, ITEMS[20:26], [intervention(profile, default_lm)])
-    unsteered = answer_distributions(default_lm, ITEMS[20:26])
+    # One option order, as peft reads the prompts below.
+    served = answer_distributions(default_lm, ITEMS[20:26], [intervention(profile, default_lm)], orders=1)
+    unsteered = answer_distributions(default_lm, ITEMS[20:26], orders=1)
     peft_model = PeftModel.from_pretrained(load_model().model, str(tmp_path)).eval()
     batch = encode_items(default_lm, ITEMS[20:26])
     with torch.no_grad():

@@ -64,8 +64,9 @@ def test_the_openai_client_lists_models_and_chats_with_a_profile_from_the_list(
     assert foreign not in str(models) and failed not in str(models)
     picked = models[1]
     assert picked.object == "model" and picked.created > 0
+    # No verdict: this profile's row was made ready by hand, without a build's metrics.
     assert picked.steering == {"profile": pid, "subject": {"kind": "group", "id": "urban"}, "method": "diffmean",
-                               "version": 1}
+                               "version": 1, "verdict": None}
     assert client.models.retrieve(picked.id).id == picked.id
     assert client.models.retrieve(base).id == base
     with pytest.raises(openai.NotFoundError):
@@ -83,6 +84,24 @@ def test_the_openai_client_lists_models_and_chats_with_a_profile_from_the_list(
                                                  temperature=0, stream=True))
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert streamed == steered.choices[0].message.content
+
+
+def test_the_readmes_way_of_picking_a_profile_picks_it_by_subject(server, settings, tenant_key, auth, tiny_lm):
+    """The README's example: the list is newest first, so a profile is picked by its subject, and the reply's
+    `model` is the `<base>:<profile id>` that was sent."""
+    app, url = server
+    urban = ready_profile(app, settings, auth, tiny_lm, "urban", seed=1)
+    rural = ready_profile(app, settings, auth, tiny_lm, "rural", seed=2)
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=tenant_key, max_retries=0)
+    models = client.models.list().data
+    base = settings.model
+    assert [m.id for m in models] == [base, f"{base}:{rural}", f"{base}:{urban}"]  # newest first
+    # As the README picks it:
+    picked = next(m.id for m in models if getattr(m, "steering", None)
+                  and m.steering["subject"] == {"kind": "group", "id": "urban"})
+    assert picked == f"{base}:{urban}"
+    reply = client.chat.completions.create(model=picked, messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
+    assert reply.model == picked and reply.steering["profiles"][0]["id"] == urban
 
 
 @pytest.mark.parametrize(("extra", "field", "words"), [

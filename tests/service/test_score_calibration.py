@@ -47,6 +47,16 @@ def test_score_applies_the_calibration_the_build_recorded(served, settings, auth
     for baseline in ("unsteered", "uniform", "calibrated"):
         assert 0 <= document[baseline]["alignment"] <= 1
     assert set(document["gain_vs_calibrated"]) == {"alignment", "standard_error"}
+    # What the profile does, in plain words: on its document and on its /v1/models entry.
+    verdict = client.get(f"/v1/profiles/{pid}", headers=auth).json["verdict"]
+    recorded = built.metrics["verdict"]
+    assert (verdict["summary"], verdict["improved"], verdict["serves"]) == (
+        recorded["summary"], recorded["improved"], recorded["serves"])
+    assert verdict["generation_gain"] == {
+        "mean": built.metrics["generation"]["gain_vs_unsteered"]["mean"],
+        "standard_error": built.metrics["generation"]["gain_vs_unsteered"]["standard_error"]}
+    entry = client.get(f"/v1/models/{settings.model}:{pid}", headers=auth)
+    assert entry.status_code == 200 and entry.json["steering"]["verdict"] == verdict
     assert not built.calibration.is_identity
 
     questions = fixture_items("opinions_group_urban.jsonl")[8:11]
