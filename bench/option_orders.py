@@ -42,7 +42,7 @@ sys.path.insert(0, str(REPO))
 from bench.quality_opinionsqa import DEFAULT_DATA, DEFAULT_PAIRS, bar, group_items, pooled  # noqa: E402
 from steer_core import build_profile, load_model  # noqa: E402
 from steer_core.calibration import fit_calibration, sample_alignment  # noqa: E402
-from steer_core.data import reverse_options, with_contrast  # noqa: E402
+from steer_core.data import with_contrast  # noqa: E402
 from steer_core.evaluation import ORDERS, paired_difference, read_orders, uniform_distributions  # noqa: E402
 from steer_core.methods import intervention  # noqa: E402
 from steer_core.option_orders import in_both_orders, split_orders  # noqa: E402
@@ -113,10 +113,9 @@ def main() -> int:
                     chat = single_order_reads(lm, questions, steering) if steering else unsteered_single
                     row: dict[str, tuple[float, float]] = {}
                     for o, name in zip(ORDERS, ("orig", "rev"), strict=True):
-                        asked = questions if o == ORDERS[0] else [reverse_options(it) for it in questions]
-                        sceptic_o = sceptic_cal.apply_all(asked, unsteered_single[o] if o == ORDERS[0] else
-                                                          [p[::-1] for p in unsteered_single[o]])
-                        sceptic_o = sceptic_o if o == ORDERS[0] else [p[::-1] for p in sceptic_o]
+                        # Each order's read is mapped back to the survey order, and a calibration moves with
+                        # its options: applying it there is applying it to the reversed question.
+                        sceptic_o = sceptic_cal.apply_all(questions, unsteered_single[o])
                         cells = {
                             f"served vs calibrated {name}": (align(served[o]), calibrated_served),
                             f"served vs unsteered {name}": (align(served[o]), align(unsteered_single[o])),
@@ -135,12 +134,12 @@ def main() -> int:
                     row["served vs uniform"] = (d.mean, d.standard_error)
                     rows[method].append(row)
                     verdict = built.metrics["verdict"]
+                    old_vs = "survey-order build vs sceptic's calibration"
                     print(f"  {attribute} seed {seed} {g:<13} {method:<9} strength {built.strength:<8g} "
                           f"(survey-order build {old.strength:g}); served vs calibrated "
                           f"{row['served vs calibrated orig'][0]:+.4f} ± {row['served vs calibrated orig'][1]:.4f}, "
                           f"survey-order build vs sceptic orig/rev "
-                          f"{row['survey-order build vs sceptic' + chr(39) + 's calibration orig'][0]:+.4f} / "
-                          f"{row['survey-order build vs sceptic' + chr(39) + 's calibration rev'][0]:+.4f}; "
+                          f"{row[old_vs + ' orig'][0]:+.4f} / {row[old_vs + ' rev'][0]:+.4f}; "
                           f"{'improved' if verdict['improved'] else 'not improved'}, serves the {verdict['serves']}; "
                           f"two builds {seconds:.0f} s", flush=True)
                     for key, (m, se) in row.items():  # every column now: a long run may be stopped early
