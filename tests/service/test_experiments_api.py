@@ -328,7 +328,8 @@ def test_thumbs_results_use_two_proportion_test(client, auth, settings, profiles
     _, p, _, _ = stats.chi2_contingency(table, correction=False)
     # The exact test where some expected cell count is under 5 (the split of users is random), else the z-test.
     assert urban["vs_control"]["test"] in ("two_proportion_z", "barnard_exact")
-    assert urban["vs_control"]["p_value"] == pytest.approx(p)
+    if urban["vs_control"]["test"] == "two_proportion_z":
+        assert urban["vs_control"]["p_value"] == pytest.approx(p)
     assert urban["reward"]["successes"] == sum(ups["urban"])
     assert res["offline"]["detail"].startswith("not requested")
 
