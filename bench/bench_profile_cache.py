@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from service.cli.redis_server import _free_port, client_for, ensure_redis, stop_embedded_redis
+from service.redis import client_for, ensure_redis, free_port, stop_embedded_redis
 from service.store.artifacts import ArtifactStore, ProfileCache
 from steer_core.profile import Profile
 
@@ -46,7 +46,7 @@ def main() -> None:
     args = parser.parse_args()
     url = ensure_redis(None)
     client = client_for(url)
-    down_url = f"redis://127.0.0.1:{_free_port()}/0"
+    down_url = f"redis://127.0.0.1:{free_port()}/0"
     down = client_for(down_url)
     try:
         with tempfile.TemporaryDirectory() as tmp:

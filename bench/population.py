@@ -58,7 +58,7 @@ from steer_core.population import (  # noqa: E402
 from steer_core.prompts import read_answers  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "opinionsqa"
-SKIP_GROUPS = {"Refused"}
+SKIP_GROUPS = {"Refused", "nan"}  # no answer, and a group some waves lack
 
 
 def load_groups(data: Path, attributes: list[str]) -> tuple[dict[str, list[OpinionItem]], list[str]]:

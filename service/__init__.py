@@ -17,7 +17,21 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     from flask import Flask  # here, not at the top: the command line imports this package and stays fast
 
     from service import console, context, observability
-    from service.api import chat, errors, experiments, groups, health, keys, models, openapi, opinions, profiles, users
+    from service.api import (
+        chat,
+        errors,
+        experiments,
+        groups,
+        health,
+        keys,
+        metrics,
+        models,
+        openapi,
+        opinions,
+        populations,
+        profiles,
+        users,
+    )
 
     app = Flask(__name__)
     config = dict(test_config or {})
@@ -29,8 +43,8 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     context.init_app(app, settings)
     errors.register_error_handlers(app)
     observability.init_app(app)
-    for bp in (health.bp, observability.bp, openapi.bp, keys.bp, users.bp, groups.bp, opinions.bp,
-               profiles.bp, models.bp):
+    for bp in (health.bp, metrics.bp, openapi.bp, keys.bp, users.bp, groups.bp, opinions.bp,
+               profiles.bp, populations.bp, models.bp):
         app.register_blueprint(bp)
     app.register_blueprint(experiments.bp)  # A/B tests
     chat.init_app(app)  # chat completions and scores; the generation engine starts with the first request

@@ -33,7 +33,7 @@ class ServiceState:
 
     def redis(self) -> redis.Redis:
         if self._redis is None:
-            from service.cli.redis_server import redis_client
+            from service.redis import redis_client
 
             self._redis = redis_client(self.settings)
         return self._redis
@@ -47,9 +47,11 @@ class ServiceState:
 
     def _fail_profiles_of(self, sha256: str, reason: str) -> None:
         """A stored artifact broke: its profiles become `failed` with the reason (asking again rebuilds)."""
+        from service.builds import fail_broken_artifact
+
         try:
             with db.session_scope(self.settings) as session:
-                failed = db.fail_broken_artifact(session, sha256, reason)
+                failed = fail_broken_artifact(session, sha256, reason)
             if failed:
                 log.error("profiles %s failed: %s", failed, reason)
         except Exception:  # the read is refused either way; the next one tries again
@@ -57,12 +59,9 @@ class ServiceState:
 
     def profile_cache(self) -> Any:
         if self._cache is None:
-            from service.store.artifacts import ProfileCache
+            from service.store.artifacts import profile_cache
 
-            s = self.settings
-            self._cache = ProfileCache(self.artifact_store(), self.redis(), redis_url=s.redis_url,
-                                       lru_size=s.profile_lru_size,
-                                       ttl=s.profile_cache_ttl, max_bytes=s.profile_cache_max_bytes)
+            self._cache = profile_cache(self.settings, self.artifact_store())
         return self._cache
 
     def cache_if_started(self) -> Any:

@@ -1,5 +1,5 @@
-"""`/metrics` in the Prometheus text format: request counts and latencies, build queue depth, profile cache
-hits and misses, profiles by status, rate-limit outcomes.
+"""What `/metrics` (`service.api.metrics`) serves in the Prometheus text format: request counts and
+latencies, build queue depth, profile cache hits and misses, profiles by status, rate-limit outcomes.
 
 Each app has its own registry (tests create many apps). Counters are per process; with several gunicorn
 workers each scrape sees the process that answered it, so scrape the workers separately or run one.
@@ -8,20 +8,17 @@ Queue depth and profiles by status are read from Redis and the database at scrap
 
 from __future__ import annotations
 
-import hmac
 import logging
 import time
 from collections.abc import Iterator
 from typing import Any
 
-from flask import Blueprint, Flask, Response, current_app, g, request
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from flask import Flask, Response, current_app, g, request
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from service import context
-from service.api.errors import ApiError
-from service.api.openapi import api_route
 from service.store import db
 
 log = logging.getLogger(__name__)
@@ -129,17 +126,3 @@ def record_rate_limit(outcome: str) -> None:
     if metrics is not None:
         metrics.rate_limit.labels(outcome).inc()
 
-
-bp = Blueprint("observability", __name__)
-
-
-@api_route(bp, "/metrics", "GET", summary="Prometheus metrics (behind METRICS_TOKEN when it is set; cross-tenant "
-           "counts only then)", auth=False, tag="health", responses={200: "text/plain"}, errors=(401,))
-def get_metrics() -> Response:
-    token = context.settings().metrics_token
-    if token and not hmac.compare_digest(request.headers.get("Authorization", "").encode(),
-                                         f"Bearer {token}".encode()):
-        raise ApiError(401, "unauthorized", "/metrics needs the metrics token (METRICS_TOKEN) as a bearer key",
-                       "Authorization")
-    metrics: Metrics = current_app.extensions[EXTENSION]
-    return Response(generate_latest(metrics.registry), mimetype=CONTENT_TYPE_LATEST)

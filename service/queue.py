@@ -5,7 +5,8 @@ A message names a task and carries ids only (JSON): `pluristeer.build_profile(pr
 `gpu` queue while a GPU worker is listening for the methods that train or follow gradients (COLD-FD,
 COLD-Kernel, ODESteer, LoRA: `Method.prefers_gpu`), the `cpu` queue otherwise;
 `pluristeer.offline_comparison(comparison_id)` goes to `cpu` (or `gpu` while one listens). Also the queue
-depth for /metrics.
+depth for /metrics, and `broker_since`: when the broker's current data began (a message sent before it is
+gone; `service.builds` finds lost build messages with it).
 
 Delivery is at-least-once: tasks are acknowledged after they finish (`task_acks_late`), a task whose
 pool process dies is put back (`task_reject_on_worker_lost`), each process takes one message at a time,
@@ -15,15 +16,15 @@ and each task refuses to do its work twice at once (see `worker.tasks`).
 from __future__ import annotations
 
 import logging
-import re
 import threading
+from datetime import UTC, datetime
 from typing import Any
 
 import redis
 from celery import Celery
 from kombu import Queue
 
-from service.cli.redis_server import CONNECT_TIMEOUT_S, ensure_redis, redis_client
+from service.redis import CONNECT_TIMEOUT_S, ensure_redis, note_redis_error, redis_client, redis_down
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 QUEUES = ("cpu", "gpu")
 BUILD_TASK = "pluristeer.build_profile"
 OFFLINE_TASK = "pluristeer.offline_comparison"
+POPULATION_TASK = "pluristeer.build_population"
 # Key a GPU worker refreshes while it listens on the `gpu` queue (`choose_queue` routes by it).
 QUEUE_ALIVE_KEY = "pluristeer:queue-alive:{queue}"
 QUEUE_ALIVE_TTL_S = 60
@@ -40,11 +42,9 @@ TASKS_MODULE = "worker.tasks"
 # kombu's Redis transport keeps one list per queue and priority step; the default step has the bare name.
 _PRIORITY_SEP = "\x06\x16"
 _PRIORITY_STEPS = (3, 6, 9)
-# A queued row this old with no message in the broker has lost it (the sweeper sends it again).
-RESEND_QUEUED_AFTER_S = 30.0
-# Messages a worker has taken but not acknowledged (acks late: until the task ends).
-_UNACKED = "unacked"
-_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+# When the broker's current data began (`broker_since`): set before the first send to an empty Redis, gone
+# with everything else when Redis restarts empty or is flushed.
+BROKER_SINCE_KEY = "pluristeer:broker-since"
 # A Redis that hangs (SIGSTOP, a stalled host) accepts connections and never answers: every broker and
 # result-backend socket gives up after these, and a publish is tried twice at most, so sending a message
 # fails within about 3 s (the row stays `queued` and the sweeper sends it again).
@@ -66,6 +66,12 @@ class BuildCelery(Celery):
 def soft_time_limit(hard: int) -> int:
     """The soft limit a task sees first (to record a clean `failed`) before the hard kill."""
     return max(1, hard - max(5, min(60, hard // 10)))
+
+
+def visibility_timeout(settings: Settings) -> int:
+    """Seconds after which the broker hands an unacknowledged message to another worker: it must outlast the
+    longest build, or a running build would be handed to a second worker."""
+    return max(1, int(settings.build_time_limit)) + 600
 
 
 def celery_config(settings: Settings, broker_url: str) -> dict[str, Any]:
@@ -93,10 +99,10 @@ def celery_config(settings: Settings, broker_url: str) -> dict[str, Any]:
         "task_publish_retry_policy": PUBLISH_RETRY_POLICY,
         "redis_socket_connect_timeout": CONNECT_TIMEOUT_S,
         "redis_socket_timeout": BROKER_SOCKET_TIMEOUT_S,
-        # An unacknowledged message is redelivered after this long: it must outlast the longest build, or a
-        # running build would be handed to a second worker. A lost worker's builds are picked up sooner by
-        # the sweeper (`build_stale_after`).
-        "broker_transport_options": {"visibility_timeout": limit + 600, "socket_timeout": BROKER_SOCKET_TIMEOUT_S,
+        # A lost worker's builds are picked up sooner than the visibility timeout by the sweeper
+        # (`build_stale_after`).
+        "broker_transport_options": {"visibility_timeout": visibility_timeout(settings),
+                                     "socket_timeout": BROKER_SOCKET_TIMEOUT_S,
                                      "socket_connect_timeout": CONNECT_TIMEOUT_S},
         "result_backend_transport_options": {"retry_policy": {"timeout": 5.0}},
         "worker_hijack_root_logger": False,
@@ -140,36 +146,49 @@ def gpu_worker_listening(settings: Settings) -> bool:
 
 
 def choose_queue(method: str, settings: Settings) -> str:
+    from steer_core.method_names import POPULATION_METHOD
     from steer_core.methods import get_method
 
-    if get_method(method).prefers_gpu and gpu_worker_listening(settings):
+    # A fit against a population reads a few questions and trains nothing: any worker does it in seconds.
+    if method != POPULATION_METHOD and get_method(method).prefers_gpu and gpu_worker_listening(settings):
         return "gpu"
     return "cpu"
 
 
-def check_broker(settings: Settings, what: str) -> None:
-    """Raise `BrokerUnavailable` within about a second when Redis is down or hung."""
-    from service.cli.redis_server import note_redis_error, redis_down
+def broker_since(settings: Settings) -> datetime:
+    """When the broker's current data began: the time of the first `check_broker` (so of the first send) since
+    Redis started empty or was flushed. A message sent before it is gone. Raises redis errors."""
+    pipe = redis_client(settings).pipeline()  # MULTI/EXEC: set it if absent and read it, in one step
+    pipe.set(BROKER_SINCE_KEY, datetime.now(UTC).isoformat(), nx=True)
+    pipe.get(BROKER_SINCE_KEY)
+    return datetime.fromisoformat(pipe.execute()[1].decode())
 
+
+def check_broker(settings: Settings, what: str) -> None:
+    """Raise `BrokerUnavailable` within about a second when Redis is down or hung. Records `broker_since`
+    before a message is sent, so a message in the broker is never older than it."""
     if redis_down(settings.redis_url):
         raise BrokerUnavailable(f"could not queue {what}: Redis failed moments ago")
     try:
         # kombu's own connection has no read timeout: ask Redis with the short-timeout client first.
-        redis_client(settings).ping()
+        broker_since(settings)
     except redis.RedisError as exc:
         note_redis_error(settings.redis_url)
         raise BrokerUnavailable(f"could not queue {what}: {exc}") from exc
 
 
-def send(task: str, args: list[Any], queue: str, settings: Settings) -> None:
-    """Send one task message to `queue` (after `check_broker`). Raises `BrokerUnavailable`."""
+def send(task: str, args: list[Any], queue: str, settings: Settings, time_limit: int | None = None) -> None:
+    """Send one task message to `queue` (after `check_broker`), with its own hard `time_limit` (seconds) when
+    given instead of the app's. Raises `BrokerUnavailable`."""
+    limits: dict[str, Any] = {} if time_limit is None else {"time_limit": time_limit,
+                                                            "soft_time_limit": soft_time_limit(time_limit)}
     try:
         # The default exchange routes by queue name alone. A named exchange needs its binding table in
         # Redis, and after a Redis flush kombu drops messages published to it without a word.
         # Nothing reads a task's Celery result (the database holds its outcome): the sender does not
         # subscribe to it, which would be one more Redis call to wait on.
         celery_for(settings).send_task(task, args=args, queue=queue, exchange="", routing_key=queue,
-                                       ignore_result=True)
+                                       ignore_result=True, **limits)
     except Exception as exc:  # kombu raises its own OperationalError, redis its ConnectionError
         raise BrokerUnavailable(f"could not queue {task}({', '.join(map(str, args))}): {exc}") from exc
     log.info("queued %s%s on %s", task, args, queue)
@@ -189,22 +208,12 @@ def enqueue_offline_comparison(comparison_id: str, settings: Settings) -> None:
     send(OFFLINE_TASK, [comparison_id], "gpu" if gpu_worker_listening(settings) else "cpu", settings)
 
 
-def pending_builds(settings: Settings) -> set[str]:
-    """Ids of the profiles whose build message is in the broker: waiting in a queue or held by a worker
-    (kombu's `unacked` hash). A `queued` row missing here has lost its message. Raises redis errors."""
-    client = redis_client(settings)
-    pipe = client.pipeline()
-    for queue in QUEUES:
-        pipe.lrange(queue, 0, -1)
-        for step in _PRIORITY_STEPS:
-            pipe.lrange(f"{queue}{_PRIORITY_SEP}{step}", 0, -1)
-    pipe.hvals(_UNACKED)
-    found: set[str] = set()
-    for messages in pipe.execute():
-        for raw in messages:
-            # A message's headers carry its arguments as text (`argsrepr`): the profile id appears as is.
-            found.update(_UUID.findall(raw.decode("utf-8", "replace")))
-    return found
+def enqueue_population(population_id: str, settings: Settings) -> None:
+    """Send `pluristeer.build_population(population_id)`: many reads of the model, so to the `gpu` queue while
+    a GPU worker listens. Raises `BrokerUnavailable`."""
+    check_broker(settings, f"the population {population_id}")
+    send(POPULATION_TASK, [population_id], "gpu" if gpu_worker_listening(settings) else "cpu", settings,
+         time_limit=settings.population_time_limit)
 
 
 def queue_depths(settings: Settings) -> dict[str, int]:

@@ -62,6 +62,8 @@ class Settings:
     profile_lru_size: int = 64
     build_time_limit: int = 900
     build_stale_after: int = 1800
+    # A population reads every shared question of every subject: longer than one profile's build may take.
+    population_time_limit: int = 3600
     max_new_tokens: int = 512
     default_max_tokens: int = 128
     tokens_per_minute: int = 20_000
@@ -93,6 +95,7 @@ class Settings:
             "profile_lru_size": _env("PROFILE_LRU_SIZE", cls.profile_lru_size, int),
             "build_time_limit": _env("BUILD_TIME_LIMIT", cls.build_time_limit, int),
             "build_stale_after": _env("BUILD_STALE_AFTER", cls.build_stale_after, int),
+            "population_time_limit": _env("POPULATION_TIME_LIMIT", cls.population_time_limit, int),
             "max_new_tokens": _env("MAX_NEW_TOKENS", cls.max_new_tokens, int),
             "default_max_tokens": _env("DEFAULT_MAX_TOKENS", cls.default_max_tokens, int),
             "tokens_per_minute": _env("TOKENS_PER_MINUTE", cls.tokens_per_minute, int),
@@ -116,3 +119,8 @@ class Settings:
         """Request threads per API process (gunicorn gthread): MAX_BATCH_SIZE engine-bound requests at most
         (`service.api.chat.admit`), plus FREE_REQUEST_THREADS for everything else."""
         return self.max_batch_size + FREE_REQUEST_THREADS
+
+
+def allowed_models(settings: Settings) -> list[str]:
+    """The models this deployment builds and serves (a name `load_model` accepts is not enough)."""
+    return [settings.model]

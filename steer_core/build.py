@@ -78,7 +78,9 @@ from steer_core.data import OpinionItem, reverse_options, sample_hash
 from steer_core.errors import SteerError
 from steer_core.evaluation import paired_difference, uniform_distributions
 from steer_core.folds import FOLDS, HELDOUT_SHARE, MIN_HELDOUT, MIN_TRAIN, fold_indices, split_sample  # noqa: F401
-from steer_core.methods import check_positions, fit_settings, get_method
+from steer_core.method_spec import DEFAULT_ORDERS, check_build_params
+from steer_core.method_spec import ORDERS as ORDERS  # importable from here as before
+from steer_core.methods import fit_settings, get_method
 from steer_core.metrics import item_metrics, mean_metrics
 from steer_core.models import LanguageModel
 from steer_core.option_orders import average_orders, in_both_orders, split_orders
@@ -93,8 +95,6 @@ Progress = Callable[[int, int, str], None]
 SELECTION_METRIC = "alignment"
 # A setting must beat unsteered by more than this much mean alignment to ship.
 MIN_GAIN = 1e-4
-ORDERS = (1, 2)  # fit and read each item in its own option order only, or also reversed (read: averaged)
-DEFAULT_ORDERS = 2
 # `metrics["per_item"]` keeps at most this many items (a profile's metrics travel in its file and its API
 # document), each question cut to QUESTION_CHARS characters.
 PER_ITEM_LIMIT = 500
@@ -105,13 +105,6 @@ LEAN_BLOCKS = 8  # blocks a question lean may read (spread over the depth: the p
 # lost on other questions (at 50: -0.004 to -0.019 alignment per group); from 100 items the leans it shipped
 # gained for all six groups.
 MIN_LEAN_SAMPLE = 100
-
-
-def check_orders(orders: Any) -> int:
-    if isinstance(orders, bool) or orders not in ORDERS:
-        raise SteerError(f"must be one of {', '.join(map(str, ORDERS))} (2: also fit on each item with its "
-                         "options reversed, and judge on both orders' reads averaged)", "params.orders")
-    return int(orders)
 
 
 def in_orders(items: Sequence[OpinionItem], orders: int) -> list[OpinionItem]:
@@ -286,17 +279,13 @@ def build_profile(lm: LanguageModel, items: Sequence[OpinionItem], method: str,
     spec = get_method(method)
     if not items:
         raise SteerError("the sample is empty", "items")
-    params = dict(params or {})
-    layer = params.pop("layer", None)
-    strength = params.pop("strength", None)
-    positions = check_positions(params.pop("positions", spec.default_positions), spec, "params.positions")
-    orders = check_orders(params.pop("orders", DEFAULT_ORDERS))
-    own = spec.check_params(params)
-    if layer is not None:
-        lm.check_layer(layer, "params.layer")
-    if strength is not None and (isinstance(strength, bool) or not isinstance(strength, int | float)
-                                 or not math.isfinite(strength) or strength < 0):
-        raise SteerError("must be a finite number >= 0", "params.strength")
+    # A layer or strength of None is not fixed: searched, as if absent.
+    given = {k: v for k, v in (params or {}).items() if not (k in ("layer", "strength") and v is None)}
+    own = check_build_params(spec, given, check_layer=lm.check_layer)  # the service's request check too
+    layer = own.pop("layer", None)
+    strength = own.pop("strength", None)
+    positions = own.pop("positions", spec.default_positions)
+    orders = own.pop("orders", DEFAULT_ORDERS)
     report = progress or (lambda done, total, stage: None)
 
     if layer is not None and strength is not None:

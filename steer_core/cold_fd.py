@@ -62,7 +62,7 @@ from steer_core.data import OpinionItem
 from steer_core.errors import SteerError
 from steer_core.losses import check_loss
 from steer_core.lowrank import check_rank
-from steer_core.methods import Method, register
+from steer_core.method_spec import Method
 from steer_core.models import LanguageModel
 from steer_core.perturbation import Perturbation, nbytes, uncompressed_bytes, within_blocks
 from steer_core.profile import Profile
@@ -357,6 +357,6 @@ def candidate_layers(lm: LanguageModel) -> list[int]:
     return sorted({min(n - 1, max(0, round(f * (n - 1)))) for f in LAYER_FRACTIONS})
 
 
-METHOD = register(Method(name="cold_fd", fit=fit, intervention=intervention,
-                         strengths=lambda profile, lm: list(STRENGTHS), check_params=check_params,
-                         layers=candidate_layers, positions=("prompt",), prefers_gpu=True))
+METHOD = Method(name="cold_fd", fit=fit, intervention=intervention,
+                strengths=lambda profile, lm: list(STRENGTHS), check_params=check_params,
+                layers=candidate_layers, positions=("prompt",), prefers_gpu=True)

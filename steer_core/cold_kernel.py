@@ -28,7 +28,7 @@ from steer_core.cold import sample_gradients
 from steer_core.data import OpinionItem
 from steer_core.errors import SteerError
 from steer_core.losses import check_loss
-from steer_core.methods import Method, register
+from steer_core.method_spec import Method
 from steer_core.models import LanguageModel
 from steer_core.profile import Profile
 from steer_core.steering import ConstantShift, ForwardContext
@@ -122,6 +122,6 @@ def intervention(profile: Profile, lm: LanguageModel) -> ConstantShift | KernelS
     return KernelShift(layer=profile.layer, positions=profile.positions, anchors=anchors, weights=weights)
 
 
-METHOD = register(Method(name="cold_kernel", fit=fit, intervention=intervention,
-                         strengths=lambda profile, lm: list(STRENGTHS), check_params=check_params,
-                         constant_vector=constant_vector, prefers_gpu=True))
+METHOD = Method(name="cold_kernel", fit=fit, intervention=intervention,
+                strengths=lambda profile, lm: list(STRENGTHS), check_params=check_params,
+                constant_vector=constant_vector, prefers_gpu=True)

@@ -1,12 +1,15 @@
-"""Opinion items and the loaders that make them.
+"""The loaders that make opinion items (`steer_core.items`) from JSONL, OpinionsQA, CAA and persona files,
+and from tables through `steer_core.tables`.
 
 An `OpinionItem` is a survey question with its ordered options, an ordinal position per option, and a
 target distribution over the options (one-hot for one person's answer). The JSONL item format is the
 project's interchange format:
 
-    {"id"?, "question", "options", "ordinal"?, "target"?: [probabilities], "answer"?: index or option text}
+    {"id"?, "question", "options", "ordinal"?, "target"?: [probabilities], "answer"?: index or option text,
+     "contrast"?: [probabilities]}
 
-with exactly one of `target` and `answer`.
+with exactly one of `target` and `answer`; `contrast` is the pooled answers of the subjects to be told apart
+from (`with_contrast`), as `OpinionItem.to_json` writes it.
 """
 
 from __future__ import annotations
@@ -15,14 +18,19 @@ import ast
 import csv
 import hashlib
 import json
-import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO, TypeAlias
 
 from steer_core.errors import SteerError
+
+# The item itself is defined in steer_core.items (the tables' loader makes items without importing this
+# module); its names stay importable from here.
+from steer_core.items import MAX_OPTIONS as MAX_OPTIONS
+from steer_core.items import OpinionItem as OpinionItem
+from steer_core.items import make_item as make_item
 
 if TYPE_CHECKING:
     import numpy as np
@@ -34,81 +42,7 @@ if TYPE_CHECKING:
 # free of it.)
 Distribution: TypeAlias = "Sequence[float] | np.ndarray"
 
-MAX_OPTIONS = 26  # one letter each
 REFUSAL_OPTIONS = {"refused"}
-_TARGET_TOLERANCE = 1e-3
-
-
-@dataclass(frozen=True)
-class OpinionItem:
-    """`contrast`, when set, is the pooled answer distribution of the subjects this item's target is to be
-    told apart from (other groups on the same question); group-relative objectives read it."""
-
-    question: str
-    options: tuple[str, ...]
-    target: tuple[float, ...]
-    ordinal: tuple[float, ...]
-    id: str | None = None
-    contrast: tuple[float, ...] | None = None
-
-    @property
-    def answer(self) -> int:
-        """Index of the most likely option of the target (the person's answer when one-hot)."""
-        return max(range(len(self.target)), key=self.target.__getitem__)
-
-    @property
-    def is_one_hot(self) -> bool:
-        return max(self.target) >= 1.0 - _TARGET_TOLERANCE
-
-    def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"question": self.question, "options": list(self.options),
-                               "ordinal": list(self.ordinal), "target": list(self.target)}
-        if self.id is not None:
-            out = {"id": self.id, **out}
-        if self.contrast is not None:
-            out["contrast"] = list(self.contrast)
-        return out
-
-
-def make_item(question: Any, options: Any, target: Any = None, answer: Any = None, ordinal: Any = None,
-              id: Any = None, field: str = "item") -> OpinionItem:
-    """Validate raw fields into an `OpinionItem`; errors name `field.<name>`."""
-    if not isinstance(question, str) or not question.strip():
-        raise SteerError("must be a non-empty string", f"{field}.question")
-    if not isinstance(options, Sequence) or isinstance(options, str) or \
-            not all(isinstance(o, str) and o.strip() for o in options):
-        raise SteerError("must be a list of non-empty strings", f"{field}.options")
-    if len(options) < 2:
-        raise SteerError(f"needs at least 2 options, got {len(options)}", f"{field}.options")
-    if len(options) > MAX_OPTIONS:
-        raise SteerError(f"at most {MAX_OPTIONS} options are supported, got {len(options)}", f"{field}.options")
-    n = len(options)
-    if (target is None) == (answer is None):
-        raise SteerError("give exactly one of 'target' and 'answer'", f"{field}.target")
-    if answer is not None:
-        if isinstance(answer, bool):
-            raise SteerError("must be an option index or the option's text", f"{field}.answer")
-        if isinstance(answer, str):
-            if answer not in options:
-                raise SteerError(f"{answer!r} is not one of the options", f"{field}.answer")
-            answer = list(options).index(answer)
-        if not isinstance(answer, int) or not 0 <= answer < n:
-            raise SteerError(f"must be an option index in 0..{n - 1} or the option's text", f"{field}.answer")
-        probs = [1.0 if k == answer else 0.0 for k in range(n)]
-    else:
-        probs = _numbers(target, n, f"{field}.target")
-        if any(p < 0 for p in probs):
-            raise SteerError("probabilities must not be negative", f"{field}.target")
-        total = sum(probs)
-        if abs(total - 1.0) > _TARGET_TOLERANCE:
-            raise SteerError(f"must sum to 1, sums to {total:.4f}", f"{field}.target")
-        probs = [p / total for p in probs]
-    positions = list(range(1, n + 1)) if ordinal is None else _numbers(ordinal, n, f"{field}.ordinal")
-    if id is not None and not isinstance(id, str | int):
-        raise SteerError("must be a string or an integer", f"{field}.id")
-    return OpinionItem(question=question.strip(), options=tuple(o.strip() for o in options),
-                       target=tuple(float(p) for p in probs), ordinal=tuple(float(x) for x in positions),
-                       id=None if id is None else str(id))
 
 
 def question_key(item: OpinionItem) -> tuple[str, tuple[str, ...]]:
@@ -132,6 +66,22 @@ def with_contrast(items: Sequence[OpinionItem], others: Sequence[Sequence[Opinio
     return out
 
 
+def shared_questions(samples: Mapping[str, Sequence[OpinionItem]]) -> dict[str, list[OpinionItem]]:
+    """Each sample's items on the questions every sample answered (`question_key`), in the first sample's
+    order, so item i of every sample is the same question (what a population learns from). Raises a
+    `SteerError` naming the sample that shares the fewest questions with the first when none is shared."""
+    keyed = {name: {question_key(it): it for it in items} for name, items in samples.items()}
+    if not keyed:
+        return {}
+    first = next(iter(keyed.values()))
+    shared = [key for key in first if all(key in answers for answers in keyed.values())]
+    if not shared:
+        worst = min(keyed, key=lambda name: sum(key in keyed[name] for key in first))
+        raise SteerError(f"{worst!r} answered none of the questions the others all answered (same text and "
+                         "options)", worst)
+    return {name: [answers[key] for key in shared] for name, answers in keyed.items()}
+
+
 def reverse_options(item: OpinionItem) -> OpinionItem:
     """The same item with its options in reverse order (letters re-assigned; target, ordinal and contrast
     permuted with them): a profile that learned letters rather than opinions answers it differently."""
@@ -140,29 +90,17 @@ def reverse_options(item: OpinionItem) -> OpinionItem:
                    contrast=contrast)
 
 
-def _numbers(values: Any, n: int, field: str) -> list[float]:
-    if not isinstance(values, Sequence) or isinstance(values, str):
-        raise SteerError(f"must be a list of {n} numbers", field)
-    if len(values) != n:
-        raise SteerError(f"has {len(values)} values for {n} options", field)
-    out = []
-    for v in values:
-        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
-            raise SteerError(f"must be a list of {n} finite numbers", field)
-        out.append(float(v))
-    return out
-
-
 def item_from_json(obj: Any, field: str = "item") -> OpinionItem:
     """One object of the JSONL interchange format."""
     if not isinstance(obj, Mapping):
         raise SteerError("must be a JSON object", field)
-    allowed = {"id", "question", "options", "ordinal", "target", "answer"}
+    allowed = {"id", "question", "options", "ordinal", "target", "answer", "contrast"}
     unknown = sorted(set(obj) - allowed)
     if unknown:
         raise SteerError(f"unknown field {unknown[0]!r}", f"{field}.{unknown[0]}")
     return make_item(obj.get("question"), obj.get("options"), target=obj.get("target"),
-                     answer=obj.get("answer"), ordinal=obj.get("ordinal"), id=obj.get("id"), field=field)
+                     answer=obj.get("answer"), ordinal=obj.get("ordinal"), id=obj.get("id"),
+                     contrast=obj.get("contrast"), field=field)
 
 
 def items_from_json(objs: Iterable[Any], field: str = "items") -> list[OpinionItem]:
@@ -232,29 +170,6 @@ def opinionsqa_groups(wave_dir: str | Path, attribute: str) -> list[str]:
         counts = json.load(f)
     first = next(iter(counts.values()))
     return [k for k in first if k not in ("MC_options", "question_text")]
-
-
-def load_user_answers(path: str | Path, questions: Sequence[OpinionItem] | None = None) -> list[OpinionItem]:
-    """Per-user answers: JSONL of `{"question", "options", "answer"}` (the interchange format with
-    `answer`), or `{"id", "answer"}` lines that refer to `questions` by id."""
-    path = Path(path)
-    by_id = {q.id: q for q in questions or []}
-    items = []
-    with _open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            obj = json.loads(line)
-            field = f"{path.name}[{lineno}]"
-            if "question" not in obj and obj.get("id") in by_id:
-                q = by_id[obj["id"]]
-                items.append(make_item(q.question, q.options, answer=obj.get("answer"), ordinal=q.ordinal,
-                                       id=q.id, field=field))
-            else:
-                items.append(item_from_json(obj, field))
-    if not items:
-        raise SteerError("the sample is empty", str(path))
-    return items
 
 
 _CHOICE = re.compile(r"^\s*\(([A-Z])\)\s*(.*)$")

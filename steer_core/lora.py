@@ -43,7 +43,7 @@ from steer_core.blocks import last_logits_from
 from steer_core.data import OpinionItem
 from steer_core.errors import SteerError
 from steer_core.losses import check_loss, item_losses
-from steer_core.methods import Method, register
+from steer_core.method_spec import Method
 from steer_core.models import LanguageModel, ModelLayout, model_names
 from steer_core.profile import Profile
 from steer_core.prompts import block_batches
@@ -569,7 +569,7 @@ def imported_profile(config: Any, weights: bytes, base: ModelLayout, max_rank: i
                            "adapter_config": clean, "imported": True})
 
 
-METHOD = register(Method(name="lora", fit=fit, intervention=intervention,
-                         strengths=lambda profile, lm: list(STRENGTHS), check_params=check_params,
-                         default_positions="all", positions=("all",), layers=lambda lm: [first_block(lm)],
-                         grid=grid, fit_grid=fit_grid, prefers_gpu=True))
+METHOD = Method(name="lora", fit=fit, intervention=intervention,
+                strengths=lambda profile, lm: list(STRENGTHS), check_params=check_params,
+                default_positions="all", positions=("all",), layers=lambda lm: [first_block(lm)],
+                grid=grid, fit_grid=fit_grid, prefers_gpu=True)

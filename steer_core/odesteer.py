@@ -38,7 +38,7 @@ from torch import Tensor
 from steer_core.activations import answer_activations
 from steer_core.data import OpinionItem
 from steer_core.errors import ProfileError, SteerError
-from steer_core.methods import Method, register
+from steer_core.method_spec import Method
 from steer_core.models import LanguageModel
 from steer_core.profile import Profile
 from steer_core.sketch import CountSketch, check_sketch_params, through_normalization, unit_and_norm
@@ -358,6 +358,6 @@ def strengths(profile: Profile, lm: LanguageModel) -> list[float]:
     return [float(f"{r * norm:.6g}") for r in RELATIVE_PATH_LENGTHS]  # 6 digits: readable in the metrics
 
 
-METHOD = register(Method(name="odesteer", fit=fit, intervention=intervention, strengths=strengths,
-                         check_params=barrier_params, default_positions="last",
-                         prefers_gpu=True))
+METHOD = Method(name="odesteer", fit=fit, intervention=intervention, strengths=strengths,
+                check_params=barrier_params, default_positions="last",
+                prefers_gpu=True)

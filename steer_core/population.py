@@ -19,6 +19,7 @@ Everything here is plain numbers (numpy arrays and names), for a safetensors bod
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -26,6 +27,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
 from scipy.optimize import LinearConstraint, minimize
 from sklearn.linear_model import RidgeCV
 from torch import Tensor
@@ -52,13 +56,20 @@ MIN_GROUPS = 2
 SUBJECT_PENALTY = 0.25
 TENSOR_NAMES = ("population.center", "population.scale", "population.weight", "population.intercept",
                 "population.temperatures")
+VECTORS_TENSOR = "population.vectors"
+FILE_KEY = "pluristeer_population"
 _FLOOR = 1e-12
 
 
 @dataclass(frozen=True, eq=False)
 class Population:
     """Group `g`'s lean on a question is `((state - center) / scale) @ weight[:, g] + intercept[g]`, `state`
-    the prompt's hidden state after block `layer` averaged over its tokens; its temperature `temperatures[g]`."""
+    the prompt's hidden state after block `layer` averaged over its tokens; its temperature `temperatures[g]`.
+
+    The steering basis, what reaches generation: `vectors[g]` is group `g`'s DiffMean direction at block
+    `vector_layer` (its answers against the other groups' on the same questions, `group_vectors`); a subject
+    steers with its weights' blend of them at `strength` (0: the population found no strength that moved
+    held-out answers toward its groups, and subjects carry only their calibration and question lean)."""
 
     groups: tuple[str, ...]
     layer: int
@@ -67,6 +78,9 @@ class Population:
     weight: np.ndarray  # (hidden, groups)
     intercept: np.ndarray  # (groups,)
     temperatures: np.ndarray  # (groups,)
+    vectors: np.ndarray | None = None  # (groups, hidden)
+    vector_layer: int = 0
+    strength: float = 0.0
 
     def __post_init__(self) -> None:
         if len(self.groups) < MIN_GROUPS or len(set(self.groups)) != len(self.groups):
@@ -86,6 +100,18 @@ class Population:
         t = np.asarray(self.temperatures)
         if not ((t >= MIN_TEMPERATURE) & (t <= MAX_TEMPERATURE)).all():
             raise SteerError(f"must lie in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}]", "population.temperatures")
+        if isinstance(self.vector_layer, bool) or not isinstance(self.vector_layer, int) or self.vector_layer < 0:
+            raise SteerError("must be an integer >= 0", "population.vector_layer")
+        if isinstance(self.strength, bool) or not isinstance(self.strength, int | float) \
+                or not math.isfinite(self.strength) or self.strength < 0:
+            raise SteerError("must be a finite number >= 0", "population.strength")
+        if self.vectors is None:
+            if self.strength != 0:
+                raise SteerError("a population without steering vectors steers at strength 0", "population.strength")
+        else:
+            v = np.asarray(self.vectors)
+            if v.ndim != 2 or v.shape[0] != g or v.shape[1] < 1 or not np.isfinite(v).all():
+                raise SteerError(f"must be finite numbers of shape ({g}, hidden)", "population.vectors")
 
     @property
     def hidden_size(self) -> int:
@@ -93,17 +119,22 @@ class Population:
 
     def tensors(self) -> dict[str, Tensor]:
         values = (self.center, self.scale, self.weight, self.intercept, self.temperatures)
-        return {name: torch.tensor(np.asarray(v), dtype=torch.float32)
-                for name, v in zip(TENSOR_NAMES, values, strict=True)}
+        out = {name: torch.tensor(np.asarray(v), dtype=torch.float32)
+               for name, v in zip(TENSOR_NAMES, values, strict=True)}
+        if self.vectors is not None:
+            out[VECTORS_TENSOR] = torch.tensor(np.asarray(self.vectors), dtype=torch.float32)
+        return out
 
     def to_json(self) -> dict[str, Any]:
-        return {"groups": list(self.groups), "layer": self.layer}
+        return {"groups": list(self.groups), "layer": self.layer, "vector_layer": self.vector_layer,
+                "strength": self.strength}
 
     @classmethod
     def from_parts(cls, meta: Any, tensors: Mapping[str, Tensor]) -> Population:
-        """Validate stored parts (`{"groups", "layer"}` and the tensors of `tensors()`) into a population."""
-        if not isinstance(meta, dict) or set(meta) != {"groups", "layer"}:
-            raise SteerError("must be an object with exactly 'groups' and 'layer'", "population")
+        """Validate stored parts (`to_json()` and the tensors of `tensors()`) into a population."""
+        keys = {"groups", "layer", "vector_layer", "strength"}
+        if not isinstance(meta, dict) or set(meta) != keys:
+            raise SteerError(f"must be an object with exactly {', '.join(sorted(keys))}", "population")
         groups = meta["groups"]
         if not isinstance(groups, list) or not all(isinstance(g, str) and g for g in groups):
             raise SteerError("must be a list of non-empty strings", "population.groups")
@@ -111,7 +142,41 @@ class Population:
         if missing:
             raise SteerError(f"tensor {missing[0]!r} is missing", "population")
         center, scale, weight, intercept, temperatures = (tensors[n].double().numpy() for n in TENSOR_NAMES)
-        return cls(tuple(groups), meta["layer"], center, scale, weight, intercept, temperatures)
+        vectors = tensors[VECTORS_TENSOR].double().numpy() if VECTORS_TENSOR in tensors else None
+        return cls(tuple(groups), meta["layer"], center, scale, weight, intercept, temperatures, vectors,
+                   meta["vector_layer"], meta["strength"])
+
+    def to_bytes(self) -> bytes:
+        """A safetensors file: the tensors in its body, `to_json()` in its header (never pickled)."""
+        tensors = {k: v.contiguous() for k, v in self.tensors().items()}
+        return st_save(tensors, metadata={FILE_KEY: json.dumps(self.to_json(), allow_nan=False)})
+
+    @classmethod
+    def from_bytes(cls, data: bytes, source: str = "population") -> Population:
+        """Read and validate a file `to_bytes` wrote; anything else is a `SteerError` naming `source`."""
+        try:
+            tensors = st_load(data)
+            header_len = int.from_bytes(data[:8], "little")
+            meta = json.loads(json.loads(data[8:8 + header_len])["__metadata__"][FILE_KEY])
+            return cls.from_parts(meta, tensors)
+        except SteerError as exc:
+            raise SteerError(f"not a valid population: {exc.field}: {exc.message}", source) from None
+        except (SafetensorError, ValueError, KeyError, TypeError) as exc:
+            raise SteerError(f"not a valid population: {exc}", source) from None
+
+    def with_steering(self, vectors: np.ndarray | None, vector_layer: int, strength: float) -> Population:
+        """This population with another steering basis (`group_vectors`) and strength."""
+        return Population(self.groups, self.layer, self.center, self.scale, self.weight, self.intercept,
+                          self.temperatures, vectors, vector_layer, strength)
+
+    def subject_vector(self, weights: np.ndarray) -> np.ndarray:
+        """A subject's steering direction: its weights' blend of the groups' vectors (zeros without a basis)."""
+        w = np.asarray(weights, dtype=float)
+        if w.shape != (len(self.groups),) or not np.isfinite(w).all():
+            raise SteerError(f"must be {len(self.groups)} finite numbers, one per group", "weights")
+        if self.vectors is None:
+            return np.zeros(self.hidden_size)
+        return np.asarray(self.vectors, dtype=float).T @ w
 
 
 @dataclass(frozen=True, eq=False)
@@ -182,6 +247,25 @@ def build_population(groups: Mapping[str, Sequence[OpinionItem]], dists: Sequenc
             best = (error, population)
     assert best is not None
     return best[1]
+
+
+def group_vectors(activations: np.ndarray, valid: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Each group's DiffMean direction against the other groups (groups, hidden): `activations` (questions,
+    options, hidden) at the answer letter of each option, `valid` (questions, options) its real options,
+    `targets` (groups, questions, options) each group's answer distribution. Group g weighs option k of a
+    question by `q_gk - c_k`, `c` the mean of the other groups' distributions there, so what every group
+    answers cancels and the vector carries the group's own difference (`steer_core.diffmean`'s contrast form,
+    with the same scale: weights divided by the mean total variation from the others)."""
+    z = np.asarray(activations, dtype=float)
+    q = np.where(np.asarray(valid, dtype=bool)[None], np.asarray(targets, dtype=float), 0.0)
+    g = q.shape[0]
+    if g < MIN_GROUPS or q.shape[1:] != z.shape[:2]:
+        raise SteerError(f"targets must be (groups >= {MIN_GROUPS}, {z.shape[0]}, {z.shape[1]}), got {q.shape}",
+                         "targets")
+    others = (q.sum(axis=0, keepdims=True) - q) / (g - 1)
+    weight = q - others  # (groups, questions, options)
+    spread = np.maximum(0.5 * np.abs(weight).sum(axis=2).mean(axis=1), 1e-12)  # (groups,)
+    return np.einsum("gnk,nkd->gd", weight, z) / z.shape[0] / spread[:, None]
 
 
 def group_leans(population: Population, states: Mapping[int, np.ndarray]) -> np.ndarray:

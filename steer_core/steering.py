@@ -37,13 +37,13 @@ import torch
 from torch import Tensor, nn
 
 from steer_core.errors import SteerError
+from steer_core.method_spec import POSITIONS
 from steer_core.models import LanguageModel
 
 if TYPE_CHECKING:
     from typing_extensions import TypeIs
 
 Positions = Literal["prompt", "last", "all"]
-POSITIONS: tuple[str, ...] = ("prompt", "last", "all")
 
 
 @dataclass

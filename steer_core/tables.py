@@ -17,8 +17,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from steer_core.data import OpinionItem, make_item
 from steer_core.errors import SteerError
+from steer_core.items import OpinionItem, make_item
 
 TABLE_FORMATS = ("csv", "parquet", "jsonl", "hf")  # hf: a saved dataset directory or a hub name
 

@@ -6,9 +6,11 @@ import json
 import subprocess
 import sys
 
+import pytest
 from support import FIXTURES, make_tiny
 
 from service.cli.main import METHOD_HELP, main
+from steer_core.profile import Profile
 
 
 def _tiny_dir(tmp_path):
@@ -66,6 +68,24 @@ def test_bad_input_leaves_no_output_file(tmp_path, capsys):
     assert not out.exists() and not list(tmp_path.glob(".p.safetensors*"))
 
 
+
+def test_build_with_a_contrast_group_chooses_by_specificity(tmp_path, capsys):
+    """`--contrast FILE`: the other group's answers to the same questions (matched by text and options, as the
+    service's contrast is) ride on the sample, so the build tells the group apart from them."""
+    model = _tiny_dir(tmp_path)
+    urban, rural = str(FIXTURES / "opinions_group_urban.jsonl"), str(FIXTURES / "opinions_group_rural.jsonl")
+    out = tmp_path / "c.safetensors"
+    assert main(["build", "--method", "diffmean", "--data", urban, "--limit", "12", "--contrast", rural,
+                 "--model", model, "--out", str(out)]) == 0
+    assert "specificity" in Profile.load(out).metrics["selection"]
+    capsys.readouterr()
+    unrelated = tmp_path / "unrelated.jsonl"
+    unrelated.write_text('{"question": "Tea or coffee?", "options": ["Tea", "Coffee"], "answer": 0}\n')
+    none = tmp_path / "none.safetensors"
+    assert main(["build", "--method", "diffmean", "--data", urban, "--limit", "12", "--contrast", str(unrelated),
+                 "--model", model, "--out", str(none)]) == 2
+    assert "answers none of the sample's questions" in capsys.readouterr().err and not none.exists()
+
 def test_eval_refuses_a_profile_for_another_model(tmp_path, capsys):
     model = _tiny_dir(tmp_path)
     out = tmp_path / "p.safetensors"
@@ -87,6 +107,8 @@ def test_console_script_is_installed():
 # A fresh interpreter runs the command line and reports which heavy packages it loaded.
 _PROBE = """
 import sys
+
+import pytest
 from service.cli.main import METHOD_HELP, main
 try:
     code = main(sys.argv[1:])
@@ -124,3 +146,43 @@ def test_every_registered_method_is_documented_in_the_help():
     from steer_core.methods import METHODS
 
     assert set(METHOD_HELP) == set(METHODS)
+
+
+def test_population_build_questions_fit_then_eval(tmp_path, capsys):
+    model = _tiny_dir(tmp_path)
+    urban, rural = str(FIXTURES / "opinions_group_urban.jsonl"), str(FIXTURES / "opinions_group_rural.jsonl")
+    mixed = tmp_path / "suburban.jsonl"  # a third group halfway between the two, on the same questions
+    with open(urban) as u, open(rural) as r, open(mixed, "w") as out:
+        for a, b in zip(u, r, strict=True):
+            x, y = json.loads(a), json.loads(b)
+            out.write(json.dumps({**x, "target": [(p + q) / 2 for p, q in zip(x["target"], y["target"], strict=True)]})
+                      + "\n")
+    population = tmp_path / "towns.population"
+    assert main(["population", "build", "--data", urban, "--data", rural, "--data", str(mixed), "--limit", "16",
+                 "--model", model, "--out", str(population)]) == 0
+    printed = capsys.readouterr().out
+    assert population.exists() and "population of 3 groups x 16 shared questions" in printed, printed
+    assert "strength" in printed and " ± " in printed
+    assert main(["population", "questions", "--population", str(population), "--data", urban, "--limit", "16",
+                 "-k", "3", "--model", model]) == 0
+    ranked = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert [line.split(".")[0].strip() for line in ranked] == ["1", "2", "3"]
+    profile = tmp_path / "newcomer.safetensors"
+    assert main(["population", "fit", "--population", str(population), "--data", urban, "--offset", "16",
+                 "--limit", "8", "--model", model, "--out", str(profile)]) == 0
+    printed = capsys.readouterr().out
+    assert "fitted from 8 answers" in printed and "weights:" in printed, printed
+    fitted = Profile.load(profile)
+    assert fitted.method == "diffmean" and fitted.question_lean is not None
+    assert sum(fitted.metrics["population"]["weights"].values()) == pytest.approx(1.0)
+    # What `pluristeer eval` reports beside the baselines, like any profile.
+    assert main(["eval", "--profile", f"{profile}@opinions_group_urban", "--data", urban, "--data", rural,
+                 "--offset", "24", "--limit", "6", "--model", model, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report["cells"]["both orders"]) == {"unsteered", "uniform", "calibrated", "newcomer"}
+    # A population file that is not one is refused, naming it, and writes nothing.
+    bad = tmp_path / "not-a-population"
+    bad.write_bytes(b"nope")
+    assert main(["population", "fit", "--population", str(bad), "--data", urban, "--limit", "4",
+                 "--model", model, "--out", str(tmp_path / "none.safetensors")]) != 0
+    assert "population" in capsys.readouterr().err and not (tmp_path / "none.safetensors").exists()

@@ -142,6 +142,30 @@ def test_contrast_pools_the_other_subjects_on_the_same_question():
     assert sample_hash(out) != sample_hash(mine) and out[0].to_json()["contrast"] == list(out[0].contrast)
 
 
+
+def test_items_written_with_their_contrast_read_back_equal(tmp_path):
+    """`OpinionItem.to_json` writes `contrast`; the JSONL loader reads it back, so a sample the library wrote
+    (a group's items with the other groups' pooled answers) loads as the same sample, with the same hash."""
+    mine = [make_item("Q1", ["x", "y", "z"], target=[0.5, 0.25, 0.25], id="q1"), make_item("Q2", ["x", "y"], answer=1)]
+    others = [[make_item("Q1", ["x", "y", "z"], target=[0.25, 0.25, 0.5])],
+              [make_item("Q1", ["x", "y", "z"], target=[0.75, 0.25, 0.0]), make_item("Q2", ["x", "y"], answer=0)]]
+    items = with_contrast(mine, others)
+    assert all(it.contrast is not None for it in items)
+    path = tmp_path / "contrasted.jsonl"
+    path.write_text("".join(json.dumps(it.to_json()) + "\n" for it in items))
+    back = load_items(path)
+    assert back == items and sample_hash(back) == sample_hash(items)
+    assert item_from_json(mine[0].to_json()).contrast is None  # none written, none read
+
+
+@pytest.mark.parametrize(("contrast", "message"), [
+    ([0.5, 0.6], "sum to 1"), ([1.0], "1 values for 2"), ([1.5, -0.5], "negative"), ("0.5|0.5", "2 numbers"),
+])
+def test_a_bad_contrast_names_its_field(contrast, message):
+    with pytest.raises(SteerError, match=message) as info:
+        item_from_json({"question": "Q", "options": ["a", "b"], "answer": 0, "contrast": contrast})
+    assert info.value.field == "item.contrast"
+
 def test_reverse_options_permute_everything_with_the_options():
     it = with_contrast([make_item("Q", ["a", "b", "c"], target=[0.7, 0.2, 0.1], ordinal=[1, 2, 4])],
                        [[make_item("Q", ["a", "b", "c"], target=[0.1, 0.3, 0.6])]])[0]

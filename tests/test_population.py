@@ -16,6 +16,7 @@ from steer_core.population import (
     build_population,
     fit_subject,
     group_leans,
+    group_vectors,
     informative_questions,
     subject_lean,
 )
@@ -159,9 +160,50 @@ def test_stored_parts_round_trip(population: Population) -> None:
     assert again.groups == population.groups and again.layer == population.layer
     np.testing.assert_allclose(again.weight, population.weight, rtol=1e-6, atol=1e-6)
     with pytest.raises(SteerError) as err:
-        Population.from_parts({"groups": ["a"], "layer": 0},
+        Population.from_parts({"groups": ["a"], "layer": 0, "vector_layer": 0, "strength": 0.0},
                               {k: torch.zeros(1) for k in population.tensors()})
     assert err.value.field is not None and err.value.field.startswith("population.")
+
+
+def test_steering_basis_round_trips_and_blends(population: Population) -> None:
+    vectors = np.arange(len(population.groups) * HIDDEN, dtype=float).reshape(len(population.groups), HIDDEN)
+    steered = population.with_steering(vectors, vector_layer=3, strength=2.0)
+    again = Population.from_bytes(steered.to_bytes())
+    assert again.vector_layer == 3 and again.strength == 2.0
+    assert again.vectors is not None
+    np.testing.assert_allclose(again.vectors, vectors)
+    np.testing.assert_allclose(again.subject_vector(np.array([0.5, 0.5, 0.0])), 0.5 * (vectors[0] + vectors[1]))
+    assert not population.subject_vector(np.full(3, 1 / 3)).any()  # no basis: no steering
+    with pytest.raises(SteerError) as err:
+        population.with_steering(None, 0, 1.0)
+    assert err.value.field == "population.strength"
+    with pytest.raises(SteerError) as err:
+        population.with_steering(vectors[:2], 0, 1.0)
+    assert err.value.field == "population.vectors"
+
+
+def test_a_file_that_is_not_a_population_is_refused(population: Population) -> None:
+    for data in (b"", b"not safetensors", Profile(method="diffmean", model_name="m", model_fingerprint="f", layer=0,
+                                                  positions="prompt", strength=1.0,
+                                                  tensors={"vector": torch.zeros(HIDDEN)}).to_bytes()):
+        with pytest.raises(SteerError) as err:
+            Population.from_bytes(data, source="upload")
+        assert err.value.field == "upload"
+
+
+def test_group_vectors_point_from_the_others_to_each_group() -> None:
+    # Two questions, two options: option k's activation is the unit vector e_k. Group "a" always answers the
+    # first option, "b" the second, "c" splits: a's direction is e0 - e1, b's the opposite, c's nothing.
+    z = np.array([[[1.0, 0.0], [0.0, 1.0]]] * 2)
+    valid = np.ones((2, 2), dtype=bool)
+    targets = np.array([[[1.0, 0.0]] * 2, [[0.0, 1.0]] * 2, [[0.5, 0.5]] * 2])
+    vectors = group_vectors(z, valid, targets)
+    direction = np.array([1.0, -1.0])
+    assert vectors[0] @ direction > 0 and vectors[1] @ direction < 0
+    np.testing.assert_allclose(vectors[0], -vectors[1])
+    np.testing.assert_allclose(vectors[2], 0.0, atol=1e-12)
+    # a against the mean of b and c (0.25, 0.75): weights (0.75, -0.75), mean total variation 0.75.
+    np.testing.assert_allclose(vectors[0], direction)
 
 
 def _field(excinfo: pytest.ExceptionInfo[SteerError]) -> str | None:

@@ -11,16 +11,16 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import redis
 from celery import signals
 
+from service import builds
 from service.queue import QUEUE_ALIVE_KEY, QUEUE_ALIVE_TTL_S, BuildCelery
 from service.settings import Settings
-from worker import build_state
 
 log = logging.getLogger(__name__)
 
@@ -62,21 +62,18 @@ def get_model(name: str) -> Any:
         return lm
 
 
-def loaded_models() -> list[str]:
-    with _model_lock:
-        return list(_models)
-
-
 @contextmanager
-def heartbeat(settings: Settings, profile_id: str) -> Iterator[None]:
-    """Refresh the row's heartbeat while the build runs, so the sweeper never takes a live build."""
+def heartbeat(settings: Settings, profile_id: str,
+              refresh: Callable[[Settings, str], None] = builds.heartbeat) -> Iterator[None]:
+    """Refresh the row's heartbeat (`refresh`: a profile's by default, `service.populations.heartbeat` for a
+    population) while the build runs, so no one takes a live build over."""
     stop = threading.Event()
     interval = max(0.5, min(30.0, settings.build_stale_after / 4))
 
     def beat() -> None:
         while not stop.wait(interval):
             try:
-                build_state.heartbeat(settings, profile_id)
+                refresh(settings, profile_id)
             except Exception as exc:  # noqa: BLE001 - a missed beat is retried at the next interval
                 log.warning("heartbeat of %s failed: %s", profile_id, exc)
 
@@ -111,7 +108,8 @@ _background_started = threading.Event()
 
 
 def start_background(settings: Settings, listening: list[str]) -> threading.Thread | None:
-    """Start (once per process) the thread that sweeps at start and then every `sweep_interval`."""
+    """Start (once per process) the thread that sweeps (`service.builds.sweep`) at start and then every
+    `sweep_interval`."""
     if _background_started.is_set():
         return None
     _background_started.set()
@@ -122,11 +120,10 @@ def start_background(settings: Settings, listening: list[str]) -> threading.Thre
 
 
 def _background_loop(settings: Settings, listening: list[str]) -> None:
-    from service.cli.redis_server import redis_client
-    from worker.sweeper import sweep, sweep_interval
+    from service.redis import redis_client
 
     advertise = "gpu" in listening and gpu_available()
-    interval = sweep_interval(settings)
+    interval = builds.sweep_interval(settings)
     stop = threading.Event()
     # Warm the model so the first task does not pay for it; a task that comes first waits on the lock.
     threading.Thread(target=_warm_model, args=(settings,), name="pluristeer-model", daemon=True).start()
@@ -138,7 +135,7 @@ def _background_loop(settings: Settings, listening: list[str]) -> None:
             except redis.RedisError as exc:
                 log.warning("could not advertise the gpu queue: %s", exc)
         try:
-            sweep(settings)
+            builds.sweep(settings)
         except Exception as exc:  # noqa: BLE001 - try again at the next interval
             log.warning("sweep failed: %s", exc)
         stop.wait(min(interval, QUEUE_ALIVE_TTL_S / 3) if advertise else interval)

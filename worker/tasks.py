@@ -20,14 +20,15 @@ from celery import shared_task
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.exc import InterfaceError, OperationalError
 
+from service import builds, populations
 from service.experiments import offline_comparison as offline
-from service.queue import BUILD_TASK, OFFLINE_TASK
+from service.queue import BUILD_TASK, OFFLINE_TASK, POPULATION_TASK
 from service.settings import Settings
 from service.store import db
-from service.store.artifacts import ArtifactError, ArtifactStore, ProfileCache
+from service.store.artifacts import ArtifactError, ArtifactStore, profile_cache
 from steer_core.data import OpinionItem
 from steer_core.errors import SteerError
-from worker import build_state
+from steer_core.method_names import POPULATION_METHOD
 from worker.lifecycle import get_model, heartbeat, worker_settings
 
 log = logging.getLogger(__name__)
@@ -50,13 +51,12 @@ def _settings_of(task: Any) -> Settings:
 @shared_task(bind=True, name=BUILD_TASK, **RETRY_OPTIONS)
 def build_profile(self: Any, profile_id: str) -> dict[str, Any]:
     """Build the profile `profile_id`; returns its final status."""
-    from steer_core.build import build_profile as build
     from steer_core.data import sample_hash
 
     settings = _settings_of(self)
     host = self.request.hostname or socket.gethostname()
-    label = build_state.worker_label(host, os.getpid(), self.request.id)
-    claimed = build_state.claim(settings, profile_id, self.request.id, label)
+    label = builds.worker_label(host, os.getpid(), self.request.id)
+    claimed = builds.claim(settings, profile_id, self.request.id, label)
     if isinstance(claimed, str):
         if claimed == "missing" and self.request.retries < 3:
             # The API commits the row before it enqueues; a short wait covers a replica lag or a race.
@@ -65,7 +65,7 @@ def build_profile(self: Any, profile_id: str) -> dict[str, Any]:
         return {"profile_id": profile_id, "status": claimed, "skipped": True}
 
     def progress(done: int, total: int, stage: str) -> None:
-        build_state.report_progress(settings, profile_id, done, total, stage)
+        builds.report_progress(settings, profile_id, done, total, stage)
         try:
             self.update_state(state="PROGRESS", meta={"profile_id": profile_id, "done": done, "total": total,
                                                       "stage": stage})
@@ -82,26 +82,26 @@ def build_profile(self: Any, profile_id: str) -> dict[str, Any]:
         with heartbeat(settings, profile_id):
             progress(0, 0, "loading model")
             lm = get_model(settings.model)
-            profile = build(lm, claimed.items, claimed.method, claimed.params, progress=progress)
+            profile = _build(settings, lm, claimed, progress)
             data = profile.to_bytes()
             store = ArtifactStore(settings.artifact_dir)
             sha, size = store.put(data)
         _warm_cache(settings, store, sha, data)
         chosen = {"layer": profile.layer, "strength": profile.strength, "positions": profile.positions,
                   "params": profile.params}
-        if not build_state.finish(settings, claimed, sha, size, profile.metrics, chosen):
+        if not builds.finish(settings, claimed, sha, size, profile.metrics, chosen):
             # Deleted while it was building: keep no orphan file.
-            if build_state.artifact_unreferenced(settings, sha):
+            if builds.artifact_unreferenced(settings, sha):
                 store.delete(sha)
             return {"profile_id": profile_id, "status": "deleted"}
         log.info("profile %s ready: %s (%d bytes)", profile_id, sha, size)
         return {"profile_id": profile_id, "status": "ready", "artifact_sha256": sha, "artifact_size": size}
     except SoftTimeLimitExceeded:
         message = f"the build ran past the time limit (BUILD_TIME_LIMIT={settings.build_time_limit} s)"
-        build_state.fail(settings, profile_id, claimed.attempt, message)
+        builds.fail(settings, profile_id, claimed.attempt, message)
         return {"profile_id": profile_id, "status": "failed", "error": message}
     except SteerError as exc:
-        build_state.fail(settings, profile_id, claimed.attempt, str(exc))
+        builds.fail(settings, profile_id, claimed.attempt, str(exc))
         return {"profile_id": profile_id, "status": "failed", "error": str(exc)}
     except TRANSIENT as exc:
         message = f"{type(exc).__name__}: {exc}"[:1000]
@@ -110,7 +110,7 @@ def build_profile(self: Any, profile_id: str) -> dict[str, Any]:
                           f"gave up after {self.max_retries} retries: {message}")
             raise
         try:
-            build_state.retrying(settings, profile_id, claimed.attempt, message)
+            builds.retrying(settings, profile_id, claimed.attempt, message)
         except TRANSIENT:
             pass  # the database itself is down; the retried message still carries this task id
         log.warning("build of %s hit a transient error, retrying: %s", profile_id, message)
@@ -122,22 +122,32 @@ def build_profile(self: Any, profile_id: str) -> dict[str, Any]:
         return {"profile_id": profile_id, "status": "failed", "error": message}
 
 
+def _build(settings: Settings, lm: Any, claimed: builds.Claim, progress: Any) -> Any:
+    """A subject's profile: fitted against a population (`method` "population"), or built by its method."""
+    from steer_core.build import build_profile
+    from steer_core.population_build import fit_subject_profile
+
+    if claimed.method == POPULATION_METHOD:
+        progress(0, 1, "fit against the population")
+        population = populations.load(settings, claimed.params["population_sha256"])
+        profile = fit_subject_profile(lm, population, claimed.items)
+        profile.params = {"population": claimed.params["population"]}
+        progress(1, 1, "done")
+        return profile
+    return build_profile(lm, claimed.items, claimed.method, claimed.params, progress=progress)
+
+
 def _fail_quietly(settings: Settings, profile_id: str, attempt: int, message: str) -> None:
     try:
-        build_state.fail(settings, profile_id, attempt, message)
+        builds.fail(settings, profile_id, attempt, message)
     except Exception as exc:  # noqa: BLE001 - the sweeper will find the row if this could not be written
         log.error("could not mark %s failed: %s", profile_id, exc)
 
 
 def _warm_cache(settings: Settings, store: ArtifactStore, sha: str, data: bytes) -> None:
     """Put the new artifact in Redis; the store already has it, so a Redis failure changes nothing."""
-    from service.cli.redis_server import redis_client
-
     try:
-        cache = ProfileCache(store, redis_client(settings), redis_url=settings.redis_url, lru_size=0,
-                             ttl=settings.profile_cache_ttl,
-                             max_bytes=settings.profile_cache_max_bytes)
-        cache.put(sha, data)
+        profile_cache(settings, store, lru_size=0).put(sha, data)
     except Exception as exc:  # noqa: BLE001
         log.warning("could not warm the profile cache for %s: %s", sha, exc)
 
@@ -201,16 +211,13 @@ def _requeue_comparison(settings: Settings, comparison_id: str) -> None:
 def _blend_scorer(settings: Settings, lm: Any) -> offline.Scorer:
     """Answer distributions under a blend of ready profiles: artifacts through the profile cache (every read
     checks the sha256), interventions composed as the serving engine composes them, the profiles' output
-    calibrations pooled and applied as /v1/score applies them."""
-    from service.cli.redis_server import redis_client
-    from steer_core.calibration import blend_per_question
+    calibrations pooled and applied by the function /v1/score applies them with (`calibrate_blend`)."""
+    from service.engine.blend import calibrate_blend
     from steer_core.methods import intervention
     from steer_core.prompts import read_answers
     from steer_core.steering import compose
 
-    cache = ProfileCache(ArtifactStore(settings.artifact_dir), redis_client(settings), redis_url=settings.redis_url,
-                         lru_size=0,
-                         ttl=settings.profile_cache_ttl, max_bytes=settings.profile_cache_max_bytes)
+    cache = profile_cache(settings, lru_size=0)
 
     def score(items: Sequence[OpinionItem], blend: Sequence[tuple[db.ProfileRow, float]]) -> list[np.ndarray]:
         weighted, calibrations, probes = [], [], []
@@ -225,7 +232,56 @@ def _blend_scorer(settings: Settings, lm: Any) -> offline.Scorer:
         # As /v1/score reads a blend: a question lean's lean replaces its profile's, question by question.
         per_profile = [None if p is None else p.leans(read.states[p.layer]) for p in probes]
         leans = [[None if values is None else float(values[i]) for values in per_profile] for i in range(len(items))]
-        return [c.apply(p, it.ordinal)
-                for c, p, it in zip(blend_per_question(calibrations, leans), read.distributions, items, strict=True)]
+        return calibrate_blend(items, read.distributions, leans, calibrations).distributions
 
     return score
+
+
+@shared_task(bind=True, name=POPULATION_TASK, **RETRY_OPTIONS)
+def build_population(self: Any, population_id: str) -> dict[str, Any]:
+    """Learn the population `population_id` from its subjects' shared answers and store it. Its own time limit
+    (`POPULATION_TIME_LIMIT`): it reads every shared question of every subject."""
+    from steer_core.population_build import learn_population
+
+    settings = _settings_of(self)
+    claimed = populations.claim(settings, population_id)
+    if isinstance(claimed, str):
+        log.info("population %s skipped: %s", population_id, claimed)
+        return {"population_id": population_id, "status": claimed, "skipped": True}
+
+    def progress(done: int, total: int, stage: str) -> None:
+        populations.report_progress(settings, population_id, done, total, stage)
+
+    try:
+        if claimed.model != settings.model:
+            raise SteerError(f"this deployment's workers serve model {settings.model!r}, not {claimed.model!r}",
+                             "model")
+        with heartbeat(settings, population_id, populations.heartbeat):
+            progress(0, 0, "loading model")
+            lm = get_model(settings.model)
+            population, report = learn_population(lm, claimed.sample.items, progress=progress)
+            store = ArtifactStore(settings.artifact_dir)
+            sha, size = store.put(population.to_bytes())
+        report["groups"] = list(claimed.sample.items)
+        if not populations.finish(settings, claimed, sha, size, report):
+            with db.session_scope(settings) as session:
+                if populations.artifact_unreferenced(session, sha):
+                    store.delete(sha)
+            return {"population_id": population_id, "status": "superseded"}
+        log.info("population %s ready: %s (%d bytes)", population_id, sha, size)
+        return {"population_id": population_id, "status": "ready", "artifact_sha256": sha}
+    except SoftTimeLimitExceeded:
+        message = f"the build ran past the time limit (POPULATION_TIME_LIMIT={settings.population_time_limit} s)"
+    except SteerError as exc:
+        message = str(exc)
+    except TRANSIENT as exc:
+        if self.request.retries >= self.max_retries:
+            populations.fail(settings, population_id, f"gave up after {self.max_retries} retries: {exc}")
+        else:
+            populations.requeue(settings, population_id)  # so the retried message can claim it again
+        raise
+    except Exception as exc:
+        log.exception("population %s failed", population_id)
+        message = f"internal error: {type(exc).__name__}: {exc}"[:1000]
+    populations.fail(settings, population_id, message)
+    return {"population_id": population_id, "status": "failed", "error": message}

@@ -2,19 +2,18 @@
 `POST /v1/score` (answer distributions of multiple-choice questions).
 
 Routes are thin: parse, turn the request's steering into a plain-data `SteeringPlan` (profiles checked
-for tenant, status and model in the database; artifacts named by digest), hand it to the process's
-`GenerationEngine` (started with the first request that needs it), and turn what comes back into JSON
-or an event stream. The engine's thread loads the profiles and owns every tensor; nothing here touches
-torch. A client that goes away (streaming or not) cancels its row; every request has a deadline.
+for tenant, status and model in the database; artifacts named by digest), hand it to the process's engine
+through its `service.engine.client.EngineClient` (the engine starts with the first request that needs
+it), and turn what comes back into JSON or an event stream. The engine's thread loads the profiles and
+owns every tensor; nothing here imports torch. A client that goes away (streaming or not) cancels its row;
+every request has a deadline.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import select
 import socket
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -22,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
-from flask import Blueprint, Flask, Response, current_app, request
+from flask import Blueprint, Flask, Response, request
 
 from service import context
 from service.api.errors import ApiError, api_error, not_found
@@ -51,12 +50,13 @@ from service.api.protocol import (
 )
 from service.api.ratelimit import charge_tokens
 from service.auth import tenant_id
-from service.engine.engine import (
-    AppliedProfile as EngineApplied,
-)
-from service.engine.engine import (
+from service.engine.client import (
+    ENGINE,
+    REQUEST_TIMEOUT_S,
     DeadlineExceeded,
-    GenerationEngine,
+    Engine,
+    EngineClient,
+    EngineUnavailable,
     GenerationHandle,
     GenerationResult,
     PlannedProfile,
@@ -65,135 +65,66 @@ from service.engine.engine import (
     SteeringPlan,
     TextChunk,
     TokenLogprob,
+    calibrate_blend,
+    engine_client,
+)
+from service.engine.client import (
+    AppliedProfile as EngineApplied,
 )
 from service.settings import Settings
 from service.store import db
-from steer_core.calibration import Calibration, blend_calibration, blend_per_question, recorded_calibration
+from steer_core.calibration import Calibration, recorded_calibration
 from steer_core.data import OpinionItem, make_item
 from steer_core.errors import SteerError
-from steer_core.methods import check_positions, get_method
+from steer_core.method_names import check_method_positions
 from steer_core.metrics import summarize
-from steer_core.models import LanguageModel
 from steer_core.option_orders import average_orders, in_both_orders, split_orders
-
-log = logging.getLogger(__name__)
 
 bp = Blueprint("chat", __name__)
 
-ENGINE = "pluristeer.engine"
-# Seconds a request may take from submission to its last token; past it the engine drops the row and the
-# client gets 503 with Retry-After.
-REQUEST_TIMEOUT_S = 300.0
 # How often a waiting request thread checks whether its client is still connected.
 POLL_S = 0.05
 
 
 # ------------------------------------------------------------------------------------------- the engine
 
-class EngineSlot:
-    """The app's generation engine, created by the first request that needs it (loading the model).
-
-    A stop that cannot end the engine's thread (stuck in a model call) leaves the slot dead: no second
-    engine may start on the same model while the first one may still run it.
-    """
-
-    def __init__(self, app: Flask) -> None:
-        self.app = app
-        self.lock = threading.Lock()
-        self.engine: GenerationEngine | None = None
-        self.error: str | None = None
-        self.dead: str | None = None
-        self.admission_limit = context.state(app).settings.max_batch_size
-        self._admission = threading.BoundedSemaphore(self.admission_limit)
-        self.refused = 0
-
-    def admit(self) -> Callable[[], None]:
-        """Take one of the process's engine-bound request slots or refuse at once (503, Retry-After): a
-        request thread past them would only wait for the engine, and the request threads left over
-        (FREE_REQUEST_THREADS) must stay free for /healthz, /readyz and the routes that do not generate.
-        Returns the release (safe to call twice)."""
-        if not self._admission.acquire(blocking=False):
-            with self.lock:
-                self.refused += 1
-            raise ApiError(503, "unavailable", f"{self.admission_limit} generation requests are already in flight "
-                           "in this process (MAX_BATCH_SIZE); retry shortly", headers={"Retry-After": "1"})
-        released = threading.Event()
-
-        def release() -> None:
-            if not released.is_set():
-                released.set()
-                self._admission.release()
-
-        return release
-
-    def get(self) -> GenerationEngine:
-        with self.lock:
-            if self.dead is not None:
-                raise ApiError(503, "unavailable", self.dead, headers={"Retry-After": "60"})
-            if self.engine is None:
-                state = context.state(self.app)
-                settings: Settings = state.settings
-                try:
-                    lm = self.app.config.get("GENERATION_MODEL") or _load(settings.model)
-                except SteerError as exc:
-                    self.error = f"cannot load {settings.model!r}: {exc.message}"
-                    raise ApiError(503, "unavailable", self.error, "model") from None
-                self.engine = GenerationEngine(
-                    lm, profiles=lambda sha: state.profile_cache().load(sha),
-                    max_batch_size=settings.max_batch_size, batch_wait_ms=settings.batch_wait_ms,
-                    max_new_tokens=settings.max_new_tokens, max_queue=4 * settings.max_batch_size,
-                    request_timeout_s=REQUEST_TIMEOUT_S, cache_size=max(1, settings.profile_lru_size)).start()
-                self.error = None
-            return self.engine
-
-    def probe(self) -> dict[str, Any]:
-        engine = self.engine
-        return {"loaded": self.dead is None and engine is not None and engine.running,
-                "error": self.dead or self.error}
-
-    def stop(self, timeout: float = 30.0) -> bool:
-        """Stop the engine; False (and the slot dead) when its thread did not end in time."""
-        with self.lock:
-            if self.engine is None:
-                return True
-            if not self.engine.stop(timeout):
-                self.dead = ("the generation engine could not be stopped (a model call did not return); "
-                             "restart the process")
-                log.error(self.dead)
-                return False
-            self.engine = None
-            return True
-
-
-def _load(name: str) -> LanguageModel:
-    from steer_core.models import load_model
-
-    return load_model(name)
-
-
 def init_app(app: Flask) -> None:
-    """Register the chat blueprint, the engine slot (nothing is loaded yet), its readiness probe and its
+    """Register the chat blueprint, the engine's client (nothing is loaded yet), its readiness probe and its
     metrics."""
-    slot = EngineSlot(app)
-    app.extensions[ENGINE] = slot
-    context.state(app).model_probe = slot.probe
+    state = context.state(app)
+    client = EngineClient(state.settings, profiles=lambda sha: state.profile_cache().load(sha),
+                          served=lambda: app.config.get("GENERATION_MODEL"))
+    app.extensions[ENGINE] = client
+    state.model_probe = client.probe
     app.register_blueprint(bp)
     from service.observability import EXTENSION as METRICS
 
     metrics = app.extensions.get(METRICS)
     if metrics is not None:
-        metrics.registry.register(_EngineCollector(slot))
+        metrics.registry.register(client.collector())
 
 
-def engine(app: Flask | None = None) -> GenerationEngine:
+def _unavailable(exc: EngineUnavailable) -> ApiError:
+    """The engine's refusal as the 503 this blueprint (and the console's playground) answers with."""
+    headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
+    return ApiError(503, "unavailable", str(exc), exc.field, headers=headers)
+
+
+def engine(app: Flask | None = None) -> Engine:
     """The app's generation engine (started on first use)."""
-    return (app or current_app).extensions[ENGINE].get()
+    try:
+        return engine_client(app).get()
+    except EngineUnavailable as exc:
+        raise _unavailable(exc) from None
 
 
 def admitted(work: Callable[[], Any]) -> Any:
     """`work()` (which waits on the engine) in one of the process's engine-bound request slots
-    (`EngineSlot.admit`); a streamed response keeps its slot until the server closes it."""
-    release = current_app.extensions[ENGINE].admit()
+    (`EngineClient.admit`); a streamed response keeps its slot until the server closes it."""
+    try:
+        release = engine_client().admit()
+    except EngineUnavailable as exc:
+        raise _unavailable(exc) from None
     try:
         result = work()
     except BaseException:
@@ -208,38 +139,9 @@ def admitted(work: Callable[[], Any]) -> Any:
 
 def stop_engine(app: Flask, timeout: float = 30.0) -> bool:
     """Stop the app's engine thread (tests, shutdown); a later request starts a new one unless the stop
-    failed (False: the slot is dead)."""
-    slot: EngineSlot | None = app.extensions.get(ENGINE)
-    return slot.stop(timeout) if slot is not None else True
-
-
-class _EngineCollector:
-    def __init__(self, slot: EngineSlot) -> None:
-        self.slot = slot
-
-    def collect(self) -> Iterator[Any]:
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
-        eng = self.slot.engine
-        stats = eng.stats if eng is not None else None
-        yield GaugeMetricFamily("pluristeer_generation_active_rows", "rows in the engine's running batch",
-                                value=stats.active_rows if stats else 0)
-        yield GaugeMetricFamily("pluristeer_generation_queued", "generation requests waiting for a batch slot",
-                                value=eng.queue_depth() if eng is not None else 0)
-        yield CounterMetricFamily("pluristeer_generation_tokens", "tokens generated",
-                                  value=stats.tokens if stats else 0)
-        yield CounterMetricFamily("pluristeer_generation_steps", "decode steps run", value=stats.steps if stats else 0)
-        yield CounterMetricFamily("pluristeer_generation_refused", "chat and score requests refused at once (503) "
-                                  "because MAX_BATCH_SIZE were in flight in this process", value=self.slot.refused)
-        finished = CounterMetricFamily("pluristeer_generation_requests", "generation requests finished",
-                                       labels=["outcome"])
-        if stats:
-            finished.add_metric(["rejected"], stats.rejected)
-            finished.add_metric(["expired"], stats.expired)
-            finished.add_metric(["failed"], stats.failed - stats.expired)
-            finished.add_metric(["cancelled"], stats.cancelled)
-            finished.add_metric(["completed"], stats.finished - stats.failed - stats.cancelled)
-        yield finished
+    failed (False: the client is dead)."""
+    client: EngineClient | None = app.extensions.get(ENGINE)
+    return client.stop(timeout) if client is not None else True
 
 
 # ------------------------------------------------------------------------------------------- steering
@@ -320,7 +222,7 @@ def plan_steering(spec: SteeringIn | None, shorthand: str | None, user: str | No
         row = _ready_profile(session, tenant, settings, ref)
         if positions is not None:
             try:
-                check_positions(positions, get_method(row.method))
+                check_method_positions(positions, row.method)
             except SteerError as exc:
                 raise ApiError(422, "validation_error", exc.message, "steering.positions") from None
         assert row.artifact_sha256 is not None
@@ -430,7 +332,7 @@ def _complete_chat(body: ChatCompletionRequest, base: str, shorthand: str | None
         usage=_usage(list(results.values())), steering=applied)
 
 
-def _submit(eng: GenerationEngine, prompt: list[int], samplings: Sequence[SamplingParams],
+def _submit(eng: Engine, prompt: list[int], samplings: Sequence[SamplingParams],
             plan: SteeringPlan | None) -> list[GenerationHandle]:
     """One engine row per choice; a full queue refuses the request whole."""
     handles: list[GenerationHandle] = []
@@ -459,7 +361,7 @@ def _usage(results: Sequence[GenerationResult]) -> Usage:
                  total_tokens=results[0].prompt_tokens + completion)
 
 
-def _wire_logprobs(eng: GenerationEngine, entries: Sequence[TokenLogprob]) -> ChoiceLogprobs:
+def _wire_logprobs(eng: Engine, entries: Sequence[TokenLogprob]) -> ChoiceLogprobs:
     """OpenAI's form of the engine's log-probabilities: each token's text and UTF-8 bytes."""
     tokens = list({t for e in entries for t in (e.token, *(t for t, _ in e.top))})
     spelled = dict(zip(tokens, eng.token_bytes(tokens), strict=True))
@@ -567,7 +469,7 @@ def _record_exposure(applied: SteeringOut, response_id: str) -> None:
                                 applied.user, response_id)
 
 
-def _events(eng: GenerationEngine, handles: Sequence[GenerationHandle], gone: Callable[[], bool],
+def _events(eng: Engine, handles: Sequence[GenerationHandle], gone: Callable[[], bool],
             response_id: str, created: int, model: str, applied: SteeringOut, include_usage: bool,
             logprobs: bool) -> Iterator[str]:
     """The SSE stream. Runs after the view returned (no request context). A client that goes away
@@ -637,20 +539,17 @@ def _score(body: ScoreRequest, base: str, shorthand: str | None, items: list[Opi
     distributions, leans = _merge_orders(scored, len(items)) if body.orders == 2 else (scored.distributions,
                                                                                        scored.leans)
     steering = planned.report(scored.applied[0] if scored.applied else ())
-    parts = applied_calibrations(steering) if body.calibrated else []
-    calibration = blend_calibration(parts)
-    # A profile with a question lean read each question's own lean off its prompt; it replaces that
-    # profile's recorded lean in the blend, question by question.
-    per_question = any(lean is not None for row in leans for lean in row) and bool(parts)
-    calibrations = blend_per_question(parts, leans) if per_question else [calibration] * len(items)
-    dists = [c.apply(p, item.ordinal) for c, p, item in zip(calibrations, distributions, items, strict=True)]
+    # The profiles' recorded calibrations, pooled; a profile with a question lean read each question's own
+    # lean off its prompt, which replaces that profile's recorded lean in the blend, question by question.
+    blend = calibrate_blend(items, distributions, leans, applied_calibrations(steering) if body.calibrated else [])
+    per_question, calibration = blend.per_question, blend.calibration
     scores = [QuestionScore(id=item.id, probs=[float(x) for x in p], answer=int(np.argmax(p)),
                             expected_ordinal=float(np.dot(p, item.ordinal)),
                             lean=c.lean if per_question else None)
-              for item, p, c in zip(items, dists, calibrations, strict=True)]
+              for item, p, c in zip(items, blend.distributions, blend.calibrations, strict=True)]
     known = all(q.target is not None or q.answer is not None for q in body.questions)
-    return ScoreResponse(model=base, scores=scores, metrics=summarize(items, dists) if known else None,
-                         steering=steering,
+    return ScoreResponse(model=base, scores=scores,
+                         metrics=summarize(items, blend.distributions) if known else None, steering=steering,
                          calibration=None if calibration.is_identity and not per_question else
                          CalibrationOut(**calibration.to_json(), lean_per_question=per_question))
 

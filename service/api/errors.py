@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from sqlalchemy.exc import IntegrityError
 from werkzeug.exceptions import HTTPException
 
+from service.experiments.errors import ExperimentError, ExperimentStopped, Invalid, NotFound, ProfileNotReady
 from steer_core.errors import SteerError
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,13 @@ class ApiError(Exception):
 
     def body(self) -> dict[str, Any]:
         return {"type": self.type, "message": self.message, "field": self.field}
+
+
+# The experiments' domain errors (`service.experiments.errors`) as HTTP: status and wire type.
+_EXPERIMENT_ERRORS: dict[type[ExperimentError], tuple[int, str]] = {
+    NotFound: (404, "not_found"), Invalid: (422, "validation_error"),
+    ProfileNotReady: (409, "profile_not_ready"), ExperimentStopped: (409, "experiment_stopped"),
+}
 
 
 def not_found(what: str, field: str | None = None) -> ApiError:
@@ -82,7 +90,7 @@ def validation_error(exc: ValidationError, prefix: str | None = None) -> ApiErro
 
 def api_error(exc: BaseException) -> ApiError:
     """The wire error of any exception (an unexpected one is logged and becomes a bare 500)."""
-    from service.engine.plan import (
+    from service.engine.client import (
         MODEL_MISMATCH,
         UNAVAILABLE,
         DeadlineExceeded,
@@ -100,6 +108,9 @@ def api_error(exc: BaseException) -> ApiError:
         return ApiError(422, "validation_error", exc.message, exc.field)
     if isinstance(exc, ValidationError):
         return validation_error(exc)
+    if isinstance(exc, ExperimentError):
+        status, kind = _EXPERIMENT_ERRORS.get(type(exc), (422, "validation_error"))
+        return ApiError(status, kind, exc.message, exc.field)
     if isinstance(exc, HTTPException):
         status = exc.code or 500
         message = exc.description or exc.name

@@ -50,7 +50,7 @@ def _check_database() -> ReadyCheck:
 
 
 def _check_redis() -> ReadyCheck:
-    from service.cli.redis_server import note_redis_error
+    from service.redis import note_redis_error
 
     try:
         context.redis_client().ping()  # bounded by the client's timeouts (about a second)

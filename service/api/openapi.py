@@ -31,7 +31,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from service import context
 from service.api.errors import ApiError, not_found, validation_error
 from service.api.protocol import DEPLOYMENT_KEY, ID_PATTERN, ID_RULE, PATH_PATTERNS, UUID_PATTERN, ErrorResponse
-from service.settings import Settings
+from service.settings import Settings, allowed_models
 
 log = logging.getLogger(__name__)
 
@@ -414,8 +414,6 @@ def state_deployment(schema: Any, settings: Settings) -> None:
         for b in _branches(schema, "string"):
             b["pattern"] = f"^(?:{_literal(settings.model)}(?::{UUID_PATTERN.strip('^$')})?)?$"
     elif limit == "build_model":
-        from service.api.profiles import allowed_models
-
         for b in _branches(schema, "string"):
             b.pop("pattern", None)
             b["enum"] = allowed_models(settings)

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import functools
 import logging
-import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from flask import Blueprint, Response, current_app, url_for
 from sqlalchemy import func, select
@@ -13,6 +11,7 @@ from sqlalchemy import func, select
 from service import context
 from service.api.errors import ApiError, not_found
 from service.api.openapi import api_route
+from service.api.populations import population_params
 from service.api.protocol import (
     ArtifactQuery,
     ArtifactRef,
@@ -28,17 +27,14 @@ from service.api.protocol import (
 )
 from service.api.subjects import find_subject
 from service.auth import tenant_id
-from service.settings import Settings
+from service.engine.client import EngineUnavailable, engine_client
+from service.settings import allowed_models
 from service.store import db
-from steer_core.build import check_orders, split_sample
 from steer_core.data import OpinionItem, question_key
 from steer_core.errors import SteerError
-from steer_core.export import cold_fd_as_lora, control_vector_gguf, peft_archive
-from steer_core.methods import check_positions, get_method
-from steer_core.profile import Profile
-
-if TYPE_CHECKING:
-    from steer_core.models import ModelLayout
+from steer_core.folds import split_sample  # torch-free (steer_core.build re-exports it)
+from steer_core.method_names import POPULATION_METHOD
+from steer_core.method_spec import check_build_params
 
 log = logging.getLogger(__name__)
 
@@ -47,38 +43,13 @@ bp = Blueprint("profiles", __name__)
 SEARCHED = ("layer", "strength")  # fixed by the caller, or chosen on held-out items
 
 
-def allowed_models(settings: Settings) -> list[str]:
-    """The models this deployment builds and serves (a name `load_model` accepts is not enough)."""
-    return [settings.model]
-
-
 def check_params(method: str, params: dict[str, Any]) -> dict[str, Any]:
     """The request's params, validated the way `steer_core.build_profile` will read them, with the
-    method's defaults filled in (so `{}` and the defaults spelled out are the same profile)."""
-    spec = get_method(method)
-    params = dict(params)
-    fixed: dict[str, Any] = {}
-    if "layer" in params:
-        layer = params.pop("layer")
-        if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
-            raise SteerError("must be a layer index (an integer >= 0)", "params.layer")
-        fixed["layer"] = layer
-    if "strength" in params:
-        strength = params.pop("strength")
-        if isinstance(strength, bool) or not isinstance(strength, int | float) \
-                or not math.isfinite(strength) or strength < 0:
-            raise SteerError("must be a finite number >= 0", "params.strength")
-        fixed["strength"] = strength
-    if "orders" in params:
-        fixed["orders"] = check_orders(params.pop("orders"))
-    if "positions" in params:
-        fixed["positions"] = check_positions(params.pop("positions"), spec, "params.positions")
-    try:
-        own = spec.check_params(params)
-    except SteerError as exc:
-        field = exc.field or "params"
-        raise SteerError(exc.message, field if field.startswith("params") else f"params.{field}") from None
-    return {**own, **fixed}
+    method's defaults filled in (so `{}` and the defaults spelled out are the same profile); a layer is
+    checked against the model when the build runs."""
+    from steer_core.methods import get_method  # the registry imports the methods, and they torch: not at import
+
+    return check_build_params(get_method(method), params)
 
 
 def resolve_contrast(session: db.Session, tenant: int, body: ProfileCreate, subject_id: int,
@@ -171,22 +142,6 @@ def _get(profile_id: str) -> db.ProfileRow:
     return row
 
 
-def message_lost(profile_id: str, settings: Settings) -> bool:
-    """Whether a `queued` profile's build message is missing from the broker (asking again re-sends it).
-    False when the broker cannot say: then nothing could be sent anyway."""
-    from service.cli.redis_server import note_redis_error, redis_down
-    from service.queue import pending_builds
-
-    if redis_down(settings.redis_url):
-        return False
-    try:
-        return profile_id not in pending_builds(settings)
-    except Exception as exc:  # noqa: BLE001 - a down Redis: the sweeper sends it once Redis is back
-        note_redis_error(settings.redis_url)
-        log.warning("cannot read the build queues: %s", exc)
-        return False
-
-
 def request_build(body: ProfileCreate) -> tuple[ProfileOut, int, dict[str, str]]:
     """Request the build of `body` for the request's tenant (the API's POST and the console's form)."""
     tenant = tenant_id()
@@ -196,34 +151,34 @@ def request_build(body: ProfileCreate) -> tuple[ProfileOut, int, dict[str, str]]
     if model not in allowed_models(settings):
         raise ApiError(422, "validation_error", f"model {model!r} is not served here; choose one of "
                        f"{', '.join(allowed_models(settings))}", "model")
-    params = check_params(body.method, body.params)
+    if body.method == POPULATION_METHOD:
+        params = population_params(session, tenant, model, body)
+    else:
+        params = check_params(body.method, body.params)
     subject = find_subject(session, tenant, body.subject.kind, body.subject.id, "subject.id")
     own = db.subject_items(session, tenant, body.subject.kind, subject.id)
     if not own:
         raise ApiError(422, "validation_error", f"{body.subject.kind} {body.subject.id!r} has no opinion "
                        "items; POST them to .../opinions first", "subject")
-    contrast = resolve_contrast(session, tenant, body, subject.id, own)
+    contrast = [] if body.method == POPULATION_METHOD else resolve_contrast(session, tenant, body, subject.id, own)
     if contrast:
         params["contrast"] = contrast
     items = db.profile_sample(session, tenant, body.subject.kind, subject.id, contrast)
-    if not all(k in params for k in SEARCHED):
+    if body.method != POPULATION_METHOD and not all(k in params for k in SEARCHED):
         try:
             split_sample(items)  # the same rule the build applies, refused now instead of failing later
         except SteerError as exc:
             raise ApiError(422, "validation_error", exc.message, "subject") from None
+    from service import builds
     from steer_core.data import sample_hash
 
-    row, enqueue = db.request_profile(session, tenant, body.subject.kind, subject.id, body.method, model,
-                                      params, sample_hash(items))
-    resend = not enqueue and row.status == "queued" and message_lost(row.id, settings)
-    if resend:
-        row.updated_at = db.utcnow()
+    row, enqueue = builds.request(session, tenant, body.subject.kind, subject.id, body.method, model,
+                                  params, sample_hash(items))
+    resend = not enqueue and builds.resend_due(row, settings)  # asking again re-sends a lost message
     session.commit()  # the worker must see the row before the message arrives
     if enqueue or resend:
-        from service.queue import enqueue_build
-
         try:
-            enqueue_build(row.id, row.method, settings)
+            builds.send(settings, row.id, row.method)
         except Exception as exc:
             # The row stays `queued`; the worker's sweeper re-sends lost queued builds.
             log.warning("profile %s queued but not sent: %s", row.id, exc)
@@ -299,15 +254,12 @@ def artifact_download(profile_id: str, fmt: str) -> Response:
     data = context.artifact_store().get(row.artifact_sha256)  # verifies the sha256; errors -> 409 unavailable
     etag = row.artifact_sha256
     filename, mimetype = f"{row.id}.{fmt}", "application/octet-stream"
-    if fmt == "gguf":
-        data = control_vector_gguf(Profile.from_bytes(data))  # SteerError (field "format") -> 422
-        etag += "-gguf"
-    elif fmt == "peft":
-        profile = Profile.from_bytes(data)
-        if profile.method == "cold_fd":
-            profile = cold_fd_as_lora(profile)  # SteerError (field "format") -> 422
-        data = peft_archive(profile)  # SteerError for other methods
-        etag += "-peft"
+    if fmt in ("gguf", "peft"):
+        # Converted on the engine's side (`service.engine.tools`); a profile without that form: SteerError
+        # (field "format") -> 422.
+        data = engine_client().export_artifact(data, fmt)
+        etag += f"-{fmt}"
+    if fmt == "peft":
         filename, mimetype = f"{row.id}.peft.tar.gz", "application/gzip"
     response = current_app.response_class(data, mimetype=mimetype)
     response.headers["Content-Disposition"] = f'attachment; filename="{filename}"'
@@ -323,27 +275,6 @@ def artifact_download(profile_id: str, fmt: str) -> Response:
            query=ArtifactQuery, responses={200: "application/octet-stream"}, errors=(404, 409, 422))
 def get_artifact(profile_id: str, query: ArtifactQuery) -> Response:
     return artifact_download(profile_id, query.format)
-
-
-def served_layout() -> ModelLayout:
-    """The served model's layout (fingerprint, module shapes): plain data read once from its config, so an
-    import neither loads the model nor touches the engine's."""
-    from steer_core.models import model_layout
-
-    injected = current_app.config.get("GENERATION_MODEL")  # a model handed to the app (tests)
-    if injected is not None:
-        return model_layout(injected)
-    return _read_layout(context.settings().model)
-
-
-@functools.lru_cache(maxsize=4)
-def _read_layout(name: str) -> ModelLayout:
-    from steer_core.models import read_model_layout
-
-    try:
-        return read_model_layout(name)
-    except SteerError as exc:
-        raise ApiError(503, "unavailable", f"cannot read the served model: {exc.message}", "model") from None
 
 
 def import_body_limit(max_adapter_bytes: int) -> int:
@@ -362,8 +293,6 @@ def import_profile(body: ProfileImport) -> tuple[ProfileOut, int, dict[str, str]
     import hashlib
     import json
 
-    from steer_core.lora import imported_profile
-
     tenant = tenant_id()
     settings = context.settings()
     session = context.session()
@@ -375,18 +304,23 @@ def import_profile(body: ProfileImport) -> tuple[ProfileOut, int, dict[str, str]
         weights = base64.b64decode(body.adapter_model, validate=True)
     except (binascii.Error, ValueError):
         raise ApiError(422, "validation_error", "must be base64", "adapter_model") from None
-    profile = imported_profile(body.adapter_config, weights, served_layout(), max_rank=settings.max_adapter_rank,
-                               max_bytes=settings.max_adapter_bytes, aliases=(settings.model,))
-    profile.model_name = settings.model
+    try:
+        # Checked against the served model's layout (plain data: no model loaded, no engine started) and made
+        # a profile's artifact on the engine's side (`service.engine.tools`); SteerError naming the field -> 422.
+        imported = engine_client().import_adapter(body.adapter_config, weights, max_rank=settings.max_adapter_rank,
+                                                  max_bytes=settings.max_adapter_bytes)
+    except EngineUnavailable as exc:  # the served model's layout cannot be read
+        raise ApiError(503, "unavailable", str(exc), exc.field) from None
     # The same upload again is the same profile (the stored artifact carries a creation time, the upload not).
     upload = hashlib.sha256(json.dumps(body.adapter_config, sort_keys=True).encode() + weights).hexdigest()
-    row, new = db.request_profile(session, tenant, body.subject.kind, subject.id, "lora", settings.model,
-                                  {"imported": True, "upload": upload}, upload)
+    from service import builds
+
+    row, new = builds.request(session, tenant, body.subject.kind, subject.id, "lora", settings.model,
+                              {"imported": True, "upload": upload}, upload)
     if new or row.status != "ready":
-        sha, size = context.artifact_store().put(profile.to_bytes())
+        sha, size = context.artifact_store().put(imported.artifact)
         row.status, row.artifact_sha256, row.artifact_size = "ready", sha, size
-        row.chosen = {"layer": profile.layer, "strength": profile.strength, "positions": profile.positions,
-                      "rank": profile.params["rank"]}
+        row.chosen = dict(imported.chosen)  # layer, strength, positions, rank
         row.metrics = {"evaluation": "imported", "note": "an imported adapter: no held-out scores"}
         row.progress = {"done": 1, "total": 1, "stage": "imported"}
         row.finished_at = db.utcnow()

@@ -24,7 +24,7 @@ from pydantic import (
 from pydantic.json_schema import JsonDict
 from pydantic_core import PydanticCustomError
 
-from service.engine.plan import MAX_TOP_LOGPROBS
+from service.engine.client import MAX_TOP_LOGPROBS
 from steer_core.data import MAX_OPTIONS, OpinionItem
 
 # External ids (user uid, group gid) appear in URLs: keep them printable and bounded. Match them whole
@@ -211,9 +211,10 @@ class SubjectIn(Request):
 
 
 def _registered_methods(schema: dict[str, Any]) -> None:
+    from steer_core.method_names import POPULATION_METHOD
     from steer_core.methods import METHODS
 
-    schema["enum"] = sorted(METHODS)
+    schema["enum"] = sorted([*METHODS, POPULATION_METHOD])
 
 
 def _common_params(schema: dict[str, Any]) -> None:
@@ -227,7 +228,9 @@ def _common_params(schema: dict[str, Any]) -> None:
 
 class ProfileCreate(Request):
     subject: SubjectIn
-    method: str = Field(description="a registered method", json_schema_extra=_registered_methods)
+    method: str = Field(description="a registered method, or `population`: a profile fitted against one of "
+                                    "your ready populations (`params.population`: its id; nothing else)",
+                        json_schema_extra=_registered_methods)
     model: str | None = Field(None, description="base model; default and only choices: the deployment's "
                                                 "models", json_schema_extra=deployment("build_model"))
     params: dict[str, Any] = Field(
@@ -989,3 +992,60 @@ class ExperimentResults(Response):
     winner: str | None = Field(description="the variant with the best mean among those significantly better "
                                            "than the control; null if none is")
     offline: OfflineComparison
+
+
+# ----------------------------------------------------------------------------------------------- populations
+
+class PopulationCreate(Request):
+    name: str = Field(pattern=ID_PATTERN, description="unique among the tenant's populations")
+    subjects: list[SubjectIn] | None = Field(
+        None, description="the users or groups it learns from: at least 2, answering at least 10 of the same "
+                          "questions (same text and options); the questions all of them answered are used. "
+                          "Omitted: every group of the tenant")
+    model: str | None = Field(None, description="base model; default and only choices: the deployment's models",
+                              json_schema_extra=deployment("build_model"))
+
+
+class PopulationOut(Response):
+    id: str
+    name: str
+    model: str
+    subjects: list[SubjectRef]
+    status: Literal["queued", "building", "ready", "failed"]
+    progress: Progress | None
+    error: str | None
+    questions: int | None = Field(description="the shared questions it learned from (once ready)")
+    report: dict[str, Any] | None = Field(description="what the build chose: the lean's block, the steering "
+                                          "block and strength, and the chat gain of each strength tried on "
+                                          "held-out questions (mean and standard error)")
+    artifact: ArtifactRef | None
+    sample_hash: str
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class PopulationList(Response):
+    populations: list[PopulationOut]
+
+
+class QuestionsQuery(Request):
+    model_config = ConfigDict(extra="forbid", strict=False)
+    k: int = Field(20, ge=1, le=500, description="how many questions")
+    subject_kind: Literal["user", "group"] | None = Field(None, description="with subject_id: leave out the "
+                                                                            "questions this subject answered")
+    subject_id: str | None = Field(None, pattern=ID_PATTERN)
+
+
+class SuggestedQuestion(Response):
+    id: str = Field(description="the item id to answer it under")
+    question: str
+    options: list[str]
+    ordinal: list[float]
+
+
+class QuestionList(Response):
+    population: str
+    questions: list[SuggestedQuestion] = Field(description="most informative first: where the population's "
+                                                           "groups are predicted to disagree most")

@@ -16,7 +16,7 @@ import redis
 
 from service import context
 from service.api.errors import ApiError
-from service.cli.redis_server import DOWN_BACKOFF_S, note_redis_error, redis_down
+from service.redis import DOWN_BACKOFF_S, note_redis_error, redis_down
 
 log = logging.getLogger(__name__)
 

@@ -87,6 +87,23 @@ def _load_sample(args: argparse.Namespace, data: str | None = None, group: str |
     return items
 
 
+def _with_contrast(items: list, paths: Sequence[str]) -> list:
+    """`items`, each carrying the pooled answers of the contrast groups (`--contrast`, a file each, each group
+    counting once) on the same question (text and options), as the service's contrast does
+    (`steer_core.data.with_contrast`); a file that answers none of the sample's questions is refused."""
+    from steer_core.data import load_items, question_key, with_contrast
+
+    wanted = {question_key(it) for it in items}
+    others = []
+    for path in paths:
+        sample = load_items(path)
+        if not any(question_key(it) in wanted for it in sample):
+            raise SteerError(f"{path} answers none of the sample's questions (same text and options): there is "
+                             "nothing to tell apart", "contrast")
+        others.append(sample)
+    return with_contrast(items, others)
+
+
 def _progress_bar(total_hint: int = 1) -> tuple[Callable[[int, int, str], None], Callable[[], None]]:
     from tqdm import tqdm
 
@@ -124,6 +141,8 @@ def describe_calibration(profile: Any) -> str:
 
 def cmd_build(args: argparse.Namespace) -> int:
     items = _load_sample(args)  # bad input answers before torch loads
+    if args.contrast:
+        items = _with_contrast(items, args.contrast)
     params = _parse_params(args.param)
     for key in ("layer", "strength", "positions"):
         value = getattr(args, key)
@@ -301,6 +320,10 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--positions", choices=("prompt", "last", "all"), help=POSITIONS_HELP)
     build.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                        help="a method parameter, e.g. --param rank=8 (JSON values)")
+    build.add_argument("--contrast", action="append", default=[], metavar="FILE",
+                       help="items file (JSONL) of a group to tell the sample apart from: its answers to the same "
+                            "questions (matched by text and options); the build then chooses by specificity. "
+                            "Repeat for several groups")
     build.set_defaults(func=cmd_build)
 
     ev = sub.add_parser("eval", help="profiles against groups on the same questions, beside the unsteered, "
@@ -315,6 +338,28 @@ def build_parser() -> argparse.ArgumentParser:
                     help="read each option order on its own (what chat sees) instead of both orders averaged "
                          "(the default, as /v1/score reads; twice the reads)")
     ev.set_defaults(func=cmd_eval)
+
+    population = sub.add_parser("population", help="populations: learn one from groups that answered the same "
+                                "questions, fit a subject against it, rank the questions to ask first"
+                                ).add_subparsers(dest="action", required=True)
+    learn = population.add_parser("build", help="learn a population from groups' files on the same questions")
+    _add_sample_args(learn, several=True)
+    learn.add_argument("--out", required=True, help="population file to write (safetensors)")
+    learn.add_argument("--seed", type=int, default=0, help="which questions check the steering strength")
+    learn.set_defaults(func=_lazy("service.cli.population:cmd_build"))
+    fit = population.add_parser("fit", help="a subject's profile from its answers, fitted against a population "
+                                "(no backward pass; seconds)")
+    _add_sample_args(fit)
+    fit.add_argument("--out", required=True, help="profile file to write (.safetensors)")
+    ask = population.add_parser("questions", help="rank questions by how much a new subject's answer tells")
+    _add_sample_args(ask)
+    ask.add_argument("-k", type=int, default=20, help="how many (default 20)")
+    fit.set_defaults(func=_lazy("service.cli.population:cmd_fit"))
+    ask.set_defaults(func=_lazy("service.cli.population:cmd_questions"))
+    for p in (learn, fit, ask):
+        if p is not learn:
+            p.add_argument("--population", required=True, help="population file (`pluristeer population build`)")
+        p.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
 
     up = sub.add_parser("up", help="run the whole stack on this machine (embedded defaults)")
     up.add_argument("--host", default="127.0.0.1")

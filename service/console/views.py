@@ -14,14 +14,15 @@ from sqlalchemy import func, select
 from werkzeug.wrappers import Response as BaseResponse
 
 from service import context
-from service.api import chat, opinions, profiles
-from service.api.errors import ApiError, field_path, not_found
+from service.api import chat, opinions, populations, profiles
+from service.api.errors import ApiError, api_error, field_path, not_found
 from service.api.experiments import offline_result
 from service.api.openapi import parse_body
 from service.api.protocol import (
     ChatCompletionRequest,
     ExperimentCreate,
     OpinionsPost,
+    PopulationCreate,
     ProfileCreate,
     ScoreRequest,
 )
@@ -31,14 +32,17 @@ from service.console import sessions
 from service.console.item_plot import item_plot
 from service.experiments import experiments as ex
 from service.experiments import offline_comparison
+from service.experiments.errors import ExperimentError
 from service.store import db
+from steer_core.calibration import recorded_calibration
 from steer_core.errors import SteerError
-from steer_core.methods import METHODS
+from steer_core.method_names import METHOD_NAMES, POPULATION_METHOD
 
 bp = Blueprint("console", __name__, url_prefix="/console", template_folder="templates", static_folder="static")
 
 ITEMS_PER_PAGE = 20
 PROFILES_SHOWN = 200
+QUESTIONS_SHOWN = 20  # a population's suggested questions: about what a new user is asked
 FINAL_STATUSES = ("ready", "failed")
 
 
@@ -47,6 +51,11 @@ FINAL_STATUSES = ("ready", "failed")
 @bp.errorhandler(ApiError)
 def _api_error(exc: ApiError) -> tuple[str, int, dict[str, str]]:
     return _error_page(exc.status, exc.message, exc.field), exc.status, exc.headers
+
+
+@bp.errorhandler(ExperimentError)
+def _experiment_error(exc: ExperimentError) -> tuple[str, int, dict[str, str]]:
+    return _api_error(api_error(exc))  # the status the API gives it
 
 
 @bp.errorhandler(SteerError)
@@ -192,18 +201,18 @@ def profile_page(profile_id: str) -> str:
 
 
 def _calibration(row: db.ProfileRow) -> str | None:
-    """The output calibration the profile carries (read from its artifact through the profile cache)."""
+    """The output calibration the profile carries, as its build recorded it in the profile's metrics (what
+    `/v1/score` applies): `calibration`, and `question_lean` when one shipped. The artifact is not read."""
     if row.status != "ready" or row.artifact_sha256 is None:
         return None
-    from service.store.artifacts import ArtifactError
-
+    metrics = row.metrics if isinstance(row.metrics, dict) else {}
     try:
-        profile = context.profile_cache().load(row.artifact_sha256)
-    except ArtifactError as exc:
-        return f"unavailable: {exc}"
-    calibration, lean = profile.calibration, profile.question_lean
-    if lean is not None:
-        return f"temperature {_fmt(calibration.temperature)}, lean read off each question (block {lean.layer})"
+        calibration = recorded_calibration(metrics)
+    except SteerError as exc:
+        return f"unavailable: {exc.message}"
+    lean = metrics.get("question_lean")
+    if isinstance(lean, dict) and lean.get("shipped") and lean.get("layer") is not None:
+        return f"temperature {_fmt(calibration.temperature)}, lean read off each question (block {lean['layer']})"
     if calibration.is_identity:
         return "none (the identity)"
     return ", ".join(f"{k} {_fmt(float(v))}" for k, v in calibration.to_json().items())
@@ -337,7 +346,7 @@ def subject_page(kind: str, subject_id: str) -> str:
     built = profiles.profile_views(session, db.list_profiles(session, tenant, kind=kind, subject_id=subject.id,
                                                              limit=50), per_item=False)
     return render_template("console/subject.html", kind=kind, subject_id=subject_id, items=shown, page=page,
-                           pages=pages, total=len(items), profiles=built, methods=sorted(METHODS),
+                           pages=pages, total=len(items), profiles=built, methods=list(METHOD_NAMES),
                            label=_progress_label)
 
 
@@ -375,6 +384,42 @@ def subject_build(kind: str, subject_id: str) -> BaseResponse:
                 raise ApiError(422, "validation_error", f"{name} must be a number", f"params.{name}") from None
     body = ProfileCreate.model_validate({"subject": {"kind": kind, "id": subject_id},
                                          "method": request.form.get("method", ""), "params": params})
+    view, _, _ = profiles.request_build(body)
+    return redirect(url_for("console.profile_page", profile_id=view.id))
+
+
+# ------------------------------------------------------------------------------------------ populations
+
+@bp.get("/populations")
+@sessions.signed_in
+def population_list() -> str:
+    views = populations.tenant_populations()
+    return render_template("console/populations.html", populations=views, final=FINAL_STATUSES)
+
+
+@bp.post("/populations")
+@sessions.signed_in
+def population_create() -> BaseResponse:
+    body = PopulationCreate.model_validate({"name": request.form.get("name", "").strip()})
+    view = populations.request_population(body)
+    return redirect(url_for("console.population_page", population_id=view.id))
+
+
+@bp.get("/populations/<population_id>")
+@sessions.signed_in
+def population_page(population_id: str) -> str:
+    view = populations.population_out(populations.find_population(population_id))
+    questions = populations.next_questions(population_id, QUESTIONS_SHOWN) if view.status == "ready" else []
+    return render_template("console/population.html", p=view, questions=questions, final=FINAL_STATUSES)
+
+
+@bp.post("/populations/<population_id>/fit")
+@sessions.signed_in
+def population_fit(population_id: str) -> BaseResponse:
+    """Fit a user or group against the population: an ordinary profile request (method `population`)."""
+    kind = _check_kind(request.form.get("kind", ""))
+    body = ProfileCreate.model_validate({"subject": {"kind": kind, "id": request.form.get("id", "").strip()},
+                                         "method": POPULATION_METHOD, "params": {"population": population_id}})
     view, _, _ = profiles.request_build(body)
     return redirect(url_for("console.profile_page", profile_id=view.id))
 

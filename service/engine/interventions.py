@@ -1,6 +1,6 @@
 """The engine's one cache: what steering plans resolve to on the served model.
 
-A plan entry (`service.engine.plan.PlannedProfile`) names a profile by its artifact digest. Resolving it
+A plan entry (`service.engine.types.PlannedProfile`) names a profile by its artifact digest. Resolving it
 loads the profile from the profile source (the service's profile cache), builds the method's
 intervention for the model (tensors on the model's device, built once; `displacement` a pure function of
 them and the forward call) and applies the entry's positions. A plan composes its entries' interventions
@@ -22,7 +22,7 @@ from typing import Any
 
 import cachetools
 
-from service.engine.plan import (
+from service.engine.types import (
     INVALID,
     MODEL_MISMATCH,
     UNAVAILABLE,

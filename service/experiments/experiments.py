@@ -10,8 +10,9 @@ the response id an exposure recorded. Results: per variant, exposures, feedback,
 interval, and the difference to the control with a p-value (`service.experiments.stats`), plus the stored
 offline comparison of the variants on the scope group's opinion items (`service.experiments.offline_comparison`).
 
-Every function takes the tenant id and filters by it; errors are `ApiError`s naming the request field,
-raised before anything is written (the route's transaction then stores nothing).
+Every function takes the tenant id and filters by it; errors are `service.experiments.errors`' (the API
+maps them to HTTP) naming the request field, raised before anything is written (the route's transaction
+then stores nothing).
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from service.api.errors import ApiError, not_found
 from service.api.protocol import (
     ControlComparison,
     ExperimentCreate,
@@ -41,6 +41,7 @@ from service.api.protocol import (
     VariantOut,
     VariantResult,
 )
+from service.experiments.errors import ExperimentStopped, Invalid, NotFound, ProfileNotReady
 from service.experiments.offline_comparison import OfflineResult
 from service.experiments.stats import (
     ALPHA,
@@ -71,7 +72,7 @@ def require_experiment(session: Session, tenant_id: int, experiment_id: str, fie
     """The tenant's experiment, or 404 naming `field` (another tenant's is just not found)."""
     exp = get_experiment(session, tenant_id, experiment_id) if isinstance(experiment_id, str) else None
     if exp is None:
-        raise not_found(f"experiment {experiment_id!r}", field)
+        raise NotFound(f"experiment {experiment_id!r}", field)
     return exp
 
 
@@ -110,43 +111,39 @@ def control_variant(exp: db.Experiment) -> db.ExperimentVariant:
 
 # ------------------------------------------------------------------------------------------ creation
 
-def _validation(message: str, field: str) -> ApiError:
-    return ApiError(422, "validation_error", message, field)
-
-
 def check_weight(value: float, field: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
-        raise _validation("must be a finite number >= 0", field)
+        raise Invalid("must be a finite number >= 0", field)
     return float(value)
 
 
 def check_traffic(weights: Sequence[float], field: str) -> None:
     if not math.fsum(weights) > 0:
-        raise _validation("the traffic weights must sum to a positive number", field)
+        raise Invalid("the traffic weights must sum to a positive number", field)
 
 
 def check_blend(session: Session, tenant_id: int, blend: Sequence[Any], field: str, model: str,
                 max_profiles: int) -> list[dict[str, Any]]:
     """A variant's profiles as stored: each of this tenant, ready and of the served model; no repeats."""
     if len(blend) > max_profiles:
-        raise _validation(f"at most {max_profiles} profiles in one blend", field)
+        raise Invalid(f"at most {max_profiles} profiles in one blend", field)
     out: list[dict[str, Any]] = []
     seen: set[str] = set()
     for j, entry in enumerate(blend):
         where = f"{field}[{j}]"
         weight = check_weight(entry.weight, f"{where}.weight")
         if entry.id in seen:
-            raise _validation(f"profile {entry.id!r} appears twice in this blend", f"{where}.id")
+            raise Invalid(f"profile {entry.id!r} appears twice in this blend", f"{where}.id")
         seen.add(entry.id)
         row = db.get_profile(session, tenant_id, entry.id)
         if row is None:
-            raise not_found(f"profile {entry.id!r}", f"{where}.id")
+            raise NotFound(f"profile {entry.id!r}", f"{where}.id")
         if row.status != "ready":
-            raise ApiError(409, "profile_not_ready", f"profile {entry.id} is {row.status}; a variant needs ready "
-                           "profiles", f"{where}.id")
+            raise ProfileNotReady(f"profile {entry.id} is {row.status}; a variant needs ready profiles",
+                                  f"{where}.id")
         if row.model != model:
-            raise _validation(f"profile {entry.id} is for model {row.model!r}; this deployment serves {model!r}",
-                              f"{where}.id")
+            raise Invalid(f"profile {entry.id} is for model {row.model!r}; this deployment serves {model!r}",
+                          f"{where}.id")
         out.append({"id": row.id, "weight": weight})
     return out
 
@@ -157,10 +154,10 @@ def create_experiment(session: Session, tenant_id: int, body: ExperimentCreate, 
     names = [v.name for v in body.variants]
     for i, name in enumerate(names):
         if name in names[:i]:
-            raise _validation(f"variant name {name!r} is used twice", f"variants[{i}].name")
+            raise Invalid(f"variant name {name!r} is used twice", f"variants[{i}].name")
     control = body.control if body.control is not None else names[0]
     if control not in names:
-        raise _validation(f"no variant named {control!r}", "control")
+        raise Invalid(f"no variant named {control!r}", "control")
     weights = [check_weight(v.weight, f"variants[{i}].weight") for i, v in enumerate(body.variants)]
     check_traffic(weights, "variants")
     blends = [check_blend(session, tenant_id, v.profiles, f"variants[{i}].profiles", model, max_profiles)
@@ -169,15 +166,15 @@ def create_experiment(session: Session, tenant_id: int, body: ExperimentCreate, 
     if body.scope is not None:
         group = db.get_group(session, tenant_id, body.scope.group)
         if group is None:
-            raise not_found(f"group {body.scope.group!r}", "scope.group")
+            raise NotFound(f"group {body.scope.group!r}", "scope.group")
         scope_id = group.id
     now = db.utcnow()
     starts_at = body.starts_at or now
     if body.ends_at is not None:
         if body.ends_at <= starts_at:
-            raise _validation("must be after starts_at", "ends_at")
+            raise Invalid("must be after starts_at", "ends_at")
         if body.ends_at <= now:
-            raise _validation("must be in the future", "ends_at")
+            raise Invalid("must be in the future", "ends_at")
     exp = db.Experiment(tenant_id=tenant_id, name=body.name, status="running", reward_kind=body.reward,
                         scope_group_id=scope_id, control=control, salt=secrets.token_hex(16),
                         starts_at=starts_at, ends_at=body.ends_at, created_at=now, updated_at=now)
@@ -196,7 +193,7 @@ def transition(exp: db.Experiment, action: str) -> None:
     if exp.status == "stopped":
         if action == "stop":
             return
-        raise ApiError(409, "experiment_stopped", "the experiment is stopped; stopping is final", "status")
+        raise ExperimentStopped("the experiment is stopped; stopping is final", "status")
     targets: dict[str, db.ExperimentStatus] = {"pause": "paused", "resume": "running", "stop": "stopped"}
     target = targets[action]
     if exp.status == target:
@@ -211,19 +208,19 @@ def update_experiment(exp: db.Experiment, weights: dict[str, float] | None, ends
     """New traffic weights (by variant name) and/or end time. Stored assignments are kept, so only users
     not yet assigned follow the new weights."""
     if exp.status == "stopped":
-        raise ApiError(409, "experiment_stopped", "the experiment is stopped", "status")
+        raise ExperimentStopped("the experiment is stopped", "status")
     if weights is not None:
         new = {v.name: v.weight for v in exp.variants}
         for name, value in weights.items():
             if name not in new:
-                raise _validation(f"no variant named {name!r}", f"weights.{name}")
+                raise Invalid(f"no variant named {name!r}", f"weights.{name}")
             new[name] = check_weight(value, f"weights.{name}")
         check_traffic(list(new.values()), "weights")
         for v in exp.variants:
             v.weight = new[v.name]
     if ends_at is not None:
         if ends_at <= exp.starts_at or ends_at <= db.utcnow():
-            raise _validation("must be after starts_at and in the future", "ends_at")
+            raise Invalid("must be after starts_at and in the future", "ends_at")
         exp.ends_at = ends_at
     exp.updated_at = db.utcnow()
 
@@ -240,7 +237,7 @@ def check_in_scope(session: Session, exp: db.Experiment, uid: str, field: str) -
             db.GroupMember.group_id == exp.scope_group_id, db.GroupMember.user_id == user.id))
     if not member:
         gid = db.subject_name(session, exp.tenant_id, "group", exp.scope_group_id)
-        raise _validation(f"user {uid!r} is not a member of group {gid!r}, the experiment's scope", field)
+        raise Invalid(f"user {uid!r} is not a member of group {gid!r}, the experiment's scope", field)
 
 
 def assign(session: Session, exp: db.Experiment, uid: str, field: str = "user",
@@ -293,7 +290,7 @@ def resolve_experiment(session: Session, tenant_id: int, experiment_id: str,
     While the experiment is not running this is the control and nothing is stored."""
     exp = require_experiment(session, tenant_id, experiment_id, "steering.experiment")
     if not user:
-        raise _validation("a request with an experiment needs the `user` it is for", "user")
+        raise Invalid("a request with an experiment needs the `user` it is for", "user")
     variant, _ = assign(session, exp, user, "user")
     return variant.name, blend_of(variant)
 
@@ -322,11 +319,11 @@ def feedback_reward(exp: db.Experiment, body: FeedbackIn) -> float:
     given = [name for name in ("thumbs", "rating", "value") if getattr(body, name) is not None]
     wanted = {"thumbs": "thumbs", "rating": "rating", "number": "value"}[exp.reward_kind]
     if not given:
-        raise _validation(f"give the reward as `{wanted}`", wanted)
+        raise Invalid(f"give the reward as `{wanted}`", wanted)
     if len(given) > 1:
-        raise _validation(f"give exactly one of thumbs, rating and value (got {', '.join(given)})", given[1])
+        raise Invalid(f"give exactly one of thumbs, rating and value (got {', '.join(given)})", given[1])
     if given[0] != wanted:
-        raise _validation(f"this experiment collects {exp.reward_kind} feedback: give `{wanted}`", given[0])
+        raise Invalid(f"this experiment collects {exp.reward_kind} feedback: give `{wanted}`", given[0])
     # Exactly the wanted field is given (checked above).
     if body.thumbs is not None:
         return THUMBS[body.thumbs]
@@ -335,7 +332,7 @@ def feedback_reward(exp: db.Experiment, body: FeedbackIn) -> float:
     assert body.value is not None
     value = float(body.value)
     if not math.isfinite(value):
-        raise _validation("must be a finite number", "value")
+        raise Invalid("must be a finite number", "value")
     return value
 
 
@@ -347,7 +344,7 @@ def record_feedback(session: Session, exp: db.Experiment, body: FeedbackIn) -> t
         db.Exposure.tenant_id == exp.tenant_id, db.Exposure.experiment_id == exp.id,
         db.Exposure.response_id == body.response_id))
     if exposure is None:
-        raise not_found(f"response {body.response_id!r} of this experiment", "response_id")
+        raise NotFound(f"response {body.response_id!r} of this experiment", "response_id")
     existing = _feedback_of(session, exposure)
     if existing is None:
         row = db.Feedback(tenant_id=exp.tenant_id, experiment_id=exp.id, variant_id=exposure.variant_id,

@@ -15,12 +15,16 @@ import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import redis
 from cachetools import LRUCache
 
-from service.cli.redis_server import DOWN_BACKOFF_S, note_redis_error, redis_down
-from steer_core.profile import Profile
+from service.redis import DOWN_BACKOFF_S, note_redis_error, redis_client, redis_down
+
+if TYPE_CHECKING:
+    from service.settings import Settings
+    from steer_core.profile import Profile
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +143,7 @@ class ProfileCache:
                  ttl: int = 3600, max_bytes: int = 64 << 20, redis_url: str | None = None) -> None:
         self.store = store
         self.redis = redis_client
-        # The URL the process marks this Redis down under (service.cli.redis_server.redis_down), shared with
+        # The URL the process marks this Redis down under (service.redis.redis_down), shared with
         # the queue, the rate limits and readiness: a down Redis costs one timeout, not one per read.
         self.redis_url = redis_url
         self.lru_size = max(0, int(lru_size))
@@ -239,6 +243,8 @@ class ProfileCache:
                 self._count("corrupted")
                 raise
             self._redis_put(sha, data)
+        from steer_core.profile import Profile  # torch: here, so the routes that only store files stay torch-free
+
         profile = Profile.from_bytes(data, source=f"artifact {sha}")
         self._remember(sha, profile)
         return profile
@@ -256,3 +262,13 @@ class ProfileCache:
         with self._lock:
             self._lru.pop(sha, None)
         self._redis_delete(sha, force=True)
+
+
+def profile_cache(settings: Settings, store: ArtifactStore | None = None, lru_size: int | None = None) -> ProfileCache:
+    """The profile cache of `settings`: its Redis (the process's shared client, marked down under its URL),
+    TTL and size limit, in front of `store` (default: a plain store of the settings' `artifact_dir`), with an
+    LRU of `lru_size` profiles (default: `profile_lru_size`; 0 for a process that reads each profile once)."""
+    return ProfileCache(ArtifactStore(settings.artifact_dir) if store is None else store, redis_client(settings),
+                        lru_size=settings.profile_lru_size if lru_size is None else lru_size,
+                        ttl=settings.profile_cache_ttl, max_bytes=settings.profile_cache_max_bytes,
+                        redis_url=settings.redis_url)

@@ -5,7 +5,8 @@ never reach another tenant's rows. The one exception is `profile_by_id`, used by
 a Celery task carries only a profile id (a random uuid that the API itself enqueued).
 
 Schema changes go through Alembic (`migrations/`); `upgrade(url)` runs them to head. The experiment
-tables (A/B tests) follow the profile models; revision 0002 creates them, 0004 the stored offline comparisons.
+tables (A/B tests) follow the profile models; revision 0002 creates them, 0004 the stored offline comparisons,
+0005 the profiles' `sent_at`. A profile build's states and their changes are `service.builds`'s.
 """
 
 from __future__ import annotations
@@ -41,7 +42,6 @@ from sqlalchemy import (
     select,
 )
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 
 from steer_core.data import OpinionItem, make_item, question_key, with_contrast
@@ -102,6 +102,7 @@ ProfileStatus = Literal["queued", "building", "ready", "failed"]
 ExperimentStatus = Literal["running", "paused", "stopped"]
 RewardKind = Literal["thumbs", "rating", "number"]
 ComparisonStatus = Literal["queued", "running", "ready", "failed"]
+PopulationStatus = Literal["queued", "building", "ready", "failed"]
 
 
 class Base(DeclarativeBase):
@@ -242,6 +243,8 @@ class ProfileRow(Base):
                                                  nullable=False)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # When the broker last took this build's message; None until it has (see `service.builds.message_lost`).
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
     attempts: Mapped[list[BuildAttempt]] = relationship(
         back_populates="profile", cascade="all, delete-orphan", passive_deletes=True,
@@ -264,6 +267,49 @@ class BuildAttempt(Base):
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
     profile: Mapped[ProfileRow] = relationship(back_populates="attempts")
+
+
+# --- populations: what a survey's groups share, learned once; subject profiles are fitted against one ---
+
+class PopulationRow(Base):
+    """A population of one tenant, learned by a worker from its subjects' answers to shared questions
+    (`steer_core.population_build.learn_population`).
+
+    `subjects` is the request's list of `{"kind", "id"}` (external ids); `sample_hash` names the sample it was
+    learned from (the subjects' shared items), so a rebuild on the same answers is the same population.
+    `progress` is `{"done", "total", "stage"}` and `updated_at` its heartbeat while `building`; `report` is
+    what the build chose (`learn_population`'s report: blocks, strength, chat gain by strength, the
+    questions' order) and `questions` the shared questions' item ids in the order the report indexes.
+    """
+
+    __tablename__ = "populations"
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "name"),
+        CheckConstraint("status IN ('queued', 'building', 'ready', 'failed')", name="status"),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=lambda: str(uuid.uuid4()))
+    tenant_id: Mapped[TenantFK]
+    name: Mapped[str] = mapped_column(String(200), nullable=False)
+    model: Mapped[str] = mapped_column(String(200), nullable=False)
+    subjects: Mapped[list[dict[str, str]]] = mapped_column(JSONType, nullable=False)
+    sample_hash: Mapped[str] = mapped_column(String(64), nullable=False)
+    status: Mapped[PopulationStatus] = mapped_column(String(16), default="queued", nullable=False)
+    progress: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    report: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)
+    questions: Mapped[list[str] | None] = mapped_column(JSONType, nullable=True)
+    artifact_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    artifact_size: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    created_at: Mapped[Created]
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow, nullable=False)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+def get_population(session: Session, tenant_id: int, population_id: str) -> PopulationRow | None:
+    return session.scalar(select(PopulationRow).where(PopulationRow.tenant_id == tenant_id,
+                                                      PopulationRow.id == population_id))
 
 
 # --- experiments: A/B tests between blends of profiles ---
@@ -681,67 +727,8 @@ def list_profiles(session: Session, tenant_id: int, *, kind: str | None = None, 
     return list(session.scalars(query))
 
 
-def request_profile(session: Session, tenant_id: int, kind: str, subject_id: int, method: str, model: str,
-                    params: dict[str, Any], sample: str) -> tuple[ProfileRow, bool]:
-    """The profile row for this request, creating it `queued` when new. Returns (row, needs_enqueue).
-
-    The same request on the same sample returns the existing row (no second build). A `failed` row is
-    reset to `queued` so asking again retries it.
-    """
-    key = dict(tenant_id=tenant_id, subject_kind=kind, subject_id=subject_id, method=method, model=model,
-               params_hash=params_hash(params), sample_hash=sample)
-    existing = session.scalar(select(ProfileRow).filter_by(**key))
-    if existing is None:
-        version = (session.scalar(select(func.max(ProfileRow.version)).where(
-            ProfileRow.tenant_id == tenant_id, ProfileRow.subject_kind == kind,
-            ProfileRow.subject_id == subject_id, ProfileRow.method == method,
-            ProfileRow.model == model)) or 0) + 1
-        row = ProfileRow(params=params, status="queued", version=version,
-                         progress={"done": 0, "total": 0, "stage": "queued"}, **key)
-        try:
-            with session.begin_nested():
-                session.add(row)
-        except IntegrityError:
-            # A concurrent request created the same row first: that one is ours too.
-            existing = session.scalar(select(ProfileRow).filter_by(**key))
-            if existing is None:
-                raise
-        else:
-            return row, True
-    if existing.status == "failed":
-        if existing.artifact_sha256 is not None:
-            # A rebuild in place (its artifact broke): same id, the next version of the subject's profile.
-            existing.version = next_version(session, existing)
-        existing.status, existing.error = "queued", None
-        existing.progress = {"done": 0, "total": 0, "stage": "queued"}
-        existing.started_at = existing.finished_at = None
-        return existing, True
-    return existing, False
-
-
-def next_version(session: Session, row: ProfileRow) -> int:
-    return (session.scalar(select(func.max(ProfileRow.version)).where(
-        ProfileRow.tenant_id == row.tenant_id, ProfileRow.subject_kind == row.subject_kind,
-        ProfileRow.subject_id == row.subject_id, ProfileRow.method == row.method,
-        ProfileRow.model == row.model)) or 0) + 1
-
-
-# The error of a profile whose artifact failed its check when read (`fail_broken_artifact`).
+# The error of a profile whose artifact failed its check when read (`service.builds.fail_broken_artifact`).
 BROKEN_ARTIFACT = "artifact unusable"
-
-
-def fail_broken_artifact(session: Session, sha256: str, reason: str) -> list[str]:
-    """Mark `failed` every ready profile whose artifact is `sha256` (it is missing or no longer hashes to
-    its name); asking for the same profile again rebuilds it in place. Not scoped to one tenant: the file
-    is shared by every profile that names it, and all of them are broken. Returns their ids."""
-    rows = list(session.scalars(select(ProfileRow).where(ProfileRow.artifact_sha256 == sha256,
-                                                         ProfileRow.status == "ready")))
-    now = utcnow()
-    for row in rows:
-        row.status, row.finished_at, row.updated_at = "failed", now, now
-        row.error = f"{BROKEN_ARTIFACT}: {reason}; request the same profile again to rebuild it"
-        row.progress = {**(row.progress or {}), "stage": "failed"}
-    return [row.id for row in rows]
 
 
 def count_broken_artifacts(session: Session) -> int:

@@ -69,6 +69,7 @@ def mark_failed(settings, profile_id: str, error: str = "boom") -> None:
 def requested_group_profile(settings, tenant: str, gid: str, items, params: dict[str, Any]) -> tuple[str, bool]:
     """A group holding `items` and a DiffMean profile requested for it, through the database layer (what
     `PUT /v1/groups` + `POST .../opinions` + `POST /v1/profiles` store); (profile id, created)."""
+    from service import builds
     from service.store import db
     from steer_core.data import sample_hash
 
@@ -78,7 +79,7 @@ def requested_group_profile(settings, tenant: str, gid: str, items, params: dict
         session.add(group)
         session.flush()
         db.put_opinions(session, tenant_row.id, group, items)
-        row, created = db.request_profile(session, tenant_row.id, "group", group.id, "diffmean", settings.model,
-                                          params, sample_hash(db.subject_items(session, tenant_row.id, "group",
-                                                                               group.id)))
+        row, created = builds.request(session, tenant_row.id, "group", group.id, "diffmean", settings.model,
+                                      params, sample_hash(db.subject_items(session, tenant_row.id, "group",
+                                                                           group.id)))
         return row.id, created

@@ -60,7 +60,7 @@ def redis_url() -> Iterator[str]:
     if external:
         yield external
         return
-    from service.cli.redis_server import ensure_redis, stop_embedded_redis
+    from service.redis import ensure_redis, stop_embedded_redis
 
     url = ensure_redis(None)
     yield url

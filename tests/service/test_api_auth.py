@@ -62,7 +62,7 @@ def test_keys_create_cli_refuses_an_unmigrated_database(tmp_path, monkeypatch, c
 def test_rate_limit_window_counts_per_key(redis_url):
     import uuid
 
-    from service.cli.redis_server import client_for
+    from service.redis import client_for
 
     client = client_for(redis_url)
     key_a, key_b = uuid.uuid4().hex, uuid.uuid4().hex

@@ -1,10 +1,11 @@
 """The database layer's own guarantees, on SQLite and PostgreSQL: idempotent profile requests under a
-real race, tenant-scoped lookups, timestamps in UTC."""
+real race (`service.builds.request`), tenant-scoped lookups, timestamps in UTC."""
 
 from __future__ import annotations
 
 import threading
 
+from service import builds
 from service.store import db
 
 
@@ -22,13 +23,13 @@ def test_concurrent_identical_requests_make_one_profile(settings):
     args = (tenant_id, "user", user_id, "diffmean", "m", {"layer": 1}, "sample")
     factory = db.session_factory(settings)
     first = factory()
-    row, created = db.request_profile(first, *args)  # inserted, not committed yet
+    row, created = builds.request(first, *args)  # inserted, not committed yet
     assert created
     result: dict = {}
 
     def second_request() -> None:
         with db.session_scope(settings) as session:
-            other, made = db.request_profile(session, *args)
+            other, made = builds.request(session, *args)
             result["id"], result["created"] = other.id, made
 
     thread = threading.Thread(target=second_request)
@@ -49,7 +50,7 @@ def test_lookups_are_scoped_by_tenant(settings):
     tenant_id, user_id = _tenant_and_user(settings)
     with db.session_scope(settings) as session:
         other = db.get_or_create_tenant(session, "other").id
-        row, _ = db.request_profile(session, tenant_id, "user", user_id, "diffmean", "m", {}, "s")
+        row, _ = builds.request(session, tenant_id, "user", user_id, "diffmean", "m", {}, "s")
         pid = row.id
     with db.session_scope(settings) as session:
         assert db.get_profile(session, tenant_id, pid) is not None
@@ -62,7 +63,7 @@ def test_lookups_are_scoped_by_tenant(settings):
 def test_timestamps_come_back_in_utc(settings):
     tenant_id, user_id = _tenant_and_user(settings)
     with db.session_scope(settings) as session:
-        row, _ = db.request_profile(session, tenant_id, "user", user_id, "diffmean", "m", {}, "s")
+        row, _ = builds.request(session, tenant_id, "user", user_id, "diffmean", "m", {}, "s")
         pid, created = row.id, row.created_at
     with db.session_scope(settings) as session:
         again = db.get_profile(session, tenant_id, pid)

@@ -122,9 +122,9 @@ def test_redis_flushed_or_down_still_serves_from_the_store(store, rclient):
     assert flushed.load(sha).strength == 1.5
     assert flushed.stats()["misses"] == 1
     # A Redis nobody listens on: every cache call fails fast and counts, the store answers.
-    from service.cli.redis_server import _free_port, client_for
+    from service.redis import client_for, free_port
 
-    down_url = f"redis://127.0.0.1:{_free_port()}/0"
+    down_url = f"redis://127.0.0.1:{free_port()}/0"
     cache = ProfileCache(store, client_for(down_url), lru_size=0, redis_url=down_url)  # the service's client
     assert cache.load(sha).strength == 1.5
     assert cache.stats()["redis_errors"] == 1

@@ -196,7 +196,8 @@ def test_upload_build_and_experiment_forms_use_the_api_functions(client, auth, t
 
 
 def test_the_profile_page_shows_whatever_the_build_recorded(client, auth, tenant_key, settings):
-    """Baselines and gains with standard errors, in whatever entries the build wrote."""
+    """Baselines and gains with standard errors, in whatever entries the build wrote; the calibration as the
+    metrics record it (the page does not read the artifact)."""
     import numpy as np
     import torch
 
@@ -216,13 +217,19 @@ def test_the_profile_page_shows_whatever_the_build_recorded(client, auth, tenant
             "unsteered": {"alignment": 0.71, "kl": 0.4}, "steered": {"alignment": 0.78, "kl": 0.3},
             "baselines": {"uniform": {"alignment": 0.64}, "calibrated": {"alignment": 0.75}},
             "gain": {"alignment": 0.031, "standard_error": 0.012},
-            "search": [{"layer": 3, "strength": 1.0, "alignment": 0.78}]}
+            "search": [{"layer": 3, "strength": 1.0, "alignment": 0.78}],
+            # What the profile carries, as a build records it.
+            "calibration": {"temperature": 1.5, "lean": -0.25, "lean_fitted": True}}
     leaned_id = request_profile(client, auth, "urban", params={"layer": 2, "strength": 1.0}).json["id"]
     leaned = Profile(method="diffmean", model_name=settings.model, model_fingerprint="test", layer=3,
                      positions="prompt", strength=1.0, tensors={"vector": torch.ones(8)},
                      calibration=Calibration(temperature=1.5, lean=-0.25),
                      question_lean=QuestionLean(1, np.zeros(8), np.ones(8), np.ones(8), 0.0))
     mark_ready(settings, leaned_id, leaned.to_bytes())
+    with db.session_scope(settings) as session:
+        db.profile_by_id(session, leaned_id).metrics = {
+            "calibration": {"temperature": 1.5, "lean": -0.25, "lean_fitted": True},
+            "question_lean": {"shipped": True, "layer": 1}}
     sign_in(client, tenant_key)
     page = client.get(f"/console/profiles/{profile_id}").text
     assert '<dd id="calibration">temperature 1.500, lean -0.250</dd>' in page

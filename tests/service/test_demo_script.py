@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from service.cli.redis_server import _free_port
+from service.redis import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.service]
@@ -40,7 +40,7 @@ def test_demo_script_tells_its_story_and_exits_by_itself(tmp_path, default_model
     home.mkdir()
     (home / "models").symlink_to(default_model_path.parent, target_is_directory=True)
     log = tmp_path / "stack.log"
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL", "ARTIFACT_DIR")}
     env.update({"PLURISTEER_HOME": str(home), "PORT": str(port), "DEMO_LOG": str(log),
                 "BIN": str(Path(sys.executable).parent)})

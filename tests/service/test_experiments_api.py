@@ -16,6 +16,7 @@ from sqlalchemy import func, select
 
 from service.api.openapi import openapi_document, openapi_path
 from service.experiments import experiments as ex
+from service.experiments.errors import Invalid, NotFound
 from service.experiments.stats import assign_bucket, choose_variant
 from service.store import db
 
@@ -185,9 +186,9 @@ def test_scope_admits_only_members(client, auth, settings, profiles):
     for user in ("outsider", "nobody"):
         r = client.post(f"/v1/experiments/{exp['id']}/assign", json={"user": user}, headers=auth)
         assert (r.status_code, r.json["error"]["field"]) == (422, "user")
-    with db.session_scope(settings) as session, pytest.raises(ex.ApiError) as err:
+    with db.session_scope(settings) as session, pytest.raises(Invalid) as err:
         ex.resolve_experiment(session, session.get(db.Experiment, exp["id"]).tenant_id, exp["id"], "outsider")
-    assert err.value.status == 422 and err.value.field == "user"
+    assert err.value.field == "user"
     assert count(settings, db.Assignment) == 1
 
 
@@ -363,9 +364,9 @@ def test_other_tenant_gets_404_on_every_experiment_route(app, client, auth, othe
         assert (r.status_code, r.json["error"]["type"]) == (404, "not_found"), (method, rule, r.json)
     assert client.get(f"/v1/experiments/{exp['id']}/results?offline=false", headers=auth).json == before
     # Nor can B use A's experiment in its own requests (what the chat endpoint calls).
-    with db.session_scope(settings) as session, pytest.raises(ex.ApiError) as err:
+    with db.session_scope(settings) as session, pytest.raises(NotFound) as err:
         ex.resolve_experiment(session, db.get_or_create_tenant(session, "tenant-b").id, exp["id"], "u1")
-    assert err.value.status == 404 and err.value.field == "steering.experiment"
+    assert err.value.field == "steering.experiment"
     with db.session_scope(settings) as session:
         tenant_b = db.get_or_create_tenant(session, "tenant-b").id
         assert ex.record_exposure(session, tenant_b, exp["id"], "plain", "u1", "chatcmpl-b") is None

@@ -14,7 +14,7 @@ from worker_helpers import SMALL_ITEMS, attempts, get_profile, make_group, new_a
 
 from service import context
 from service.api.chat import stop_engine
-from service.cli.redis_server import _free_port, client_for
+from service.redis import client_for, free_port
 from service.store.artifacts import REDIS_PREFIX, ArtifactCorrupted
 
 pytestmark = [pytest.mark.service, pytest.mark.model]
@@ -103,7 +103,7 @@ def test_redis_flushed_or_down_still_serves_profiles(worker_settings, running_wo
     assert failed
 
     # Redis down (nothing listens on its port): profiles still resolve from the store.
-    down = replace(worker_settings, redis_url=f"redis://127.0.0.1:{_free_port()}/0")
+    down = replace(worker_settings, redis_url=f"redis://127.0.0.1:{free_port()}/0")
     app = stack_client(down)[0]
     with app.app_context():
         cache = context.profile_cache()

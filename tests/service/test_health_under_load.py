@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from service.auth import create_key
-from service.cli.redis_server import _free_port
+from service.redis import free_port
 from service.settings import FREE_REQUEST_THREADS, Settings
 from service.store import db
 
@@ -46,7 +46,7 @@ def api_server(tmp_path, default_model_path, sqlite_template, redis_url) -> Iter
     env = {k: v for k, v in os.environ.items() if k != "ARTIFACT_DIR"}
     env.update(PLURISTEER_HOME=str(home), DATABASE_URL=database_url, REDIS_URL=redis_url,
                MAX_BATCH_SIZE=str(BATCH), RATE_LIMIT_PER_MINUTE="0", TOKENS_PER_MINUTE="0")
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port)], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}"

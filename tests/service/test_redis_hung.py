@@ -14,8 +14,8 @@ import pytest
 from api_helpers import make_group, request_profile
 
 from service import create_app, queue
+from service import redis as service_redis
 from service.auth import create_key
-from service.cli import redis_server
 from service.store import db
 
 pytestmark = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
@@ -30,16 +30,16 @@ PUBLISH_BOUND_S = 5.0
 @pytest.fixture
 def private_redis(tmp_path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """A redis-server of this test alone (the session's shared one must not be paused)."""
-    port = redis_server._free_port()
+    port = service_redis.free_port()
     config = tmp_path / "redis.conf"
     config.write_text(f"port {port}\nbind 127.0.0.1\nsave \"\"\nappendonly no\ndir {tmp_path}\n")
-    process = subprocess.Popen([redis_server.redis_executable(), str(config)], stdout=subprocess.DEVNULL,
+    process = subprocess.Popen([service_redis.redis_executable(), str(config)], stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     url = f"redis://127.0.0.1:{port}/0"
     deadline = time.monotonic() + 10
     while True:
         try:
-            redis_server.client_for(url).ping()
+            service_redis.client_for(url).ping()
             break
         except Exception:
             if time.monotonic() > deadline:
@@ -73,15 +73,15 @@ def test_hung_then_killed_redis_gives_bounded_answers(settings, private_redis):
 
     for fault, gid in ((signal.SIGSTOP, "g1"), (signal.SIGKILL, "g2")):
         process.send_signal(fault)
-        redis_server._down_until.pop(url, None)  # each fault is met afresh, as its first request would be
+        service_redis._down_until.pop(url, None)  # each fault is met afresh, as its first request would be
         r, took = timed(lambda: client.get("/readyz"))
         assert took < BOUND_S, (fault, took)
         assert r.status_code == 503 and not r.json["checks"]["redis"]["ok"]
         assert r.json["checks"]["database"]["ok"]
-        redis_server._down_until.pop(url, None)
+        service_redis._down_until.pop(url, None)
         r, took = timed(lambda: client.put("/v1/users/someone", json={}, headers=auth))  # rate limit skipped
         assert took < BOUND_S and r.status_code in (200, 201), (fault, took, r.json)
-        redis_server._down_until.pop(url, None)
+        service_redis._down_until.pop(url, None)
         r, took = timed(lambda gid=gid: request_profile(client, auth, gid))
         assert took < BOUND_S, (fault, took)
         assert r.status_code == 202 and r.json["status"] == "queued"  # stored; the sweeper sends it later
@@ -92,7 +92,7 @@ def test_hung_then_killed_redis_gives_bounded_answers(settings, private_redis):
 
 
 def test_a_publish_to_a_redis_that_hangs_gives_up(settings, private_redis):
-    """Redis hangs after `check_broker`'s ping answered: the publish itself (kombu's socket, Celery's retry)
+    """Redis hangs after `check_broker` was answered: the publish itself (kombu's socket, Celery's retry)
     gives up within PUBLISH_BOUND_S instead of holding the request's thread."""
     url, process = private_redis
     settings = dataclasses.replace(settings, redis_url=url)

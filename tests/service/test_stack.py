@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from service.cli.redis_server import _free_port
+from service.redis import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.service]
@@ -39,7 +39,7 @@ def test_up_runs_the_stack_and_sigint_stops_everything(tmp_path, default_model_p
     (home / "models").symlink_to(default_model_path.parent, target_is_directory=True)
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL", "ARTIFACT_DIR")}
     env["PLURISTEER_HOME"] = str(home)
-    port = _free_port()
+    port = free_port()
     # Started with SIGINT ignored, as a non-interactive shell starts `up &`: `up` still honours it.
     proc = subprocess.Popen([sys.executable, "-m", "service.cli", "up", "--port", str(port)], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,

@@ -17,7 +17,7 @@ from worker_helpers import (
     wait_profile,
 )
 
-from service.cli.redis_server import client_for
+from service.redis import client_for
 from service.store.artifacts import ArtifactStore, ProfileCache
 from steer_core.profile import Profile
 
@@ -83,7 +83,7 @@ def test_a_build_the_method_rejects_fails_with_its_reason(worker_settings, runni
 def test_opinions_changed_after_the_request_fail_the_build_instead_of_mislabelling_it(
         worker_settings, running_worker):
     # The profile row records the sample it was asked for; the worker refuses to build from another one.
-    from service.queue import enqueue_build
+    from service import builds
     from service.store import db
 
     _, client = stack_client(worker_settings)
@@ -92,10 +92,10 @@ def test_opinions_changed_after_the_request_fail_the_build_instead_of_mislabelli
     with db.session_scope(worker_settings) as session:
         tenant = db.tenant_for_key(session, auth["Authorization"].split()[1])
         group = db.get_group(session, tenant.id, "g-moving")
-        row, _ = db.request_profile(session, tenant.id, "group", group.id, "diffmean", worker_settings.model,
-                                    {"layer": 15, "strength": 1.0}, "0" * 64)
+        row, _ = builds.request(session, tenant.id, "group", group.id, "diffmean", worker_settings.model,
+                                {"layer": 15, "strength": 1.0}, "0" * 64)
         pid = row.id
-    enqueue_build(pid, "diffmean", worker_settings)
+    builds.send(worker_settings, pid, "diffmean")
     profile = wait_profile(client, auth, pid, worker=running_worker)
     assert profile["status"] == "failed" and "changed" in profile["error"]
     assert get_profile(client, auth, pid)["artifact"] is None

@@ -13,12 +13,11 @@ import redis
 from api_helpers import requested_group_profile
 from runtime import redis_db_url
 
+from service import builds
+from service.builds import MAX_LOST_ATTEMPTS, RESEND_QUEUED_AFTER_S, Claim, sweep
 from service.queue import QUEUE_ALIVE_KEY, choose_queue, queue_depths
 from service.store import db
 from steer_core.data import make_item, sample_hash
-from worker import build_state
-from worker.build_state import MAX_LOST_ATTEMPTS, Claim
-from worker.sweeper import sweep
 
 
 @pytest.fixture
@@ -40,6 +39,11 @@ def new_profile(settings, params=None) -> str:
     return pid
 
 
+def sent_at(settings, profile_id):
+    with db.session_scope(settings) as session:
+        return db.profile_by_id(session, profile_id).sent_at
+
+
 def row_of(settings, profile_id):
     with db.session_scope(settings) as session:
         row = db.profile_by_id(session, profile_id)
@@ -49,59 +53,59 @@ def row_of(settings, profile_id):
 
 def test_one_claim_at_a_time_and_redelivery_takes_over(state_settings):
     pid = new_profile(state_settings)
-    first = build_state.claim(state_settings, pid, "task-1", build_state.worker_label("h", 1, "task-1"))
+    first = builds.claim(state_settings, pid, "task-1", builds.worker_label("h", 1, "task-1"))
     assert isinstance(first, Claim) and first.attempt == 1 and len(first.items) == 6
     assert first.sample_hash == sample_hash(first.items)
     row, attempts = row_of(state_settings, pid)
     assert row.status == "building" and attempts == [(1, "running")]
     # Another message for the same profile (a duplicate send) while the build is alive: refused.
-    assert build_state.claim(state_settings, pid, "task-2", build_state.worker_label("h", 2, "task-2")) == "busy"
+    assert builds.claim(state_settings, pid, "task-2", builds.worker_label("h", 2, "task-2")) == "busy"
     # The same message again means its worker died (acks late): the redelivery takes over.
-    again = build_state.claim(state_settings, pid, "task-1", build_state.worker_label("h", 3, "task-1"))
+    again = builds.claim(state_settings, pid, "task-1", builds.worker_label("h", 3, "task-1"))
     assert isinstance(again, Claim) and again.attempt == 2
     assert row_of(state_settings, pid)[1] == [(1, "lost"), (2, "running")]
 
 
 def test_a_stale_build_can_be_claimed_by_another_message(state_settings):
     pid = new_profile(state_settings)
-    assert isinstance(build_state.claim(state_settings, pid, "a", "h pid 1 task a"), Claim)
+    assert isinstance(builds.claim(state_settings, pid, "a", "h pid 1 task a"), Claim)
     later = db.utcnow() + timedelta(seconds=state_settings.build_stale_after + 1)
-    taken = build_state.claim(state_settings, pid, "b", "h pid 2 task b", now=later)
+    taken = builds.claim(state_settings, pid, "b", "h pid 2 task b", now=later)
     assert isinstance(taken, Claim) and taken.attempt == 2
 
 
 def test_progress_finish_and_final_states(state_settings):
     pid = new_profile(state_settings)
-    claim = build_state.claim(state_settings, pid, "t", "h pid 1 task t")
+    claim = builds.claim(state_settings, pid, "t", "h pid 1 task t")
     before = row_of(state_settings, pid)[0].updated_at
-    build_state.report_progress(state_settings, pid, 2, 5, "search layer 1")
+    builds.report_progress(state_settings, pid, 2, 5, "search layer 1")
     row = row_of(state_settings, pid)[0]
     assert row.progress == {"done": 2, "total": 5, "stage": "search layer 1"} and row.updated_at >= before
-    assert build_state.finish(state_settings, claim, "ab" * 32, 123, {"improved": True}, {"layer": 1}) is True
+    assert builds.finish(state_settings, claim, "ab" * 32, 123, {"improved": True}, {"layer": 1}) is True
     row, attempts = row_of(state_settings, pid)
     assert (row.status, row.artifact_sha256, row.artifact_size) == ("ready", "ab" * 32, 123)
     assert row.progress == {"done": 5, "total": 5, "stage": "done"} and row.chosen == {"layer": 1}
     assert attempts == [(1, "succeeded")] and row.finished_at is not None
-    assert build_state.claim(state_settings, pid, "t2", "h pid 1 task t2") == "ready"
-    assert build_state.claim(state_settings, "no-such-id", "t3", "x") == "missing"
+    assert builds.claim(state_settings, pid, "t2", "h pid 1 task t2") == "ready"
+    assert builds.claim(state_settings, "no-such-id", "t3", "x") == "missing"
 
 
 def test_fail_records_the_reason_and_a_deleted_row_is_reported(state_settings):
     pid = new_profile(state_settings)
-    claim = build_state.claim(state_settings, pid, "t", "h pid 1 task t")
-    build_state.fail(state_settings, pid, claim.attempt, "params.layer: out of range")
+    claim = builds.claim(state_settings, pid, "t", "h pid 1 task t")
+    builds.fail(state_settings, pid, claim.attempt, "params.layer: out of range")
     row, attempts = row_of(state_settings, pid)
     assert (row.status, row.error) == ("failed", "params.layer: out of range")
     assert attempts == [(1, "failed")]
-    assert build_state.claim(state_settings, pid, "t2", "x") == "failed"
+    assert builds.claim(state_settings, pid, "t2", "x") == "failed"
     with db.session_scope(state_settings) as session:
         session.delete(db.profile_by_id(session, pid))
-    assert build_state.finish(state_settings, claim, "cd" * 32, 1, {}, {}) is False
+    assert builds.finish(state_settings, claim, "cd" * 32, 1, {}, {}) is False
 
 
 def test_sweeper_requeues_a_stale_build_once_and_sends_it(state_settings):
     pid = new_profile(state_settings)
-    build_state.claim(state_settings, pid, "t", "h pid 1 task t")
+    builds.claim(state_settings, pid, "t", "h pid 1 task t")
     assert sweep(state_settings).requeued == []  # alive: nothing to do
     later = db.utcnow() + timedelta(seconds=state_settings.build_stale_after + 1)
     report = sweep(state_settings, now=later)
@@ -111,7 +115,7 @@ def test_sweeper_requeues_a_stale_build_once_and_sends_it(state_settings):
     assert queue_depths(state_settings)["cpu"] == 1  # the build message, on the real broker
     assert sweep(state_settings, now=later).requeued == []  # taken once: the second sweep finds it fresh
     # The re-sent build is claimed normally as attempt 2.
-    assert build_state.claim(state_settings, pid, "t-new", "h pid 2 task t-new").attempt == 2
+    assert builds.claim(state_settings, pid, "t-new", "h pid 2 task t-new").attempt == 2
 
 
 def test_sweeper_fails_a_build_lost_too_often(state_settings):
@@ -119,7 +123,7 @@ def test_sweeper_fails_a_build_lost_too_often(state_settings):
     now = db.utcnow()
     for k in range(MAX_LOST_ATTEMPTS):
         at = now + timedelta(seconds=k * 2 * (state_settings.build_stale_after + 1))
-        assert isinstance(build_state.claim(state_settings, pid, f"t{k}", f"h pid 1 task t{k}", now=at), Claim)
+        assert isinstance(builds.claim(state_settings, pid, f"t{k}", f"h pid 1 task t{k}", now=at), Claim)
         report = sweep(state_settings, now=at + timedelta(seconds=state_settings.build_stale_after + 1))
     assert report.failed == [pid]
     row, attempts = row_of(state_settings, pid)
@@ -150,20 +154,36 @@ def test_training_methods_go_to_the_gpu_queue_only_while_a_gpu_worker_listens(st
 
 
 def test_sweeper_resends_a_lost_queued_message_within_a_minute_and_leaves_a_waiting_one(state_settings):
-    from service.queue import RESEND_QUEUED_AFTER_S, enqueue_build, pending_builds
-    from worker.sweeper import sweep_interval
+    from service.builds import sweep_interval
 
     lost = new_profile(state_settings)
     items = [make_item(f"Tea {i}?", ["Yes", "No"], target=[0.4, 0.6], id=f"t{i}") for i in range(6)]
     waiting, _ = requested_group_profile(state_settings, "tenant-w2", "g2", items, {"layer": 2, "strength": 1.0})
-    enqueue_build(waiting, "diffmean", state_settings)
-    assert pending_builds(state_settings) >= {waiting} and lost not in pending_builds(state_settings)
+    builds.send(state_settings, waiting, "diffmean")
+    assert sent_at(state_settings, waiting) is not None and sent_at(state_settings, lost) is None
     assert RESEND_QUEUED_AFTER_S + sweep_interval(replace(state_settings, build_stale_after=1800)) <= 60
     soon = db.utcnow() + timedelta(seconds=RESEND_QUEUED_AFTER_S + 1)
     report = sweep(state_settings, now=soon)
     assert report.resent == [lost]  # the waiting one keeps its single message
-    assert queue_depths(state_settings)["cpu"] == 2 and pending_builds(state_settings) >= {lost, waiting}
+    assert queue_depths(state_settings)["cpu"] == 2 and sent_at(state_settings, lost) is not None
     assert sweep(state_settings, now=soon + timedelta(seconds=RESEND_QUEUED_AFTER_S + 1)).resent == []
+
+
+def test_sweeper_resends_a_message_the_broker_lost_or_no_worker_took_for_too_long(state_settings):
+    from service.queue import visibility_timeout
+
+    pid = new_profile(state_settings)
+    builds.send(state_settings, pid, "diffmean")
+    soon = db.utcnow() + timedelta(seconds=RESEND_QUEUED_AFTER_S + 1)
+    assert sweep(state_settings, now=soon).resent == []  # its message waits in the broker
+    client = redis.Redis.from_url(state_settings.redis_url)
+    client.flushdb()  # Redis restarted empty: the message was sent before the broker's data began
+    client.close()
+    assert sweep(state_settings, now=soon).resent == [pid] and queue_depths(state_settings)["cpu"] == 1
+    # A message no worker took within the broker's visibility timeout counts as lost too (a duplicate is
+    # harmless: the first one to be claimed builds, the other finds the row taken or ready).
+    later = db.utcnow() + timedelta(seconds=visibility_timeout(state_settings) + 1)
+    assert sweep(state_settings, now=later).resent == [pid] and queue_depths(state_settings)["cpu"] == 2
 
 
 def test_asking_again_for_a_stuck_queued_profile_sends_it_again(state_settings):
@@ -171,7 +191,7 @@ def test_asking_again_for_a_stuck_queued_profile_sends_it_again(state_settings):
 
     from service import create_app
     from service.auth import create_key
-    from service.cli.redis_server import client_for
+    from service.redis import client_for
 
     client = create_app({"SETTINGS": state_settings, "TESTING": True}).test_client()
     with db.session_scope(state_settings) as session:
