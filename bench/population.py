@@ -85,6 +85,17 @@ def load_groups(data: Path, attributes: list[str]) -> tuple[dict[str, list[Opini
     return {g: [d[k] for k in shared] for g, d in by_group.items()}, [wave_of[k] for k in shared]
 
 
+def split_by_wave(waves: list[str], judge_waves: set[str], n_build: int, n_judge: int) -> tuple[list[int], list[int]]:
+    """Question indices to build on (waves not in `judge_waves`) and to judge on (those in it), at most
+    `n_build` and `n_judge` of them, drawn once with a fixed seed."""
+    rng = np.random.default_rng(12345)
+    build_all = [i for i, w in enumerate(waves) if w not in judge_waves]
+    judge_all = [i for i, w in enumerate(waves) if w in judge_waves]
+    build_idx = sorted(rng.choice(build_all, min(n_build, len(build_all)), replace=False).tolist())
+    judge_idx = sorted(rng.choice(judge_all, min(n_judge, len(judge_all)), replace=False).tolist())
+    return build_idx, judge_idx
+
+
 def pick(items: list[OpinionItem], idx: list[int]) -> list[OpinionItem]:
     return [items[i] for i in idx]
 
@@ -141,14 +152,11 @@ def main() -> None:
     if missing:
         raise SystemExit(f"unknown subject group {missing[0]!r}; groups: {sorted(groups)}")
     judge_set = set(args.judge_waves)
-    rng = np.random.default_rng(12345)
-    build_all = [i for i, w in enumerate(waves) if w not in judge_set]
-    judge_all = [i for i, w in enumerate(waves) if w in judge_set]
-    build_idx = sorted(rng.choice(build_all, min(args.build_questions, len(build_all)), replace=False).tolist())
-    judge_idx = sorted(rng.choice(judge_all, min(args.judge_questions, len(judge_all)), replace=False).tolist())
+    build_idx, judge_idx = split_by_wave(waves, judge_set, args.build_questions, args.judge_questions)
+    n_judge_all = sum(w in judge_set for w in waves)
     print(f"{len(groups)} groups ({', '.join(groups)}); {len(waves)} shared questions; build waves "
-          f"{sorted(set(waves) - judge_set)}: {len(build_idx)} of {len(build_all)} questions; judge waves "
-          f"{sorted(judge_set & set(waves))}: {len(judge_idx)} of {len(judge_all)}", flush=True)
+          f"{sorted(set(waves) - judge_set)}: {len(build_idx)} of {len(waves) - n_judge_all} questions; judge "
+          f"waves {sorted(judge_set & set(waves))}: {len(judge_idx)} of {n_judge_all}", flush=True)
 
     first = next(iter(groups.values()))
     questions = pick(first, build_idx + judge_idx)

@@ -45,7 +45,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.population import DEFAULT_DATA, load_groups, pick  # noqa: E402
+from bench.population import DEFAULT_DATA, load_groups, pick, split_by_wave  # noqa: E402
 from steer_core import build_profile, load_model  # noqa: E402
 from steer_core.calibration import Calibration, fit_calibration, sample_alignment  # noqa: E402
 from steer_core.data import OpinionItem, make_item, with_contrast  # noqa: E402
@@ -145,11 +145,7 @@ def main() -> int:
     t0 = time.time()
     groups, waves = load_groups(args.data, args.attributes)
     judge_set = set(args.judge_waves)
-    rng = np.random.default_rng(12345)
-    build_all = [i for i, w in enumerate(waves) if w not in judge_set]
-    judge_all = [i for i, w in enumerate(waves) if w in judge_set]
-    build_idx = sorted(rng.choice(build_all, min(args.build_questions, len(build_all)), replace=False).tolist())
-    judge_idx = sorted(rng.choice(judge_all, min(args.judge_questions, len(judge_all)), replace=False).tolist())
+    build_idx, judge_idx = split_by_wave(waves, judge_set, args.build_questions, args.judge_questions)
     build_waves = [waves[i] for i in build_idx]
     folds = [[r for r, w in enumerate(build_waves) if w == wave] for wave in sorted(set(build_waves))]
     print(f"{len(groups)} groups; {len(waves)} shared questions; build {len(build_idx)} questions of waves "

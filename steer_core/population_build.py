@@ -14,8 +14,10 @@ steers at strength 0 and subjects carry only their calibration and question lean
 
 A subject's fit runs no backward pass: one debiased read of its answered questions (with the prompts' states)
 gives its weights over the groups and its temperature (`fit_subject`); when the population steers, one more
-read under the blended vector refits the weights and temperature on what `/v1/score` will read, so the
-calibration and lean are fitted on the steered answers they are applied to.
+read under the blended vector decides whether the steering ships (the build's rule: not when it moves the
+subject's own answers away from it, each order read alone) and, when it does, refits the weights and
+temperature on what `/v1/score` will read, so the calibration and lean are fitted on the steered answers
+they are applied to.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from steer_core.population import informative_questions as rank_by_disagreement
 from steer_core.profile import Profile
 from steer_core.prompts import answer_distributions_under, read_answers
 from steer_core.steering import ConstantShift, Intervention
+from steer_core.verdict import generation_gain
 
 Progress = Callable[[int, int, str], None]
 
@@ -128,13 +131,18 @@ def fit_subject_profile(lm: LanguageModel, population: Population, items: Sequen
     unsteered = read_answers(lm, items, state_layers=[population.layer])
     first = fit_subject(population, items, unsteered.distributions, unsteered.states, penalty)
     vector = torch.tensor(population.subject_vector(first.weights), dtype=torch.float32)
-    fit, served = first, unsteered
+    fit, served, strength, chat = first, unsteered, 0.0, None
     if population.strength > 0:
         shift: list[Intervention] = [ConstantShift(population.vector_layer, POSITIONS, population.strength * vector)]
-        served = read_answers(lm, items, shift, state_layers=[population.layer])
-        fit = fit_subject(population, items, served.distributions, served.states, penalty)
+        steered = read_answers(lm, items, shift, state_layers=[population.layer])
+        chat = generation_gain(items, steered.by_order, unsteered.by_order)
+        # The build's rule for what chat gets (`steer_core.build`): a steering that moves the subject's own
+        # answers away from it, read one order at a time, does not ship; the calibration and lean still do.
+        if chat["gain_vs_unsteered"]["mean"] >= 0:
+            strength, served = float(population.strength), steered
+            fit = fit_subject(population, items, served.distributions, served.states, penalty)
     profile = Profile(method="diffmean", model_name=lm.name, model_fingerprint=lm.fingerprint,
-                      layer=population.vector_layer, positions=POSITIONS, strength=float(population.strength),
+                      layer=population.vector_layer, positions=POSITIONS, strength=strength,
                       tensors={"vector": vector}, calibration=fit.calibration, question_lean=fit.question_lean)
     calibrations = profile.calibrations(items, served.states)
     answers = [c.apply(p, it.ordinal) for c, p, it in zip(calibrations, served.distributions, items, strict=True)]
@@ -143,8 +151,11 @@ def fit_subject_profile(lm: LanguageModel, population: Population, items: Sequen
         "unsteered": mean_metrics(item_metrics(items, unsteered.distributions)),
         "steered": mean_metrics(item_metrics(items, answers)),
         "population": {"weights": fit.weight_of(), "steering_weights": first.weight_of(),
-                       "strength": float(population.strength), "temperature": fit.temperature, "loss": fit.loss},
-        "steering_shipped": population.strength > 0,
+                       "population_strength": float(population.strength), "temperature": fit.temperature,
+                       "loss": fit.loss},
+        "steering_shipped": strength > 0,
+        # In-sample (the subject's own answers): what chat would get from the blended vector.
+        "generation": None if chat is None else {"steering": strength > 0, **chat},
     }
     profile.sample_hash = sample_hash(items)
     return profile

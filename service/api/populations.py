@@ -27,9 +27,8 @@ from service.api.protocol import (
     SubjectRef,
     SuggestedQuestion,
 )
-from service.api.subjects import find_subject
+from service.api.subjects import build_model, find_subject
 from service.auth import tenant_id
-from service.settings import allowed_models
 from service.store import db
 from steer_core.data import question_key
 
@@ -96,10 +95,7 @@ def request_population(body: PopulationCreate) -> PopulationOut:
     tenant = tenant_id()
     settings = context.settings()
     session = context.session()
-    model = body.model or settings.model
-    if model not in allowed_models(settings):
-        raise ApiError(422, "validation_error", f"model {model!r} is not served here; choose one of "
-                       f"{', '.join(allowed_models(settings))}", "model")
+    model = build_model(body.model, settings)
     if body.subjects is None:
         subjects = [{"kind": "group", "id": gid} for gid in session.scalars(
             select(db.Group.gid).where(db.Group.tenant_id == tenant).order_by(db.Group.gid))]

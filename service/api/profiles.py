@@ -25,10 +25,9 @@ from service.api.protocol import (
     Progress,
     SubjectRef,
 )
-from service.api.subjects import find_subject
+from service.api.subjects import build_model, find_subject
 from service.auth import tenant_id
 from service.engine.client import EngineUnavailable, engine_client
-from service.settings import allowed_models
 from service.store import db
 from steer_core.data import OpinionItem, question_key
 from steer_core.errors import SteerError
@@ -147,10 +146,7 @@ def request_build(body: ProfileCreate) -> tuple[ProfileOut, int, dict[str, str]]
     tenant = tenant_id()
     settings = context.settings()
     session = context.session()
-    model = body.model or settings.model
-    if model not in allowed_models(settings):
-        raise ApiError(422, "validation_error", f"model {model!r} is not served here; choose one of "
-                       f"{', '.join(allowed_models(settings))}", "model")
+    model = build_model(body.model, settings)
     if body.method == POPULATION_METHOD:
         params = population_params(session, tenant, model, body)
     else:

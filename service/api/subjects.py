@@ -1,4 +1,5 @@
-"""Helpers shared by the user, group, opinion and profile routes: path ids and subject lookup."""
+"""Helpers shared by the user, group, opinion, profile and population routes: path ids, subject lookup, the
+model a build is for."""
 
 from __future__ import annotations
 
@@ -9,9 +10,20 @@ from sqlalchemy.orm import Session
 
 from service.api.errors import ApiError, not_found
 from service.api.protocol import ID_PATTERN, ID_RULE
+from service.settings import Settings, allowed_models
 from service.store import db
 
 _ID = re.compile(ID_PATTERN)
+
+
+def build_model(requested: str | None, settings: Settings) -> str:
+    """The model a build or population is for: the one asked for, if this deployment serves it, else the
+    deployment's default; 422 naming `model` otherwise."""
+    model = requested or settings.model
+    if model not in allowed_models(settings):
+        raise ApiError(422, "validation_error", f"model {model!r} is not served here; choose one of "
+                       f"{', '.join(allowed_models(settings))}", "model")
+    return model
 
 
 def check_id(value: str, field: str) -> str:

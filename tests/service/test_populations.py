@@ -136,7 +136,11 @@ def test_a_user_fitted_against_a_population_is_an_ordinary_profile(towns, runnin
     fitted = profile["metrics"]["population"]
     assert set(fitted["weights"]) == {"group:rural", "group:urban", "group:suburban"}
     assert sum(fitted["weights"].values()) == pytest.approx(1.0)
-    assert profile["chosen"]["strength"] == population["report"]["strength"]
+    # It steers at the population's strength, unless that moved its own answers away from it (then 0).
+    shipped = profile["metrics"]["steering_shipped"]
+    assert profile["chosen"]["strength"] == (population["report"]["strength"] if shipped else 0)
+    if shipped:
+        assert profile["metrics"]["generation"]["gain_vs_unsteered"]["mean"] >= 0
 
     # Listed as a chat model, scored with its calibration, blended into chat, put in an experiment.
     models = client.get("/v1/models", headers=auth).json["data"]
