@@ -49,4 +49,18 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(experiments.bp)  # A/B tests
     chat.init_app(app)  # chat completions and scores; the generation engine starts with the first request
     console.init_app(app)  # the web console under /console
+    _trust_proxies(app, settings)
     return app
+
+
+def _trust_proxies(app: Flask, settings: Settings) -> None:
+    """Behind TLS termination (`TRUSTED_PROXIES` proxies) and `up`'s or `serve`'s front (one hop more, which
+    appends its peer to X-Forwarded-For): the client's address and scheme from the trusted hops' headers, so
+    `request.remote_addr`, the access log and the console's Secure cookie flag are right. Only as many hops
+    as are trusted are read: a client cannot spoof them."""
+    hops = max(0, settings.trusted_proxies) + (1 if settings.behind_front else 0)
+    if hops:
+        from werkzeug.middleware.proxy_fix import ProxyFix
+
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops,  # type: ignore[method-assign]
+                                x_proto=max(0, settings.trusted_proxies))

@@ -1,7 +1,9 @@
 """Bearer keys. A key is shown once when created; only its sha256 (and a short display prefix) is stored.
 
 Every API route authenticates through `authenticate()` (called by `service.api.openapi.api_route`), which sets
-`g.tenant_id` (the scope of every query) and `g.api_key_id`, and then applies the per-key rate limit.
+`g.tenant_id` (the scope of every query) and `g.api_key_id`, and then applies the per-key and per-tenant rate
+limits. A tenant holds at most `MAX_KEYS_PER_TENANT` unrevoked keys made through the API (`POST /v1/keys`); the
+operator's `pluristeer keys create` is not capped.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import sys
 from typing import Any
 
 from flask import g, request
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from service import context
@@ -34,11 +36,33 @@ def create_key(session: Session, tenant_name: str, name: str | None = None) -> s
     return add_key(session, db.get_or_create_tenant(session, tenant).id, name)[0]
 
 
-def add_key(session: Session, tenant_id: int, name: str | None = None) -> tuple[str, db.ApiKey]:
+class TooManyKeys(Exception):
+    """The tenant already holds its cap of unrevoked keys."""
+
+    def __init__(self, held: int, cap: int) -> None:
+        super().__init__(f"this tenant holds {held} unrevoked keys, the most allowed (MAX_KEYS_PER_TENANT={cap}); "
+                         "revoke one (DELETE /v1/keys/{prefix}) before creating another")
+        self.held, self.cap = held, cap
+
+
+def active_key_count(session: Session, tenant_id: int) -> int:
+    return int(session.scalar(select(func.count()).select_from(db.ApiKey).where(
+        db.ApiKey.tenant_id == tenant_id, db.ApiKey.revoked_at.is_(None))) or 0)
+
+
+def add_key(session: Session, tenant_id: int, name: str | None = None,
+            cap: int | None = None) -> tuple[str, db.ApiKey]:
     """A new key of the tenant `tenant_id`: (the key, shown once; its row). Its display prefix is unique,
-    so a prefix names one key in `list` and `revoke`."""
+    so a prefix names one key in `list` and `revoke`. With `cap`, TooManyKeys when the tenant already holds
+    that many unrevoked keys (the tenant's row is locked first on PostgreSQL, so two requests at once cannot
+    both take the last place)."""
     if name is not None and not 1 <= len(name.strip()) <= 200:
         raise ValueError("a key's name must be 1 to 200 characters")
+    if cap is not None:
+        session.scalar(select(db.Tenant.id).where(db.Tenant.id == tenant_id).with_for_update())
+        held = active_key_count(session, tenant_id)
+        if held >= cap:
+            raise TooManyKeys(held, cap)
     while True:
         key = new_key()
         if session.scalar(select(db.ApiKey.id).where(db.ApiKey.prefix == key[:DISPLAY_CHARS])) is None:
@@ -159,8 +183,8 @@ def active_key(session: Session, token: str) -> db.ApiKey | None:
 
 
 def use_key(row: db.ApiKey) -> int:
-    """Scope the request to `row`'s tenant (`g.tenant_id`) and apply the key's rate limit: the API and the
-    console alike."""
+    """Scope the request to `row`'s tenant (`g.tenant_id`) and apply the key's and the tenant's rate limits:
+    the API and the console alike."""
     g.tenant_id = row.tenant_id
     g.api_key_id = row.id
     # End the lookup's read transaction: a route that then works for long (generation) must not hold
@@ -168,7 +192,7 @@ def use_key(row: db.ApiKey) -> int:
     context.session().commit()
     from service.api.ratelimit import enforce
 
-    enforce(row.key_sha256[:32])
+    enforce(row.key_sha256[:32], row.tenant_id)
     return row.tenant_id
 
 

@@ -9,6 +9,7 @@
 | `PLURISTEER_MODEL` | `smollm2-135m-instruct` | the base model served and built against |
 | `MAX_BODY_BYTES` | `1048576` | larger request bodies get 413 |
 | `MAX_UPLOAD_BYTES` | `67108864` | larger uploaded files (CSV, JSONL, Parquet opinions) get 413 |
+| `MAX_UPLOAD_EXPANDED_BYTES` | `67108864` | larger uploads once gzip-decompressed (Parquet: decoded) get 413 |
 | `RATE_LIMIT_PER_MINUTE` | `600` | requests per key per minute (429 past it) |
 | `PROFILE_CACHE_TTL` | `3600` | seconds a profile stays in Redis |
 | `PROFILE_CACHE_MAX_BYTES` | `67108864` | larger artifacts are not put in Redis |
@@ -24,6 +25,13 @@
 | `MAX_BATCH_SIZE` | `16` | rows the generation engine runs together; chats and scores in flight per process |
 | `BATCH_WAIT_MS` | `10` | how long the engine waits to fill a batch |
 | `CONSOLE_SESSION_TTL` | `28800` | seconds a web console sign-in lasts |
+| `REQUEST_HEADER_TIMEOUT` | `10` | seconds a request's line and headers may take to arrive (the front: 408 past it) |
+| `REQUEST_BODY_TIMEOUT` | `10` | a body must arrive within this plus 1 s per `REQUEST_BODY_MIN_RATE` bytes (408) |
+| `REQUEST_BODY_MIN_RATE` | `8192` | bytes a second a body must average after its first `REQUEST_BODY_TIMEOUT` seconds |
+| `TRUSTED_PROXIES` | `0` | proxies in front of the API whose `X-Forwarded-For`/`-Proto` are trusted (ProxyFix) |
+| `PLURISTEER_FRONT` | unset | set by `up` and `serve` for the gunicorn behind their front: one more forwarding hop |
+| `MAX_KEYS_PER_TENANT` | `100` | unrevoked keys a tenant may hold (`POST /v1/keys` gets 409 past it) |
+| `TENANT_RATE_LIMIT_PER_MINUTE` | 3 x the key's | requests per tenant per minute, all its keys together (429; 0: no) |
 """
 
 from __future__ import annotations
@@ -56,6 +64,8 @@ class Settings:
     model: str = DEFAULT_MODEL
     max_body_bytes: int = 1 << 20
     max_upload_bytes: int = 64 << 20
+    # What an upload may expand to while it is read (gzip decompressed; Parquet decoded): docs/api.md#uploads.
+    max_upload_expanded_bytes: int = 64 << 20
     rate_limit_per_minute: int = 600
     profile_cache_ttl: int = 3600
     profile_cache_max_bytes: int = 64 << 20
@@ -77,6 +87,17 @@ class Settings:
     max_batch_size: int = 16
     batch_wait_ms: int = 10
     console_session_ttl: int = 8 * 3600
+    # The front (`service.front`): deadlines for a request's headers and body before gunicorn sees it.
+    request_header_timeout: float = 10.0
+    request_body_timeout: float = 10.0
+    request_body_min_rate: int = 8192
+    # Proxies in front of the service (TLS termination) trusted for X-Forwarded-For and -Proto; `behind_front`:
+    # this process is gunicorn behind `up`'s or `serve`'s front, one hop more (PLURISTEER_FRONT).
+    trusted_proxies: int = 0
+    behind_front: bool = False
+    max_keys_per_tenant: int = 100
+    # None: three keys' worth (3 x rate_limit_per_minute, so turning the per-key limit off turns this off too).
+    tenant_rate_limit_per_minute: int | None = None
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Settings:
@@ -89,6 +110,7 @@ class Settings:
             "model": _env("PLURISTEER_MODEL", DEFAULT_MODEL),
             "max_body_bytes": _env("MAX_BODY_BYTES", cls.max_body_bytes, int),
             "max_upload_bytes": _env("MAX_UPLOAD_BYTES", cls.max_upload_bytes, int),
+            "max_upload_expanded_bytes": _env("MAX_UPLOAD_EXPANDED_BYTES", cls.max_upload_expanded_bytes, int),
             "rate_limit_per_minute": _env("RATE_LIMIT_PER_MINUTE", cls.rate_limit_per_minute, int),
             "profile_cache_ttl": _env("PROFILE_CACHE_TTL", cls.profile_cache_ttl, int),
             "profile_cache_max_bytes": _env("PROFILE_CACHE_MAX_BYTES", cls.profile_cache_max_bytes, int),
@@ -107,6 +129,13 @@ class Settings:
             "max_batch_size": _env("MAX_BATCH_SIZE", cls.max_batch_size, int),
             "batch_wait_ms": _env("BATCH_WAIT_MS", cls.batch_wait_ms, int),
             "console_session_ttl": _env("CONSOLE_SESSION_TTL", cls.console_session_ttl, int),
+            "request_header_timeout": _env("REQUEST_HEADER_TIMEOUT", cls.request_header_timeout, float),
+            "request_body_timeout": _env("REQUEST_BODY_TIMEOUT", cls.request_body_timeout, float),
+            "request_body_min_rate": _env("REQUEST_BODY_MIN_RATE", cls.request_body_min_rate, int),
+            "trusted_proxies": _env("TRUSTED_PROXIES", cls.trusted_proxies, int),
+            "behind_front": _env("PLURISTEER_FRONT", "", str) not in ("", "0"),
+            "max_keys_per_tenant": _env("MAX_KEYS_PER_TENANT", cls.max_keys_per_tenant, int),
+            "tenant_rate_limit_per_minute": _env("TENANT_RATE_LIMIT_PER_MINUTE", None, int),
         }
         known = {f.name for f in fields(cls)}
         unknown = set(overrides) - known
@@ -114,6 +143,12 @@ class Settings:
             raise TypeError(f"unknown settings: {', '.join(sorted(unknown))}")
         values.update(overrides)
         return cls(**values)
+
+    def tenant_rate_limit(self) -> int:
+        """Requests per tenant per minute, all its keys together (0 or less: no limit)."""
+        if self.tenant_rate_limit_per_minute is not None:
+            return self.tenant_rate_limit_per_minute
+        return 3 * self.rate_limit_per_minute if self.rate_limit_per_minute > 0 else 0
 
     def request_threads(self) -> int:
         """Request threads per API process (gunicorn gthread): MAX_BATCH_SIZE engine-bound requests at most

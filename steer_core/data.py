@@ -111,18 +111,19 @@ def items_from_json(objs: Iterable[Any], field: str = "items") -> list[OpinionIt
 
 
 def load_jsonl(path: str | Path) -> list[OpinionItem]:
-    """Items in the JSONL interchange format; errors name the file and line."""
+    """Items in the JSONL interchange format, read a line at a time (`steer_core.tables.jsonl_objects`: a
+    line at most MAX_ROW_BYTES, UTF-8, gzip, bz2 or xz by the name's suffix); errors name the file and row
+    (`file.jsonl[3].options`) and the message the line."""
+    from steer_core.tables import compression_of, jsonl_objects
+
     path = Path(path)
-    objs = []
-    with _open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                objs.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise SteerError(f"line {lineno} is not valid JSON: {exc.msg}", str(path)) from None
-    return items_from_json(objs, field=path.name)
+    if not path.is_file():
+        raise SteerError(f"cannot read {path}: no such file", str(path))
+    items = [item_from_json(obj, f"{path.name}[{row}]")
+             for row, _, obj in jsonl_objects(path, compression=compression_of(path))]
+    if not items:
+        raise SteerError("the sample is empty", path.name)
+    return items
 
 
 def items_from_dataset(dataset: Any) -> list[OpinionItem]:

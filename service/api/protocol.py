@@ -377,7 +377,9 @@ class ReadyCheck(Response):
 
 
 class Ready(Response):
-    status: Literal["ready", "not_ready"] = Field(description="database, redis and model all ok")
+    status: Literal["ready", "loading", "not_ready"] = Field(
+        description="ready: database, redis and model all ok; loading: only the model is missing, and it is "
+                    "loading (at start-up; fetched and converted first on a fresh home)")
     checks: dict[str, ReadyCheck] = Field(description="database, redis and model gate readiness; artifacts "
                                                       "(profiles whose artifact broke) and, under `pluristeer up`, "
                                                       "stack (its supervised processes) are reported only")
@@ -999,9 +1001,9 @@ class ExperimentResults(Response):
 class PopulationCreate(Request):
     name: str = Field(pattern=ID_PATTERN, description="unique among the tenant's populations")
     subjects: list[SubjectIn] | None = Field(
-        None, description="the users or groups it learns from: at least 2, answering at least 10 of the same "
-                          "questions (same text and options); the questions all of them answered are used. "
-                          "Omitted: every group of the tenant")
+        None, min_length=2, max_length=200,
+        description="the users or groups it learns from, answering at least 10 of the same questions (same text "
+                    "and options); the questions all of them answered are used. Omitted: every group of the tenant")
     model: str | None = Field(None, description="base model; default and only choices: the deployment's models",
                               json_schema_extra=deployment("build_model"))
 

@@ -1,4 +1,6 @@
-"""Per-key rate limits in Redis: a fixed one-minute window per key, shared by every API process.
+"""Rate limits in Redis: a fixed one-minute window per key (`RATE_LIMIT_PER_MINUTE`) and one per tenant, all
+its keys together (`TENANT_RATE_LIMIT_PER_MINUTE`: more keys do not multiply a tenant's limit), shared by
+every API process.
 
 Past the limit a request gets 429 with `Retry-After` (seconds until the window ends). Redis is a cache
 here, not a gate: when it is unreachable requests are let through (and counted in /metrics) rather than
@@ -22,6 +24,7 @@ log = logging.getLogger(__name__)
 
 WINDOW_S = 60
 PREFIX = "pluristeer:ratelimit:"
+TENANT_PREFIX = "pluristeer:ratelimit:tenant:"
 TOKEN_PREFIX = "pluristeer:tokens:"
 
 
@@ -44,6 +47,12 @@ def hit(client: redis.Redis, key_id: str, limit: int, now: float | None = None, 
     return count <= limit, max(0, limit - count), reset
 
 
+def tenant_key(tenant_id: int) -> str:
+    """A tenant's name in Redis. Tenant ids are per database: the database's URL keeps two deployments on one
+    Redis apart."""
+    return hashlib.sha256(f"{context.settings().database_url}|{tenant_id}".encode()).hexdigest()[:32]
+
+
 def charge_tokens(tenant_id: int, tokens: int) -> None:
     """Count a generation's prompt plus requested new tokens against its tenant's per-minute budget
     (`TOKENS_PER_MINUTE`; 0 or less: none); 429 with `Retry-After` past it. Like the request limit, it lets
@@ -57,10 +66,8 @@ def charge_tokens(tenant_id: int, tokens: int) -> None:
     if redis_down(settings.redis_url):
         record_rate_limit("redis_unavailable")
         return
-    # Tenant ids are per database: the database's URL keeps two deployments on one Redis apart.
-    tenant_key = hashlib.sha256(f"{settings.database_url}|{tenant_id}".encode()).hexdigest()[:32]
     try:
-        allowed, remaining, reset = hit(context.redis_client(), tenant_key, limit, amount=tokens,
+        allowed, remaining, reset = hit(context.redis_client(), tenant_key(tenant_id), limit, amount=tokens,
                                         prefix=TOKEN_PREFIX)
     except redis.RedisError as exc:
         note_redis_error(settings.redis_url)
@@ -74,26 +81,38 @@ def charge_tokens(tenant_id: int, tokens: int) -> None:
                        "fewer", "max_tokens", {"Retry-After": str(reset)})
 
 
-def enforce(key_id: str) -> None:
-    """Raise 429 when `key_id` (a key's hash: unique across databases sharing one Redis) is over the
-    configured per-minute limit (0 or less: no limit)."""
-    limit = context.settings().rate_limit_per_minute
-    if limit <= 0:
+def enforce(key_id: str, tenant_id: int | None = None) -> None:
+    """Raise 429 when `key_id` (a key's hash: unique across databases sharing one Redis) is over the per-key
+    limit, or its tenant `tenant_id` over the per-tenant one (each: 0 or less, no limit). A request refused by
+    its key's limit is not counted against its tenant's."""
+    settings = context.settings()
+    limits = [(PREFIX, key_id, settings.rate_limit_per_minute)]
+    if tenant_id is not None:
+        limits.append((TENANT_PREFIX, tenant_key(tenant_id), settings.tenant_rate_limit()))
+    limits = [limit for limit in limits if limit[2] > 0]
+    if not limits:
         return
     from service.observability import record_rate_limit
 
-    url = context.settings().redis_url
+    url = settings.redis_url
     if redis_down(url):  # a down Redis must not add a timeout to every request
         record_rate_limit("redis_unavailable")
         return
-    try:
-        allowed, _remaining, reset = hit(context.redis_client(), key_id, limit)
-    except redis.RedisError as exc:
-        note_redis_error(url)
-        log.warning("rate limit not applied for %.0f s, Redis unavailable: %s", DOWN_BACKOFF_S, exc)
-        record_rate_limit("redis_unavailable")
-        return
-    if not allowed:
-        record_rate_limit("limited")
-        raise ApiError(429, "rate_limited", f"more than {limit} requests per minute with this key; retry in "
-                       f"{reset} s", "Authorization", {"Retry-After": str(reset)})
+    for prefix, name, limit in limits:
+        try:
+            allowed, _remaining, reset = hit(context.redis_client(), name, limit, prefix=prefix)
+        except redis.RedisError as exc:
+            note_redis_error(url)
+            log.warning("rate limit not applied for %.0f s, Redis unavailable: %s", DOWN_BACKOFF_S, exc)
+            record_rate_limit("redis_unavailable")
+            return
+        if allowed:
+            continue
+        if prefix == PREFIX:
+            record_rate_limit("limited")
+            raise ApiError(429, "rate_limited", f"more than {limit} requests per minute with this key; retry in "
+                           f"{reset} s", "Authorization", {"Retry-After": str(reset)})
+        record_rate_limit("tenant_limited")
+        raise ApiError(429, "rate_limited", f"more than {limit} requests per minute from this tenant, all its keys "
+                       f"together (TENANT_RATE_LIMIT_PER_MINUTE); retry in {reset} s", "Authorization",
+                       {"Retry-After": str(reset)})

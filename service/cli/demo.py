@@ -3,8 +3,12 @@
 Makes a group, posts its opinions (`tests/fixtures/opinions_group_urban.jsonl`), asks for a DiffMean
 profile, follows its progress, prints the cross-validated alignment before and after steering (the gain
 with its standard error), asks one question unsteered and steered, then runs the A/B part
-(`service.cli.demo_ab`). `--no-builds` stops after the group and one unsteered chat: a quick check that a
-stack answers. Talks HTTP only (urllib), exactly as any client would.
+(`service.cli.demo_ab`), whose plot and results it saves under `$PLURISTEER_HOME/demo/` (`results_dir`) so
+they stay readable after the stack stops. `--no-builds` stops after the group and one unsteered chat: a quick
+check that a stack answers. Talks HTTP only (urllib), exactly as any client would.
+
+It writes into the stack it talks to. `make demo` (scripts/demo.sh) starts that stack in a fresh home of its
+own, so nothing reaches the user's database.
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ class Client:
         self.url = url.rstrip("/")
         self.key = key
 
-    def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+    def call(self, method: str, path: str, body: Any = None, allow: tuple[int, ...] = ()) -> tuple[int, Any]:
+        """(status, JSON body); `DemoError` for a status of 400 or more that is not in `allow`."""
         data = None if body is None else json.dumps(body).encode()
         request = urllib.request.Request(f"{self.url}{path}", data=data, method=method, headers={
             "Authorization": f"Bearer {self.key}", "Content-Type": "application/json"})
@@ -45,11 +50,16 @@ class Client:
         except (urllib.error.URLError, OSError) as exc:
             raise DemoError(f"cannot reach {self.url}: {exc}") from None
         payload = json.loads(raw) if raw else None
-        if status >= 400:
+        if status >= 400 and status not in allow:
             error = (payload or {}).get("error", {}) if isinstance(payload, dict) else {}
             raise DemoError(f"{method} {path} -> {status}: {error.get('message', raw[:300])}"
                             + (f" (field {error['field']})" if error.get("field") else ""))
         return status, payload
+
+
+def results_dir() -> Path:
+    """Where the demo keeps what it shows (the A/B plot and results): `demo/` in the home it runs under."""
+    return Path(Settings.from_env().home) / "demo"
 
 
 def read_items(path: Path, limit: int) -> list[dict[str, Any]]:
@@ -91,7 +101,8 @@ def main(args: Any) -> int:
         from service.cli.demo_ab import run_ab_demo
 
         steps.next("an A/B test: two group profiles, a simulated population that prefers one of them")
-        return run_ab_demo(url, key, say=lambda line: print(f"      {line}" if line else "", flush=True))
+        return run_ab_demo(url, key, say=lambda line: print(f"      {line}" if line else "", flush=True),
+                           results_dir=results_dir())
     except DemoError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -129,7 +140,7 @@ def run(client: Client, steps: Steps, items: int = 16, timeout: float = 1800.0, 
             return 1
         show(profile)
     steps.next("one question through the OpenAI-compatible chat route" + (", unsteered and steered" if builds else ""))
-    _, ready = client.call("GET", "/readyz")
+    ready = wait_for_model(client, timeout, say)
     models = [ready["model"]] + ([f"{ready['model']}:{profile['id']}"] if profile else [])
     question = "In one sentence: is it better to live in a city or in the countryside?"
     say(f"question: {question}")
@@ -140,6 +151,23 @@ def run(client: Client, steps: Steps, items: int = 16, timeout: float = 1800.0, 
         text = " ".join(reply["choices"][0]["message"]["content"].split())
         say(f"{'steered' if ':' in model else 'unsteered':>9}: {text}")
     return 0
+
+
+def wait_for_model(client: Client, timeout: float, report: Callable[[str], None]) -> dict[str, Any]:
+    """/readyz once the API has its model: it loads it at start-up (fetched and converted first on a fresh
+    home), and chats get 503 meanwhile."""
+    deadline = time.monotonic() + timeout
+    told = False
+    while True:
+        _, ready = client.call("GET", "/readyz", allow=(503,))
+        if ready.get("status") != "loading":
+            return dict(ready)
+        if not told:
+            report(f"the API is still loading its model ({ready['checks']['model']['detail']}); waiting for it")
+            told = True
+        if time.monotonic() > deadline:
+            raise DemoError(f"the API did not load its model within {timeout:.0f} s")
+        time.sleep(1.0)
 
 
 def follow_build(client: Client, gid: str, timeout: float, report: Callable[[str], None]) -> dict[str, Any]:

@@ -9,6 +9,9 @@ The simulated feedback depends on the variant itself (a seeded stream of coins p
 for the preferred one), so the demo shows the statistics machinery end to end, not the quality of the
 text; the streams are fixed by the seed, so only the split of users between the variants (the server's
 salted hash) varies from run to run.
+
+With `results_dir` the results outlive the stack: the plot (PNG) and the results (JSON) are saved there and
+the plot's path is printed, not a URL of a server that is about to stop.
 """
 
 from __future__ import annotations
@@ -43,6 +46,11 @@ class Client:
         self.timeout = timeout
 
     def call(self, method: str, path: str, body: Any = None, ok: tuple[int, ...] = (200, 201, 202)) -> Any:
+        payload = self.raw(method, path, body, ok)
+        return json.loads(payload) if payload else None
+
+    def raw(self, method: str, path: str, body: Any = None, ok: tuple[int, ...] = (200, 201, 202)) -> bytes:
+        """The response's bytes (a plot, say); `DemoError` for a status not in `ok`."""
         data = json.dumps(body).encode() if body is not None else None
         req = urllib.request.Request(self.base + path, data=data, method=method,
                                      headers={"Authorization": f"Bearer {self.key}",
@@ -61,7 +69,7 @@ class Client:
                 break
         if status not in ok:
             raise DemoError(f"{method} {path} -> {status}: {payload[:500].decode(errors='replace')}")
-        return json.loads(payload) if payload else None
+        return payload
 
 
 def load_fixture(name: str, n: int) -> list[dict[str, Any]]:
@@ -131,9 +139,20 @@ def results_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def save_results(api: Client, experiment_id: str, results: dict[str, Any], directory: Path) -> Path:
+    """The experiment's plot (`ab-<id>.png`) and results (`ab-<id>.json`) saved in `directory`, to read after
+    the stack has stopped; returns the plot's path."""
+    directory.mkdir(parents=True, exist_ok=True)
+    plot = directory / f"ab-{experiment_id}.png"
+    plot.write_bytes(api.raw("GET", f"/v1/experiments/{experiment_id}/results.png"))
+    (directory / f"ab-{experiment_id}.json").write_text(json.dumps(results, indent=2) + "\n")
+    return plot
+
+
 def run_ab_demo(base_url: str, key: str, *, users: int = 120, seed: int = 0, build_timeout: float = 900.0,
-                say: Callable[[str], None] = print) -> int:
-    """Run the A/B demo against the server at `base_url` with `key`; 0 when the preferred variant wins."""
+                say: Callable[[str], None] = print, results_dir: Path | None = None) -> int:
+    """Run the A/B demo against the server at `base_url` with `key`; 0 when the preferred variant wins. With
+    `results_dir`, the plot and the results are saved there (`save_results`) and the plot's path printed."""
     api = Client(base_url, key)
     rng = random.Random(seed)
     tag = f"{int(time.time())}-{rng.randrange(1 << 16):04x}"  # fresh names: the demo can run again
@@ -177,5 +196,9 @@ def run_ab_demo(base_url: str, key: str, *, users: int = 120, seed: int = 0, bui
     say(results_table(results))
     say("")
     say(f"winner: {results['winner'] or 'none (no variant is significantly better than the control)'}")
-    say(f"plot: {api.base}/v1/experiments/{exp['id']}/results.png")
+    if results_dir is None:
+        say(f"plot: {api.base}/v1/experiments/{exp['id']}/results.png")
+    else:
+        plot = save_results(api, exp["id"], results, results_dir)
+        say(f"plot: {plot} (the results as JSON beside it; both stay when the stack stops)")
     return 0 if results["winner"] == PREFERRED else 1

@@ -12,28 +12,39 @@ It prints a key only when it creates one. It supervises what it started: a child
 the API, the embedded Redis) is started again after a backoff (1 s, doubling to 30 s; reset once it has
 run a minute), and where each stands is written to `$PLURISTEER_HOME/up-status.json`, which the API's
 /readyz reports.
+
+Both put the front (`service.front`) on the address they listen on: it reads each request whole, with
+deadlines, before handing it to gunicorn over a private Unix socket, so slow or stalled clients never hold
+gunicorn's request threads.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from service.settings import Settings
+
+if TYPE_CHECKING:
+    from service.front import Front
 
 UP_FILE = "up.json"
 STATUS_FILE = "up-status.json"
 STATUS_ENV = "PLURISTEER_STACK_STATUS"  # read into Settings.stack_status_file
+FRONT_ENV = "PLURISTEER_FRONT"  # read into Settings.behind_front: the API trusts the front's X-Forwarded-For
+API_SOCKET = "api.sock"
 RESTART_BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
 STABLE_AFTER_S = 60.0
 HEALTH_TIMEOUT_S = 180.0
@@ -44,13 +55,16 @@ def up_file(settings: Settings) -> Path:
     return Path(settings.home) / UP_FILE
 
 
-def gunicorn_command(host: str, port: int, workers: int, access_log: bool = True) -> list[str]:
-    """The API under gunicorn. `access_log`: a line per request on stdout, as production serving (`serve`, the
-    compose file's API) keeps it; `up` leaves it off unless asked (`--access-log`), as it would drown the rest."""
+def gunicorn_command(host: str, port: int, workers: int, access_log: bool = True,
+                     unix_socket: str | None = None) -> list[str]:
+    """The API under gunicorn, on `host`:`port` or, behind the front, on the Unix socket `unix_socket`.
+    `access_log`: a line per request on stdout, as production serving (`serve`, the compose file's API) keeps
+    it; `up` leaves it off unless asked (`--access-log`), as it would drown the rest."""
     # gthread: request threads hand work to the process's generation engine, which batches them: a full batch
     # can be in flight, and threads beyond it are left for health checks and the other routes.
     threads = Settings.from_env().request_threads()
-    command = [sys.executable, "-m", "gunicorn", "--bind", f"{host}:{port}", "--workers", str(max(1, workers)),
+    bind = f"unix:{unix_socket}" if unix_socket else f"{host}:{port}"
+    command = [sys.executable, "-m", "gunicorn", "--bind", bind, "--workers", str(max(1, workers)),
                "--worker-class", "gthread", "--threads", str(threads), "--timeout", "300", "--graceful-timeout", "15"]
     if access_log:
         command += ["--access-logfile", "-"]
@@ -64,6 +78,29 @@ def _gunicorn_has(setting: str) -> bool:
     from gunicorn.config import KNOWN_SETTINGS
 
     return any(s.name == setting for s in KNOWN_SETTINGS)
+
+
+def start_front(settings: Settings, host: str, port: int) -> tuple[Front, str]:
+    """The front on `host`:`port` (an OSError when the address is taken) and the Unix socket, in a private
+    temporary folder, where it hands requests to gunicorn. `stop_front` ends both."""
+    from service.front import Front, FrontLimits
+
+    folder = tempfile.mkdtemp(prefix="pluristeer-")  # short: a Unix socket's path has at most 107 bytes
+    upstream = os.path.join(folder, API_SOCKET)
+    front = Front(host, port, upstream, FrontLimits.from_settings(settings))
+    try:
+        front.start()
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return front, upstream
+
+
+def stop_front(front: Front | None, upstream: str | None) -> None:
+    if front is not None:
+        front.stop()
+    if upstream is not None:
+        shutil.rmtree(os.path.dirname(upstream), ignore_errors=True)
 
 
 def child_env(settings: Settings, redis_url: str) -> dict[str, str]:
@@ -305,6 +342,8 @@ def run_up(args: Any) -> int:
         print(f"error: --port: {host}:{port} is already in use (another `pluristeer up`?)", file=sys.stderr)
         return 2
     children: list[Child] = []
+    front: Front | None = None
+    upstream: str | None = None
     previous = _handle_stop_signals()
     try:
         redis_url = ensure_redis(settings.redis_url)
@@ -322,12 +361,21 @@ def run_up(args: Any) -> int:
         if queues:
             worker_cmd += ["--queues", queues]
         children.append(start_child("build worker", worker_cmd, env))
+        try:
+            front, upstream = start_front(settings, host, port)
+        except OSError as exc:
+            print(f"error: --port: cannot listen on {host}:{port}: {exc}", file=sys.stderr)
+            return 2
+        env[FRONT_ENV] = "1"
         api_cmd = gunicorn_command(host, port, int(getattr(args, "workers", 1) or 1),
-                                   access_log=bool(getattr(args, "access_log", False)))
+                                   access_log=bool(getattr(args, "access_log", False)), unix_socket=upstream)
         children.append(start_child("API", api_cmd, env))
         wait_healthy(url, children)
         path = save_up_file(settings, url, key)
         print(f"\npluristeer is up at {url}", flush=True)
+        print(f"API:      {url}/v1  (every route: {url}/openapi.json)")
+        print(f"console:  {url}/console  (sign in with the API key)")
+        print(f"model:    the API loads it in the background; chats get 503 until {url}/readyz says ready")
         if new:  # a key is printed once, when it is created; later runs point at the file that holds it
             print(f"API key:  {key}  (saved in {path})")
             print(f"try:      curl -H 'Authorization: Bearer {key}' {url}/v1/profiles")
@@ -349,9 +397,10 @@ def run_up(args: Any) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:
-        # The API first (no new builds queued), then the worker, then Redis.
+        # The API first (no new builds queued), then the worker, the front, then Redis.
         for child in reversed(children):
             stop_child(child)
+        stop_front(front, upstream)
         stop_embedded_redis()
         _restore_signals(previous)
 
@@ -360,7 +409,8 @@ def serve(args: Any) -> int:
     """`pluristeer serve [--host H] [--port P] [--workers N]`: the API under gunicorn, in the foreground.
 
     With `REDIS_URL` unset the embedded Redis is started here and shared by every gunicorn worker (builds
-    then need a worker on the same Redis: use `pluristeer up` for a one-machine stack).
+    then need a worker on the same Redis: use `pluristeer up` for a one-machine stack). The front listens on
+    `--host`:`--port` and hands whole requests to gunicorn (see the module's docstring).
     """
     from service.cli.redis_server import ensure_redis, stop_embedded_redis
 
@@ -369,15 +419,27 @@ def serve(args: Any) -> int:
     port = int(getattr(args, "port", None) or 8000)
     previous = _handle_stop_signals()
     child: Child | None = None
+    front: Front | None = None
+    upstream: str | None = None
     try:
         env = child_env(settings, ensure_redis(settings.redis_url))
-        child = start_child("API", gunicorn_command(host, port, int(getattr(args, "workers", 1) or 1)), env)
+        try:
+            front, upstream = start_front(settings, host, port)
+        except OSError as exc:
+            print(f"error: --port: cannot listen on {host}:{port}: {exc}", file=sys.stderr)
+            return 2
+        env[FRONT_ENV] = "1"
+        command = gunicorn_command(host, port, int(getattr(args, "workers", 1) or 1), unix_socket=upstream)
+        print(f"pluristeer serve: listening on http://{host}:{port} (the front; gunicorn behind it on "
+              f"unix:{upstream})", flush=True)
+        child = start_child("API", command, env)
         return int(child.process.wait())
     except (KeyboardInterrupt, _Stop):
         return 0
     finally:
         if child is not None:
             stop_child(child)
+        stop_front(front, upstream)
         stop_embedded_redis()
         _restore_signals(previous)
 

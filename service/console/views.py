@@ -3,7 +3,6 @@ thing; the session (see `sessions.py`) scopes it to its tenant exactly as a key 
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any
 from urllib.parse import urlsplit
@@ -105,13 +104,36 @@ def _globals() -> dict[str, Any]:
 
 
 def _fmt(x: Any, digits: int = 3) -> str:
+    """A value as the pages print it: numbers to `digits` places, yes/no for booleans, mappings and lists in
+    words (`_readable`), never Python's or JSON's spelling."""
     if x is None:
         return "–"
-    if isinstance(x, bool) or not isinstance(x, int | float):
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    if isinstance(x, dict | list | tuple):
+        return _readable(x)
+    if not isinstance(x, int | float):
         return str(x)
     if isinstance(x, float) and not math.isfinite(x):
         return str(x)
     return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
+
+
+def _readable(value: Any, limit: int = 300) -> str:
+    """A mapping or list as words: `layer 3, strength 1.500, kernel unit`; nested ones in parentheses; cut at
+    `limit` characters."""
+    if isinstance(value, dict):
+        parts = [f"{str(k).replace('_', ' ')} {_nested(v)}" for k, v in value.items() if v is not None]
+        text = ", ".join(parts) or "none"
+    elif isinstance(value, list | tuple):
+        text = ", ".join(_nested(v) for v in value) or "none"
+    else:
+        text = _fmt(value)
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def _nested(value: Any) -> str:
+    return f"({_readable(value)})" if isinstance(value, dict) and len(value) > 1 else _fmt(value)
 
 
 # ------------------------------------------------------------------------------------------ sign-in
@@ -195,9 +217,54 @@ def profile_list() -> str:
 def profile_page(profile_id: str) -> str:
     row = _profile_row(profile_id)
     view = profiles.profile_views(context.session(), [row])[0]
+    tables = _metric_tables(view.metrics or {})
     return render_template("console/profile.html", p=view, label=_progress_label(view), final=FINAL_STATUSES,
-                           tables=_metric_tables(view.metrics or {}), facts=_metric_facts(view.metrics or {}),
-                           plot=item_plot(view.metrics or {}), calibration=_calibration(row))
+                           tables=tables, facts=_metric_facts(view.metrics or {}), bars=_alignment_bars(tables),
+                           plot=item_plot(view.metrics or {}), calibration=_calibration(row),
+                           params=_readable(view.params) if view.params else "none: the build chose everything",
+                           downloads=_downloads(row))
+
+
+def _downloads(row: db.ProfileRow) -> list[tuple[str, str]]:
+    """(format, label) of each download this profile has: none until it is ready; a GGUF control vector only
+    for a constant-vector profile past block 0 (DiffMean, a population fit, COLD-Steer's unit kernel); a peft
+    adapter only for a LoRA profile and COLD-Steer's finite-difference one (`service.engine.tools`)."""
+    if row.status != "ready" or row.artifact_sha256 is None:
+        return []
+    found = [("safetensors", "Download safetensors")]
+    params = row.params if isinstance(row.params, dict) else {}
+    chosen = row.chosen if isinstance(row.chosen, dict) else {}
+    layer = chosen.get("layer", params.get("layer"))
+    constant = row.method in ("diffmean", POPULATION_METHOD) or (
+        row.method == "cold_kernel" and chosen.get("kernel", params.get("kernel", "unit")) == "unit")
+    if constant and isinstance(layer, int) and layer >= 1:
+        found.append(("gguf", "Download GGUF control vector"))
+    if row.method in ("lora", "cold_fd"):
+        found.append(("peft", "Download peft adapter"))
+    return found
+
+
+# The alignment bars start below the lowest value shown, so that differences of a few thousandths show; the
+# axis is labelled with where it starts.
+BAR_MARGIN = 0.5  # of the spread between the highest and the lowest value, below and above them
+
+
+def _alignment_bars(tables: list[tuple[str, list[str], list[tuple[str, dict[str, Any]]]]]) -> dict[str, Any] | None:
+    """The first score table's alignment per model as bars on a scale from a little below the lowest to a little
+    above the highest (rounded to hundredths; inside 0 to 1), or None without alignments."""
+    if not tables or "alignment" not in tables[0][1]:
+        return None
+    rows = [(name, float(v["alignment"])) for name, v in tables[0][2] if _is_number(v.get("alignment"))]
+    if not rows:
+        return None
+    low, high = min(v for _, v in rows), max(v for _, v in rows)
+    margin = max(BAR_MARGIN * (high - low), 0.01)
+    start = max(0.0, math.floor((low - margin) * 100) / 100)
+    end = min(1.0, math.ceil((high + margin) * 100) / 100) if high <= 1.0 else math.ceil(high * 100) / 100
+    if end <= start:
+        end = start + 0.01
+    return {"start": start, "end": end,
+            "rows": [(name, value, round(100 * (value - start) / (end - start), 1)) for name, value in rows]}
 
 
 def _calibration(row: db.ProfileRow) -> str | None:
@@ -240,8 +307,8 @@ def profile_statuses() -> BaseResponse:
 @sessions.signed_in
 def profile_download(profile_id: str) -> BaseResponse:
     fmt = request.args.get("format", "safetensors")
-    if fmt not in ("safetensors", "gguf"):
-        raise ApiError(422, "validation_error", "format is safetensors or gguf", "format")
+    if fmt not in ("safetensors", "gguf", "peft"):
+        raise ApiError(422, "validation_error", "format is safetensors, gguf or peft", "format")
     return profiles.artifact_download(profile_id, fmt)
 
 
@@ -289,7 +356,7 @@ def _metric_facts(metrics: dict[str, Any]) -> list[tuple[str, str]]:
         elif isinstance(value, dict) and "standard_error" in value:
             facts.append((name, _with_errors(value)))
         elif isinstance(value, list):
-            facts.append((name, json.dumps(value)[:300]))
+            facts.append((name, _readable(value)))
     return facts
 
 
@@ -299,11 +366,11 @@ def _with_errors(value: dict[str, Any]) -> str:
     for k, v in value.items():
         if k == "standard_error":
             continue
-        text = _fmt(v) if not isinstance(v, dict | list) else json.dumps(v)[:200]
+        text = _fmt(v) if not isinstance(v, dict | list) else _readable(v, 200)
         if se is not None and _is_number(v) and _is_number(se):
             text += f" ± {_fmt(se)}"
-        parts.append(f"{k}: {text}")
-    return ", ".join(parts)
+        parts.append(f"{str(k).replace('_', ' ')}: {text}")
+    return "; ".join(parts)
 
 
 # ------------------------------------------------------------------------------------ groups and users
@@ -311,18 +378,38 @@ def _with_errors(value: dict[str, Any]) -> str:
 @bp.get("/subjects")
 @sessions.signed_in
 def subject_list() -> str:
+    """Groups and users, each list paged (`gpage`, `page`; SUBJECTS_PER_PAGE a page) and both narrowed by `q`
+    (a part of the id, any case)."""
     session = context.session()
     tenant = tenant_id()
-    counts: dict[tuple[str, int | None], int] = {}
-    for column, kind in ((db.OpinionRow.group_id, "group"), (db.OpinionRow.user_id, "user")):
-        for sid, n in session.execute(select(column, func.count()).where(db.OpinionRow.tenant_id == tenant,
-                                                                         column.is_not(None)).group_by(column)):
-            counts[(kind, sid)] = n
-    groups = session.scalars(select(db.Group).where(db.Group.tenant_id == tenant).order_by(db.Group.gid)).all()
-    users = session.scalars(select(db.User).where(db.User.tenant_id == tenant).order_by(db.User.uid)).all()
-    return render_template("console/subjects.html", counts=counts,
-                           groups=[(s.gid, counts.get(("group", s.id), 0)) for s in groups],
-                           users=[(s.uid, counts.get(("user", s.id), 0)) for s in users])
+    q = request.args.get("q", "").strip()[:200]
+    groups = _subject_page(session, db.Group, db.Group.gid, db.OpinionRow.group_id, tenant, q,
+                           request.args.get("gpage", 1, type=int))
+    users = _subject_page(session, db.User, db.User.uid, db.OpinionRow.user_id, tenant, q,
+                          request.args.get("page", 1, type=int))
+    return render_template("console/subjects.html", q=q, groups=groups, users=users)
+
+
+SUBJECTS_PER_PAGE = 50
+
+
+def _subject_page(session: Any, model: Any, name: Any, opinion_column: Any, tenant: int, q: str,
+                  page: int | None) -> dict[str, Any]:
+    """One page of a tenant's groups or users whose id contains `q`: `rows` as (id, own items), `page`,
+    `pages` and `total`."""
+    query = select(model).where(model.tenant_id == tenant)
+    if q:
+        escaped = q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        query = query.where(name.ilike(f"%{escaped}%", escape="\\"))
+    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    pages = max(1, math.ceil(total / SUBJECTS_PER_PAGE))
+    page = min(max(1, page or 1), pages)
+    rows = session.scalars(query.order_by(name).limit(SUBJECTS_PER_PAGE)
+                           .offset((page - 1) * SUBJECTS_PER_PAGE)).all()
+    counts = dict(session.execute(select(opinion_column, func.count()).where(
+        db.OpinionRow.tenant_id == tenant, opinion_column.in_([r.id for r in rows])).group_by(opinion_column)).all())
+    return {"rows": [(getattr(r, name.key), counts.get(r.id, 0)) for r in rows], "page": page, "pages": pages,
+            "total": total}
 
 
 def _check_kind(kind: str) -> str:
@@ -353,18 +440,23 @@ def subject_page(kind: str, subject_id: str) -> str:
 @bp.post("/subjects/<kind>/<subject_id>/opinions")
 @sessions.signed_in
 def subject_upload(kind: str, subject_id: str) -> BaseResponse:
-    """A JSONL file of items (the interchange format), stored all or nothing by the API's function."""
+    """A JSONL file of items (the interchange format; gzip-compressed where its name ends in .gz), read a line
+    at a time by the uploads' reader and held to their limits (`steer_core.tables.jsonl_objects`; errors name
+    `items[row]`), stored all or nothing by the API's function, which validates every item's text."""
+    from service.api.openapi import check_json_value
+    from service.api.protocol import MAX_ITEMS_PER_REQUEST
+    from steer_core.tables import ReadLimits, jsonl_objects
+
     _check_kind(kind)
     upload = request.files.get("items")
     if upload is None or not upload.filename:
         raise ApiError(422, "validation_error", "choose a JSONL file of opinion items", "items")
-    raw: list[Any] = []
-    for n, line in enumerate(upload.read().decode("utf-8", errors="strict").splitlines(), start=1):
-        if line.strip():
-            try:
-                raw.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise ApiError(422, "validation_error", f"line {n} is not JSON: {exc.msg}", "items") from None
+    compression = "gzip" if upload.filename.lower().endswith(".gz") else None
+    limits = ReadLimits(rows=MAX_ITEMS_PER_REQUEST, expanded_bytes=context.settings().max_upload_expanded_bytes)
+    raw: list[Any] = [obj for _, _, obj in jsonl_objects(upload.stream, compression=compression, limits=limits,
+                                                         name="items", declare="upload it uncompressed, or with "
+                                                                               "a name that ends in .gz")]
+    check_json_value({"items": raw})  # the bounds every JSON body is held to (numbers, nesting, text)
     body = OpinionsPost.model_validate({"items": raw})
     opinions.post_opinions(kind, subject_id, body)
     return redirect(url_for("console.subject_page", kind=kind, subject_id=subject_id))
@@ -481,11 +573,40 @@ def experiment_create() -> BaseResponse:
 def experiment_page(experiment_id: str) -> str:
     session = context.session()
     exp = _experiment(experiment_id)
-    offline = offline_result(exp) if request.args.get("offline") == "1" else \
-        offline_comparison.unavailable("not asked for yet: a worker scores each variant on the scope's opinion items")
+    offline, can_ask = _stored_offline(exp)
+    if can_ask and request.args.get("offline") == "1":  # ask a worker for it (once for the same inputs)
+        offline = offline_result(exp)
     results = ex.experiment_results(session, exp, offline)
-    return render_template("console/experiment.html", e=ex.experiment_view(session, exp), r=results,
-                           sentences=summary_sentences(results))
+    view = ex.experiment_view(session, exp)
+    return render_template("console/experiment.html", e=view, r=results, sentences=summary_sentences(results),
+                           actions=experiment_actions(view), can_ask_offline=can_ask)
+
+
+def _stored_offline(exp: db.Experiment) -> tuple[offline_comparison.OfflineResult, bool]:
+    """The offline comparison stored for the experiment's current inputs, as the results route would show it,
+    without asking a worker for one; and whether one can be asked for (False: the experiment cannot have one,
+    e.g. it has no scope group, and the reason is the result's detail)."""
+    settings = context.settings()
+    session = context.session()
+    found = offline_comparison.inputs(session, exp, settings.model)
+    if isinstance(found, str):
+        return offline_comparison.unavailable(found), False
+    row = session.scalar(select(db.OfflineComparisonRow).where(
+        db.OfflineComparisonRow.tenant_id == exp.tenant_id, db.OfflineComparisonRow.experiment_id == exp.id,
+        db.OfflineComparisonRow.inputs_sha256 == found.sha256))
+    if row is None:
+        n = len(found.items)
+        return offline_comparison.unavailable(f"not asked for yet: a worker scores each variant on {n} opinion items "
+                                              "of the scope", items=n), True
+    return offline_comparison.view(row, len(found.items)), True
+
+
+def experiment_actions(view: Any) -> list[str]:
+    """The state changes that apply: pause a running experiment, resume a paused one, stop either; none once
+    it is stopped or its time window has ended."""
+    if view.status == "stopped" or view.state == "ended":
+        return []
+    return (["pause"] if view.status == "running" else ["resume"]) + ["stop"]
 
 
 @bp.get("/experiments/<experiment_id>/results.png")

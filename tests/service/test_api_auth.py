@@ -1,4 +1,5 @@
-"""Bearer keys (hashed at rest, revocable, created by the CLI) and per-key rate limits in Redis."""
+"""Bearer keys (hashed at rest, revocable, created by the CLI, at most MAX_KEYS_PER_TENANT a tenant), rate limits
+per key and per tenant in Redis, and the client's address and scheme behind trusted proxies (TRUSTED_PROXIES)."""
 
 from __future__ import annotations
 
@@ -149,3 +150,95 @@ def test_keys_list_and_revoke_cli(client, settings, monkeypatch, capsys):
     assert main(["keys", "revoke", key[:12]]) == 0
     assert client.get("/v1/users/x", headers=headers).status_code == 401
     assert main(["keys", "revoke", "psk_missing0"]) == 2
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_tenant_holds_at_most_max_keys_per_tenant_unrevoked_keys(settings, tenant_key, other_tenant_key, monkeypatch,
+                                                                   capsys):
+    app = create_app({"SETTINGS": dataclasses.replace(settings, max_keys_per_tenant=3), "TESTING": True})
+    client = app.test_client()
+    auth = {"Authorization": f"Bearer {tenant_key}"}
+    made = [client.post("/v1/keys", json={"name": f"k{i}"}, headers=auth) for i in range(2)]
+    assert [r.status_code for r in made] == [201, 201]  # with `tenant_key`: 3, the cap
+    r = client.post("/v1/keys", json={"name": "one too many"}, headers=auth)
+    assert r.status_code == 409, r.json
+    error = r.json["error"]
+    assert error["type"] == "too_many_keys" and error["field"] == "keys"
+    assert "3 unrevoked keys" in error["message"] and "MAX_KEYS_PER_TENANT=3" in error["message"]
+    assert len(client.get("/v1/keys", headers=auth).json["keys"]) == 3
+    # Another tenant has its own cap; a revoked key frees its place.
+    assert client.post("/v1/keys", json={"name": "b"}, headers={"Authorization": f"Bearer {other_tenant_key}"}) \
+        .status_code == 201
+    assert client.delete(f"/v1/keys/{made[0].json['prefix']}", headers=auth).status_code == 200
+    assert client.post("/v1/keys", json={"name": "again"}, headers=auth).status_code == 201
+    assert client.post("/v1/keys", json={"name": "over"}, headers=auth).status_code == 409
+    # The operator's command line is not capped.
+    monkeypatch.setenv("DATABASE_URL", settings.database_url)
+    assert create_key_cli(argparse.Namespace(tenant="tenant-a")) == 0
+    assert capsys.readouterr().out.strip().startswith("psk_")
+    # The route documents the 409.
+    assert "409" in client.get("/openapi.json").json["paths"]["/v1/keys"]["post"]["responses"]
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_tenant_limit_counts_all_its_keys_together(settings, tenant_key, other_tenant_key):
+    """More keys do not multiply a tenant's rate: TENANT_RATE_LIMIT_PER_MINUTE holds across its keys."""
+    from service.auth import add_key
+
+    limit = 4
+    app = create_app({"SETTINGS": dataclasses.replace(settings, rate_limit_per_minute=100,
+                                                      tenant_rate_limit_per_minute=limit), "TESTING": True})
+    client = app.test_client()
+    with db.session_scope(settings) as session:
+        tenant = session.scalar(select(db.ApiKey.tenant_id).where(db.ApiKey.key_sha256 == db.hash_key(tenant_key)))
+        keys = [tenant_key] + [add_key(session, tenant, f"extra {i}")[0] for i in range(3)]
+    statuses = []
+    # Round-robin over four keys, each far under its own limit (100). A window boundary may fall inside the loop:
+    # then at most 2 * limit pass.
+    for i in range(2 * limit + 1):
+        r = client.get("/v1/profiles", headers={"Authorization": f"Bearer {keys[i % len(keys)]}"})
+        statuses.append(r.status_code)
+        if r.status_code == 429:
+            break
+    assert statuses[-1] == 429 and limit <= statuses.count(200) <= 2 * limit, statuses
+    error = r.json["error"]
+    assert error["type"] == "rate_limited" and "tenant" in error["message"] and error["field"] == "Authorization"
+    assert "TENANT_RATE_LIMIT_PER_MINUTE" in error["message"] and 1 <= int(r.headers["Retry-After"]) <= 60
+    assert client.get("/v1/profiles", headers={"Authorization": f"Bearer {other_tenant_key}"}).status_code == 200
+    assert 'pluristeer_rate_limit_decisions_total{outcome="tenant_limited"}' in client.get("/metrics").data.decode()
+    # Unset: three keys' worth, and none when the per-key limit is off too; 0: no tenant limit.
+    assert dataclasses.replace(settings, rate_limit_per_minute=600).tenant_rate_limit() == 1800
+    assert dataclasses.replace(settings, rate_limit_per_minute=0).tenant_rate_limit() == 0
+    unlimited = create_app({"SETTINGS": dataclasses.replace(settings, rate_limit_per_minute=100,
+                                                            tenant_rate_limit_per_minute=0), "TESTING": True})
+    assert unlimited.test_client().get("/v1/profiles", headers={"Authorization": f"Bearer {keys[0]}"}) \
+        .status_code == 200
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize(("trusted", "behind_front", "address", "secure"), [
+    (0, False, "10.0.0.2", False),  # no proxy trusted: a client's forwarding headers are ignored
+    (1, False, "203.0.113.7", True),  # TLS termination in front: its X-Forwarded-For entry and -Proto
+    (0, True, "203.0.113.7", False),  # `up`/`serve`'s front appended its peer's address
+    (1, True, "198.51.100.1", True),  # TLS termination, then the front: one hop more
+])
+def test_trusted_proxies_give_the_client_address_and_the_secure_flag(settings, trusted, behind_front, address,
+                                                                     secure):
+    from flask import request
+
+    app = create_app({"SETTINGS": dataclasses.replace(settings, trusted_proxies=trusted, behind_front=behind_front),
+                      "TESTING": True})
+
+    @app.get("/test-whoami")
+    def whoami() -> dict:
+        return {"address": request.remote_addr, "scheme": request.scheme}
+
+    client = app.test_client()
+    headers = {"X-Forwarded-For": "198.51.100.1, 203.0.113.7", "X-Forwarded-Proto": "https"}
+    peer = {"REMOTE_ADDR": "10.0.0.2"}
+    seen = client.get("/test-whoami", headers=headers, environ_base=peer).json
+    assert seen == {"address": address, "scheme": "https" if secure else "http"}
+    # The console's cookies are Secure exactly when the request came over TLS.
+    login = client.get("/console/login", headers=headers, environ_base=peer)
+    cookie = login.headers["Set-Cookie"]
+    assert ("; Secure" in cookie) is secure, cookie

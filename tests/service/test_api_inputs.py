@@ -151,8 +151,8 @@ def test_a_chunked_body_over_the_limit_is_413_under_gunicorn(tmp_path, redis_url
     try:
         deadline = time.monotonic() + 60
         while True:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
             try:
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
                 conn.request("GET", "/healthz")
                 if conn.getresponse().status == 200:
                     break
@@ -160,13 +160,18 @@ def test_a_chunked_body_over_the_limit_is_413_under_gunicorn(tmp_path, redis_url
                 if time.monotonic() > deadline or server.poll() is not None:
                     pytest.fail("gunicorn did not start")
                 time.sleep(0.2)
+            finally:
+                conn.close()
 
         def chunked(method: str, path: str, body: bytes, content_type: str = "application/json") -> int:
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-            conn.request(method, path, body=iter([body[i:i + 1000] for i in range(0, len(body), 1000)]),
-                         headers={"Authorization": f"Bearer {key}", "Content-Type": content_type,
-                                  "Transfer-Encoding": "chunked"}, encode_chunked=True)
-            return conn.getresponse().status
+            try:
+                conn.request(method, path, body=iter([body[i:i + 1000] for i in range(0, len(body), 1000)]),
+                             headers={"Authorization": f"Bearer {key}", "Content-Type": content_type,
+                                      "Transfer-Encoding": "chunked"}, encode_chunked=True)
+                return conn.getresponse().status
+            finally:
+                conn.close()
 
         big = json.dumps({"attributes": {"bio": "x" * 8000}}).encode()
         assert chunked("PUT", "/v1/users/big", big) == 413
@@ -178,8 +183,11 @@ def test_a_chunked_body_over_the_limit_is_413_under_gunicorn(tmp_path, redis_url
         assert chunked("POST", "/v1/users/small/opinions", table, "text/csv") == 413
         assert chunked("POST", "/v1/users/small/opinions", table[:table.index(b"Question 20?")], "text/csv") == 201
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-        conn.request("GET", "/v1/users/big", headers={"Authorization": f"Bearer {key}"})
-        assert conn.getresponse().status == 404
+        try:
+            conn.request("GET", "/v1/users/big", headers={"Authorization": f"Bearer {key}"})
+            assert conn.getresponse().status == 404
+        finally:
+            conn.close()
     finally:
         server.terminate()
         server.wait(timeout=20)

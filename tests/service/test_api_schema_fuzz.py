@@ -57,6 +57,7 @@ UNSTATED_RULES: dict[str, dict[str, str]] = {
                                                   "to 1, an answer names one of the options",
         r"items\[\d+\]\.(id|question) the same item as .*": "one item (by id, else question and options) once "
                                                           "a request",
+        r"body the uploaded file is empty": "an uploaded file holds at least one item",
     },
     "POST /v1/experiments": {
         r"control": "the control names one of the body's variants",
@@ -67,7 +68,12 @@ UNSTATED_RULES: dict[str, dict[str, str]] = {
     },
     "PATCH /v1/experiments/{experiment_id}": {r"ends_at": "ends_at lies in the future (the clock)"},
     "POST /v1/profiles": {r"params\.(?!(layer|strength|positions|orders)$).*": "the method's own parameters, "
-                                                                               "checked by the method"},
+                                                                               "checked by the method",
+                          r"subject": "the subject holds opinions (the database's state)"},
+    "POST /v1/populations": {r"subjects(\[\d+\])?": "the subjects exist, hold opinions and share enough "
+                                                      "questions (the database's state)"},
+    "GET /v1/populations/{population_id}/questions": {r"subject_kind": "subject_id and subject_kind come "
+                                                                      "together (two query parameters)"},
     "POST /v1/profiles/import": {r"adapter_config.*|adapter_model": "the adapter's content: peft's config and "
                                                                     "the safetensors weights"},
 }

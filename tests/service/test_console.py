@@ -13,6 +13,7 @@ import time
 import numpy as np
 import pytest
 from api_helpers import fixture_items, make_group, mark_ready, request_profile
+from sqlalchemy import func, select
 
 from service import create_app
 from service.console import sessions
@@ -322,3 +323,145 @@ def test_a_profile_without_per_item_numbers_says_so(client, auth, tenant_key, se
 def test_console_pages_are_not_in_the_api_document(client):
     paths = client.get("/openapi.json").json["paths"]
     assert not [p for p in paths if p.startswith("/console")]
+
+
+# ------------------------------------------------------------------- what the pages show, and what they hide
+
+def test_the_root_leads_to_the_console_and_the_console_has_an_icon(client):
+    r = client.get("/")
+    assert r.status_code == 302 and r.headers["Location"] == "/console/"
+    assert client.get("/console/").headers["Location"] == "/console/profiles"
+    with client.get("/favicon.ico") as icon:
+        assert icon.status_code == 200 and icon.mimetype in ("image/vnd.microsoft.icon", "image/x-icon")
+        assert icon.data[:4] == b"\x00\x00\x01\x00"  # an ICO file
+    page = client.get("/console/login").text
+    assert 'rel="icon" href="/console/static/favicon.svg"' in page and 'rel="icon" href="/favicon.ico"' in page
+    with client.get("/console/static/favicon.svg") as svg:
+        assert svg.status_code == 200 and svg.data.startswith(b"<svg")
+
+
+def test_groups_and_users_are_paged_and_searched(client, auth, tenant_key):
+    for i in range(120):
+        assert client.put(f"/v1/users/user-{i:03d}", json={}, headers=auth).status_code == 201
+    assert client.put("/v1/users/zz_odd", json={}, headers=auth).status_code == 201
+    for gid in ("rural", "urban"):
+        assert client.put(f"/v1/groups/{gid}", json={"members": []}, headers=auth).status_code == 201
+    client.post("/v1/users/user-007/opinions", json={"items": fixture_items("opinions_group_urban.jsonl", 3)},
+                headers=auth)
+    sign_in(client, tenant_key)
+
+    def users_of(page: str) -> list[str]:
+        table = page[page.index('id="users"'):page.index("</table>", page.index('id="users"'))]
+        return re.findall(r">(user-\d+|zz_odd)</a>", table)
+
+    first = client.get("/console/subjects").text
+    assert users_of(first) == [f"user-{i:03d}" for i in range(50)]
+    assert "Users <span class=\"muted\">(121)" in first and "page 1 of 3" in first
+    assert "<td>3</td>" in first  # user-007's own items
+    assert 'id="users-next" ' in first or 'id="users-next"' in first
+    assert 'id="groups-pager"' not in first  # two groups: one page, no pager
+    last = client.get("/console/subjects?page=3").text
+    assert users_of(last) == [f"user-{i:03d}" for i in range(100, 120)] + ["zz_odd"]
+    assert "page 3 of 3" in last and 'id="users-previous"' in last and 'id="users-next"' not in last
+    assert users_of(client.get("/console/subjects?page=99").text)[-1] == "zz_odd"  # past the end: the last
+
+    found = client.get("/console/subjects?q=USER-01").text  # any case, part of the id
+    assert users_of(found) == [f"user-{i:03d}" for i in range(10, 20)] and "(10 matching" in found
+    assert "No group id contains" in found and 'value="USER-01"' in found
+    # LIKE's wildcards are taken literally.
+    assert users_of(client.get("/console/subjects?q=%25").text) == []
+    assert users_of(client.get("/console/subjects?q=_").text) == ["zz_odd"]
+    paged = client.get("/console/subjects?q=user&page=2").text
+    assert 'href="/console/subjects?q=user&amp;page=3"' in paged  # the pager keeps the search
+
+
+def _experiment(client, auth, name: str, profile_id: str, scope: str | None = "urban") -> str:
+    body = {"name": name, "reward": "thumbs", "control": "control",
+            "variants": [{"name": "control", "weight": 1},
+                         {"name": "steered", "weight": 1, "profiles": [{"id": profile_id, "weight": 1}]}]}
+    if scope:
+        body["scope"] = {"group": scope}
+    r = client.post("/v1/experiments", json=body, headers=auth)
+    assert r.status_code == 201, r.json
+    return r.json["id"]
+
+
+def test_the_experiment_page_shows_the_stored_offline_comparison_and_only_what_applies(client, auth, tenant_key,
+                                                                                       settings):
+    from service.experiments import offline_comparison
+
+    make_group(client, auth, "urban", n=8)
+    profile_id = request_profile(client, auth, "urban").json["id"]
+    mark_ready(settings, profile_id)
+    scoped = _experiment(client, auth, "scoped", profile_id)
+    unscoped = _experiment(client, auth, "everyone", profile_id, scope=None)
+    sign_in(client, tenant_key)
+
+    page = client.get(f"/console/experiments/{scoped}").text
+    assert "not asked for yet" in page and 'id="run-offline"' in page
+    assert 'id="pause-button"' in page and 'id="stop-button"' in page and 'id="resume-button"' not in page
+
+    def scorer(items, blend):  # the steered variant answers closer to the group than the unsteered model
+        return [(0.9 if blend else 0.5) * np.asarray(it.target) + (0.1 if blend else 0.5) / len(it.options)
+                for it in items]
+
+    with db.session_scope(settings) as session:  # what a worker stores
+        exp = session.get(db.Experiment, scoped)
+        found = offline_comparison.inputs(session, exp, settings.model)
+        row, _ = offline_comparison.request(session, exp, found.sha256, settings.build_stale_after)
+        result = offline_comparison.score(found, scorer)
+        offline_comparison.store(session, row, result)
+    page = client.get(f"/console/experiments/{scoped}").text  # no ?offline=1: the stored one is shown
+    assert "Offline comparison\n(ready): 8 in-sample opinion items of the scope group" in page, page
+    cells = re.findall(r'<td class="offline-alignment">([^<]+)</td>', page)
+    assert cells == [f"{result.scores[name].alignment:.3f}" for name in ("control", "steered")]
+    assert 'id="run-offline"' not in page and "not asked for yet" not in page
+    assert client.get(f"/v1/experiments/{scoped}/results", headers=auth).json["offline"]["status"] == "ready"
+
+    page = client.get(f"/console/experiments/{unscoped}?offline=1").text  # cannot have one: nothing is asked
+    assert "none for this experiment (the experiment has no scope group)" in page and 'id="run-offline"' not in page
+    with db.session_scope(settings) as session:
+        assert session.scalar(select(func.count()).select_from(db.OfflineComparisonRow).where(
+            db.OfflineComparisonRow.experiment_id == unscoped)) == 0
+
+    assert client.post(f"/v1/experiments/{scoped}/pause", headers=auth).status_code == 200
+    page = client.get(f"/console/experiments/{scoped}").text
+    assert 'id="resume-button"' in page and 'id="stop-button"' in page and 'id="pause-button"' not in page
+    assert client.post(f"/v1/experiments/{scoped}/stop", headers=auth).status_code == 200
+    page = client.get(f"/console/experiments/{scoped}").text
+    assert not re.search(r'id="(pause|resume|stop)-button"', page)
+
+
+def test_the_profile_page_reads_as_words_and_its_bars_show_differences(client, auth, tenant_key, settings):
+    make_group(client, auth, "urban", n=6)
+    queued = request_profile(client, auth, "urban", params={"layer": 3, "strength": 1.5}).json["id"]
+    ready = request_profile(client, auth, "urban").json["id"]
+    mark_ready(settings, ready)
+    with db.session_scope(settings) as session:
+        db.profile_by_id(session, ready).metrics = {
+            "evaluation": "cross-validated", "improved": True, "near_uniform": False, "note": "fine",
+            "unsteered": {"alignment": 0.794}, "calibrated": {"alignment": 0.801}, "steered": {"alignment": 0.817},
+            "search_space": {"layers": [2, 3], "strengths": [0.5, 1.0]}, "orders": ["survey", "reversed"]}
+    sign_in(client, tenant_key)
+
+    page = client.get(f"/console/profiles/{queued}").text
+    assert '<dd id="params">layer 3, strength 1.500</dd>' in page
+    assert "Download" not in page  # nothing to download before it is ready
+    assert client.get(f"/console/profiles/{queued}/download").status_code == 409
+
+    page = client.get(f"/console/profiles/{ready}").text
+    assert '<dd id="params">none: the build chose everything</dd>' in page
+    assert 'id="download-safetensors"' in page and 'id="download-gguf"' in page and 'id="download-peft"' not in page
+    facts = page[page.index('<dl class="facts">', page.index('id="metrics"')):]
+    facts = facts[:facts.index("</dl>")]
+    assert "<dt>improved</dt><dd>yes</dd>" in facts and "<dt>near uniform</dt><dd>no</dd>" in facts
+    assert "<dt>search space</dt><dd>layers: 2, 3; strengths: 0.500, 1.000</dd>" in facts, facts
+    assert "<dd>survey, reversed</dd>" in facts
+    assert not re.search(r"True|False|[\[\]{}\"]", re.sub(r"<[^>]*>", " ", facts)), facts
+    widths = {name: float(w) for name, w in re.findall(
+        r'<span class="bar-label">(\w+)</span>\s*<span class="bar"><span class="fill" style="width: ([\d.]+)%">',
+        page)}
+    # 0.794 and 0.817 on a scale from 0.78 to 0.83 (half the spread beyond each end), not from 0: the difference
+    # is almost half the bar (28% against 74%), not 3 points of it.
+    assert 'id="alignment-scale">alignment from 0.78 (left edge) to 0.83 (right edge)' in page
+    assert widths["steered"] - widths["unsteered"] > 30 and 0 < widths["unsteered"] < widths["calibrated"], widths

@@ -55,9 +55,11 @@ def api_server(tmp_path, default_model_path, sqlite_template, redis_url) -> Iter
         while request(url, "GET", "/healthz")[0] != 200:
             assert proc.poll() is None and time.monotonic() < deadline, "the API did not start"
             time.sleep(0.2)
-        # The first chat loads the model and the first /readyz reads the migration scripts: once a process.
+        # The process loads the model at start-up (test_cold_start.py); /readyz says when it can serve.
+        while request(url, "GET", "/readyz")[0] != 200:
+            assert proc.poll() is None and time.monotonic() < deadline + 120, "the model did not load"
+            time.sleep(0.2)
         assert request(url, "POST", "/v1/chat/completions", key, {**LONG, "max_tokens": 1}, timeout=120)[0] == 200
-        assert request(url, "GET", "/readyz")[0] == 200
         yield url, key
     finally:
         proc.send_signal(signal.SIGTERM)

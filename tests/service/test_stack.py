@@ -1,4 +1,5 @@
-"""`pluristeer up`: one command starts Redis, the database, a worker and the API; Ctrl-C stops them all."""
+"""`pluristeer up`: one command starts Redis, the database, a worker and the API behind the front; Ctrl-C stops
+them all."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from slow_clients import SlowClient, poll_health
 
 from service.redis import free_port
 
@@ -39,6 +41,7 @@ def test_up_runs_the_stack_and_sigint_stops_everything(tmp_path, default_model_p
     (home / "models").symlink_to(default_model_path.parent, target_is_directory=True)
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL", "ARTIFACT_DIR")}
     env["PLURISTEER_HOME"] = str(home)
+    env["REQUEST_BODY_TIMEOUT"] = "2"  # the front's deadline for a body, checked below
     port = free_port()
     # Started with SIGINT ignored, as a non-interactive shell starts `up &`: `up` still honours it.
     proc = subprocess.Popen([sys.executable, "-m", "service.cli", "up", "--port", str(port)], cwd=REPO, env=env,
@@ -60,10 +63,25 @@ def test_up_runs_the_stack_and_sigint_stops_everything(tmp_path, default_model_p
         assert (home / "pluristeer.db").exists()  # embedded default: SQLite under the home
 
         assert http_get(f"{url}/healthz")[0] == 200
-        status, ready = http_get(f"{url}/readyz")
+        # The API loads the model in the background from its start: /readyz says "loading" until it serves.
+        deadline = time.monotonic() + 120
+        while (got := http_get(f"{url}/readyz"))[1].get("status") == "loading" and time.monotonic() < deadline:
+            time.sleep(0.3)
+        status, ready = got
         assert status == 200, ready
         assert http_get(f"{url}/v1/profiles", saved["key"]) == (200, {"profiles": [], "next_after": None})
         assert http_get(f"{url}/v1/profiles", "psk_wrong")[0] == 401
+
+        # Slow clients, more than the API's request threads (MAX_BATCH_SIZE + FREE_REQUEST_THREADS = 20), trickle
+        # bodies: /healthz answers meanwhile, and each is cut off (408) at its deadline, about 2 s.
+        slow = [SlowClient(port).start() for _ in range(25)]
+        time.sleep(0.3)
+        health = poll_health(url, times=4)
+        assert all(status == 200 and took < 1.0 for status, took in health), health
+        for client in slow:
+            client.join(timeout=30)
+            assert client.answer is not None and client.answer.startswith(b"HTTP/1.1 408 "), client.answer
+            assert client.cut_after is not None and 1.9 <= client.cut_after < 6, client.cut_after
 
         # A second `up` on the same port refuses at once instead of reporting someone else's server.
         second = subprocess.run([sys.executable, "-m", "service.cli", "up", "--port", str(port)], cwd=REPO,
@@ -110,6 +128,8 @@ def test_up_runs_the_stack_and_sigint_stops_everything(tmp_path, default_model_p
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
+        reader.join(timeout=10)
+        proc.stdout.close()
         for p in started:
             if p.is_running():
                 p.kill()
@@ -140,6 +160,8 @@ def test_the_access_log_is_off_in_up_unless_asked_and_on_in_serve(tmp_path, monk
 
     monkeypatch.setattr(stack, "start_child", start_child)
     monkeypatch.setattr(stack, "stop_child", lambda child: None)
+    monkeypatch.setattr(stack, "start_front", lambda settings, host, port: (None, "/tmp/pluristeer-x/api.sock"))
+    monkeypatch.setattr(stack, "stop_front", lambda front, upstream: None)
     monkeypatch.setattr(stack, "port_free", lambda host, port: True)
     monkeypatch.setattr(stack, "first_key", lambda settings: ("psk_test", False))
     monkeypatch.setattr(stack, "wait_healthy", stop_once_started)
@@ -156,3 +178,7 @@ def test_the_access_log_is_off_in_up_unless_asked_and_on_in_serve(tmp_path, monk
     assert "--access-logfile" not in api_command(["up"])
     assert "--access-logfile" in api_command(["up", "--access-log"])
     assert "--access-logfile" in api_command(["serve"])  # production serving (and the compose file's API) keeps it
+    # Both hand gunicorn only what the front read whole, on a Unix socket of the front's.
+    for argv in (["up"], ["serve"]):
+        command = api_command(argv)
+        assert command[command.index("--bind") + 1] == "unix:/tmp/pluristeer-x/api.sock"
