@@ -47,7 +47,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
                profiles.bp, populations.bp, models.bp):
         app.register_blueprint(bp)
     app.register_blueprint(experiments.bp)  # A/B tests
-    chat.init_app(app)  # chat completions and scores; the generation engine starts with the first request
+    chat.init_app(app)  # chat completions and scores; a served process starts loading the model at once (wsgi.py)
     console.init_app(app)  # the web console under /console
     _trust_proxies(app, settings)
     return app
