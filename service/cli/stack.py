@@ -55,6 +55,15 @@ def up_file(settings: Settings) -> Path:
     return Path(settings.home) / UP_FILE
 
 
+def _start_front(settings: Settings, host: str, port: int) -> tuple[Front, str] | None:
+    """The front on host:port and gunicorn's socket behind it; None (said on stderr) when the port is taken."""
+    try:
+        return start_front(settings, host, port)
+    except OSError as exc:
+        print(f"error: --port: cannot listen on {host}:{port}: {exc}", file=sys.stderr)
+        return None
+
+
 def gunicorn_command(host: str, port: int, workers: int, access_log: bool = True,
                      unix_socket: str | None = None) -> list[str]:
     """The API under gunicorn, on `host`:`port` or, behind the front, on the Unix socket `unix_socket`.
@@ -361,11 +370,10 @@ def run_up(args: Any) -> int:
         if queues:
             worker_cmd += ["--queues", queues]
         children.append(start_child("build worker", worker_cmd, env))
-        try:
-            front, upstream = start_front(settings, host, port)
-        except OSError as exc:
-            print(f"error: --port: cannot listen on {host}:{port}: {exc}", file=sys.stderr)
+        started = _start_front(settings, host, port)
+        if started is None:
             return 2
+        front, upstream = started
         env[FRONT_ENV] = "1"
         api_cmd = gunicorn_command(host, port, int(getattr(args, "workers", 1) or 1),
                                    access_log=bool(getattr(args, "access_log", False)), unix_socket=upstream)
@@ -423,11 +431,10 @@ def serve(args: Any) -> int:
     upstream: str | None = None
     try:
         env = child_env(settings, ensure_redis(settings.redis_url))
-        try:
-            front, upstream = start_front(settings, host, port)
-        except OSError as exc:
-            print(f"error: --port: cannot listen on {host}:{port}: {exc}", file=sys.stderr)
+        started = _start_front(settings, host, port)
+        if started is None:
             return 2
+        front, upstream = started
         env[FRONT_ENV] = "1"
         command = gunicorn_command(host, port, int(getattr(args, "workers", 1) or 1), unix_socket=upstream)
         print(f"pluristeer serve: listening on http://{host}:{port} (the front; gunicorn behind it on "

@@ -42,6 +42,16 @@ def redis_db_url(url: str, db: int) -> str:
     return f"{base}/{db}"
 
 
+def stop_server(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM a server started in its own session; SIGKILL its process group if it has not exited in 30 s."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
 def wait_for(predicate, timeout: float, interval: float = 0.1, what: str = "condition"):  # noqa: ANN001
     """Poll `predicate` until it returns something truthy; fail the test after `timeout` seconds."""
     deadline = time.monotonic() + timeout

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from runtime import stop_server
 
 from service.auth import create_key
 from service.redis import free_port
@@ -79,12 +79,7 @@ def cold_server(tmp_path, default_model_path, sqlite_template, redis_url) -> Ite
     try:
         yield f"http://127.0.0.1:{port}", key, home, output
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+        stop_server(proc)
 
 
 def test_a_cold_start_answers_health_checks_and_refuses_chats_until_the_model_is_loaded(cold_server):

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from runtime import stop_server
 
 from service.auth import create_key
 from service.redis import free_port
@@ -62,12 +62,7 @@ def api_server(tmp_path, default_model_path, sqlite_template, redis_url) -> Iter
         assert request(url, "POST", "/v1/chat/completions", key, {**LONG, "max_tokens": 1}, timeout=120)[0] == 200
         yield url, key
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+        stop_server(proc)
 
 
 def request(url: str, method: str, path: str, key: str | None = None, body: dict | None = None,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ import urllib.request
 from collections.abc import Iterator
 
 import pytest
+from runtime import stop_server
 from slow_clients import SlowClient, poll_health
 
 from service.auth import create_key
@@ -59,12 +59,7 @@ def served(tmp_path, default_model_path, sqlite_template, redis_url) -> Iterator
             time.sleep(0.3)
         yield url, port, key
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+        stop_server(proc)
 
 
 def _ready(url: str) -> bool:
