@@ -146,11 +146,10 @@ def gpu_worker_listening(settings: Settings) -> bool:
 
 
 def choose_queue(method: str, settings: Settings) -> str:
-    from steer_core.method_names import POPULATION_METHOD
-    from steer_core.methods import get_method
+    from steer_core.method_names import POPULATION_METHOD, method_entry  # torch-free (a request thread asks)
 
     # A fit against a population reads a few questions and trains nothing: any worker does it in seconds.
-    if method != POPULATION_METHOD and get_method(method).prefers_gpu and gpu_worker_listening(settings):
+    if method != POPULATION_METHOD and method_entry(method).prefers_gpu and gpu_worker_listening(settings):
         return "gpu"
     return "cpu"
 

@@ -60,8 +60,16 @@ from steer_core.cold import sample_gradients
 from steer_core.cold_pass import prepare_inputs, run_blocks, tangents
 from steer_core.data import OpinionItem
 from steer_core.errors import SteerError
-from steer_core.losses import check_loss
 from steer_core.lowrank import check_rank
+from steer_core.method_params import (
+    COLD_FD_DEFAULT_EPS,
+    COLD_FD_DEFAULT_MODE,
+    COLD_FD_DEFAULT_RANK,
+    COLD_FD_DEFAULT_STORAGE,
+    COLD_FD_MODES,
+    COLD_FD_STORAGES,
+    check_cold_fd_params,
+)
 from steer_core.method_spec import Method
 from steer_core.models import LanguageModel
 from steer_core.perturbation import Perturbation, nbytes, uncompressed_bytes, within_blocks
@@ -69,14 +77,15 @@ from steer_core.profile import Profile
 from steer_core.prompts import encode_items
 from steer_core.steering import ForwardContext
 
-MODES: tuple[str, ...] = ("fd", "jvp")
-DEFAULT_MODE = "fd"
-# The fd step, in units of the activation norm (see the module docstring): far above fp32 rounding
-# (~1e-7 relative) and small enough that the second-order error stays near 1e-3.
-DEFAULT_EPS = 1e-3
-DEFAULT_RANK = 8
-STORAGE = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-DEFAULT_STORAGE = "bfloat16"
+# The params' check and its defaults and choices live in the torch-free `steer_core.method_params` (the
+# service checks a build request by them without importing this module); named here as before.
+check_params = check_cold_fd_params
+MODES = COLD_FD_MODES
+DEFAULT_MODE = COLD_FD_DEFAULT_MODE
+DEFAULT_EPS = COLD_FD_DEFAULT_EPS  # in units of the activation norm (see the module docstring)
+DEFAULT_RANK = COLD_FD_DEFAULT_RANK
+DEFAULT_STORAGE = COLD_FD_DEFAULT_STORAGE
+STORAGE: dict[str, torch.dtype] = {name: getattr(torch, name) for name in COLD_FD_STORAGES}
 # Held-out search grid: the displacement's median norm as a fraction of the median activation norm.
 STRENGTHS = [0.025, 0.05, 0.1]
 # Candidate layers, as fractions of the depth: middle-early layers steer well, and the extra pass
@@ -234,33 +243,6 @@ class ColdFDShift:
 
 
 # ---------------------------------------------------------------------------------------------- the method
-
-def check_params(params: dict[str, Any]) -> dict[str, Any]:
-    """Validate COLD-FD's own params (see the module docstring) and fill in the defaults."""
-    params = dict(params)
-    out: dict[str, Any] = {}
-    mode = params.pop("mode", DEFAULT_MODE)
-    if mode not in MODES:
-        raise SteerError(f"must be one of {', '.join(MODES)}", "params.mode")
-    out["mode"] = mode
-    eps = params.pop("eps", DEFAULT_EPS)
-    if isinstance(eps, bool) or not isinstance(eps, int | float) or not math.isfinite(eps) or eps <= 0:
-        raise SteerError("must be a finite number > 0", "params.eps")
-    out["eps"] = float(eps)
-    rank = params.pop("rank", DEFAULT_RANK)
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
-        raise SteerError("must be a positive integer (or null for an uncompressed profile)", "params.rank")
-    out["rank"] = rank
-    storage = params.pop("storage", DEFAULT_STORAGE)
-    if storage not in STORAGE:
-        raise SteerError(f"must be one of {', '.join(STORAGE)}", "params.storage")
-    out["storage"] = storage
-    out["loss"] = check_loss(params.pop("loss", "ce"))
-    if params:
-        name = next(iter(params))
-        raise SteerError(f"unknown parameter {name!r}", f"params.{name}")
-    return out
-
 
 def _check_fit_args(lm: LanguageModel, layers: Sequence[int], params: dict[str, Any], positions: str) -> None:
     if positions != "prompt":

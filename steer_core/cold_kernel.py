@@ -27,13 +27,16 @@ from torch import Tensor
 from steer_core.cold import sample_gradients
 from steer_core.data import OpinionItem
 from steer_core.errors import SteerError
-from steer_core.losses import check_loss
+from steer_core.method_params import COLD_KERNEL_KERNELS, check_cold_kernel_params
 from steer_core.method_spec import Method
 from steer_core.models import LanguageModel
 from steer_core.profile import Profile
 from steer_core.steering import ConstantShift, ForwardContext
 
-KERNELS: tuple[str, ...] = ("unit", "linear")
+# The params' check (``kernel``: ``unit`` | ``linear``; ``loss``: ``ce`` | ``dpo`` | ``sft``) lives in the
+# torch-free `steer_core.method_params` (the service checks a build request by it); named here as before.
+check_params = check_cold_kernel_params
+KERNELS = COLD_KERNEL_KERNELS
 STRENGTHS = [0.01, 0.02, 0.04, 0.08]
 
 
@@ -60,20 +63,6 @@ class KernelShift:
         return cls(layer=first.layer, positions=first.positions,
                    anchors=torch.cat([iv.anchors.float() for iv, _ in weighted]),
                    weights=torch.cat([w * iv.weights.float() for iv, w in weighted]))
-
-
-def check_params(params: dict[str, Any]) -> dict[str, Any]:
-    """Validate COLD-Kernel's params: ``kernel`` (``unit`` | ``linear``) and ``loss`` (``ce`` | ``dpo`` |
-    ``sft``)."""
-    params = dict(params)
-    kernel = params.pop("kernel", "unit")
-    if kernel not in KERNELS:
-        raise SteerError(f"must be one of {', '.join(KERNELS)}", "params.kernel")
-    loss = check_loss(params.pop("loss", "ce"))
-    if params:
-        name = next(iter(params))
-        raise SteerError(f"unknown parameter {name!r}", f"params.{name}")
-    return {"kernel": kernel, "loss": loss}
 
 
 def _median_norm(rows: Tensor) -> float:

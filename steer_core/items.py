@@ -22,7 +22,7 @@ MAX_OPTIONS = 26  # one letter each
 # is about 1,200 characters and its longest option about 1,800.
 MAX_QUESTION_CHARS = 4000
 MAX_OPTION_CHARS = 2000
-MAX_ID_CHARS = 200  # what the databases store (service.api.protocol.MAX_ID_CHARS)
+MAX_ID_CHARS = 200  # what the databases store (service.protocol.MAX_ID_CHARS)
 # The bound every JSON body's numbers are held to (service.api.openapi.MAX_JSON_NUMBER).
 MAX_NUMBER = 1e15
 _TARGET_TOLERANCE = 1e-3

@@ -42,7 +42,8 @@ from transformers.pytorch_utils import Conv1D
 from steer_core.blocks import last_logits_from
 from steer_core.data import OpinionItem
 from steer_core.errors import SteerError
-from steer_core.losses import check_loss, item_losses
+from steer_core.losses import item_losses
+from steer_core.method_params import LORA_MAX_RANK, LORA_MAX_STEPS, check_lora_params
 from steer_core.method_spec import Method
 from steer_core.models import LanguageModel, ModelLayout, model_names
 from steer_core.profile import Profile
@@ -56,8 +57,12 @@ if TYPE_CHECKING:
 DEFAULT_RANK = 4
 DEFAULT_STEPS = 12
 DEFAULT_LR = 1e-2
-MAX_RANK = 64
-MAX_STEPS = 500
+# The params' check (``rank``, ``alpha``, ``steps``, ``lr``, ``loss``, ``target_modules``) and its limits live
+# in the torch-free `steer_core.method_params` (the service checks a build request by them); named here as
+# before.
+check_params = check_lora_params
+MAX_RANK = LORA_MAX_RANK
+MAX_STEPS = LORA_MAX_STEPS
 # The build's search over what the params leave open. Sized for CPU: each (rank, lr) pair is one more
 # training run per fold (a step of the top quarter on 20 items of the default model: ~3.7 CPU s here),
 # the training lengths are checkpoints of one run, and rank and lr are left out of the search (one value
@@ -234,42 +239,6 @@ def _path_of(lm: LanguageModel, parent: nn.Module, name: str) -> str:
 def first_block(lm: LanguageModel) -> int:
     """The build's first adapted block: the top quarter of the blocks (at least the last one)."""
     return lm.num_layers - max(1, lm.num_layers // 4)
-
-
-def check_params(params: dict[str, Any]) -> dict[str, Any]:
-    """Validate LoRA's own params: ``rank`` (1..MAX_RANK), ``alpha`` (> 0, default 2 * rank), ``steps``
-    (1..MAX_STEPS), ``lr`` (in (0, 1]), ``loss`` (``ce`` | ``dpo`` | ``sft``, default ``ce``),
-    ``target_modules`` (leaf module names, default: found from the model). ``rank``, ``steps`` and ``lr``
-    left out (None) are chosen by the build's search (`grid`)."""
-    params = dict(params)
-
-    def integer(key: str, top: int) -> int | None:
-        value = params.pop(key, None)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= top):
-            raise SteerError(f"must be an integer in 1..{top} (or null: chosen on held-out items)", f"params.{key}")
-        return value
-
-    rank, steps = integer("rank", MAX_RANK), integer("steps", MAX_STEPS)
-    alpha = params.pop("alpha", None)
-    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, int | float)
-                              or not math.isfinite(alpha) or alpha <= 0):
-        raise SteerError("must be a finite number > 0 (or null: 2 * rank)", "params.alpha")
-    lr = params.pop("lr", None)
-    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, int | float) or not math.isfinite(lr)
-                           or not 0 < lr <= 1):
-        raise SteerError("must be a number in (0, 1] (or null: chosen on held-out items)", "params.lr")
-    targets = params.pop("target_modules", None)
-    if targets is not None and (not isinstance(targets, list) or not targets
-                                or not all(isinstance(t, str) and t for t in targets)):
-        raise SteerError("must be a non-empty list of module names (or null to find them from the model)",
-                         "params.target_modules")
-    out = {"rank": rank, "alpha": None if alpha is None else float(alpha), "steps": steps,
-           "lr": None if lr is None else float(lr), "loss": check_loss(params.pop("loss", "ce")),
-           "target_modules": targets}
-    if params:
-        name = next(iter(params))
-        raise SteerError(f"unknown parameter {name!r}", f"params.{name}")
-    return out
 
 
 def resolved(params: dict[str, Any]) -> dict[str, Any]:

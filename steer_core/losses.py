@@ -29,17 +29,11 @@ from torch import Tensor
 
 from steer_core.data import OpinionItem
 from steer_core.errors import SteerError
+from steer_core.method_params import check_loss  # torch-free: the service checks params by it too
 from steer_core.models import LanguageModel
 from steer_core.prompts import option_log_probs, option_token_ids
 
-LOSSES: tuple[str, ...] = ("ce", "dpo", "sft", "contrast")
 DPO_BETA = 0.1
-
-
-def check_loss(loss: object, field: str = "params.loss") -> str:
-    if loss not in LOSSES:
-        raise SteerError(f"must be one of {', '.join(LOSSES)}", field)
-    return loss
 
 
 def soft_cross_entropy(log_probs: Tensor, target: Tensor) -> Tensor:

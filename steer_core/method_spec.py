@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
 from steer_core.errors import SteerError
 
@@ -71,6 +71,20 @@ class Method:
                        list[dict[int, Profile]]] | None = None
 
 
+class MethodRules(Protocol):
+    """What a build's params are checked by (`check_build_params`): a `Method`, or a built-in method's
+    torch-free entry (`steer_core.method_names.MethodEntry`, what the service checks requests by)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def positions(self) -> tuple[str, ...]: ...
+
+    @property
+    def check_params(self) -> Callable[[dict[str, Any]], dict[str, Any]]: ...
+
+
 def no_params(params: dict[str, Any]) -> dict[str, Any]:
     """`check_params` of a method without params of its own."""
     if params:
@@ -78,7 +92,7 @@ def no_params(params: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
-def check_positions(positions: Any, method: Method | None = None, field: str = "positions") -> str:
+def check_positions(positions: Any, method: MethodRules | None = None, field: str = "positions") -> str:
     """`positions` checked: one of `POSITIONS`, and one `method`'s profiles can steer when given; errors name
     `field`."""
     if method is None:
@@ -120,13 +134,14 @@ def check_strength(strength: Any, field: str = "params.strength") -> float:
     return strength
 
 
-def check_build_params(method: Method, params: Mapping[str, Any],
+def check_build_params(method: MethodRules, params: Mapping[str, Any],
                        check_layer: Callable[[Any, str], int] = check_layer_index) -> dict[str, Any]:
     """A build's params checked: `layer`, `strength`, `orders` and `positions` (the params every method
     takes, kept only where given: an absent layer or strength is searched) and the method's own params
     (`method.check_params`, with its defaults filled in, so `{}` and the defaults spelled out are the same
     build). `check_layer` checks a layer (default: any index; a build passes its model's range check).
-    Errors name `params.<name>`."""
+    Errors name `params.<name>`. The service checks a request by the same function, given the method's
+    torch-free entry (`steer_core.method_names.check_method_build_params`)."""
     params = dict(params)
     fixed: dict[str, Any] = {}
     if "layer" in params:

@@ -38,18 +38,30 @@ from torch import Tensor
 from steer_core.activations import answer_activations
 from steer_core.data import OpinionItem
 from steer_core.errors import ProfileError, SteerError
+from steer_core.method_params import (
+    ODESTEER_DEFAULTS,
+    ODESTEER_MAX_COMPONENTS,
+    ODESTEER_MAX_DEGREE,
+    ODESTEER_MAX_STEPS,
+    ODESTEER_SOLVERS,
+    check_odesteer_params,
+    check_solver,
+)
 from steer_core.method_spec import Method
 from steer_core.models import LanguageModel
 from steer_core.profile import Profile
-from steer_core.sketch import CountSketch, check_sketch_params, through_normalization, unit_and_norm
+from steer_core.sketch import CountSketch, through_normalization, unit_and_norm
 from steer_core.steering import ForwardContext
 
-SOLVERS: tuple[str, ...] = ("euler", "midpoint", "rk4")
-DEFAULTS: dict[str, Any] = {"degree": 2, "n_components": 8000, "gamma": 0.1, "coef0": 1.0, "seed": 0,
-                            "solver": "euler", "steps": 10}
-MAX_DEGREE = 8
-MAX_COMPONENTS = 1 << 20
-MAX_STEPS = 1000
+# The params' check (`barrier_params`; `check_solver` for the solver and its steps) with its defaults and
+# limits lives in the torch-free `steer_core.method_params` (the service checks a build request by them);
+# named here as before.
+barrier_params = check_odesteer_params
+SOLVERS = ODESTEER_SOLVERS
+DEFAULTS = ODESTEER_DEFAULTS
+MAX_DEGREE = ODESTEER_MAX_DEGREE
+MAX_COMPONENTS = ODESTEER_MAX_COMPONENTS
+MAX_STEPS = ODESTEER_MAX_STEPS
 FIELD_EPS = 1e-10  # f = grad h / (|grad h| + eps): a zero gradient gives a zero field, not NaN
 # The held-out search tries T = r * (mean activation norm at the layer) for r in this grid. The field is
 # tangent to the sphere |a| = const (h depends on a / |a| only), so the flow turns `a` by about T / |a|
@@ -200,17 +212,6 @@ def integrate(field_fn: Callable[[Tensor], Tensor], a0: Tensor, path_length: flo
     return a
 
 
-def check_solver(solver: Any, steps: Any, path_length: Any = 0.0, prefix: str = "params") -> None:
-    """Reject an unknown solver, a step count outside 1..MAX_STEPS and a negative T, naming the field."""
-    if solver not in SOLVERS:
-        raise SteerError(f"must be one of {', '.join(SOLVERS)}", f"{prefix}.solver")
-    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
-        raise SteerError(f"must be an integer in 1..{MAX_STEPS}", f"{prefix}.steps")
-    if isinstance(path_length, bool) or not isinstance(path_length, int | float) \
-            or not math.isfinite(path_length) or path_length < 0:
-        raise SteerError("T (the strength) must be a finite number >= 0", f"{prefix}.strength")
-
-
 @dataclass(frozen=True, eq=False)
 class BarrierFlow:
     """The ODESteer intervention: flow `path_length` along the combined barrier field at the steered
@@ -276,28 +277,6 @@ def contrast_weights(target: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
     pos = target * valid
     neg = (1.0 - target) * valid / (counts - 1.0)
     return pos, neg
-
-
-def barrier_params(params: dict[str, Any]) -> dict[str, Any]:
-    """Validate ODESteer's own parameters, naming the field; fill defaults."""
-    params = dict(params)
-    if "T" in params:
-        raise SteerError("ODESteer's T is the profile's strength: pass it as 'strength'", "params.T")
-    unknown = sorted(set(params) - set(DEFAULTS))
-    if unknown:
-        raise SteerError(f"unknown parameter {unknown[0]!r}; ODESteer takes {', '.join(DEFAULTS)}",
-                         f"params.{unknown[0]}")
-    out = {**DEFAULTS, **params}
-    check_sketch_params(out["degree"], out["n_components"], out["gamma"], out["coef0"])
-    if out["degree"] > MAX_DEGREE:
-        raise SteerError(f"must be an integer in 1..{MAX_DEGREE}", "params.degree")
-    if out["n_components"] > MAX_COMPONENTS:
-        raise SteerError(f"must be an integer in 2..{MAX_COMPONENTS}", "params.n_components")
-    if isinstance(out["seed"], bool) or not isinstance(out["seed"], int) or out["seed"] < 0:
-        raise SteerError("must be an integer >= 0", "params.seed")
-    check_solver(out["solver"], out["steps"])
-    out["gamma"], out["coef0"] = float(out["gamma"]), float(out["coef0"])
-    return out
 
 
 def fit(lm: LanguageModel, items: Sequence[OpinionItem], layers: Sequence[int], params: dict[str, Any],

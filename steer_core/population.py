@@ -52,7 +52,7 @@ MIN_GROUPS = 2
 # constraint: the simplex already bounds the subject's lean by the groups', and the penalty only breaks ties
 # that 20 answers cannot (groups whose predicted leans nearly coincide). A lean moves one answer's
 # cross-entropy by about Var(z) * d^2 / 2 (Var(z) ~ 0.4), so at 0.25 a subject that is plainly one group still
-# reaches it (weight 0.94 on the toy of tests/test_population.py; 0.83 at 1.0, 0.97 at 0.1).
+# reaches it (weight 0.94 on the toy of tests/steer_core/test_population.py; 0.83 at 1.0, 0.97 at 0.1).
 SUBJECT_PENALTY = 0.25
 TENSOR_NAMES = ("population.center", "population.scale", "population.weight", "population.intercept",
                 "population.temperatures")

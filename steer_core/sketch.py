@@ -13,12 +13,12 @@ analytic form is what steering uses because it needs no graph and precomputes `r
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from steer_core.errors import SteerError
+from steer_core.method_params import check_sketch_params  # torch-free: the service checks ODESteer's params by it
 
 _NORM_FLOOR = 1e-12  # |a| below this is treated as this (a zero activation has no direction)
 
@@ -171,19 +171,3 @@ def _leave_one_out_products(spectra: Tensor) -> Tensor:
         out[d] = prefix[d] * suffix
         suffix = suffix * spectra[:, d]
     return torch.stack(out, dim=1)
-
-
-def check_sketch_params(degree: Any, n_components: Any, gamma: Any, coef0: Any, prefix: str = "params") -> None:
-    """Reject impossible sketch settings, naming the field (`params.degree`, ...)."""
-    if isinstance(degree, bool) or not isinstance(degree, int) or degree < 1:
-        raise SteerError("must be an integer >= 1", f"{prefix}.degree")
-    if isinstance(n_components, bool) or not isinstance(n_components, int) or n_components < 2:
-        raise SteerError("must be an integer >= 2", f"{prefix}.n_components")
-    if not _finite_number(gamma) or gamma <= 0:
-        raise SteerError("must be a finite number > 0", f"{prefix}.gamma")
-    if not _finite_number(coef0) or coef0 < 0:
-        raise SteerError("must be a finite number >= 0", f"{prefix}.coef0")
-
-
-def _finite_number(x: Any) -> bool:
-    return not isinstance(x, bool) and isinstance(x, int | float) and x == x and abs(x) != float("inf")

@@ -1,10 +1,13 @@
-"""Shared fixtures: the default model's files, tiny and real models, the shared data directory."""
+"""Shared fixtures: the default model's files, tiny and real models, the shared data directory; and the
+service tests' (`service_fixtures.py`: settings, databases, the app, keys; `runtime.py`: Redis, the worker)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+from runtime import *  # noqa: F403  (redis_url, celery_worker, ...)
+from service_fixtures import *  # noqa: F403  (settings, database_url, app, client, auth, ...)
 from support import SHARED_DATA, make_tiny
 
 from steer_core.models import LanguageModel, load_model

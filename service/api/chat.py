@@ -26,28 +26,6 @@ from flask import Blueprint, Flask, Response, request
 from service import context
 from service.api.errors import ApiError, api_error, not_found
 from service.api.openapi import api_route
-from service.api.protocol import (
-    MAX_CHOICES,
-    MAX_TOP_LOGPROBS,
-    AppliedProfile,
-    CalibrationOut,
-    ChatChoice,
-    ChatCompletion,
-    ChatCompletionChunk,
-    ChatCompletionRequest,
-    ChatDelta,
-    ChatMessageOut,
-    ChatTokenLogprob,
-    ChoiceLogprobs,
-    ChunkChoice,
-    QuestionScore,
-    ScoreRequest,
-    ScoreResponse,
-    SteeringIn,
-    SteeringOut,
-    TopLogprob,
-    Usage,
-)
 from service.api.ratelimit import charge_tokens
 from service.auth import tenant_id
 from service.engine.client import (
@@ -70,6 +48,28 @@ from service.engine.client import (
 )
 from service.engine.client import (
     AppliedProfile as EngineApplied,
+)
+from service.protocol import (
+    MAX_CHOICES,
+    MAX_TOP_LOGPROBS,
+    AppliedProfile,
+    CalibrationOut,
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatDelta,
+    ChatMessageOut,
+    ChatTokenLogprob,
+    ChoiceLogprobs,
+    ChunkChoice,
+    QuestionScore,
+    ScoreRequest,
+    ScoreResponse,
+    SteeringIn,
+    SteeringOut,
+    TopLogprob,
+    Usage,
 )
 from service.settings import Settings
 from service.store import db

@@ -19,7 +19,10 @@ from flask import Blueprint, Response, current_app, url_for
 
 from service import context
 from service.api.openapi import api_route
-from service.api.protocol import (
+from service.auth import tenant_id
+from service.experiments import experiments as ex
+from service.experiments import offline_comparison as offline
+from service.protocol import (
     AssignIn,
     AssignmentOut,
     ExperimentCreate,
@@ -32,9 +35,6 @@ from service.api.protocol import (
     FeedbackOut,
     ResultsQuery,
 )
-from service.auth import tenant_id
-from service.experiments import experiments as ex
-from service.experiments import offline_comparison as offline
 
 log = logging.getLogger(__name__)
 

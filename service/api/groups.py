@@ -8,9 +8,9 @@ from sqlalchemy import delete, func, select
 from service import context
 from service.api.errors import ApiError
 from service.api.openapi import api_route
-from service.api.protocol import GroupOut, GroupPut
 from service.api.subjects import check_id, find_subject
 from service.auth import tenant_id
+from service.protocol import GroupOut, GroupPut
 from service.store import db
 
 bp = Blueprint("groups", __name__)

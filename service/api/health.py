@@ -15,7 +15,7 @@ from sqlalchemy import text
 
 from service import context
 from service.api.openapi import api_route
-from service.api.protocol import Health, Ready, ReadyCheck
+from service.protocol import Health, Ready, ReadyCheck
 from service.store import db
 
 bp = Blueprint("health", __name__)

@@ -9,8 +9,8 @@ from flask import Blueprint, g
 from service import context
 from service.api.errors import ApiError, not_found
 from service.api.openapi import api_route
-from service.api.protocol import KeyCreate, KeyCreated, KeyList, KeyOut
 from service.auth import TooManyKeys, add_key, revoke_prefix, tenant_id, tenant_keys
+from service.protocol import KeyCreate, KeyCreated, KeyList, KeyOut
 from service.store import db
 
 bp = Blueprint("keys", __name__)

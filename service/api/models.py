@@ -13,8 +13,8 @@ from service import context
 from service.api.errors import ApiError
 from service.api.openapi import api_route
 from service.api.profiles import profile_views
-from service.api.protocol import ModelList, ModelOut, ModelSteering
 from service.auth import tenant_id
+from service.protocol import ModelList, ModelOut, ModelSteering
 from service.store import db
 
 bp = Blueprint("models", __name__)

@@ -30,7 +30,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 
 from service import context
 from service.api.errors import ApiError, not_found, validation_error
-from service.api.protocol import DEPLOYMENT_KEY, ID_PATTERN, ID_RULE, PATH_PATTERNS, UUID_PATTERN, ErrorResponse
+from service.protocol import DEPLOYMENT_KEY, ID_PATTERN, ID_RULE, PATH_PATTERNS, UUID_PATTERN, ErrorResponse
 from service.settings import Settings, allowed_models
 
 log = logging.getLogger(__name__)
@@ -410,7 +410,7 @@ def _literal(text: str) -> str:
 
 
 def state_deployment(schema: Any, settings: Settings) -> None:
-    """Write the deployment's limits (`service.api.protocol.deployment`) into a document (in place)."""
+    """Write the deployment's limits (`service.protocol.deployment`) into a document (in place)."""
     if isinstance(schema, list):
         for sub in schema:
             state_deployment(sub, settings)

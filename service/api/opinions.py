@@ -16,7 +16,9 @@ from flask import Blueprint, request
 from service import context
 from service.api.errors import ApiError
 from service.api.openapi import api_route, receive_upload
-from service.api.protocol import (
+from service.api.subjects import find_subject
+from service.auth import tenant_id
+from service.protocol import (
     MAX_ITEMS_PER_REQUEST,
     OpinionOut,
     OpinionsOut,
@@ -26,8 +28,6 @@ from service.api.protocol import (
     OpinionsUploadQuery,
     SubjectRef,
 )
-from service.api.subjects import find_subject
-from service.auth import tenant_id
 from service.store import db
 from steer_core.data import OpinionItem, make_item, sample_hash
 

@@ -15,7 +15,9 @@ from sqlalchemy import select
 from service import context, populations
 from service.api.errors import ApiError, not_found
 from service.api.openapi import api_route
-from service.api.protocol import (
+from service.api.subjects import build_model, find_subject
+from service.auth import tenant_id
+from service.protocol import (
     ArtifactRef,
     PopulationCreate,
     PopulationList,
@@ -27,8 +29,6 @@ from service.api.protocol import (
     SubjectRef,
     SuggestedQuestion,
 )
-from service.api.subjects import build_model, find_subject
-from service.auth import tenant_id
 from service.store import db
 from steer_core.data import question_key
 

@@ -12,7 +12,10 @@ from service import context
 from service.api.errors import ApiError, not_found
 from service.api.openapi import api_route
 from service.api.populations import population_params
-from service.api.protocol import (
+from service.api.subjects import build_model, find_subject
+from service.auth import tenant_id
+from service.engine.client import EngineUnavailable, engine_client
+from service.protocol import (
     ArtifactQuery,
     ArtifactRef,
     Estimate,
@@ -25,15 +28,11 @@ from service.api.protocol import (
     Progress,
     SubjectRef,
 )
-from service.api.subjects import build_model, find_subject
-from service.auth import tenant_id
-from service.engine.client import EngineUnavailable, engine_client
 from service.store import db
 from steer_core.data import OpinionItem, question_key
 from steer_core.errors import SteerError
 from steer_core.folds import split_sample  # torch-free (steer_core.build re-exports it)
-from steer_core.method_names import POPULATION_METHOD
-from steer_core.method_spec import check_build_params
+from steer_core.method_names import POPULATION_METHOD, check_method_build_params
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +44,9 @@ SEARCHED = ("layer", "strength")  # fixed by the caller, or chosen on held-out i
 def check_params(method: str, params: dict[str, Any]) -> dict[str, Any]:
     """The request's params, validated the way `steer_core.build_profile` will read them, with the
     method's defaults filled in (so `{}` and the defaults spelled out are the same profile); a layer is
-    checked against the model when the build runs."""
-    from steer_core.methods import get_method  # the registry imports the methods, and they torch: not at import
-
-    return check_build_params(get_method(method), params)
+    checked against the model when the build runs. Torch-free: the built-in methods' table
+    (`steer_core.method_names`) holds the very checks their `Method`s apply."""
+    return check_method_build_params(method, params)
 
 
 def resolve_contrast(session: db.Session, tenant: int, body: ProfileCreate, subject_id: int,

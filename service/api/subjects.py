@@ -9,7 +9,7 @@ from typing import Literal, overload
 from sqlalchemy.orm import Session
 
 from service.api.errors import ApiError, not_found
-from service.api.protocol import ID_PATTERN, ID_RULE
+from service.protocol import ID_PATTERN, ID_RULE
 from service.settings import Settings, allowed_models
 from service.store import db
 

@@ -8,9 +8,9 @@ from sqlalchemy import func, select
 from service import context
 from service.api.errors import not_found
 from service.api.openapi import api_route
-from service.api.protocol import UserOut, UserPut
 from service.api.subjects import check_id, find_subject
 from service.auth import tenant_id
+from service.protocol import UserOut, UserPut
 from service.store import db
 
 bp = Blueprint("users", __name__)

@@ -17,14 +17,6 @@ from service.api import chat, opinions, populations, profiles
 from service.api.errors import ApiError, api_error, field_path, not_found
 from service.api.experiments import offline_result
 from service.api.openapi import parse_body
-from service.api.protocol import (
-    ChatCompletionRequest,
-    ExperimentCreate,
-    OpinionsPost,
-    PopulationCreate,
-    ProfileCreate,
-    ScoreRequest,
-)
 from service.api.subjects import find_subject
 from service.auth import active_key, tenant_id
 from service.console import sessions
@@ -32,6 +24,14 @@ from service.console.item_plot import item_plot
 from service.experiments import experiments as ex
 from service.experiments import offline_comparison
 from service.experiments.errors import ExperimentError
+from service.protocol import (
+    ChatCompletionRequest,
+    ExperimentCreate,
+    OpinionsPost,
+    PopulationCreate,
+    ProfileCreate,
+    ScoreRequest,
+)
 from service.store import db
 from steer_core.calibration import recorded_calibration
 from steer_core.errors import SteerError
@@ -444,7 +444,7 @@ def subject_upload(kind: str, subject_id: str) -> BaseResponse:
     at a time by the uploads' reader and held to their limits (`steer_core.tables.jsonl_objects`; errors name
     `items[row]`), stored all or nothing by the API's function, which validates every item's text."""
     from service.api.openapi import check_json_value
-    from service.api.protocol import MAX_ITEMS_PER_REQUEST
+    from service.protocol import MAX_ITEMS_PER_REQUEST
     from steer_core.tables import ReadLimits, jsonl_objects
 
     _check_kind(kind)

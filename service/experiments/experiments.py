@@ -27,20 +27,6 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from service.api.protocol import (
-    ControlComparison,
-    ExperimentCreate,
-    ExperimentOut,
-    ExperimentResults,
-    ExperimentState,
-    FeedbackIn,
-    ProfileWeightOut,
-    RewardStats,
-    SampleRatioCheck,
-    ScopeOut,
-    VariantOut,
-    VariantResult,
-)
 from service.experiments.errors import ExperimentStopped, Invalid, NotFound, ProfileNotReady
 from service.experiments.offline_comparison import OfflineResult
 from service.experiments.stats import (
@@ -56,6 +42,20 @@ from service.experiments.stats import (
     rewards_png,
     sample_ratio_check,
     summarize_rewards,
+)
+from service.protocol import (
+    ControlComparison,
+    ExperimentCreate,
+    ExperimentOut,
+    ExperimentResults,
+    ExperimentState,
+    FeedbackIn,
+    ProfileWeightOut,
+    RewardStats,
+    SampleRatioCheck,
+    ScopeOut,
+    VariantOut,
+    VariantResult,
 )
 from service.store import db
 

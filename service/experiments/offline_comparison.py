@@ -31,7 +31,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from service.api.protocol import Gain, OfflineComparison, OfflineScores
+from service.protocol import Gain, OfflineComparison, OfflineScores
 from service.store import db
 from steer_core.data import OpinionItem, sample_hash
 

@@ -219,7 +219,7 @@ def test_welch_at_every_small_n(treatment, control):
         return
     if np.var(treatment) == 0 and np.var(control) == 0:
         assert_agrees(c)
-        return  # degenerate: checked in tests/service/test_experiments_stats.py
+        return  # degenerate: checked in tests/experiments/test_experiments_stats.py
     ref = stats.ttest_ind(treatment, control, equal_var=False)
     if not np.isfinite(ref.pvalue):
         assert_untested(c)

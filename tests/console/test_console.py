@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 import pytest
-from api_helpers import fixture_items, make_group, mark_ready, request_profile
+from api_helpers import csrf_of, fixture_items, login_token, make_group, mark_ready, request_profile, sign_in
 from sqlalchemy import func, select
 
 from service import create_app
@@ -20,25 +20,6 @@ from service.console import sessions
 from service.store import db
 
 pytestmark = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
-
-
-def login_token(client) -> str:
-    page = client.get("/console/login")
-    assert page.status_code == 200
-    return re.search(r'name="csrf_token" value="([^"]+)"', page.text).group(1)
-
-
-def sign_in(client, key: str) -> str:
-    """Sign in with `key`; the session's CSRF token."""
-    r = client.post("/console/login", data={"api_key": key, "csrf_token": login_token(client)})
-    assert r.status_code == 302, r.text
-    return csrf_of(client)
-
-
-def csrf_of(client) -> str:
-    page = client.get("/console/profiles")
-    assert page.status_code == 200, page.text
-    return re.search(r'<meta name="csrf-token" content="([^"]+)"', page.text).group(1)
 
 
 def test_sign_in_sets_a_strict_httponly_session_cookie(client, tenant_key):

@@ -1,12 +1,12 @@
-"""Small helpers shared by the API tests (not fixtures)."""
+"""Small helpers shared by the API and console tests (not fixtures)."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import re
 from typing import Any
 
-FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+from support import FIXTURES
 
 
 def fixture_items(name: str, n: int | None = None) -> list[dict[str, Any]]:
@@ -83,3 +83,24 @@ def requested_group_profile(settings, tenant: str, gid: str, items, params: dict
                                       params, sample_hash(db.subject_items(session, tenant_row.id, "group",
                                                                            group.id)))
         return row.id, created
+
+
+# The console's sign-in through Flask's client.
+
+def login_token(client) -> str:
+    page = client.get("/console/login")
+    assert page.status_code == 200
+    return re.search(r'name="csrf_token" value="([^"]+)"', page.text).group(1)
+
+
+def sign_in(client, key: str) -> str:
+    """Sign in with `key`; the session's CSRF token."""
+    r = client.post("/console/login", data={"api_key": key, "csrf_token": login_token(client)})
+    assert r.status_code == 302, r.text
+    return csrf_of(client)
+
+
+def csrf_of(client) -> str:
+    page = client.get("/console/profiles")
+    assert page.status_code == 200, page.text
+    return re.search(r'<meta name="csrf-token" content="([^"]+)"', page.text).group(1)

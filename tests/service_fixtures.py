@@ -1,7 +1,9 @@
-"""Fixtures for the service tests: settings on a temporary home, a fresh database per test (SQLite, and
-PostgreSQL where 127.0.0.1:5432 answers), the Flask app and client, and one API key per tenant.
+"""Fixtures for the service tests (tests/conftest.py imports them): settings on a temporary home, a fresh
+database per test (SQLite, and PostgreSQL where 127.0.0.1:5432 answers), the Flask app and client, and one
+API key per tenant.
 
-Redis and the Celery worker come from `runtime.py` (its fixtures `redis_url`, `celery_worker`).
+Redis and the Celery worker come from `runtime.py` (its fixtures `redis_url`, `celery_worker`, imported by
+tests/conftest.py beside these).
 """
 
 from __future__ import annotations
@@ -9,29 +11,15 @@ from __future__ import annotations
 import os
 import shutil
 import socket
-import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from runtime import *  # noqa: F403  (redis_url, celery_worker, ...)
 from runtime import redis_db_url
 
 from service.store import db
-
-_ROOT_CONFTEST = Path(__file__).resolve().parent.parent / "conftest.py"
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    # pytest imports every conftest.py as the top-level module `conftest` and the last one imported wins;
-    # tests in tests/ do `from conftest import ...` meaning tests/conftest.py: point the name back at it.
-    for plugin in config.pluginmanager.get_plugins():
-        path = getattr(plugin, "__file__", None)
-        if path and Path(path).resolve() == _ROOT_CONFTEST:
-            sys.modules["conftest"] = plugin
-
 
 # Any database on the server: tests create and drop their own databases next to it.
 PG_URL = os.environ.get("PLURISTEER_TEST_POSTGRES", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")

@@ -9,9 +9,9 @@ from typing import Any
 
 import numpy as np
 import pytest
+from api_helpers import sign_in
 from markupsafe import escape
 from support import FIXTURES
-from test_console import sign_in
 from worker_helpers import FIXED, new_auth, request_build, stack_client, wait_profile
 
 from service.api import chat

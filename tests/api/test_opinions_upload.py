@@ -10,7 +10,7 @@ import json
 import pytest
 from api_helpers import fixture_items
 
-from service.api.protocol import MAX_ITEMS_PER_REQUEST
+from service.protocol import MAX_ITEMS_PER_REQUEST
 
 pytestmark = [pytest.mark.service]
 

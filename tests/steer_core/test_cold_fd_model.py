@@ -20,7 +20,7 @@ def test_cold_fd_raises_persona_matching_on_other_statements(default_lm):
     statements = load_items(FIXTURES / "persona_environmentalist_rejects.jsonl")
     train, judge = statements[:20], statements[20:60]
     # Built and read in the statements' own order (`orders: 1`): what the method's steering can do at all, at half
-    # the reads of the order-robust default (tests/test_option_orders.py covers that one).
+    # the reads of the order-robust default (tests/steer_core/test_option_orders.py covers that one).
     profile = build_profile(default_lm, train, "cold_fd", {"layer": candidate_layers(default_lm)[0], "orders": 1})
     assert profile.strength == 0, profile.metrics  # its calibration alone says "No" to every statement
     profile = steering_alone(profile)  # the steering by itself

@@ -1,6 +1,6 @@
 """The front (`service.front`), against a small upstream on a Unix socket: whole requests are handed on,
 responses relayed as they come, and slow, stalled, oversize or malformed requests are answered by the front
-itself without reaching the upstream. The real server behind it: tests/service/test_slow_clients.py."""
+itself without reaching the upstream. The real server behind it: tests/operations/test_slow_clients.py."""
 
 from __future__ import annotations
 

@@ -123,7 +123,7 @@ def test_diffmean_raises_persona_matching_on_other_statements(default_lm):
     train, judge = statements[:20], statements[20:70]
     assert len(judge) == 50
     # Built and read in the statements' own order (`orders: 1`): what the method's steering can do at all (the
-    # order-robust default has tests of its own, tests/test_option_orders.py).
+    # order-robust default has tests of its own, tests/steer_core/test_option_orders.py).
     profile = build_profile(default_lm, train, "diffmean", {"orders": 1})
     assert profile.strength == 0 and profile.metrics["calibrated"]["matching_rate"] > 0.9, profile.metrics
     profile = steering_alone(profile)

@@ -143,7 +143,7 @@ def peak_reading(tmp_path, path, fmt: str, compression: str | None = None) -> di
     warm_csv.write_bytes(gzip.compress(b'prompt,choices,dist\n"Q?","[""a"", ""b""]","[0.5, 0.5]"\n'))
     args = {"path": str(path), "fmt": fmt, "compression": compression, "columns": UPLOAD_COLUMNS,
             "expanded": EXPANDED, "warm": str(tmp_path / "warm.parquet"), "warm_csv": str(warm_csv)}
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": str(root)}
     done = subprocess.run([sys.executable, "-c", PEAK_CHILD, json.dumps(args)], capture_output=True, text=True,
                           cwd=root, env=env, timeout=120)

@@ -3,7 +3,10 @@ server on the real default model, a real Celery worker building profiles, Redis 
 
 A signed-in tenant uploads a group's items, requests a build and watches the profile become ready; opens an
 experiment's live results with the plot; streams the unsteered and the steered answer side by side. Another
-tenant gets 404 on those pages, and a POST without the CSRF token is refused.
+tenant gets 404 on those pages, and a POST without the CSRF token is refused. An experiment's page shows the
+offline comparison the API stored, and offers none where there can be none (no scope group); the alignment
+bars are drawn on a scale that shows their differences; a profile page says yes/no and reads its params in
+words; the icons load and `/` leads to the console; groups and users are paged and searched.
 
 Screenshots of every page go to `$CONSOLE_SCREENSHOTS` (default: a pytest temporary folder); their paths are
 printed. `make test` installs Chromium and chromedriver from the system packages when they are absent."""
@@ -13,13 +16,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import threading
+import time
 import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from email.message import Message
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 from worker_helpers import FIXED, SMALL_ITEMS, new_auth
@@ -144,12 +151,17 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 def http(method: str, url: str, cookie: str, data: bytes | None = None) -> int:
     """The status of a request outside the browser with the browser's session cookie (redirects not
     followed)."""
-    request = urllib.request.Request(url, method=method, data=data, headers={"Cookie": cookie})
+    return http_response(method, url, cookie, data)[0]
+
+
+def http_response(method: str, url: str, cookie: str = "", data: bytes | None = None) -> tuple[int, Message, bytes]:
+    """(status, headers, body) of a request outside the browser (redirects not followed)."""
+    request = urllib.request.Request(url, method=method, data=data, headers={"Cookie": cookie} if cookie else {})
     try:
         with urllib.request.build_opener(_NoRedirect).open(request, timeout=30) as response:
-            return response.status
+            return response.status, response.headers, response.read()
     except urllib.error.HTTPError as exc:
-        return exc.code
+        return exc.code, exc.headers, exc.read()
 
 
 class State:
@@ -301,3 +313,195 @@ def test_another_tenant_gets_404_and_csrf_less_posts_are_refused(browser, stack,
     css(browser, "#sign-out").click()
     wait(browser, lambda d: "/console/login" in d.current_url)
     assert http("GET", f"{url}/console/profiles", cookie) == 302  # the signed-out session opens nothing
+
+
+def _offline_results(api: Client, experiment_id: str) -> dict:
+    """The experiment's results once the worker has stored its offline comparison (asked for by the first call)."""
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        results = api.call("GET", f"/v1/experiments/{experiment_id}/results?offline=true")
+        offline = results["offline"]
+        assert offline["status"] != "failed", offline
+        if offline["available"]:
+            return results
+        assert time.monotonic() < deadline, f"no offline comparison after {WAIT_S} s: {offline}"
+        time.sleep(1)
+
+
+def test_experiment_page_shows_the_stored_offline_comparison(browser, stack, tenant, screenshots):
+    url, _ = stack
+    assert State.profile_id and State.experiment_id
+    sign_in(browser, url, tenant["key"])
+    api = Client(url, tenant["key"])
+    # Without a scope group an experiment has no opinion items to score its variants on: the page says so and
+    # offers nothing to ask for.
+    unscoped = api.call("POST", "/v1/experiments", {
+        "name": "unscoped", "variants": [{"name": "control"},
+                                         {"name": "urban", "profiles": [{"id": State.profile_id}]}]})
+    browser.get(f"{url}/console/experiments/{unscoped['id']}")
+    offline = css(browser, "#offline").text
+    assert "none for this experiment" in offline and "no scope group" in offline, offline
+    assert not browser.find_elements("css selector", "#run-offline")
+    assert not browser.find_elements("css selector", "#results td.offline-alignment")
+    shot(browser, screenshots, "09-experiment-without-offline-comparison")
+
+    # The scoped experiment can have one: none is stored yet, and the page offers to ask for it.
+    page = f"{url}/console/experiments/{State.experiment_id}"
+    browser.get(page)
+    assert "not asked for yet" in css(browser, "#offline").text
+    assert browser.find_elements("css selector", "#run-offline")
+    assert not browser.find_elements("css selector", "#results td.offline-alignment")
+
+    # Asked for through the API, scored and stored by the worker: the page reads it back without asking again.
+    results = _offline_results(api, State.experiment_id)
+    browser.get(page)
+    offline = css(browser, "#offline").text
+    assert "(ready)" in offline and results["offline"]["detail"] in offline, offline
+    assert not browser.find_elements("css selector", "#run-offline")
+    headers = [th.text for th in browser.find_elements("css selector", "#results thead th")]
+    assert "offline alignment" in headers
+    shown = [td.text for td in browser.find_elements("css selector", "#results td.offline-alignment")]
+    assert shown == [f"{v['offline']['alignment']:.3f}" for v in results["variants"]], (shown, results["variants"])
+    browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", css(browser, "#offline"))
+    shot(browser, screenshots, "10-experiment-offline-comparison")
+
+
+def test_alignment_bars_use_a_scale_that_shows_the_differences(browser, stack, tenant, screenshots):
+    url, _ = stack
+    assert State.profile_id
+    sign_in(browser, url, tenant["key"])
+    metrics = Client(url, tenant["key"]).call("GET", f"/v1/profiles/{State.profile_id}")["metrics"]
+    browser.get(f"{url}/console/profiles/{State.profile_id}")
+    scale = css(browser, "#alignment-scale").text
+    match = re.search(r"from (\d+\.\d+) \(left edge\) to (\d+\.\d+) \(right edge\)", scale)
+    assert match, scale
+    start, end = float(match[1]), float(match[2])
+    bars = []
+    for row in browser.find_elements("css selector", "#alignment-plot .bar-row"):
+        name = row.find_element("css selector", ".bar-label").text
+        value = metrics[name]["alignment"]
+        assert row.find_element("css selector", ".bar-value").text == f"{value:.3f}"
+        track = row.find_element("css selector", ".bar").size["width"]
+        fill = row.find_element("css selector", ".fill").size["width"]
+        assert track > 100
+        bars.append((value, fill / track))
+    assert {"unsteered", "steered"} <= {r.find_element("css selector", ".bar-label").text
+                                        for r in browser.find_elements("css selector", "#alignment-plot .bar-row")}
+    low, high = min(v for v, _ in bars), max(v for v, _ in bars)
+    spread = high - low
+    assert spread >= 0.001, bars  # the steering at this strength moves the alignment
+    # Each bar's length is its value's place on the labelled scale...
+    for value, drawn in bars:
+        assert drawn == pytest.approx((value - start) / (end - start), abs=0.01), (value, drawn, start, end)
+    # ...and the scale hugs the values (a margin of about half their spread each side, at least 0.01, rounded to
+    # hundredths), so a difference of a few hundredths is a large part of the bar, not a few pixels of 0 to 1.
+    assert start <= low and high <= end and end - start <= 2 * spread + 0.04, (start, end, bars)
+    shortest = min(drawn for _, drawn in bars)
+    longest = max(drawn for _, drawn in bars)
+    assert longest - shortest >= 0.9 * spread / (2 * spread + 0.04), bars
+    if start > 0:
+        assert "the bars start above 0" in scale
+    browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", css(browser, "#alignment-plot"))
+    shot(browser, screenshots, "11-profile-alignment-bars")
+
+
+def test_profile_page_says_yes_or_no_and_reads_params_in_words(browser, stack, tenant, screenshots):
+    url, _ = stack
+    assert State.profile_id
+    sign_in(browser, url, tenant["key"])
+    profile = Client(url, tenant["key"]).call("GET", f"/v1/profiles/{State.profile_id}")
+    browser.get(f"{url}/console/profiles/{State.profile_id}")
+    body = css(browser, "body").text
+    assert not re.search(r"\b(True|False|None|true|false|null)\b", body), body
+    # Each yes/no the build recorded (e.g. whether a steering shipped) reads yes or no.
+    flags = {name: value for name, value in profile["metrics"].items() if isinstance(value, bool)}
+    assert flags, profile["metrics"]
+    facts = {dt.text: dt.find_element("xpath", "following-sibling::dd[1]").text
+             for dt in browser.find_elements("css selector", "#metrics dl.facts dt")}
+    for name, value in flags.items():
+        assert facts[name.replace("_", " ")] == ("yes" if value else "no"), (name, facts)
+    # The requested params in words: each name with its value, no JSON braces or quotes.
+    params = css(browser, "#params").text
+    assert not set(params) & set('{}[]"'), params
+    shown = [(k, v) for k, v in profile["params"].items() if v is not None]
+    assert shown, profile["params"]
+    for k, v in shown:
+        assert k.replace("_", " ") in params, (k, params)
+        if isinstance(v, bool):
+            assert f"{k.replace('_', ' ')} {'yes' if v else 'no'}" in params
+        elif isinstance(v, int):
+            assert f"{k.replace('_', ' ')} {v}" in params
+        elif isinstance(v, float):
+            assert f"{k.replace('_', ' ')} {v:.3f}" in params
+    assert css(browser, "#params").tag_name == "dd"
+    shot(browser, screenshots, "12-profile-setting")
+
+
+def test_favicon_and_the_root_redirect(browser, stack, tenant, screenshots):
+    url, _ = stack
+    status, headers, data = http_response("GET", f"{url}/favicon.ico")
+    assert status == 200 and headers.get_content_maintype() == "image", (status, headers.get_content_type())
+    assert data[:4] == b"\x00\x00\x01\x00"  # an ICO file
+    # `/` sends a browser to the console: the sign-in page signed out, the profiles signed in.
+    status, headers, _ = http_response("GET", f"{url}/")
+    assert status in (301, 302, 303, 307, 308) and urlsplit(headers["Location"]).path.startswith("/console")
+    browser.delete_all_cookies()
+    browser.get(f"{url}/")
+    assert urlsplit(browser.current_url).path == "/console/login"
+    # Every icon the page links to loads as an image (outside the browser and in it).
+    links = [e.get_attribute("href") for e in browser.find_elements("css selector", "link[rel=icon]")]
+    assert any(urlsplit(h).path == "/favicon.ico" for h in links), links
+    for href in links:
+        status, headers, _ = http_response("GET", href)
+        assert status == 200 and headers.get_content_maintype() == "image", (href, status, headers.get_content_type())
+        loaded = browser.execute_async_script(
+            "const done = arguments[arguments.length - 1]; const img = new Image();"
+            "img.onload = () => done(true); img.onerror = () => done(false); img.src = arguments[0];", href)
+        assert loaded, href
+    sign_in(browser, url, tenant["key"])
+    browser.get(f"{url}/")
+    assert urlsplit(browser.current_url).path == "/console/profiles"
+    shot(browser, screenshots, "13-root-redirect")
+
+
+def test_groups_and_users_are_paged_and_searched(browser, stack, screenshots):
+    from service.console.views import SUBJECTS_PER_PAGE
+
+    url, settings = stack
+    key = new_auth(settings)["Authorization"].split()[1]  # a tenant of its own: the counts are its users only
+    api = Client(url, key)
+    users = [f"pager-{i:03d}" for i in range(SUBJECTS_PER_PAGE + 5)]  # sorted as the page sorts them
+    for uid in users:
+        api.call("PUT", f"/v1/users/{uid}", {})
+    api.call("PUT", "/v1/groups/commuters", {"members": users[:3]})
+
+    def listed(table: str) -> list[str]:
+        return [a.text for a in browser.find_elements("css selector", f"#{table} tbody td a")]
+
+    sign_in(browser, url, key)
+    css(browser, "nav a[href$='/console/subjects']").click()
+    wait(browser, lambda d: urlsplit(d.current_url).path == "/console/subjects")
+    assert listed("users") == users[:SUBJECTS_PER_PAGE]
+    assert listed("groups") == ["commuters"]
+    assert "page 1 of 2" in css(browser, "#users-pager").text
+    assert not browser.find_elements("css selector", "#users-previous")
+    css(browser, "#users-next").click()
+    wait(browser, lambda d: "page=2" in d.current_url)
+    assert listed("users") == users[SUBJECTS_PER_PAGE:]
+    assert "page 2 of 2" in css(browser, "#users-pager").text
+    assert not browser.find_elements("css selector", "#users-next")
+    assert listed("groups") == ["commuters"]  # the groups' own page is kept
+    shot(browser, screenshots, "14-users-page-2")
+
+    box = css(browser, "#subject-search input[name=q]")
+    box.clear()
+    box.send_keys("PAGER-01")  # a part of the id, any case
+    css(browser, "#subject-search button[type=submit]").click()
+    wait(browser, lambda d: "q=PAGER-01" in d.current_url)
+    assert listed("users") == [u for u in users if "pager-01" in u]
+    assert listed("groups") == []
+    assert not browser.find_elements("css selector", "#users-pager")
+    shot(browser, screenshots, "15-users-search")
+    css(browser, "#clear-search").click()
+    wait(browser, lambda d: "q=" not in d.current_url)
+    assert listed("users") == users[:SUBJECTS_PER_PAGE]
