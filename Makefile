@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_DIR := .pluristeer
 
-.PHONY: setup browser compose-tool demo eval-demo test lint bench clean
+.PHONY: setup browser compose-tool demo eval-demo test lint bench bench-gguf clean
 
 TORCH_VERSION ?= 2.13.0
 
@@ -46,7 +46,7 @@ browser:
 		fi; \
 	fi
 
-# tests/test_compose.py validates docker-compose.yml with the `docker-compose` tool (Debian's package; no
+# tests/operations/test_compose.py validates docker-compose.yml with the `docker-compose` tool (Debian's package; no
 # Docker daemon needed): install it when absent (root and apt-get), otherwise say what is missing. Without
 # Recommends: Debian's docker-compose recommends docker.io (the daemon, containerd, runc, iptables: 286 MB),
 # which `docker-compose config` never talks to.
@@ -55,7 +55,7 @@ compose-tool:
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 			apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends docker-compose; \
 		else \
-			echo "tests/test_compose.py needs the docker-compose tool (e.g. apt-get install docker-compose)"; \
+			echo "tests/operations/test_compose.py needs the docker-compose tool (e.g. apt-get install docker-compose)"; \
 			exit 1; \
 		fi; \
 	fi
@@ -72,6 +72,15 @@ lint: $(BIN)/.installed
 
 bench: setup
 	for script in bench/*.py; do $(BIN)/python $$script || exit 1; done
+
+# llama.cpp itself reading the default model's GGUF with an exported control vector, beside pluristeer's own
+# reads (bench/bench_gguf.py). Not part of `make test` nor CI: llama-cpp-python (the `gguf-bench` extra) has
+# no wheels, so installing it compiles llama.cpp (about 18 min on 2 cores; portable build, as measured in
+# docs/results.md). `make bench` runs the script too, and it says it skipped when llama-cpp-python is absent.
+GGUF_CMAKE_ARGS ?= -DGGML_NATIVE=OFF
+bench-gguf: setup
+	CMAKE_ARGS="$(GGUF_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip install --quiet -e '.[gguf-bench]'
+	$(BIN)/python bench/bench_gguf.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache .ruff_cache .mypy_cache

