@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/option_orders.py [--data DIR] [--pairs POLIDEOLOGY:Liberal:Conservative ...]
         [--methods diffmean cold_fd odesteer lora] [--seeds 0] [--train 20] [--judge 100] [--threads N]
+        [--groups Black 65+] [--no-survey-order-build]
 
 For each attribute pair, seed and group, `--train` shared questions build a profile (the other group as the
 contrast, as the service does for a tenant holding both) and `--judge` other questions judge it, each
@@ -66,6 +67,9 @@ def main() -> int:
     parser.add_argument("--train", type=int, default=20)
     parser.add_argument("--judge", type=int, default=100)
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--groups", nargs="+", help="build only these groups of the pairs (default: both of each)")
+    parser.add_argument("--no-survey-order-build", action="store_true",
+                        help="skip the `orders = 1` build and its columns (halves the builds)")
     args = parser.parse_args()
     if not args.data.is_dir():
         print(f"skipped: {args.data} is not present (OpinionsQA data is not shipped with the repo)")
@@ -90,6 +94,8 @@ def main() -> int:
             train_single = split_orders(answer_distributions(lm, in_both_orders(train[ga]), orders=1), args.train)
             train_served = answer_distributions(lm, train[ga])
             for g, other in ((ga, gb), (gb, ga)):
+                if args.groups and g not in args.groups:
+                    continue
                 items = with_contrast(train[g], [train[other]])
                 # The calibrated baselines: fitted on the debiased reads (as served), and the sceptic's, on the
                 # build items read one order at a time in both orders (the reversed ones as asked).
@@ -105,10 +111,11 @@ def main() -> int:
                 for method in args.methods:
                     start = time.perf_counter()
                     built = build_profile(lm, items, method, seed=seed)
-                    old = build_profile(lm, items, method, {"orders": 1}, seed=seed)
+                    old = None if args.no_survey_order_build else build_profile(lm, items, method, {"orders": 1},
+                                                                                  seed=seed)
                     seconds = time.perf_counter() - start
                     served = read_orders(lm, questions, built)
-                    old_single = read_orders(lm, questions, old, debiased=False)
+                    old_single = None if old is None else read_orders(lm, questions, old, debiased=False)
                     steering = [intervention(built, lm)] if built.strength != 0 else None
                     chat = single_order_reads(lm, questions, steering) if steering else unsteered_single
                     row: dict[str, tuple[float, float]] = {}
@@ -120,10 +127,11 @@ def main() -> int:
                             f"served vs calibrated {name}": (align(served[o]), calibrated_served),
                             f"served vs unsteered {name}": (align(served[o]), align(unsteered_single[o])),
                             f"served vs sceptic's calibration {name}": (align(served[o]), align(sceptic_o)),
-                            f"survey-order build vs sceptic's calibration {name}": (align(old_single[o]),
-                                                                                    align(sceptic_o)),
                             f"chat vs unsteered {name}": (align(chat[o]), align(unsteered_single[o])),
                         }
+                        if old_single is not None:
+                            cells[f"survey-order build vs sceptic's calibration {name}"] = (align(old_single[o]),
+                                                                                            align(sceptic_o))
                         for key, (a, b) in cells.items():
                             d = paired_difference(a, b)
                             row[key] = (d.mean, d.standard_error)
@@ -135,13 +143,14 @@ def main() -> int:
                     rows[method].append(row)
                     verdict = built.metrics["verdict"]
                     old_vs = "survey-order build vs sceptic's calibration"
-                    print(f"  {attribute} seed {seed} {g:<13} {method:<9} strength {built.strength:<8g} "
-                          f"(survey-order build {old.strength:g}); served vs calibrated "
-                          f"{row['served vs calibrated orig'][0]:+.4f} ± {row['served vs calibrated orig'][1]:.4f}, "
-                          f"survey-order build vs sceptic orig/rev "
-                          f"{row[old_vs + ' orig'][0]:+.4f} / {row[old_vs + ' rev'][0]:+.4f}; "
+                    old_line = "" if old is None else (
+                        f" (survey-order build {old.strength:g}: vs sceptic orig/rev "
+                        f"{row[old_vs + ' orig'][0]:+.4f} / {row[old_vs + ' rev'][0]:+.4f})")
+                    print(f"  {attribute} seed {seed} {g:<13} {method:<9} strength {built.strength:<8g}{old_line}; "
+                          f"served vs calibrated "
+                          f"{row['served vs calibrated orig'][0]:+.4f} ± {row['served vs calibrated orig'][1]:.4f}; "
                           f"{'improved' if verdict['improved'] else 'not improved'}, serves the {verdict['serves']}; "
-                          f"two builds {seconds:.0f} s", flush=True)
+                          f"builds {seconds:.0f} s", flush=True)
                     for key, (m, se) in row.items():  # every column now: a long run may be stopped early
                         print(f"    {key:<52}{m:+.4f} ± {se:.4f}", flush=True)
 
