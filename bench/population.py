@@ -100,6 +100,12 @@ def pick(items: list[OpinionItem], idx: list[int]) -> list[OpinionItem]:
     return [items[i] for i in idx]
 
 
+def simulated_person(items: list[OpinionItem], rng: np.random.Generator) -> list[OpinionItem]:
+    """One simulated person: an answer per question, drawn from the group's distribution."""
+    return [make_item(it.question, it.options, answer=int(rng.choice(len(it.options), p=it.target)),
+                      ordinal=it.ordinal, id=it.id) for it in items]
+
+
 def subject_dists(fit: SubjectFit, dists: list[np.ndarray], items: list[OpinionItem],
                   states: dict[int, np.ndarray]) -> list[np.ndarray]:
     """What a profile with the fit's calibration and question lean serves for `items` read as `dists`."""
@@ -274,8 +280,7 @@ def main() -> None:
             for _person in range(args.persons):
                 palign = {"unsteered": align["unsteered"], "uniform": align["uniform"]}
                 for how, idx in (("random", drawn), ("chosen", chosen)):
-                    answers = [make_item(it.question, it.options, answer=int(prng.choice(len(it.options), p=it.target)),
-                                         ordinal=it.ordinal, id=it.id) for it in pick(target, idx)]
+                    answers = simulated_person(pick(target, idx), prng)
                     train_dists = [j_dists[i] for i in idx]
                     train_states = {k: v[idx] for k, v in j_states.items()}
                     cal = fit_calibration(answers, train_dists, lean=True)

@@ -38,9 +38,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.population import DEFAULT_DATA, load_groups, pick, split_by_wave  # noqa: E402
+from bench.population import DEFAULT_DATA, load_groups, pick, simulated_person, split_by_wave  # noqa: E402
 from service.cli.demo_ab import Client  # noqa: E402
-from steer_core.data import OpinionItem, make_item  # noqa: E402
+from steer_core.data import OpinionItem  # noqa: E402
 
 JUDGE_WAVES = {"W43", "W45", "W49", "W50"}
 
@@ -88,12 +88,6 @@ def wait_status(api: Client, path: str, timeout: float, poll: float) -> tuple[di
         time.sleep(poll)
 
 
-def person(items: list[OpinionItem], rng: np.random.Generator) -> list[OpinionItem]:
-    """One simulated person: an answer per question drawn from the group's distribution."""
-    return [make_item(it.question, it.options, answer=int(rng.choice(len(it.options), p=it.target)),
-                      ordinal=it.ordinal, id=it.id) for it in items]
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -113,7 +107,7 @@ def main() -> int:
         raise SystemExit(f"--subject: no group {left_out!r}; groups: {', '.join(sorted(groups))}")
     build_idx, judge_idx = split_by_wave(waves, JUDGE_WAVES, args.build_questions, args.answers)
     rng = np.random.default_rng(0)
-    people = [person(pick(groups[left_out], judge_idx), rng) for _ in range(args.subjects)]
+    people = [simulated_person(pick(groups[left_out], judge_idx), rng) for _ in range(args.subjects)]
 
     with tempfile.TemporaryDirectory(prefix="pluristeer-fit-bench-") as tmp:
         proc, api = start_stack(Path(tmp), args.port)

@@ -45,10 +45,10 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.population import DEFAULT_DATA, load_groups, pick, split_by_wave  # noqa: E402
+from bench.population import DEFAULT_DATA, load_groups, pick, simulated_person, split_by_wave  # noqa: E402
 from steer_core import build_profile, load_model  # noqa: E402
 from steer_core.calibration import Calibration, fit_calibration, sample_alignment  # noqa: E402
-from steer_core.data import OpinionItem, make_item, with_contrast  # noqa: E402
+from steer_core.data import OpinionItem, with_contrast  # noqa: E402
 from steer_core.evaluation import Estimate, paired_difference, steerability_contrast  # noqa: E402
 from steer_core.methods import intervention  # noqa: E402
 from steer_core.models import LanguageModel  # noqa: E402
@@ -223,9 +223,7 @@ def main() -> int:
                       f"{rows['chat vs unsteered (rev)'][-1]}", flush=True)
                 prng = np.random.default_rng(1000 + seed)
                 for _ in range(args.persons):
-                    answers = [make_item(it.question, it.options, answer=int(prng.choice(len(it.options),
-                                                                                        p=it.target)),
-                                         ordinal=it.ordinal, id=it.id) for it in train]
+                    answers = simulated_person(train, prng)
                     person = served_reads(lm, items, fit_subject_profile(lm, population, answers))
                     person_cal = calibrated(fit_calibration(answers, [unsteered["both"][i] for i in drawn]),
                                             items, base)
