@@ -14,10 +14,10 @@ steers at strength 0 and subjects carry only their calibration and question lean
 
 A subject's fit runs no backward pass: one debiased read of its answered questions (with the prompts' states)
 gives its weights over the groups and its temperature (`fit_subject`); when the population steers, one more
-read under the blended vector decides whether the steering ships (the build's rule: not when it moves the
-subject's own answers away from it, each order read alone) and, when it does, refits the weights and
-temperature on what `/v1/score` will read, so the calibration and lean are fitted on the steered answers
-they are applied to.
+read under the blended vector (the blocks below the vector's shared with the first read: `PromptsAtBlock`)
+decides whether the steering ships (the build's rule: not when it moves the subject's own answers away from
+it, each order read alone) and, when it does, refits the weights and temperature on what `/v1/score` will
+read, so the calibration and lean are fitted on the steered answers they are applied to.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from steer_core.option_orders import in_both_orders, split_orders
 from steer_core.population import SUBJECT_PENALTY, Population, build_population, fit_subject, group_vectors
 from steer_core.population import informative_questions as rank_by_disagreement
 from steer_core.profile import Profile
-from steer_core.prompts import answer_distributions_under, read_answers
+from steer_core.prompts import PromptsAtBlock, answer_distributions_under, read_answers
 from steer_core.steering import ConstantShift, Intervention
 from steer_core.verdict import generation_gain
 
@@ -128,13 +128,15 @@ def fit_subject_profile(lm: LanguageModel, population: Population, items: Sequen
     if population.hidden_size != lm.hidden_size:
         raise SteerError(f"the population reads {population.hidden_size} hidden units, the model has "
                          f"{lm.hidden_size}", "population")
-    unsteered = read_answers(lm, items, state_layers=[population.layer])
+    # The blocks below the vector's run once for both reads (the steered read runs only the blocks above).
+    prompts = PromptsAtBlock(lm, items, population.vector_layer, state_layers=[population.layer])
+    unsteered = prompts.read()
     first = fit_subject(population, items, unsteered.distributions, unsteered.states, penalty)
     vector = torch.tensor(population.subject_vector(first.weights), dtype=torch.float32)
     fit, served, strength, chat = first, unsteered, 0.0, None
     if population.strength > 0:
         shift: list[Intervention] = [ConstantShift(population.vector_layer, POSITIONS, population.strength * vector)]
-        steered = read_answers(lm, items, shift, state_layers=[population.layer])
+        steered = prompts.read(shift)
         chat = generation_gain(items, steered.by_order, unsteered.by_order)
         # The build's rule for what chat gets (`steer_core.build`): a steering that moves the subject's own
         # answers away from it, read one order at a time, does not ship; the calibration and lean still do.

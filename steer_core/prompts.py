@@ -149,7 +149,11 @@ def read_answers(lm: LanguageModel, items: Sequence[OpinionItem], steering: Stee
     per_item = _per_item_steering(steering, len(items))
     read = _read(lm, in_both_orders(items), None if per_item is None else per_item * 2, state_layers, batch_size,
                  None if progress is None else lambda done, total: progress(done // 2, total // 2))
-    n = len(items)
+    return _averaged_orders(read, len(items))
+
+
+def _averaged_orders(read: AnswerRead, n: int) -> AnswerRead:
+    """A read of `in_both_orders(items)` (n items) as a read of the items: both orders averaged."""
     by_order = split_orders(read.distributions, n)
     states = {layer: 0.5 * (s[:n] + s[n:]) for layer, s in read.states.items()}
     return AnswerRead(average_orders(by_order), states, by_order)
@@ -318,6 +322,66 @@ def answer_distributions_under(lm: LanguageModel, items: Sequence[OpinionItem],
                     for r, (i, it) in enumerate(zip(run.indices, chunk, strict=True)):
                         out[k0 + g][i] = probs[g * len(chunk) + r, :len(it.options)].astype(np.float64)
     return out
+
+
+class PromptsAtBlock:
+    """Items' prompts run once through the blocks below `layer`, then read (`read`) under one steering after
+    another, each acting at `layer` or above: for a caller whose next steering depends on the last read (a
+    subject's fit reads its answers unsteered, blends a vector from them, then reads them under it), so each
+    further read costs the upper blocks only. Reads are `read_answers`'s, with the states of `state_layers`:
+    those below `layer` come from the shared run and are the same in every read."""
+
+    def __init__(self, lm: LanguageModel, items: Sequence[OpinionItem], layer: int, state_layers: Sequence[int] = (),
+                 batch_size: int = 16, orders: int = DEFAULT_READ_ORDERS) -> None:
+        lm.check_layer(layer, "layer")
+        self.lm, self.layer, self.n = lm, layer, len(items)
+        self.orders = check_read_orders(orders)
+        self.prompts = in_both_orders(items) if self.orders == 2 else list(items)
+        self.upper_state_layers = [s for s in state_layers if s >= layer]
+        self.lower_states = {s: np.zeros((len(self.prompts), lm.hidden_size)) for s in state_layers if s < layer}
+        self.runs: list[BlockBatch] = []
+        order = by_length(lm, self.prompts)
+        with torch.no_grad():
+            for start in range(0, len(order), batch_size):
+                indices = order[start:start + batch_size]
+                batch = encode_items(lm, [self.prompts[i] for i in indices])
+                mask = batch["attention_mask"].unsqueeze(-1).float()
+                handles = [lm.blocks[s].register_forward_hook(_keep_prompt_mean(states, indices, mask))
+                           for s, states in self.lower_states.items()]
+                try:
+                    args, kwargs = block_inputs(lm, batch, layer)
+                finally:
+                    for handle in handles:
+                        handle.remove()
+                self.runs.append(BlockBatch(indices, batch["input_ids"], batch["attention_mask"], args, kwargs))
+
+    @torch.no_grad()
+    def read(self, steering: RowSteering | None = None) -> AnswerRead:
+        """The items' answers (and states) under `steering`, one steering for every item (None: unsteered)."""
+        row = list(steering or [])
+        if any(iv.layer < self.layer for iv in row) or not steers_in_chunks(row):
+            raise ValueError(f"a read from block {self.layer}'s inputs takes position-local steerings at block "
+                             f"{self.layer} or above")
+        out: list[np.ndarray] = [np.empty(0)] * len(self.prompts)
+        states = {**{s: v.copy() for s, v in self.lower_states.items()},
+                  **{s: np.zeros((len(self.prompts), self.lm.hidden_size)) for s in self.upper_state_layers}}
+        for run in self.runs:
+            chunk = [self.prompts[i] for i in run.indices]
+            mask = run.attention_mask.unsqueeze(-1).float()
+            handles = [self.lm.blocks[s].register_forward_hook(_keep_prompt_mean(states[s], run.indices, mask))
+                       for s in self.upper_state_layers]
+            try:
+                with apply(self.lm, [row for _ in chunk]) as hooks:
+                    hooks.use_context(run.context(self.lm))
+                    logits = last_logits_from(self.lm, self.layer, run.args, run.kwargs)
+            finally:
+                for handle in handles:
+                    handle.remove()
+            probs = option_log_probs(self.lm, logits, chunk).exp().cpu().numpy()
+            for r, (i, it) in enumerate(zip(run.indices, chunk, strict=True)):
+                out[i] = probs[r, :len(it.options)].astype(np.float64)
+        read = AnswerRead(out, states, [out])
+        return _averaged_orders(read, self.n) if self.orders == 2 else read
 
 
 def by_length(lm: LanguageModel, items: Sequence[OpinionItem]) -> list[int]:

@@ -15,7 +15,7 @@ from steer_core.errors import ProfileError, SteerError
 from steer_core.evaluation import read_orders
 from steer_core.folds import fold_indices
 from steer_core.profile import Profile
-from steer_core.prompts import answer_distributions, encode_items, read_answers
+from steer_core.prompts import PromptsAtBlock, answer_distributions, encode_items, read_answers
 from steer_core.question_lean import QuestionLean, fit_question_lean, item_leans
 from steer_core.steering import ConstantShift
 
@@ -114,6 +114,27 @@ def test_read_answers_returns_the_prompts_mean_states_from_the_same_call(tiny_lm
     plain_3 = read_answers(tiny_lm, questions, state_layers=[3], orders=1).states[3]
     assert np.abs(steered.states[3] - plain_3).max() > 1e-2
     assert np.abs(np.stack(steered.distributions) - np.stack(read.distributions)).max() > 1e-4
+
+
+def test_prompts_run_once_to_a_block_read_as_full_reads_under_each_steering(tiny_lm):
+    """`PromptsAtBlock` shares the blocks below its block between reads: each read, unsteered or steered at
+    that block or above, gives what `read_answers` gives, states below and above the block included."""
+    questions = _questions()[:6]
+    prompts = PromptsAtBlock(tiny_lm, questions, 2, state_layers=[0, 3], batch_size=4)
+    vector = torch.randn(tiny_lm.hidden_size) * 5
+    for steering in (None, [ConstantShift(2, "prompt", vector)], [ConstantShift(3, "all", vector)]):
+        shared = prompts.read(steering)
+        full = read_answers(tiny_lm, questions, steering, state_layers=[0, 3])
+        np.testing.assert_allclose(np.concatenate(shared.distributions), np.concatenate(full.distributions),
+                                   atol=2e-5)
+        for order in (0, 1):
+            np.testing.assert_allclose(np.concatenate(shared.by_order[order]), np.concatenate(full.by_order[order]),
+                                       atol=2e-5)
+        for layer in (0, 3):
+            np.testing.assert_allclose(shared.states[layer], full.states[layer], atol=1e-4)
+    assert np.abs(np.stack(prompts.read(steering).distributions) - np.stack(prompts.read().distributions)).max() > 1e-4
+    with pytest.raises(ValueError, match="block 2 or above"):
+        prompts.read([ConstantShift(1, "prompt", vector)])
 
 
 def test_the_build_ships_a_question_lean_only_where_the_questions_carry_it(default_lm):
