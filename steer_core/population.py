@@ -19,6 +19,8 @@ Everything here is plain numbers (numpy arrays and names), for a safetensors bod
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -57,8 +59,58 @@ SUBJECT_PENALTY = 0.25
 TENSOR_NAMES = ("population.center", "population.scale", "population.weight", "population.intercept",
                 "population.temperatures")
 VECTORS_TENSOR = "population.vectors"
+KNOWN_ANSWERS_TENSOR = "population.known_answers"
+KNOWN_STATES_TENSOR = "population.known_states"
 FILE_KEY = "pluristeer_population"
 _FLOOR = 1e-12
+
+
+def question_key(item: OpinionItem) -> str:
+    """What names a question's prompt among a population's known questions: its text and options, in order."""
+    payload = json.dumps([item.question, list(item.options)], separators=(",", ":"))
+    return hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+
+@dataclass(frozen=True, eq=False)
+class KnownQuestions:
+    """A population's own questions as its model read them unsteered, kept so that a subject who answers them
+    (the service suggests them, most informative first) is fitted without reading them again: question `i`'s
+    `question_key`, its option count, its answer distribution in each option order (`answers[order, i]`, the
+    reversed order mapped back; zeros past its options) and its prompt state after the lean block (both orders
+    averaged)."""
+
+    keys: tuple[str, ...]
+    options: tuple[int, ...]
+    answers: np.ndarray  # (2, questions, most options)
+    states: np.ndarray  # (questions, hidden)
+
+    def __post_init__(self) -> None:
+        n = len(self.keys)
+        if len(set(self.keys)) != n or not all(isinstance(k, str) and k for k in self.keys):
+            raise SteerError("must be distinct non-empty strings", "population.known_questions.keys")
+        answers, states = np.asarray(self.answers), np.asarray(self.states)
+        if len(self.options) != n or not all(isinstance(k, int) and 2 <= k <= answers.shape[-1]
+                                             for k in self.options):
+            raise SteerError("must be one option count (2 or more) per question", "population.known_questions.options")
+        if answers.ndim != 3 or answers.shape[:2] != (2, n) or not np.isfinite(answers).all() or (answers < 0).any():
+            raise SteerError(f"must be non-negative finite numbers of shape (2, {n}, options)",
+                             "population.known_questions.answers")
+        if states.ndim != 2 or states.shape[0] != n or not np.isfinite(states).all():
+            raise SteerError(f"must be finite numbers of shape ({n}, hidden)", "population.known_questions.states")
+
+    def lookup(self, items: Sequence[OpinionItem]) -> tuple[list[list[np.ndarray]], np.ndarray] | None:
+        """`items`' answers in each order and their states, as `read_answers` returns them (`by_order`, the lean
+        block's states); None unless every item is a known question with its options in the known order."""
+        index = {key: i for i, key in enumerate(self.keys)}
+        rows = [index.get(question_key(it)) for it in items]
+        if any(r is None for r in rows):
+            return None
+        known = [r for r in rows if r is not None]
+        by_order = []
+        for order in range(2):
+            dists = [np.asarray(self.answers[order, r, :self.options[r]], dtype=float) for r in known]
+            by_order.append([p / p.sum() for p in dists])
+        return by_order, np.asarray(self.states, dtype=float)[known]
 
 
 @dataclass(frozen=True, eq=False)
@@ -81,6 +133,7 @@ class Population:
     vectors: np.ndarray | None = None  # (groups, hidden)
     vector_layer: int = 0
     strength: float = 0.0
+    known: KnownQuestions | None = None
 
     def __post_init__(self) -> None:
         if len(self.groups) < MIN_GROUPS or len(set(self.groups)) != len(self.groups):
@@ -112,6 +165,8 @@ class Population:
             v = np.asarray(self.vectors)
             if v.ndim != 2 or v.shape[0] != g or v.shape[1] < 1 or not np.isfinite(v).all():
                 raise SteerError(f"must be finite numbers of shape ({g}, hidden)", "population.vectors")
+        if self.known is not None and np.shape(self.known.states)[1] != hidden:
+            raise SteerError(f"must have {hidden} hidden units, as the population", "population.known_questions.states")
 
     @property
     def hidden_size(self) -> int:
@@ -123,18 +178,25 @@ class Population:
                for name, v in zip(TENSOR_NAMES, values, strict=True)}
         if self.vectors is not None:
             out[VECTORS_TENSOR] = torch.tensor(np.asarray(self.vectors), dtype=torch.float32)
+        if self.known is not None:
+            out[KNOWN_ANSWERS_TENSOR] = torch.tensor(np.asarray(self.known.answers), dtype=torch.float32)
+            out[KNOWN_STATES_TENSOR] = torch.tensor(np.asarray(self.known.states), dtype=torch.float32)
         return out
 
     def to_json(self) -> dict[str, Any]:
-        return {"groups": list(self.groups), "layer": self.layer, "vector_layer": self.vector_layer,
-                "strength": self.strength}
+        meta: dict[str, Any] = {"groups": list(self.groups), "layer": self.layer, "vector_layer": self.vector_layer,
+                                "strength": self.strength}
+        if self.known is not None:
+            meta["known_questions"] = {"keys": list(self.known.keys), "options": list(self.known.options)}
+        return meta
 
     @classmethod
     def from_parts(cls, meta: Any, tensors: Mapping[str, Tensor]) -> Population:
         """Validate stored parts (`to_json()` and the tensors of `tensors()`) into a population."""
         keys = {"groups", "layer", "vector_layer", "strength"}
-        if not isinstance(meta, dict) or set(meta) != keys:
-            raise SteerError(f"must be an object with exactly {', '.join(sorted(keys))}", "population")
+        if not isinstance(meta, dict) or not keys <= set(meta) <= keys | {"known_questions"}:
+            raise SteerError(f"must be an object with {', '.join(sorted(keys))} and optionally known_questions",
+                             "population")
         groups = meta["groups"]
         if not isinstance(groups, list) or not all(isinstance(g, str) and g for g in groups):
             raise SteerError("must be a list of non-empty strings", "population.groups")
@@ -144,7 +206,7 @@ class Population:
         center, scale, weight, intercept, temperatures = (tensors[n].double().numpy() for n in TENSOR_NAMES)
         vectors = tensors[VECTORS_TENSOR].double().numpy() if VECTORS_TENSOR in tensors else None
         return cls(tuple(groups), meta["layer"], center, scale, weight, intercept, temperatures, vectors,
-                   meta["vector_layer"], meta["strength"])
+                   meta["vector_layer"], meta["strength"], _known_from_parts(meta.get("known_questions"), tensors))
 
     def to_bytes(self) -> bytes:
         """A safetensors file: the tensors in its body, `to_json()` in its header (never pickled)."""
@@ -166,8 +228,11 @@ class Population:
 
     def with_steering(self, vectors: np.ndarray | None, vector_layer: int, strength: float) -> Population:
         """This population with another steering basis (`group_vectors`) and strength."""
-        return Population(self.groups, self.layer, self.center, self.scale, self.weight, self.intercept,
-                          self.temperatures, vectors, vector_layer, strength)
+        return dataclasses.replace(self, vectors=vectors, vector_layer=vector_layer, strength=strength)
+
+    def with_known(self, known: KnownQuestions | None) -> Population:
+        """This population keeping `known` as its own questions' unsteered reads."""
+        return dataclasses.replace(self, known=known)
 
     def subject_vector(self, weights: np.ndarray) -> np.ndarray:
         """A subject's steering direction: its weights' blend of the groups' vectors (zeros without a basis)."""
@@ -177,6 +242,19 @@ class Population:
         if self.vectors is None:
             return np.zeros(self.hidden_size)
         return np.asarray(self.vectors, dtype=float).T @ w
+
+
+def _known_from_parts(meta: Any, tensors: Mapping[str, Tensor]) -> KnownQuestions | None:
+    if meta is None:
+        return None
+    if not isinstance(meta, dict) or set(meta) != {"keys", "options"} or not isinstance(meta["keys"], list) \
+            or not isinstance(meta["options"], list):
+        raise SteerError("must be an object with the lists keys and options", "population.known_questions")
+    missing = [name for name in (KNOWN_ANSWERS_TENSOR, KNOWN_STATES_TENSOR) if name not in tensors]
+    if missing:
+        raise SteerError(f"tensor {missing[0]!r} is missing", "population")
+    return KnownQuestions(tuple(meta["keys"]), tuple(meta["options"]), tensors[KNOWN_ANSWERS_TENSOR].double().numpy(),
+                          tensors[KNOWN_STATES_TENSOR].double().numpy())
 
 
 @dataclass(frozen=True, eq=False)

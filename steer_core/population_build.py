@@ -6,6 +6,9 @@ A population carries two parts a subject blends with the same weights:
 - the question lean (a ridge probe from each prompt's state to every group's lean), for answer distributions;
 - the steering basis (each group's DiffMean direction against the other groups, from the answers of all of
   them to the same questions), for generation: what a subject's profile carries to chat.
+It also keeps its questions' unsteered reads (`KnownQuestions`), so that a subject who answers them (the
+service suggests a new subject the population's own questions, most informative first) is fitted without
+reading them unsteered again.
 
 The basis's strength is chosen once per population on questions held out of its vectors, by what chat sees:
 each option order read on its own, steered by a group's own vector and uncalibrated, against the unsteered
@@ -14,10 +17,11 @@ steers at strength 0 and subjects carry only their calibration and question lean
 
 A subject's fit runs no backward pass: one debiased read of its answered questions (with the prompts' states)
 gives its weights over the groups and its temperature (`fit_subject`); when the population steers, one more
-read under the blended vector (the blocks below the vector's shared with the first read: `PromptsAtBlock`)
-decides whether the steering ships (the build's rule: not when it moves the subject's own answers away from
-it, each order read alone) and, when it does, refits the weights and temperature on what `/v1/score` will
-read, so the calibration and lean are fitted on the steered answers they are applied to.
+read under the blended vector (the blocks below the vector's shared with the first read, `PromptsAtBlock`;
+for the population's own questions the first read is the population's) decides whether the steering ships
+(the build's rule: not when it moves the subject's own answers away from it, each order read alone) and, when
+it does, refits the weights and temperature on what `/v1/score` will read, so the calibration and lean are
+fitted on the steered answers they are applied to.
 """
 
 from __future__ import annotations
@@ -37,11 +41,19 @@ from steer_core.evaluation import paired_difference
 from steer_core.methods import default_layers
 from steer_core.metrics import item_metrics, mean_metrics
 from steer_core.models import LanguageModel
-from steer_core.option_orders import in_both_orders, split_orders
-from steer_core.population import SUBJECT_PENALTY, Population, build_population, fit_subject, group_vectors
+from steer_core.option_orders import average_orders, in_both_orders, split_orders
+from steer_core.population import (
+    SUBJECT_PENALTY,
+    KnownQuestions,
+    Population,
+    build_population,
+    fit_subject,
+    group_vectors,
+    question_key,
+)
 from steer_core.population import informative_questions as rank_by_disagreement
 from steer_core.profile import Profile
-from steer_core.prompts import PromptsAtBlock, answer_distributions_under, read_answers
+from steer_core.prompts import AnswerRead, PromptsAtBlock, answer_distributions_under, read_answers
 from steer_core.steering import ConstantShift, Intervention
 from steer_core.verdict import generation_gain
 
@@ -78,6 +90,7 @@ def learn_population(lm: LanguageModel, groups: Mapping[str, Sequence[OpinionIte
                         progress=lambda done, count: report(0, total, f"read questions {done}/{count}"))
     report(1, total, "fit question leans")
     population = build_population(groups, read.distributions, read.states, folds)
+    population = population.with_known(_known_questions(questions, read, population.layer))
 
     rng = np.random.default_rng(seed)
     if folds is not None:
@@ -128,15 +141,22 @@ def fit_subject_profile(lm: LanguageModel, population: Population, items: Sequen
     if population.hidden_size != lm.hidden_size:
         raise SteerError(f"the population reads {population.hidden_size} hidden units, the model has "
                          f"{lm.hidden_size}", "population")
-    # The blocks below the vector's run once for both reads (the steered read runs only the blocks above).
-    prompts = PromptsAtBlock(lm, items, population.vector_layer, state_layers=[population.layer])
-    unsteered = prompts.read()
+    known = population.known.lookup(items) if population.known is not None else None
+    if known is not None:  # the population's own questions: read unsteered when it was learned
+        by_order, states = known
+        unsteered = AnswerRead(average_orders(by_order), {population.layer: states}, by_order)
+
+        def read_steered(steering: list[Intervention]) -> AnswerRead:
+            return read_answers(lm, items, steering, state_layers=[population.layer])
+    else:  # the blocks below the vector's run once for both reads (the steered one runs only those above)
+        prompts = PromptsAtBlock(lm, items, population.vector_layer, state_layers=[population.layer])
+        unsteered, read_steered = prompts.read(), prompts.read
     first = fit_subject(population, items, unsteered.distributions, unsteered.states, penalty)
     vector = torch.tensor(population.subject_vector(first.weights), dtype=torch.float32)
     fit, served, strength, chat = first, unsteered, 0.0, None
     if population.strength > 0:
         shift: list[Intervention] = [ConstantShift(population.vector_layer, POSITIONS, population.strength * vector)]
-        steered = prompts.read(shift)
+        steered = read_steered(shift)
         chat = generation_gain(items, steered.by_order, unsteered.by_order)
         # The build's rule for what chat gets (`steer_core.build`): a steering that moves the subject's own
         # answers away from it, read one order at a time, does not ship; the calibration and lean still do.
@@ -171,6 +191,19 @@ def next_questions(lm: LanguageModel, population: Population, questions: Sequenc
         return []
     read = read_answers(lm, questions, state_layers=[population.layer])
     return rank_by_disagreement(population, read.states, k)
+
+
+def _known_questions(questions: Sequence[OpinionItem], read: AnswerRead, layer: int) -> KnownQuestions:
+    """The population's questions' unsteered reads (`read`, debiased), kept for subjects that answer them."""
+    first = {question_key(it): i for i, it in reversed(list(enumerate(questions)))}  # a question asked twice: once
+    rows = sorted(first.values())
+    k_max = max(len(it.options) for it in questions)
+    answers = np.zeros((2, len(rows), k_max))
+    for order, dists in enumerate(read.by_order):
+        for j, i in enumerate(rows):
+            answers[order, j, :len(dists[i])] = dists[i]
+    return KnownQuestions(tuple(question_key(questions[i]) for i in rows),
+                          tuple(len(questions[i].options) for i in rows), answers, read.states[layer][rows])
 
 
 def _targets(items: Sequence[OpinionItem], k_max: int) -> np.ndarray:

@@ -12,12 +12,14 @@ from steer_core.calibration import Calibration, sample_alignment
 from steer_core.data import make_item
 from steer_core.errors import SteerError
 from steer_core.population import (
+    KnownQuestions,
     Population,
     build_population,
     fit_subject,
     group_leans,
     group_vectors,
     informative_questions,
+    question_key,
     subject_lean,
 )
 from steer_core.profile import Profile
@@ -246,3 +248,26 @@ def test_bad_input_names_the_field(population: Population) -> None:
     with pytest.raises(SteerError) as e:
         Population(("a", "b"), 0, np.zeros(2), np.ones(2), np.zeros((2, 3)), np.zeros(2), np.ones(2))
     assert _field(e) == "population.weight"
+
+
+def test_known_questions_are_checked_and_looked_up_by_question_and_option_order(population: Population) -> None:
+    questions, dists, states = _questions(3, seed=7)
+    answers = np.zeros((2, 3, 5))
+    answers[0], answers[1] = np.stack(dists), np.stack(dists)[:, ::-1]
+    known = KnownQuestions(tuple(question_key(q) for q in questions), (5, 5, 5), answers, states[LAYER])
+    by_order, found = known.lookup([questions[2], questions[0]])
+    np.testing.assert_allclose(by_order[0][0], dists[2])
+    np.testing.assert_allclose(by_order[1][1], dists[0][::-1])
+    np.testing.assert_allclose(found, states[LAYER][[2, 0]])
+    assert known.lookup([questions[0], make_item("Another?", OPTIONS, target=[0.2] * 5)]) is None
+    again = Population.from_bytes(population.with_known(known).to_bytes())
+    assert again.known is not None and again.known.keys == known.keys and again.known.options == known.options
+    bad = {"keys": (known.keys[0],) * 3, "options": (5, 5, 1), "answers": answers[:1], "states": states[LAYER][:2]}
+    for name, value in bad.items():
+        parts = {"keys": known.keys, "options": known.options, "answers": answers, "states": states[LAYER]}
+        with pytest.raises(SteerError) as e:
+            KnownQuestions(**{**parts, name: value})
+        assert _field(e) == f"population.known_questions.{name}"
+    with pytest.raises(SteerError) as e:
+        population.with_known(KnownQuestions(known.keys, known.options, answers, states[LAYER][:, :2]))
+    assert _field(e) == "population.known_questions.states"
