@@ -61,6 +61,7 @@ from steer_core.cold_pass import prepare_inputs, run_blocks, tangents
 from steer_core.data import OpinionItem
 from steer_core.errors import SteerError
 from steer_core.lowrank import check_rank
+from steer_core.method_names import METHOD_TABLE
 from steer_core.method_params import (
     COLD_FD_DEFAULT_EPS,
     COLD_FD_DEFAULT_MODE,
@@ -339,6 +340,5 @@ def candidate_layers(lm: LanguageModel) -> list[int]:
     return sorted({min(n - 1, max(0, round(f * (n - 1)))) for f in LAYER_FRACTIONS})
 
 
-METHOD = Method(name="cold_fd", fit=fit, intervention=intervention,
-                strengths=lambda profile, lm: list(STRENGTHS), check_params=check_params,
-                layers=candidate_layers, positions=("prompt",), prefers_gpu=True)
+METHOD = Method(**METHOD_TABLE["cold_fd"].fields(), fit=fit, intervention=intervention,
+                strengths=lambda profile, lm: list(STRENGTHS), layers=candidate_layers)

@@ -27,6 +27,7 @@ from torch import Tensor
 from steer_core.cold import sample_gradients
 from steer_core.data import OpinionItem
 from steer_core.errors import SteerError
+from steer_core.method_names import METHOD_TABLE
 from steer_core.method_params import COLD_KERNEL_KERNELS, check_cold_kernel_params
 from steer_core.method_spec import Method
 from steer_core.models import LanguageModel
@@ -111,6 +112,5 @@ def intervention(profile: Profile, lm: LanguageModel) -> ConstantShift | KernelS
     return KernelShift(layer=profile.layer, positions=profile.positions, anchors=anchors, weights=weights)
 
 
-METHOD = Method(name="cold_kernel", fit=fit, intervention=intervention,
-                strengths=lambda profile, lm: list(STRENGTHS), check_params=check_params,
-                constant_vector=constant_vector, prefers_gpu=True)
+METHOD = Method(**METHOD_TABLE["cold_kernel"].fields(), fit=fit, intervention=intervention,
+                strengths=lambda profile, lm: list(STRENGTHS), constant_vector=constant_vector)

@@ -20,7 +20,8 @@ from torch import Tensor
 from steer_core.activations import answer_activations
 from steer_core.data import OpinionItem
 from steer_core.losses import contrasts
-from steer_core.method_spec import Method, no_params
+from steer_core.method_names import METHOD_TABLE
+from steer_core.method_spec import Method
 from steer_core.models import LanguageModel
 from steer_core.profile import Profile
 from steer_core.steering import ConstantShift
@@ -57,6 +58,5 @@ def intervention(profile: Profile, lm: LanguageModel) -> ConstantShift:
     return ConstantShift(layer=profile.layer, positions=profile.positions, vector=constant_vector(profile))
 
 
-METHOD = Method(name="diffmean", fit=fit, intervention=intervention,
-                strengths=lambda profile, lm: list(STRENGTHS), check_params=no_params,
-                constant_vector=constant_vector)
+METHOD = Method(**METHOD_TABLE["diffmean"].fields(), fit=fit, intervention=intervention,
+                strengths=lambda profile, lm: list(STRENGTHS), constant_vector=constant_vector)

@@ -43,6 +43,7 @@ from steer_core.blocks import last_logits_from
 from steer_core.data import OpinionItem
 from steer_core.errors import SteerError
 from steer_core.losses import item_losses
+from steer_core.method_names import METHOD_TABLE
 from steer_core.method_params import LORA_MAX_RANK, LORA_MAX_STEPS, check_lora_params
 from steer_core.method_spec import Method
 from steer_core.models import LanguageModel, ModelLayout, model_names
@@ -538,7 +539,6 @@ def imported_profile(config: Any, weights: bytes, base: ModelLayout, max_rank: i
                            "adapter_config": clean, "imported": True})
 
 
-METHOD = Method(name="lora", fit=fit, intervention=intervention,
-                strengths=lambda profile, lm: list(STRENGTHS), check_params=check_params,
-                default_positions="all", positions=("all",), layers=lambda lm: [first_block(lm)],
-                grid=grid, fit_grid=fit_grid, prefers_gpu=True)
+METHOD = Method(**METHOD_TABLE["lora"].fields(), fit=fit, intervention=intervention,
+                strengths=lambda profile, lm: list(STRENGTHS), default_positions="all",
+                layers=lambda lm: [first_block(lm)], grid=grid, fit_grid=fit_grid)

@@ -1,9 +1,9 @@
 """The built-in steering methods as the torch-free side knows them, without importing the methods (they
 import torch): each one's name, the positions its profiles can steer, its params check and whether its
 builds prefer the GPU queue. For the service's request checks, queue choice and pages, which stay torch-free.
-`steer_core.methods` is the registry itself; the params checks here are the very functions the method
-modules give their `Method` (`steer_core.method_params`), and `tests/test_import_seams.py` checks that the
-table and the registry agree.
+`steer_core.methods` is the registry itself; each method module builds its `Method` from its entry here
+(`MethodEntry.fields`: name, positions, params check, GPU preference), and `tests/test_import_seams.py`
+checks that the table and the registry agree.
 """
 
 from __future__ import annotations
@@ -30,6 +30,12 @@ class MethodEntry:
     positions: tuple[str, ...]
     check_params: Callable[[dict[str, Any]], dict[str, Any]]
     prefers_gpu: bool = False
+
+    def fields(self) -> dict[str, Any]:
+        """These fields as `steer_core.method_spec.Method` keywords: a method module builds its `Method` from
+        its entry, so each of these facts is written once."""
+        return {"name": self.name, "positions": self.positions, "check_params": self.check_params,
+                "prefers_gpu": self.prefers_gpu}
 
 
 METHOD_TABLE: dict[str, MethodEntry] = {entry.name: entry for entry in (

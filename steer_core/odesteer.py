@@ -38,6 +38,7 @@ from torch import Tensor
 from steer_core.activations import answer_activations
 from steer_core.data import OpinionItem
 from steer_core.errors import ProfileError, SteerError
+from steer_core.method_names import METHOD_TABLE
 from steer_core.method_params import (
     ODESTEER_DEFAULTS,
     ODESTEER_MAX_COMPONENTS,
@@ -337,6 +338,5 @@ def strengths(profile: Profile, lm: LanguageModel) -> list[float]:
     return [float(f"{r * norm:.6g}") for r in RELATIVE_PATH_LENGTHS]  # 6 digits: readable in the metrics
 
 
-METHOD = Method(name="odesteer", fit=fit, intervention=intervention, strengths=strengths,
-                check_params=barrier_params, default_positions="last",
-                prefers_gpu=True)
+METHOD = Method(**METHOD_TABLE["odesteer"].fields(), fit=fit, intervention=intervention, strengths=strengths,
+                default_positions="last")

@@ -21,7 +21,7 @@ def default_model_path() -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_lm(default_model_path) -> LanguageModel:
+def tiny_lm() -> LanguageModel:
     return make_tiny("llama")
 
 
@@ -37,3 +37,11 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip("../shared/data is not present")
     return SHARED_DATA
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that takes the default model (its files or the loaded model) is a `model` test, marked or not:
+    `-m "not model"` runs what needs no model files (the tiny models bring their own tokenizer)."""
+    for item in items:
+        if {"default_lm", "default_model_path"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.model)

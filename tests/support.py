@@ -4,6 +4,7 @@ Imported as `from support import ...` (a plain module, so nested conftest.py fil
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from pathlib import Path
@@ -12,8 +13,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
-    AutoTokenizer,
     GemmaConfig,
     GemmaForCausalLM,
     GPT2Config,
@@ -24,11 +25,12 @@ from transformers import (
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
 )
 
-from steer_core.models import LanguageModel, default_model_dir, wrap
+from steer_core.models import LanguageModel, wrap
 from steer_core.steering import apply
 
 REPO = Path(__file__).resolve().parent.parent
@@ -38,9 +40,34 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
-def tiny_tokenizer():
-    """The default model's tokenizer (it has a chat template); the `default_model_path` fixture fetches it."""
-    return AutoTokenizer.from_pretrained(str(default_model_dir()))
+TINY_VOCAB = 1024
+TINY_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# A ChatML template of our own: the tiny models speak in turns as the default model does.
+TINY_CHAT_TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
+                      "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@functools.cache
+def _tiny_tokenizer_json() -> str:
+    """A byte-level BPE of `TINY_VOCAB` tokens trained on the fixtures' text (any text encodes: the 256 bytes
+    are in it), built here in a few milliseconds so the unit tests need no model files."""
+    texts = [line for path in sorted(FIXTURES.rglob("*.jsonl")) for line in path.read_text().splitlines()]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=TINY_VOCAB, special_tokens=TINY_SPECIAL_TOKENS, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return tokenizer.to_str()
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A fresh tiny tokenizer with a chat template and the default model's special tokens (`_tiny_tokenizer_json`)."""
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_tiny_tokenizer_json()),
+                                  bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|im_end|>",
+                                  unk_token="<|endoftext|>")
+    tok.chat_template = TINY_CHAT_TEMPLATE
+    return tok
 
 
 _TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
@@ -48,7 +75,7 @@ _TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_att
 
 
 def make_tiny(family: str = "llama", seed: int = 0) -> LanguageModel:
-    """A tiny randomly initialized causal LM of `family` sharing the default model's tokenizer."""
+    """A tiny randomly initialized causal LM of `family` with the tiny tokenizer (`tiny_tokenizer`)."""
     tok = tiny_tokenizer()
     vocab = len(tok)
     torch.manual_seed(seed)
