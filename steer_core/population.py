@@ -61,6 +61,7 @@ TENSOR_NAMES = ("population.center", "population.scale", "population.weight", "p
 VECTORS_TENSOR = "population.vectors"
 KNOWN_ANSWERS_TENSOR = "population.known_answers"
 KNOWN_STATES_TENSOR = "population.known_states"
+KEPT_INPUTS_TENSOR = "population.kept_inputs"
 FILE_KEY = "pluristeer_population"
 _FLOOR = 1e-12
 
@@ -114,6 +115,40 @@ class KnownQuestions:
 
 
 @dataclass(frozen=True, eq=False)
+class KeptInputs:
+    """What the steering basis's block is called with for the questions a new subject is asked first, so that a
+    subject who answered only those is read under its vector running just the blocks above: question `keys[i]`
+    in option order `o` (0 as the population read it, 1 reversed) is prompt `o * len(keys) + i`, with
+    `lengths` of it tokens whose hidden states are its consecutive rows of `hidden` (prompts in that order)."""
+
+    keys: tuple[str, ...]
+    lengths: tuple[int, ...]
+    hidden: np.ndarray  # (all the prompts' tokens, hidden)
+
+    def __post_init__(self) -> None:
+        if len(set(self.keys)) != len(self.keys) or not all(isinstance(k, str) and k for k in self.keys):
+            raise SteerError("must be distinct non-empty strings", "population.kept_inputs.keys")
+        if len(self.lengths) != 2 * len(self.keys) or not all(isinstance(n, int) and n > 0 for n in self.lengths):
+            raise SteerError("must be one token count (> 0) per question and order", "population.kept_inputs.lengths")
+        hidden = np.asarray(self.hidden)
+        if hidden.ndim != 2 or hidden.shape[0] != sum(self.lengths) or not np.isfinite(hidden).all():
+            raise SteerError(f"must be finite numbers of shape ({sum(self.lengths)}, hidden)",
+                             "population.kept_inputs.hidden")
+
+    def lookup(self, items: Sequence[OpinionItem]) -> list[np.ndarray] | None:
+        """The kept inputs of `in_both_orders(items)`'s prompts (`PromptsAtBlock`'s `inputs`); None unless
+        every item is a kept question with its options in the kept order."""
+        index = {key: i for i, key in enumerate(self.keys)}
+        rows = [index.get(question_key(it)) for it in items]
+        if any(r is None for r in rows):
+            return None
+        starts = np.concatenate([[0], np.cumsum(self.lengths)])
+        n = len(self.keys)
+        return [np.asarray(self.hidden[starts[o * n + r]:starts[o * n + r + 1]], dtype=np.float32)
+                for o in range(2) for r in rows if r is not None]
+
+
+@dataclass(frozen=True, eq=False)
 class Population:
     """Group `g`'s lean on a question is `((state - center) / scale) @ weight[:, g] + intercept[g]`, `state`
     the prompt's hidden state after block `layer` averaged over its tokens; its temperature `temperatures[g]`.
@@ -134,6 +169,7 @@ class Population:
     vector_layer: int = 0
     strength: float = 0.0
     known: KnownQuestions | None = None
+    kept_inputs: KeptInputs | None = None
 
     def __post_init__(self) -> None:
         if len(self.groups) < MIN_GROUPS or len(set(self.groups)) != len(self.groups):
@@ -167,6 +203,8 @@ class Population:
                 raise SteerError(f"must be finite numbers of shape ({g}, hidden)", "population.vectors")
         if self.known is not None and np.shape(self.known.states)[1] != hidden:
             raise SteerError(f"must have {hidden} hidden units, as the population", "population.known_questions.states")
+        if self.kept_inputs is not None and np.shape(self.kept_inputs.hidden)[1] != hidden:
+            raise SteerError(f"must have {hidden} hidden units, as the population", "population.kept_inputs.hidden")
 
     @property
     def hidden_size(self) -> int:
@@ -181,6 +219,8 @@ class Population:
         if self.known is not None:
             out[KNOWN_ANSWERS_TENSOR] = torch.tensor(np.asarray(self.known.answers), dtype=torch.float32)
             out[KNOWN_STATES_TENSOR] = torch.tensor(np.asarray(self.known.states), dtype=torch.float32)
+        if self.kept_inputs is not None:
+            out[KEPT_INPUTS_TENSOR] = torch.tensor(np.asarray(self.kept_inputs.hidden), dtype=torch.float32)
         return out
 
     def to_json(self) -> dict[str, Any]:
@@ -188,15 +228,17 @@ class Population:
                                 "strength": self.strength}
         if self.known is not None:
             meta["known_questions"] = {"keys": list(self.known.keys), "options": list(self.known.options)}
+        if self.kept_inputs is not None:
+            meta["kept_inputs"] = {"keys": list(self.kept_inputs.keys), "lengths": list(self.kept_inputs.lengths)}
         return meta
 
     @classmethod
     def from_parts(cls, meta: Any, tensors: Mapping[str, Tensor]) -> Population:
         """Validate stored parts (`to_json()` and the tensors of `tensors()`) into a population."""
         keys = {"groups", "layer", "vector_layer", "strength"}
-        if not isinstance(meta, dict) or not keys <= set(meta) <= keys | {"known_questions"}:
-            raise SteerError(f"must be an object with {', '.join(sorted(keys))} and optionally known_questions",
-                             "population")
+        if not isinstance(meta, dict) or not keys <= set(meta) <= keys | {"known_questions", "kept_inputs"}:
+            raise SteerError(f"must be an object with {', '.join(sorted(keys))} and optionally known_questions "
+                             "and kept_inputs", "population")
         groups = meta["groups"]
         if not isinstance(groups, list) or not all(isinstance(g, str) and g for g in groups):
             raise SteerError("must be a list of non-empty strings", "population.groups")
@@ -206,7 +248,8 @@ class Population:
         center, scale, weight, intercept, temperatures = (tensors[n].double().numpy() for n in TENSOR_NAMES)
         vectors = tensors[VECTORS_TENSOR].double().numpy() if VECTORS_TENSOR in tensors else None
         return cls(tuple(groups), meta["layer"], center, scale, weight, intercept, temperatures, vectors,
-                   meta["vector_layer"], meta["strength"], _known_from_parts(meta.get("known_questions"), tensors))
+                   meta["vector_layer"], meta["strength"], _known_from_parts(meta.get("known_questions"), tensors),
+                   _kept_from_parts(meta.get("kept_inputs"), tensors))
 
     def to_bytes(self) -> bytes:
         """A safetensors file: the tensors in its body, `to_json()` in its header (never pickled)."""
@@ -230,9 +273,10 @@ class Population:
         """This population with another steering basis (`group_vectors`) and strength."""
         return dataclasses.replace(self, vectors=vectors, vector_layer=vector_layer, strength=strength)
 
-    def with_known(self, known: KnownQuestions | None) -> Population:
-        """This population keeping `known` as its own questions' unsteered reads."""
-        return dataclasses.replace(self, known=known)
+    def with_known(self, known: KnownQuestions | None, kept_inputs: KeptInputs | None = None) -> Population:
+        """This population keeping `known` as its own questions' unsteered reads, and `kept_inputs` as the
+        inputs of its steering block for the questions it asks first."""
+        return dataclasses.replace(self, known=known, kept_inputs=kept_inputs)
 
     def subject_vector(self, weights: np.ndarray) -> np.ndarray:
         """A subject's steering direction: its weights' blend of the groups' vectors (zeros without a basis)."""
@@ -255,6 +299,17 @@ def _known_from_parts(meta: Any, tensors: Mapping[str, Tensor]) -> KnownQuestion
         raise SteerError(f"tensor {missing[0]!r} is missing", "population")
     return KnownQuestions(tuple(meta["keys"]), tuple(meta["options"]), tensors[KNOWN_ANSWERS_TENSOR].double().numpy(),
                           tensors[KNOWN_STATES_TENSOR].double().numpy())
+
+
+def _kept_from_parts(meta: Any, tensors: Mapping[str, Tensor]) -> KeptInputs | None:
+    if meta is None:
+        return None
+    if not isinstance(meta, dict) or set(meta) != {"keys", "lengths"} or not isinstance(meta["keys"], list) \
+            or not isinstance(meta["lengths"], list):
+        raise SteerError("must be an object with the lists keys and lengths", "population.kept_inputs")
+    if KEPT_INPUTS_TENSOR not in tensors:
+        raise SteerError(f"tensor {KEPT_INPUTS_TENSOR!r} is missing", "population")
+    return KeptInputs(tuple(meta["keys"]), tuple(meta["lengths"]), tensors[KEPT_INPUTS_TENSOR].numpy())
 
 
 @dataclass(frozen=True, eq=False)

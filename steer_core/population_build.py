@@ -8,7 +8,8 @@ A population carries two parts a subject blends with the same weights:
   them to the same questions), for generation: what a subject's profile carries to chat.
 It also keeps its questions' unsteered reads (`KnownQuestions`), so that a subject who answers them (the
 service suggests a new subject the population's own questions, most informative first) is fitted without
-reading them unsteered again.
+reading them unsteered again, and, when it steers, its steering block's inputs for the questions it suggests
+first (`KeptInputs`), so that such a subject's steered read runs only the blocks above that one.
 
 The basis's strength is chosen once per population on questions held out of its vectors, by what chat sees:
 each option order read on its own, steered by a group's own vector and uncalibrated, against the unsteered
@@ -44,6 +45,7 @@ from steer_core.models import LanguageModel
 from steer_core.option_orders import average_orders, in_both_orders, split_orders
 from steer_core.population import (
     SUBJECT_PENALTY,
+    KeptInputs,
     KnownQuestions,
     Population,
     build_population,
@@ -53,7 +55,14 @@ from steer_core.population import (
 )
 from steer_core.population import informative_questions as rank_by_disagreement
 from steer_core.profile import Profile
-from steer_core.prompts import AnswerRead, PromptsAtBlock, answer_distributions_under, read_answers
+from steer_core.prompts import (
+    AnswerRead,
+    PromptsAtBlock,
+    answer_distributions_under,
+    block_states,
+    blocks_share_inputs,
+    read_answers,
+)
 from steer_core.steering import ConstantShift, Intervention
 from steer_core.verdict import generation_gain
 
@@ -67,6 +76,10 @@ MAX_VECTOR_QUESTIONS = 300
 MAX_CHECK_QUESTIONS = 60
 MAX_CHECK_GROUPS = 4
 POSITIONS = "prompt"  # where a subject's vector steers: DiffMean's default
+# A steering population keeps its steering block's inputs for this many of its questions, those it asks a new
+# subject first (both orders, about 330 kB a question on the default model): a subject who answered only those
+# is read under its vector from that block up.
+KEPT_QUESTIONS = 40
 
 
 def learn_population(lm: LanguageModel, groups: Mapping[str, Sequence[OpinionItem]],
@@ -120,6 +133,10 @@ def learn_population(lm: LanguageModel, groups: Mapping[str, Sequence[OpinionIte
     mean, se = gains[best]
     strength = best if mean - se > 0 else 0.0
     population = population.with_steering(group_vectors(z, valid, targets), vector_layer, strength)
+    question_order = rank_by_disagreement(population, read.states, n)
+    if strength > 0:  # subjects' answers are read under their vectors: keep what the first-asked questions need
+        asked_first = [questions[i] for i in question_order]
+        population = population.with_known(population.known, steering_block_inputs(lm, asked_first, vector_layer))
     report(total, total, "done")
     return population, {
         "groups": len(names), "questions": n, "lean_block": population.layer, "vector_layer": vector_layer,
@@ -127,7 +144,7 @@ def learn_population(lm: LanguageModel, groups: Mapping[str, Sequence[OpinionIte
         "check_groups": [names[g] for g in checked],
         "chat_gain_by_strength": {f"{s:g}": {"mean": m_, "standard_error": e} for s, (m_, e) in gains.items()},
         # The population's own questions, most informative for a new subject first (`next_questions`).
-        "question_order": rank_by_disagreement(population, read.states, n),
+        "question_order": question_order,
     }
 
 
@@ -145,9 +162,7 @@ def fit_subject_profile(lm: LanguageModel, population: Population, items: Sequen
     if known is not None:  # the population's own questions: read unsteered when it was learned
         by_order, states = known
         unsteered = AnswerRead(average_orders(by_order), {population.layer: states}, by_order)
-
-        def read_steered(steering: list[Intervention]) -> AnswerRead:
-            return read_answers(lm, items, steering, state_layers=[population.layer])
+        read_steered = _known_steered_reader(lm, population, items, states)
     else:  # the blocks below the vector's run once for both reads (the steered one runs only those above)
         prompts = PromptsAtBlock(lm, items, population.vector_layer, state_layers=[population.layer])
         unsteered, read_steered = prompts.read(), prompts.read
@@ -191,6 +206,39 @@ def next_questions(lm: LanguageModel, population: Population, questions: Sequenc
         return []
     read = read_answers(lm, questions, state_layers=[population.layer])
     return rank_by_disagreement(population, read.states, k)
+
+
+def _known_steered_reader(lm: LanguageModel, population: Population, items: Sequence[OpinionItem],
+                          states: np.ndarray) -> Callable[[list[Intervention]], AnswerRead]:
+    """How a subject's known questions (lean-block `states`) are read under its vector: from the steering
+    block's kept inputs when the population kept them for every one (the blocks above only), else whole."""
+    kept = population.kept_inputs.lookup(items) if population.kept_inputs is not None else None
+    if kept is None:
+        return lambda steering: read_answers(lm, items, steering, state_layers=[population.layer])
+    lean_above = population.layer >= population.vector_layer  # else the steering does not move its states
+
+    def read(steering: list[Intervention]) -> AnswerRead:
+        steered = PromptsAtBlock(lm, items, population.vector_layer, [population.layer] if lean_above else [],
+                                 inputs=kept).read(steering)
+        return steered if lean_above else AnswerRead(steered.distributions, {population.layer: states},
+                                                     steered.by_order)
+    return read
+
+
+def steering_block_inputs(lm: LanguageModel, questions: Sequence[OpinionItem], layer: int) -> KeptInputs | None:
+    """The steering block's inputs for the first `KEPT_QUESTIONS` distinct `questions` (most informative first),
+    in both orders; None where the model's blocks are not called alike (`blocks_share_inputs`)."""
+    first: dict[str, OpinionItem] = {}
+    for it in questions:
+        if len(first) == KEPT_QUESTIONS:
+            break
+        first.setdefault(question_key(it), it)
+    kept = list(first.values())
+    both = in_both_orders(kept)
+    if not blocks_share_inputs(lm, [both[0], both[-1]], layer):
+        return None
+    hidden = block_states(lm, both, layer)
+    return KeptInputs(tuple(first), tuple(len(h) for h in hidden), np.concatenate(hidden))
 
 
 def _known_questions(questions: Sequence[OpinionItem], read: AnswerRead, layer: int) -> KnownQuestions:

@@ -329,30 +329,43 @@ class PromptsAtBlock:
     another, each acting at `layer` or above: for a caller whose next steering depends on the last read (a
     subject's fit reads its answers unsteered, blends a vector from them, then reads them under it), so each
     further read costs the upper blocks only. Reads are `read_answers`'s, with the states of `state_layers`:
-    those below `layer` come from the shared run and are the same in every read."""
+    those below `layer` come from the shared run and are the same in every read.
+
+    `inputs`, when given, are the prompts' inputs to block `layer` kept from an earlier run (`block_states`:
+    one (tokens, hidden) array per prompt of `in_both_orders(items)`, or of `items` with `orders = 1`); then no
+    block below `layer` runs here, and `state_layers` must be `layer` or above. They stand for the blocks below
+    only where every block is called with the same masks and position embeddings (`blocks_share_inputs`)."""
 
     def __init__(self, lm: LanguageModel, items: Sequence[OpinionItem], layer: int, state_layers: Sequence[int] = (),
-                 batch_size: int = 16, orders: int = DEFAULT_READ_ORDERS) -> None:
+                 batch_size: int = 16, orders: int = DEFAULT_READ_ORDERS,
+                 inputs: Sequence[np.ndarray] | None = None) -> None:
         lm.check_layer(layer, "layer")
         self.lm, self.layer, self.n = lm, layer, len(items)
         self.orders = check_read_orders(orders)
         self.prompts = in_both_orders(items) if self.orders == 2 else list(items)
         self.upper_state_layers = [s for s in state_layers if s >= layer]
         self.lower_states = {s: np.zeros((len(self.prompts), lm.hidden_size)) for s in state_layers if s < layer}
+        if inputs is not None and (len(inputs) != len(self.prompts) or self.lower_states):
+            raise ValueError(f"kept inputs are one per prompt ({len(self.prompts)}, got {len(inputs)}) and give no "
+                             f"states below block {layer}")
         self.runs: list[BlockBatch] = []
         order = by_length(lm, self.prompts)
         with torch.no_grad():
             for start in range(0, len(order), batch_size):
                 indices = order[start:start + batch_size]
                 batch = encode_items(lm, [self.prompts[i] for i in indices])
-                mask = batch["attention_mask"].unsqueeze(-1).float()
-                handles = [lm.blocks[s].register_forward_hook(_keep_prompt_mean(states, indices, mask))
-                           for s, states in self.lower_states.items()]
-                try:
-                    args, kwargs = block_inputs(lm, batch, layer)
-                finally:
-                    for handle in handles:
-                        handle.remove()
+                if inputs is not None:
+                    args, kwargs = _with_hidden(*block_inputs(lm, batch, 0), batch["attention_mask"],
+                                                [inputs[i] for i in indices])
+                else:
+                    mask = batch["attention_mask"].unsqueeze(-1).float()
+                    handles = [lm.blocks[s].register_forward_hook(_keep_prompt_mean(states, indices, mask))
+                               for s, states in self.lower_states.items()]
+                    try:
+                        args, kwargs = block_inputs(lm, batch, layer)
+                    finally:
+                        for handle in handles:
+                            handle.remove()
                 self.runs.append(BlockBatch(indices, batch["input_ids"], batch["attention_mask"], args, kwargs))
 
     @torch.no_grad()
@@ -382,6 +395,53 @@ class PromptsAtBlock:
                 out[i] = probs[r, :len(it.options)].astype(np.float64)
         read = AnswerRead(out, states, [out])
         return _averaged_orders(read, self.n) if self.orders == 2 else read
+
+
+@torch.no_grad()
+def block_states(lm: LanguageModel, items: Sequence[OpinionItem], layer: int, batch_size: int = 16) -> list[np.ndarray]:
+    """What block `layer` is called with for each of `items`' prompts, as read (no orders added): its hidden
+    states, one (tokens, hidden) array per prompt without the padding; `PromptsAtBlock`'s `inputs`."""
+    out: list[np.ndarray] = [np.empty(0)] * len(items)
+    for run in block_batches(lm, items, layer, batch_size):
+        hidden = run.args[0] if run.args else run.kwargs["hidden_states"]
+        for row, i in enumerate(run.indices):
+            out[i] = hidden[row][run.attention_mask[row].bool()].float().cpu().numpy()
+    return out
+
+
+@torch.no_grad()
+def blocks_share_inputs(lm: LanguageModel, items: Sequence[OpinionItem], layer: int) -> bool:
+    """Whether block `layer` is called with what block 0 is for `items` read together, hidden states aside
+    (the same masks and position embeddings: true of models whose blocks all attend alike, not of those that
+    mix sliding-window layers in)."""
+    batch = encode_items(lm, items)
+    first, upper = block_inputs(lm, batch, 0), block_inputs(lm, batch, layer)
+    return _same(first[0][1:], upper[0][1:]) and _same({k: v for k, v in first[1].items() if k != "hidden_states"},
+                                                       {k: v for k, v in upper[1].items() if k != "hidden_states"})
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, tuple | list) and isinstance(b, tuple | list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return bool(a == b)
+
+
+def _with_hidden(args: tuple, kwargs: dict, attention_mask: Tensor, rows: Sequence[np.ndarray]) -> tuple[tuple, dict]:
+    """A block's inputs for a batch with its hidden states replaced by `rows` (each prompt's, at its tokens)."""
+    hidden = args[0] if args else kwargs["hidden_states"]
+    out = torch.zeros_like(hidden)
+    for r, states in enumerate(rows):
+        keep = attention_mask[r].bool()
+        if int(keep.sum()) != len(states):
+            raise ValueError(f"a kept prompt has {len(states)} tokens, its prompt now {int(keep.sum())}")
+        out[r, keep] = torch.as_tensor(states, dtype=out.dtype, device=out.device)
+    if args:
+        return (out, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": out}
 
 
 def by_length(lm: LanguageModel, items: Sequence[OpinionItem]) -> list[int]:

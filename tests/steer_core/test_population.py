@@ -12,6 +12,7 @@ from steer_core.calibration import Calibration, sample_alignment
 from steer_core.data import make_item
 from steer_core.errors import SteerError
 from steer_core.population import (
+    KeptInputs,
     KnownQuestions,
     Population,
     build_population,
@@ -271,3 +272,17 @@ def test_known_questions_are_checked_and_looked_up_by_question_and_option_order(
     with pytest.raises(SteerError) as e:
         population.with_known(KnownQuestions(known.keys, known.options, answers, states[LAYER][:, :2]))
     assert _field(e) == "population.known_questions.states"
+    # The steering block's inputs kept for the first questions: both orders of each, in that order.
+    lengths = (2, 3, 1, 4)
+    hidden = np.arange(sum(lengths) * HIDDEN, dtype=float).reshape(-1, HIDDEN)
+    kept = KeptInputs(known.keys[:2], lengths, hidden)
+    rows = kept.lookup([questions[1]])
+    assert rows is not None and [r.tolist() for r in rows] == [hidden[2:5].tolist(), hidden[6:10].tolist()]
+    assert kept.lookup([questions[2]]) is None
+    again = Population.from_bytes(population.with_known(known, kept).to_bytes())
+    assert again.kept_inputs is not None and again.kept_inputs.lengths == lengths
+    for bad, field in (({"lengths": (2, 3, 1)}, "lengths"), ({"hidden": hidden[1:]}, "hidden"),
+                       ({"keys": known.keys[:1] * 2}, "keys")):
+        with pytest.raises(SteerError) as e:
+            KeptInputs(**{"keys": known.keys[:2], "lengths": lengths, "hidden": hidden, **bad})
+        assert _field(e) == f"population.kept_inputs.{field}"

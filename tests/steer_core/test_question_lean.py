@@ -14,8 +14,16 @@ from steer_core.data import make_item
 from steer_core.errors import ProfileError, SteerError
 from steer_core.evaluation import read_orders
 from steer_core.folds import fold_indices
+from steer_core.option_orders import in_both_orders
 from steer_core.profile import Profile
-from steer_core.prompts import PromptsAtBlock, answer_distributions, encode_items, read_answers
+from steer_core.prompts import (
+    PromptsAtBlock,
+    answer_distributions,
+    block_states,
+    blocks_share_inputs,
+    encode_items,
+    read_answers,
+)
 from steer_core.question_lean import QuestionLean, fit_question_lean, item_leans
 from steer_core.steering import ConstantShift
 
@@ -135,6 +143,16 @@ def test_prompts_run_once_to_a_block_read_as_full_reads_under_each_steering(tiny
     assert np.abs(np.stack(prompts.read(steering).distributions) - np.stack(prompts.read().distributions)).max() > 1e-4
     with pytest.raises(ValueError, match="block 2 or above"):
         prompts.read([ConstantShift(1, "prompt", vector)])
+    # The block's inputs kept from an earlier run stand for the blocks below (a llama's blocks are called alike).
+    both = in_both_orders(questions)
+    assert blocks_share_inputs(tiny_lm, [both[0], both[-1]], 2)
+    kept = PromptsAtBlock(tiny_lm, questions, 2, state_layers=[3], batch_size=4, inputs=block_states(tiny_lm, both, 2))
+    full = read_answers(tiny_lm, questions, [ConstantShift(2, "prompt", vector)], state_layers=[3])
+    again = kept.read([ConstantShift(2, "prompt", vector)])
+    np.testing.assert_allclose(np.concatenate(again.distributions), np.concatenate(full.distributions), atol=2e-5)
+    np.testing.assert_allclose(again.states[3], full.states[3], atol=1e-4)
+    with pytest.raises(ValueError, match="no states below block 2"):
+        PromptsAtBlock(tiny_lm, questions, 2, state_layers=[0], inputs=block_states(tiny_lm, both, 2))
 
 
 def test_the_build_ships_a_question_lean_only_where_the_questions_carry_it(default_lm):
