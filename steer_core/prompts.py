@@ -4,6 +4,7 @@ Every method, metric and endpoint formats multiple-choice prompts with `format_p
 model's answer distribution with `answer_distributions`: the softmax over the option letters' logits at
 the first assistant position, renormalized over the item's valid options (`answer_distributions_under`
 reads the same items under several steerings, as a build's search does, sharing what they share;
+`PromptsAtBlock` reads them under one steering after another, sharing the blocks below the steered one;
 `read_answers` also returns the prompts' mean hidden states after some blocks, from the same calls).
 
 Option order (`steer_core.option_orders`): the readers are debiased by default (`orders = 2`): each question
