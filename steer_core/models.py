@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -278,13 +278,19 @@ def fetch_default_model(quiet: bool = False) -> Path:
     Once per home: processes that need it at the same time (the API and a worker starting on a fresh home)
     take turns on a lock file beside it, and those that waited find it fetched."""
     target = default_model_dir()
-    if (target / "model.safetensors").exists():
+    return _fetch_once(target, target / "model.safetensors", lambda: _fetch_default_model(target, quiet))
+
+
+def _fetch_once(target: Path, ready: Path, fetch: Callable[[], Path]) -> Path:
+    """`target`, made by `fetch` unless `ready` exists: processes that need it at the same time take turns on a
+    lock file beside it, and those that waited find it made."""
+    if ready.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with _exclusive(target.parent / f".{target.name}.lock"):
-        if (target / "model.safetensors").exists():  # fetched by whoever held the lock before
+        if ready.exists():  # made by whoever held the lock before
             return target
-        return _fetch_default_model(target, quiet)
+        return fetch()
 
 
 @contextlib.contextmanager
@@ -308,15 +314,12 @@ def default_model_gguf(quiet: bool = False) -> Path:
     themselves (llama.cpp; `bench/bench_gguf.py`). Fetched once, the way `fetch_default_model` fetches it,
     and kept under `pluristeer_home()` beside the safetensors copy (which loads without it)."""
     target = pluristeer_home() / "models" / Path(_DEFAULT_GGUF).name
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive(target.parent / f".{target.name}.lock"):
-        if target.exists():
-            return target
+
+    def fetch() -> Path:
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             os.replace(_download_default_gguf(Path(tmp), quiet), target)
-    return target
+        return target
+    return _fetch_once(target, target, fetch)
 
 
 def _download_default_gguf(work: Path, quiet: bool) -> Path:

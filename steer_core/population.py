@@ -288,28 +288,35 @@ class Population:
         return np.asarray(self.vectors, dtype=float).T @ w
 
 
-def _known_from_parts(meta: Any, tensors: Mapping[str, Tensor]) -> KnownQuestions | None:
+def _stored_part(meta: Any, lists: tuple[str, str], tensor_names: Sequence[str], tensors: Mapping[str, Tensor],
+                 field: str) -> tuple[tuple[Any, ...], tuple[Any, ...], list[np.ndarray]] | None:
+    """An optional stored part (`known_questions`, `kept_inputs`): its header's two lists, as tuples, and its
+    tensors (float32, as stored); None when the header has no such part."""
     if meta is None:
         return None
-    if not isinstance(meta, dict) or set(meta) != {"keys", "options"} or not isinstance(meta["keys"], list) \
-            or not isinstance(meta["options"], list):
-        raise SteerError("must be an object with the lists keys and options", "population.known_questions")
-    missing = [name for name in (KNOWN_ANSWERS_TENSOR, KNOWN_STATES_TENSOR) if name not in tensors]
+    if not isinstance(meta, dict) or set(meta) != set(lists) or not all(isinstance(meta[k], list) for k in lists):
+        raise SteerError(f"must be an object with the lists {lists[0]} and {lists[1]}", field)
+    missing = [name for name in tensor_names if name not in tensors]
     if missing:
         raise SteerError(f"tensor {missing[0]!r} is missing", "population")
-    return KnownQuestions(tuple(meta["keys"]), tuple(meta["options"]), tensors[KNOWN_ANSWERS_TENSOR].double().numpy(),
-                          tensors[KNOWN_STATES_TENSOR].double().numpy())
+    return tuple(meta[lists[0]]), tuple(meta[lists[1]]), [tensors[name].numpy() for name in tensor_names]
+
+
+def _known_from_parts(meta: Any, tensors: Mapping[str, Tensor]) -> KnownQuestions | None:
+    part = _stored_part(meta, ("keys", "options"), (KNOWN_ANSWERS_TENSOR, KNOWN_STATES_TENSOR), tensors,
+                        "population.known_questions")
+    if part is None:
+        return None
+    keys, options, (answers, states) = part
+    return KnownQuestions(keys, options, answers, states)
 
 
 def _kept_from_parts(meta: Any, tensors: Mapping[str, Tensor]) -> KeptInputs | None:
-    if meta is None:
+    part = _stored_part(meta, ("keys", "lengths"), (KEPT_INPUTS_TENSOR,), tensors, "population.kept_inputs")
+    if part is None:
         return None
-    if not isinstance(meta, dict) or set(meta) != {"keys", "lengths"} or not isinstance(meta["keys"], list) \
-            or not isinstance(meta["lengths"], list):
-        raise SteerError("must be an object with the lists keys and lengths", "population.kept_inputs")
-    if KEPT_INPUTS_TENSOR not in tensors:
-        raise SteerError(f"tensor {KEPT_INPUTS_TENSOR!r} is missing", "population")
-    return KeptInputs(tuple(meta["keys"]), tuple(meta["lengths"]), tensors[KEPT_INPUTS_TENSOR].numpy())
+    keys, lengths, (hidden,) = part
+    return KeptInputs(keys, lengths, hidden)
 
 
 @dataclass(frozen=True, eq=False)
